@@ -1,0 +1,51 @@
+# tts-sentinel — the two commands a person needs are `make run` and `make test`.
+# Both set up everything they need on a fresh machine (venv, pip packages, Debian packages).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+# The CPU build of torch that this machine keeps on disk; elsewhere pip takes it from the index
+# with the CPU wheel index so that no CUDA wheels are pulled in.
+TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+DEBIAN_PKGS := prometheus prometheus-alertmanager mtail wrk nginx
+
+.PHONY: run test bench lint venv deps debs clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	@if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install "$(TORCH_WHEEL)"; \
+	 else $(PIP) install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu || $(PIP) install torch==2.13.0; fi
+	$(PIP) install -e '.[dev,app]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+deps: venv debs
+
+# Debian packages the end-to-end tests and benchmarks run for real (installed once, as root).
+debs:
+	@missing=""; for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  $$SUDO systemctl stop prometheus prometheus-alertmanager nginx mtail >/dev/null 2>&1 || true; \
+	fi
+
+test: deps
+	$(PY) -m pytest -q
+
+run: venv
+	$(PY) -m exporter.demo
+
+bench: deps
+	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+lint: venv
+	$(VENV)/bin/ruff check exporter tts_app tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,60 @@
+"""``tts-exporter``: run the sidecar, validate a config, or analyse logs offline.
+
+    tts-exporter --config config/exporter.yaml      # run
+    tts-exporter check-config config/exporter.yaml  # exit 0 when valid, 1 with the reason
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from exporter.config import ConfigError, load_config
+
+
+def _run(args: argparse.Namespace) -> int:
+    from exporter.sidecar import Sidecar
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"tts-exporter: invalid config: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: "
+                                                    "%(message)s")
+    asyncio.run(Sidecar(config).run_until_signalled())
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: valid")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tts-exporter", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config/exporter.yaml", help="YAML config file")
+    parser.add_argument("--log-level", default="INFO", help="the sidecar's own log level")
+    parser.set_defaults(func=_run)
+    sub = parser.add_subparsers(dest="command")
+    check = sub.add_parser("check-config", help="validate a config file and exit 0/1")
+    check.add_argument("file")
+    check.set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

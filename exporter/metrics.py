@@ -1,0 +1,428 @@
+"""Every metric the sidecar exports, defined in one place, on primitives cheap enough for the
+log pipeline's per-line loop.
+
+Why not prometheus_client's ``Counter``/``Histogram`` directly: each of their calls takes a lock
+and walks label validation; at hundreds of thousands of log lines per second that alone halves
+throughput. Here a family is a plain dict from a label-value tuple to a value (or to a bucket
+array for histograms). Writers hold :attr:`MetricSet.lock` once per *batch* of lines, the
+scrape holds it once while it snapshots, and :class:`MetricSet` is a prometheus_client
+collector, so exposition (text and OpenMetrics, exemplars included) stays the library's.
+
+Label values that come from logs pass through :class:`LabelCap`: past ``cap`` distinct values
+per label, new values become ``other`` so a buggy or hostile log line cannot explode series.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
+
+from exporter.config import DEFAULT_DURATION_BUCKETS_S, DEFAULT_TEXT_LENGTH_BUCKETS
+
+OVERFLOW_LABEL_VALUE = "other"
+
+Labels = tuple[str, ...]
+
+
+class LabelCap:
+    """Caps the distinct values one log-derived label may take.
+
+    The first ``cap`` values seen are kept as they are; later new ones map to ``other``.
+    ``overflowed`` counts the mapped observations so operators can see the cap biting.
+    """
+
+    __slots__ = ("cap", "overflowed", "seen")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.seen: set[str] = set()
+        self.overflowed = 0
+
+    def __call__(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.cap:
+            self.seen.add(value)
+            return value
+        self.overflowed += 1
+        return OVERFLOW_LABEL_VALUE
+
+
+class _Family:
+    kind = ""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+
+
+class CounterFamily(_Family):
+    """A counter with labels; ``inc`` with the label *values* tuple, in ``labelnames`` order."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        if name.endswith("_total"):
+            name = name[: -len("_total")]
+        super().__init__(name, documentation, labelnames)
+        self.values: dict[Labels, float] = {}
+
+    def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0.0) + amount
+
+    def get(self, labels: Labels = ()) -> float:
+        return self.values.get(labels, 0.0)
+
+    def _collect(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class GaugeFamily(_Family):
+    """A gauge with labels; ``set``/``remove``/``clear`` so vanished things (a lost GPU, an old
+    log file) stop being exported instead of showing a stale value as fresh."""
+
+    kind = "gauge"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> None:
+        super().__init__(name, documentation, labelnames)
+        self.values: dict[Labels, float] = {}
+
+    def set(self, labels: Labels, value: float) -> None:
+        self.values[labels] = value
+
+    def get(self, labels: Labels = ()) -> float | None:
+        return self.values.get(labels)
+
+    def remove(self, labels: Labels) -> None:
+        self.values.pop(labels, None)
+
+    def clear(self) -> None:
+        self.values.clear()
+
+    def _collect(self) -> Metric:
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class _HistogramSeries:
+    __slots__ = ("counts", "exemplars", "sum")
+
+    def __init__(self, n_buckets: int) -> None:
+        # counts[i] is the number of observations in (bound[i-1], bound[i]]; the last slot is +Inf.
+        self.counts = [0] * (n_buckets + 1)
+        self.sum = 0.0
+        self.exemplars: list[tuple[str, float, float] | None] = [None] * (n_buckets + 1)
+
+
+class HistogramFamily(_Family):
+    """A histogram keeping per-bucket (not cumulative) counts; cumulated only at scrape time.
+
+    ``observe`` optionally records the request id as the bucket's exemplar, so a dashboard's
+    slow bucket links to a concrete request (resolvable at the sidecar's ``/requests/{id}``).
+    """
+
+    kind = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str] = (),
+        buckets: Sequence[float] = DEFAULT_DURATION_BUCKETS_S,
+    ) -> None:
+        super().__init__(name, documentation, labelnames)
+        self.bounds = sorted(float(b) for b in buckets)
+        self.series: dict[Labels, _HistogramSeries] = {}
+
+    def observe(self, labels: Labels, value: float, exemplar_id: str | None = None) -> None:
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = _HistogramSeries(len(self.bounds))
+        index = bisect_left(self.bounds, value)
+        series.counts[index] += 1
+        series.sum += value
+        if exemplar_id:
+            series.exemplars[index] = (exemplar_id, value, time.time())
+
+    def count(self, labels: Labels = ()) -> int:
+        series = self.series.get(labels)
+        return sum(series.counts) if series else 0
+
+    def total(self, labels: Labels = ()) -> float:
+        series = self.series.get(labels)
+        return series.sum if series else 0.0
+
+    def _collect(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        bound_names = [_format_bound(b) for b in self.bounds] + ["+Inf"]
+        for labels, series in self.series.items():
+            cumulative = 0
+            buckets: list[Any] = []
+            for bound, count, exemplar in zip(
+                bound_names, series.counts, series.exemplars, strict=True
+            ):
+                cumulative += count
+                if exemplar is None:
+                    buckets.append((bound, cumulative))
+                else:
+                    request_id, value, ts = exemplar
+                    buckets.append((bound, cumulative, Exemplar({"request_id": request_id},
+                                                                value, ts)))
+            family.add_metric(list(labels), buckets, series.sum)
+        return family
+
+
+def _format_bound(bound: float) -> str:
+    return repr(float(bound))
+
+
+class MetricSet(Collector):
+    """All families of one sidecar, registered as one prometheus_client collector.
+
+    Writers take :attr:`lock` around a batch of updates; :meth:`collect` takes it while it
+    builds the exposition families, so a scrape never sees half a batch.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._families: dict[str, _Family] = {}
+        self._callbacks: list[Callable[[], None]] = []
+
+    def _add(self, family: Any) -> Any:
+        if family.name in self._families:
+            raise ValueError(f"metric {family.name} defined twice")
+        self._families[family.name] = family
+        return family
+
+    def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) \
+            -> CounterFamily:
+        return self._add(CounterFamily(name, documentation, labelnames))
+
+    def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> GaugeFamily:
+        return self._add(GaugeFamily(name, documentation, labelnames))
+
+    def histogram(self, name: str, documentation: str, labelnames: Sequence[str] = (),
+                  buckets: Sequence[float] = DEFAULT_DURATION_BUCKETS_S) -> HistogramFamily:
+        return self._add(HistogramFamily(name, documentation, labelnames, buckets))
+
+    def on_collect(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` (under the lock) just before each scrape, e.g. to refresh lag."""
+        self._callbacks.append(callback)
+
+    def families(self) -> Iterable[_Family]:
+        return self._families.values()
+
+    def dump_state(self, names: Iterable[str]) -> dict[str, Any]:
+        """JSON-ready values of the named counters and histograms, for the checkpoint.
+
+        Persisting them with the log offsets (one atomic write) is what makes totals exact
+        across a restart: lines after the checkpoint are re-read and counted on top of the
+        checkpointed totals, lines before it are never seen again.
+        """
+        state: dict[str, Any] = {}
+        for name in names:
+            family = self._families[name]
+            if isinstance(family, CounterFamily):
+                state[name] = [[list(k), v] for k, v in family.values.items()]
+            elif isinstance(family, HistogramFamily):
+                state[name] = {"bounds": family.bounds, "series": [
+                    [list(k), s.counts, s.sum] for k, s in family.series.items()]}
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> list[str]:
+        """Restore what :meth:`dump_state` wrote; returns names it had to drop (unknown metric
+        or changed histogram buckets), which the caller logs."""
+        dropped = []
+        for name, value in state.items():
+            family = self._families.get(name)
+            if isinstance(family, CounterFamily) and isinstance(value, list):
+                family.values = {tuple(k): float(v) for k, v in value}
+            elif (isinstance(family, HistogramFamily) and isinstance(value, dict)
+                  and value.get("bounds") == family.bounds):
+                family.series = {}
+                for labels, counts, total in value["series"]:
+                    series = _HistogramSeries(len(family.bounds))
+                    series.counts, series.sum = [int(c) for c in counts], float(total)
+                    family.series[tuple(labels)] = series
+            else:
+                dropped.append(name)
+        return dropped
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            for callback in self._callbacks:
+                callback()
+            snapshot = [family._collect() for family in self._families.values()]
+        yield from snapshot
+
+
+# Bucket layouts for business histograms whose unit is not seconds.
+TEXT_LENGTH_BUCKETS = [float(b) for b in DEFAULT_TEXT_LENGTH_BUCKETS]
+RMS_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+SPECTRAL_CENTROID_BUCKETS_HZ = [250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 3000.0, 4000.0,
+                                6000.0, 8000.0]
+FIRST_AUDIO_BUCKETS_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.5, 5.0]
+STAGE_BUCKETS_S = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+
+
+class SidecarMetrics:
+    """The sidecar's metric families, grouped by layer; attributes are the families.
+
+    Histogram bucket bounds for durations and text length come from the config so operators can
+    align them with their SLOs (e.g. the 0.8 s P99 target is a bucket bound by default).
+    """
+
+    def __init__(
+        self,
+        duration_buckets_s: Sequence[float] = DEFAULT_DURATION_BUCKETS_S,
+        text_length_buckets: Sequence[float] = TEXT_LENGTH_BUCKETS,
+        version: str = "0.1.0",
+    ) -> None:
+        m = self.registry = MetricSet()
+
+        # --- System layer: GPU (NVML or file source), cache disk, the app process.
+        self.gpu_up = m.gauge("tts_gpu_up", "1 when the last GPU poll succeeded and is fresh, "
+                              "0 when NVML (or the file source) failed or went stale.")
+        self.gpu_info = m.gauge("tts_gpu_info", "GPU identity; always 1.", ["gpu", "uuid", "name"])
+        self.gpu_memory_used = m.gauge("tts_gpu_memory_used_bytes",
+                                       "GPU memory in use, bytes.", ["gpu", "uuid"])
+        self.gpu_memory_total = m.gauge("tts_gpu_memory_total_bytes",
+                                        "GPU memory installed, bytes.", ["gpu", "uuid"])
+        self.gpu_utilization = m.gauge("tts_gpu_utilization_ratio",
+                                       "GPU compute utilisation over the last sample, 0-1.",
+                                       ["gpu", "uuid"])
+        self.gpu_temperature = m.gauge("tts_gpu_temperature_celsius",
+                                       "GPU core temperature, degrees Celsius.", ["gpu", "uuid"])
+        self.gpu_power = m.gauge("tts_gpu_power_watts", "GPU power draw, watts.",
+                                 ["gpu", "uuid"])
+        self.gpu_process_memory = m.gauge("tts_gpu_process_memory_bytes",
+                                          "GPU memory held by one process, bytes.",
+                                          ["gpu", "pid", "process"])
+        self.cache_disk_total = m.gauge("tts_cache_disk_total_bytes",
+                                        "Size of the filesystem holding the cache dir, bytes.",
+                                        ["path"])
+        self.cache_disk_free = m.gauge("tts_cache_disk_free_bytes",
+                                       "Free space (for unprivileged users) on the filesystem "
+                                       "holding the cache dir, bytes.", ["path"])
+        self.cache_dir_bytes = m.gauge("tts_cache_dir_bytes",
+                                       "Bytes in files under the cache dir.", ["path"])
+        self.cache_dir_files = m.gauge("tts_cache_dir_files",
+                                       "Number of files under the cache dir.", ["path"])
+        self.app_up = m.gauge("tts_app_up", "1 when the app's /status answered the last probe.")
+        self.app_restarts = m.counter("tts_app_restarts_total",
+                                      "App restarts seen (a new started_at on /status, or a "
+                                      "service_start log record).")
+
+        # --- Service layer: HTTP as the app logged it, queue as /status reports it.
+        self.http_requests = m.counter("tts_http_requests_total",
+                                       "HTTP requests the app served, by route template and "
+                                       "status code.", ["method", "route", "code"])
+        self.http_duration = m.histogram("tts_http_request_duration_seconds",
+                                         "HTTP request latency as the app measured it, seconds.",
+                                         ["route"], duration_buckets_s)
+        self.requests_waiting = m.gauge("tts_requests_waiting",
+                                        "Requests queued for a synthesis worker.")
+        self.requests_running = m.gauge("tts_requests_running",
+                                        "Requests being synthesised now.")
+        self.requests_capacity = m.gauge("tts_requests_capacity",
+                                         "Queue capacity; beyond it the app answers 429.")
+
+        # --- Business layer: syntheses, stages, text, cache, audio.
+        self.syntheses = m.counter("tts_syntheses_total",
+                                   "Syntheses finished, by status and error code ('none' on "
+                                   "success).", ["status", "error_code"])
+        self.synthesis_duration = m.histogram("tts_synthesis_duration_seconds",
+                                              "End-to-end synthesis time, seconds.", (),
+                                              duration_buckets_s)
+        self.stage_duration = m.histogram("tts_stage_duration_seconds",
+                                          "Time spent in one model stage, seconds.", ["stage"],
+                                          STAGE_BUCKETS_S)
+        self.time_to_first_audio = m.histogram("tts_time_to_first_audio_seconds",
+                                               "Time until the first audio chunk was sent "
+                                               "(streaming), seconds.", (), FIRST_AUDIO_BUCKETS_S)
+        self.text_length = m.histogram("tts_text_length_chars",
+                                       "Length of the text of each synthesis request, characters.",
+                                       (), text_length_buckets)
+        self.cache_lookups = m.counter("tts_cache_lookups_total",
+                                       "Synthesis requests that looked up the audio cache.")
+        self.cache_hits = m.counter("tts_cache_hits_total",
+                                    "Synthesis requests served from the audio cache.")
+        self.cache_saves = m.counter("tts_cache_saves_total",
+                                     "Synthesised audio written to the cache.")
+        self.audio_seconds = m.counter("tts_audio_seconds_total",
+                                       "Seconds of audio produced; with tts_synthesis_seconds_total"
+                                       " gives the real-time factor.")
+        self.synthesis_seconds = m.counter("tts_synthesis_seconds_total",
+                                           "Seconds spent synthesising successful requests.")
+        self.audio_rms = m.histogram("tts_audio_rms", "RMS level of produced audio, 0-1 "
+                                     "full scale; near 0 means silence.", (), RMS_BUCKETS)
+        self.audio_centroid = m.histogram("tts_audio_spectral_centroid_hertz",
+                                          "Spectral centroid of produced audio, hertz; a drop "
+                                          "signals muffled or broken audio.", (),
+                                          SPECTRAL_CENTROID_BUCKETS_HZ)
+        self.log_records = m.counter("tts_log_records_total",
+                                     "WARNING and ERROR log records, by level and code.",
+                                     ["level", "code"])
+
+        # --- The exporter itself.
+        self.log_lines = m.counter("tts_exporter_log_lines_total",
+                                   "Log lines read, by outcome; every line gets exactly one.",
+                                   ["outcome"])
+        self.log_bytes = m.counter("tts_exporter_log_bytes_read_total",
+                                   "Bytes of log read.")
+        self.log_lag = m.gauge("tts_exporter_log_lag_bytes",
+                               "Bytes written to a log file but not yet read.", ["file"])
+        self.log_rotations = m.counter("tts_exporter_log_rotations_total",
+                                       "Log rotations detected, by kind (rename, truncate, "
+                                       "recreate).", ["kind"])
+        self.label_overflow = m.counter("tts_exporter_label_overflow_total",
+                                        "Observations whose label value was replaced by 'other' "
+                                        "because the label hit its cardinality cap.", ["label"])
+        self.collector_errors = m.counter("tts_exporter_collector_errors_total",
+                                          "Failures of a collector (gpu, disk, probe, tail).",
+                                          ["collector"])
+        self.build_info = m.gauge("tts_exporter_build_info", "Sidecar version; always 1.",
+                                  ["version"])
+        self.build_info.set((version,), 1.0)
+
+        # --- The ingress gate.
+        self.ingress_open = m.gauge("tts_ingress_open", "1 while the service's ingress is open.")
+        self.ingress_closed_reason = m.gauge("tts_ingress_closed_reason",
+                                             "1 for each reason currently keeping ingress "
+                                             "closed (vram, alert:<name>, manual).", ["reason"])
+        self.ingress_transitions = m.counter("tts_ingress_transitions_total",
+                                             "Ingress gate transitions, by the state entered.",
+                                             ["to"])
+        self.ingress_last_transition = m.gauge("tts_ingress_last_transition_timestamp_seconds",
+                                               "Unix time of the last gate transition.")
+
+    def log_derived_names(self) -> list[str]:
+        """Counters and histograms fed only by the log pipeline and tailer: the state the
+        checkpoint persists next to the offsets."""
+        families = [
+            self.http_requests, self.http_duration, self.syntheses, self.synthesis_duration,
+            self.stage_duration, self.time_to_first_audio, self.text_length, self.cache_lookups,
+            self.cache_hits, self.cache_saves, self.audio_seconds, self.synthesis_seconds,
+            self.audio_rms, self.audio_centroid, self.log_records, self.log_lines,
+            self.log_bytes, self.log_rotations, self.label_overflow,
+        ]
+        return [family.name for family in families]

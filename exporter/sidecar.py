@@ -1,0 +1,84 @@
+"""Assembles the sidecar from its parts and runs them until SIGTERM/SIGINT.
+
+Each part is a :class:`Component`: something with ``start``/``stop`` coroutines and, if it
+serves HTTP, ``routes``. Start order is the list order; stop is the reverse, so the log tailer
+writes its last checkpoint after everything that feeds it has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Protocol
+
+from aiohttp import web
+
+from exporter.config import Config
+from exporter.metrics import SidecarMetrics
+from exporter.server import build_app
+
+log = logging.getLogger("exporter")
+
+VERSION = "0.1.0"
+
+
+class Component(Protocol):
+    """A long-running part of the sidecar."""
+
+    routes: list[web.RouteDef]
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def build_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
+    """The parts the config asks for, in start order."""
+    components: list[Component] = []
+    return components
+
+
+class Sidecar:
+    """The running sidecar: metrics, components and the HTTP server."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = SidecarMetrics(
+            duration_buckets_s=config.metrics.duration_buckets_s,
+            text_length_buckets=config.metrics.text_length_buckets,
+            version=VERSION,
+        )
+        self.components = build_components(config, self.metrics)
+        routes = [route for component in self.components for route in component.routes]
+        self.app = build_app(self.metrics, routes)
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        for component in self.components:
+            await component.start()
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
+        await site.start()
+        log.info("tts-exporter %s listening on http://%s", VERSION, self.config.server.listen)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for component in reversed(self.components):
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(component).__name__)
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()

@@ -1,0 +1,1 @@
+"""The co-packaged ChatTTS HTTP app (aiohttp) that writes the log contract the sidecar reads."""
