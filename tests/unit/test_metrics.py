@@ -1,0 +1,91 @@
+"""The metric primitives: values, histogram cumulation, label cap, checkpoint state."""
+
+from __future__ import annotations
+
+import json
+
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.metrics import OVERFLOW_LABEL_VALUE, LabelCap, MetricSet, SidecarMetrics
+from exporter.server import build_registry
+
+
+def samples(metrics: SidecarMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    text = build_registry(metrics)
+    from prometheus_client import generate_latest
+
+    out = {}
+    for family in text_string_to_metric_families(generate_latest(text).decode()):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def test_histogram_buckets_are_cumulative_with_sum_and_count() -> None:
+    metrics = SidecarMetrics(duration_buckets_s=[0.1, 1.0])
+    for value in (0.05, 0.1, 0.5, 2.0):
+        metrics.http_duration.observe(("/v1/tts",), value)
+    got = samples(metrics)
+    bucket = "tts_http_request_duration_seconds_bucket"
+    assert got[(bucket, (("le", "0.1"), ("route", "/v1/tts")))] == 2
+    assert got[(bucket, (("le", "1.0"), ("route", "/v1/tts")))] == 3
+    assert got[(bucket, (("le", "+Inf"), ("route", "/v1/tts")))] == 4
+    assert got[("tts_http_request_duration_seconds_count", (("route", "/v1/tts"),))] == 4
+    assert got[("tts_http_request_duration_seconds_sum", (("route", "/v1/tts"),))] == 2.65
+
+
+def test_counters_keep_their_total_suffix_in_exposition() -> None:
+    metrics = SidecarMetrics()
+    metrics.syntheses.inc(("failed", "E_OOM"), 3)
+    assert samples(metrics)[("tts_syntheses_total",
+                             (("error_code", "E_OOM"), ("status", "failed")))] == 3
+
+
+def test_exemplar_carries_the_request_id_in_openmetrics() -> None:
+    metrics = SidecarMetrics(duration_buckets_s=[1.0])
+    metrics.synthesis_duration.observe((), 0.5, "req-42")
+    text = openmetrics(build_registry(metrics)).decode()
+    line = next(x for x in text.splitlines()
+                if x.startswith('tts_synthesis_duration_seconds_bucket{le="1.0"}'))
+    assert '# {request_id="req-42"} 0.5' in line
+
+
+def test_label_cap_maps_new_values_to_other_past_the_cap() -> None:
+    cap = LabelCap(2)
+    assert [cap(v) for v in ["a", "b", "c", "a", "d"]] == ["a", "b", OVERFLOW_LABEL_VALUE,
+                                                            "a", OVERFLOW_LABEL_VALUE]
+    assert cap.overflowed == 2
+
+
+def test_state_round_trips_through_json() -> None:
+    before = SidecarMetrics()
+    before.syntheses.inc(("success", "none"), 7)
+    before.stage_duration.observe(("llm_inference",), 0.3)
+    state = json.loads(json.dumps(before.registry.dump_state(before.log_derived_names())))
+    after = SidecarMetrics()
+    assert after.registry.load_state(state) == []
+    assert after.syntheses.get(("success", "none")) == 7
+    assert after.stage_duration.count(("llm_inference",)) == 1
+    assert samples(after) == samples(before)
+
+
+def test_state_with_changed_buckets_is_dropped_not_misread() -> None:
+    before = SidecarMetrics(duration_buckets_s=[0.5, 1.0])
+    before.synthesis_duration.observe((), 0.3)
+    state = before.registry.dump_state(before.log_derived_names())
+    after = SidecarMetrics(duration_buckets_s=[0.25, 1.0])
+    dropped = after.registry.load_state(state)
+    assert "tts_synthesis_duration_seconds" in dropped
+    assert after.synthesis_duration.count() == 0
+
+
+def test_defining_a_name_twice_is_refused() -> None:
+    registry = MetricSet()
+    registry.gauge("tts_x", "x")
+    try:
+        registry.counter("tts_x", "again")
+    except ValueError as exc:
+        assert "defined twice" in str(exc)
+    else:
+        raise AssertionError("duplicate metric name accepted")
