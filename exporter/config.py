@@ -129,7 +129,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class GpuConfig:
-    """Where GPU readings come from: ``nvml``, ``file:PATH`` (JSON, re-read each poll) or ``none``."""
+    """Where GPU readings come from: ``nvml``, ``file:PATH`` (JSON re-read each poll), ``none``."""
 
     source: str = "nvml"
     poll_interval_s: float = field(default=0.25, metadata=_check(_positive))
