@@ -15,8 +15,12 @@ from typing import Protocol
 from aiohttp import web
 
 from exporter.config import Config
+from exporter.gate import Gate, GateComponent
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_app
+from exporter.system.disk import DiskWatcher
+from exporter.system.gpu import GpuCollector, make_source
+from exporter.system.probe import AppProbe
 
 log = logging.getLogger("exporter")
 
@@ -36,7 +40,26 @@ class Component(Protocol):
 def build_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
     """The parts the config asks for, in start order."""
     components: list[Component] = []
+    components += _system_components(config, metrics)
     return components
+
+
+def _system_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
+    """Gate, GPU, disk and probe. The gate comes before the GPU collector, which feeds it."""
+    parts: list[Component] = []
+    gate = None
+    if config.gate.enabled:
+        gate = Gate.from_config(config.gate, stale_after_s=config.gpu.stale_after_s)
+        parts.append(GateComponent(gate, config.gate, config.auth, metrics))
+    parts.append(GpuCollector(make_source(config.gpu.source), metrics, gate,
+                              config.gpu.poll_interval_s, config.gpu.stale_after_s))
+    if config.disk.paths:
+        parts.append(DiskWatcher(config.disk.paths, metrics, config.disk.thresholds,
+                                 config.disk.reconcile_interval_s, config.disk.poll_interval_s))
+    if config.probe.url:
+        parts.append(AppProbe(config.probe.url, metrics, config.probe.interval_s,
+                              config.probe.timeout_s))
+    return parts
 
 
 class Sidecar:
