@@ -10,7 +10,9 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 DEBIAN_PKGS := prometheus prometheus-alertmanager mtail wrk nginx
 
-.PHONY: run test bench lint venv deps debs clean
+.PHONY: run test bench lint venv deps debs node clean
+
+GRAFANA_CHECK := grafana/check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +24,18 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-deps: venv debs
+deps: venv debs $(GRAFANA_CHECK)/node_modules/.package-lock.json
+
+# Node.js runs the dashboards' type-check against @grafana/schema (no Grafana server is needed).
+# Checks for the commands, not the Debian package: NodeSource's nodejs ships npm itself.
+node:
+	@if ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; \
+	fi
+
+$(GRAFANA_CHECK)/node_modules/.package-lock.json: $(GRAFANA_CHECK)/package.json $(GRAFANA_CHECK)/package-lock.json | node
+	cd $(GRAFANA_CHECK) && npm ci --no-audit --no-fund
 
 # Debian packages the end-to-end tests and benchmarks run for real (installed once, as root).
 debs:
@@ -37,8 +50,10 @@ debs:
 test: deps
 	$(PY) -m pytest -q
 
-run: venv
-	$(PY) -m exporter.demo
+# The demo: app + sidecar on the embedded espeak backend, Prometheus and Alertmanager on loopback,
+# live traffic; prints the URLs and runs until Ctrl-C.
+run: deps
+	$(PY) config/local_stack.py
 
 bench: deps
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
@@ -48,4 +63,4 @@ lint: venv
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(GRAFANA_CHECK)/node_modules $(GRAFANA_CHECK)/build

@@ -231,12 +231,10 @@ class Stack:
             evaluation_interval=self.options.evaluation_interval)
         config["rule_files"] = [str(self.write_rules())]
         targets = {"tts-exporter": f"127.0.0.1:{self.ports['exporter']}",
-                   "tts-app": f"127.0.0.1:{self.ports['app']}"}
+                   "prometheus": f"127.0.0.1:{self.ports['prometheus']}"}
         for job in config.get("scrape_configs", []):
             if job["job_name"] in targets:
                 job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
-            elif job["job_name"] == "prometheus":
-                job["static_configs"] = [{"targets": [f"127.0.0.1:{self.ports['prometheus']}"]}]
         config["alerting"] = {"alertmanagers": [{"static_configs": [
             {"targets": [f"127.0.0.1:{self.ports['alertmanager']}"]}]}]}
         path = self.workdir / "prometheus" / "prometheus.yml"
