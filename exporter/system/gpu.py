@@ -30,13 +30,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar
 
 from aiohttp import web
 
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from exporter.gate import Gate
 
 log = logging.getLogger("exporter.gpu")
+
+T = TypeVar("T")
 
 
 class GpuError(Exception):
@@ -245,12 +248,18 @@ class NvmlSource:
                            f"{self._next_attempt - now:.1f}s)")
         try:
             nvml.nvmlInit()
+        except Exception as exc:
+            self._fail(f"NVML init failed: {_describe(exc)}")
+        try:
             devices = []
             for index in range(nvml.nvmlDeviceGetCount()):
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 devices.append(_Device(index, handle, _text(nvml.nvmlDeviceGetUUID(handle)),
                                        _text(nvml.nvmlDeviceGetName(handle))))
         except Exception as exc:
+            # nvmlInit counts references: undo this one, or every retry would leak another.
+            with contextlib.suppress(Exception):
+                nvml.nvmlShutdown()
             self._fail(f"NVML init failed: {_describe(exc)}")
         self._devices = devices
         self._delay = 0.0
@@ -351,13 +360,61 @@ def make_source(spec: str) -> GpuSource:
     return NvmlSource.from_import()
 
 
+class _DaemonWorker:
+    """Runs blocking calls one at a time on a daemon thread, handing results to the event loop.
+
+    Not a ThreadPoolExecutor: its workers are joined at interpreter exit, so one read wedged in
+    the driver would keep the sidecar from ever exiting on SIGTERM.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Any] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, call: Callable[[], T]) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._calls.put((call, future))
+        return future
+
+    def close(self, last_call: Callable[[], Any] | None = None) -> None:
+        """Run ``last_call`` after what is queued (result dropped), then end the thread."""
+        if last_call is not None:
+            self._calls.put((last_call, None))
+        self._calls.put(None)
+
+    def _loop(self) -> None:
+        while (item := self._calls.get()) is not None:
+            call, future = item
+            try:
+                result, error = call(), None
+            except BaseException as exc:  # handed to the awaiting coroutine, not lost
+                result, error = None, exc
+            if future is None:
+                continue
+            # RuntimeError: the loop closed while the call ran, so nobody is waiting.
+            with contextlib.suppress(RuntimeError):
+                future.get_loop().call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 class GpuCollector:
     """Polls a :class:`GpuSource` every ``poll_interval_s`` and publishes each result at once,
     to the metrics and to the gate, so a crossing reaches ``/ingress`` within one poll.
 
-    Reads run on one dedicated thread because NVML calls block (for seconds when a GPU falls
-    off the bus). A read still running after ``stale_after_s`` counts as a failure; the next
-    poll waits on that same read rather than piling another one onto a wedged driver.
+    Reads run on one dedicated daemon thread because NVML calls block (for seconds when a GPU
+    falls off the bus, forever when the driver wedges). A read still running after
+    ``stale_after_s`` counts as a failure; the next poll waits on that same read rather than
+    piling another one onto a wedged driver.
     """
 
     routes: list[web.RouteDef]
@@ -376,7 +433,7 @@ class GpuCollector:
         self.gate = gate
         self.poll_interval_s = poll_interval_s
         self.stale_after_s = stale_after_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu-poll")
+        self._worker = _DaemonWorker("gpu-poll")
         self._pending: asyncio.Future[list[GpuReading]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
@@ -385,29 +442,30 @@ class GpuCollector:
         with self.metrics.registry.lock:  # the error series exists at 0, so rate() works
             self.metrics.collector_errors.inc(("gpu",), 0.0)
         # One poll before the HTTP server listens, so the first /ingress answer is informed.
+        started = asyncio.get_running_loop().time()
         await self.poll_once()
-        self._task = asyncio.create_task(self._run(), name="gpu-collector")
+        self._task = asyncio.create_task(self._run(started), name="gpu-collector")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         # NVML shutdown on the poll thread, without waiting on a driver that may be wedged.
-        self._executor.submit(self.source.close)
-        self._executor.shutdown(wait=False)
+        self._worker.close(self.source.close)
 
-    async def _run(self) -> None:
+    async def _run(self, started: float) -> None:
+        """One call every ``poll_interval_s``, counted from the start of the previous one (``start``
+        made the first)."""
         loop = asyncio.get_running_loop()
         while True:
+            await asyncio.sleep(max(0.0, self.poll_interval_s - (loop.time() - started)))
             started = loop.time()
             await self.poll_once()
-            await asyncio.sleep(max(0.0, self.poll_interval_s - (loop.time() - started)))
 
     async def poll_once(self) -> None:
         """One poll: read (bounded by ``stale_after_s``), publish, feed the gate."""
         if self._pending is None:
-            self._pending = asyncio.get_running_loop().run_in_executor(self._executor,
-                                                                       self.source.read)
+            self._pending = self._worker.submit(self.source.read)
         try:
             readings = await asyncio.wait_for(asyncio.shield(self._pending), self.stale_after_s)
         except (asyncio.TimeoutError, TimeoutError):

@@ -14,6 +14,8 @@ Output::
     tts_requests_capacity 64
     tts_app_restarts_total 1     # a different (started_at, pid) than the last answer
 
+``pid`` is optional: a new ``started_at`` alone is a restart.
+
 On a failed probe (refused, timeout, non-200, not the contract) ``tts_app_up`` is 0 and the
 queue gauges disappear: the last queue depth of a dead process is not a fact any more.
 """
@@ -45,7 +47,7 @@ class AppStatus:
     running: int
     capacity: int
     started_at: float
-    pid: int
+    pid: int | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -55,6 +57,8 @@ class AppStatus:
         for key, wanted in (("waiting", int), ("running", int), ("capacity", int),
                             ("started_at", float), ("pid", int)):
             value = data.get(key)
+            if key == "pid" and value is None:  # optional: started_at alone tells a restart
+                continue
             allowed = (int, float) if wanted is float else (int,)
             if isinstance(value, bool) or not isinstance(value, allowed):
                 kind = "a number" if wanted is float else "an integer"
@@ -77,15 +81,16 @@ class AppProbe:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
-        self._identity: tuple[float, int] | None = None
+        self._identity: tuple[float, int | None] | None = None
         self._failures = 0
 
     async def start(self) -> None:
         with self.metrics.registry.lock:  # the error series exists at 0, so rate() works
             self.metrics.collector_errors.inc(("probe",), 0.0)
         self._session = aiohttp.ClientSession(timeout=self.timeout)
+        started = asyncio.get_running_loop().time()
         await self.probe_once()
-        self._task = asyncio.create_task(self._run(), name="app-probe")
+        self._task = asyncio.create_task(self._run(started), name="app-probe")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -94,12 +99,14 @@ class AppProbe:
         if self._session is not None:
             await self._session.close()
 
-    async def _run(self) -> None:
+    async def _run(self, started: float) -> None:
+        """One call every ``interval_s``, counted from the start of the previous one (``start``
+        made the first)."""
         loop = asyncio.get_running_loop()
         while True:
+            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
             started = loop.time()
             await self.probe_once()
-            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
 
     async def probe_once(self) -> None:
         """One probe; never raises (a broken app is a metric, not a sidecar crash)."""

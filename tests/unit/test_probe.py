@@ -1,0 +1,165 @@
+"""App probe against a real aiohttp server standing in for the app's ``/status``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from exporter.metrics import SidecarMetrics
+from exporter.system.probe import AppProbe, AppStatus, ProbeError
+
+
+class FakeApp:
+    """What ``/status`` answers next: a JSON body, a raw body, a status code, or a stall."""
+
+    def __init__(self) -> None:
+        self.body: Any = {"waiting": 3, "running": 2, "capacity": 64,
+                          "started_at": 1718200000.5, "pid": 4242, "ready": True}
+        self.raw: bytes | None = None
+        self.status = 200
+        self.delay_s = 0.0
+
+    async def status_handler(self, _: web.Request) -> web.Response:
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.raw is not None:
+            return web.Response(body=self.raw, status=self.status,
+                                content_type="application/json")
+        return web.json_response(self.body, status=self.status)
+
+
+@pytest.fixture
+async def app_server(aiohttp_server: Any) -> tuple[FakeApp, TestServer]:
+    fake = FakeApp()
+    app = web.Application()
+    app.router.add_get("/status", fake.status_handler)
+    return fake, await aiohttp_server(app)
+
+
+async def started_probe(server: TestServer, timeout_s: float = 1.0) \
+        -> tuple[AppProbe, SidecarMetrics]:
+    metrics = SidecarMetrics()
+    # A long interval: the test calls probe_once itself.
+    probe = AppProbe(str(server.make_url("/status")), metrics, interval_s=3600,
+                     timeout_s=timeout_s)
+    await probe.start()
+    return probe, metrics
+
+
+async def test_up_app_publishes_queue_and_up(app_server: tuple[FakeApp, TestServer]) -> None:
+    _, server = app_server
+    probe, m = await started_probe(server)
+    assert m.app_up.get() == 1.0
+    assert (m.requests_waiting.get(), m.requests_running.get(), m.requests_capacity.get()) == \
+        (3.0, 2.0, 64.0)
+    assert m.app_restarts.get() == 0 and m.collector_errors.get(("probe",)) == 0
+    await probe.stop()
+
+
+async def test_a_new_started_at_is_one_restart(app_server: tuple[FakeApp, TestServer],
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    fake, server = app_server
+    probe, m = await started_probe(server)
+    await probe.probe_once()
+    assert m.app_restarts.get() == 0  # the same process answering again
+    fake.body = {**fake.body, "started_at": 1718200100.0, "pid": 5151, "waiting": 0}
+    await probe.probe_once()
+    await probe.probe_once()
+    assert m.app_restarts.get() == 1
+    assert m.requests_waiting.get() == 0.0
+    assert any("app restarted" in r.getMessage() and "5151" in r.getMessage()
+               for r in caplog.records)
+    await probe.stop()
+
+
+async def test_restart_is_detected_without_a_pid(app_server: tuple[FakeApp, TestServer]) -> None:
+    fake, server = app_server
+    del fake.body["pid"]
+    probe, m = await started_probe(server)
+    assert m.app_up.get() == 1.0
+    fake.body = {**fake.body, "started_at": 1718209999.0}
+    await probe.probe_once()
+    assert m.app_restarts.get() == 1
+    await probe.stop()
+
+
+async def test_a_restart_across_downtime_is_counted(app_server: tuple[FakeApp, TestServer]) \
+        -> None:
+    fake, server = app_server
+    probe, m = await started_probe(server)
+    fake.status = 503
+    await probe.probe_once()
+    fake.status = 200
+    fake.body = {**fake.body, "started_at": 1718300000.0}
+    await probe.probe_once()
+    assert m.app_up.get() == 1.0 and m.app_restarts.get() == 1
+    await probe.stop()
+
+
+@pytest.mark.parametrize(("change", "logged"), [
+    ({"status": 500}, "HTTP 500"),
+    ({"raw": b"{not json"}, "body is not JSON"),
+    ({"body": [1, 2]}, "expected a JSON object"),
+    ({"body": {"waiting": "3", "running": 0, "capacity": 1, "started_at": 1.0}},
+     "waiting: expected an integer"),
+    ({"body": {"waiting": 1, "running": 0, "capacity": 1, "started_at": True}},
+     "started_at: expected a number"),
+    ({"delay_s": 0.5}, "no answer within 0.2s"),
+])
+async def test_failed_probe_is_app_down_without_stale_queue_figures(
+        app_server: tuple[FakeApp, TestServer], caplog: pytest.LogCaptureFixture,
+        change: dict[str, Any], logged: str) -> None:
+    fake, server = app_server
+    probe, m = await started_probe(server, timeout_s=0.2)
+    assert m.app_up.get() == 1.0
+    caplog.set_level(logging.INFO, logger="exporter.probe")
+    for key, value in change.items():
+        setattr(fake, key, value)
+    await probe.probe_once()
+    await probe.probe_once()
+    assert m.app_up.get() == 0.0
+    assert m.collector_errors.get(("probe",)) == 2
+    assert m.requests_waiting.get() is None and m.requests_capacity.get() is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and logged in warnings[0]
+    fake.__init__()  # type: ignore[misc]
+    await probe.probe_once()
+    assert m.app_up.get() == 1.0 and m.requests_waiting.get() == 3.0
+    assert any("answers again after 2 failed probes" in r.getMessage() for r in caplog.records)
+    await probe.stop()
+
+
+async def test_app_not_listening_is_down_not_a_crash(unused_tcp_port: int) -> None:
+    metrics = SidecarMetrics()
+    probe = AppProbe(f"http://127.0.0.1:{unused_tcp_port}/status", metrics, interval_s=3600)
+    await probe.start()
+    assert metrics.app_up.get() == 0.0
+    assert metrics.app_restarts.get() == 0
+    await probe.stop()
+
+
+async def test_probe_keeps_polling_on_its_interval(app_server: tuple[FakeApp, TestServer]) \
+        -> None:
+    fake, server = app_server
+    metrics = SidecarMetrics()
+    probe = AppProbe(str(server.make_url("/status")), metrics, interval_s=0.02)
+    await probe.start()
+    fake.body = {**fake.body, "running": 7}
+    for _ in range(100):
+        if metrics.requests_running.get() == 7.0:
+            break
+        await asyncio.sleep(0.02)
+    assert metrics.requests_running.get() == 7.0
+    await probe.stop()
+
+
+def test_status_parse_names_the_bad_key() -> None:
+    with pytest.raises(ProbeError, match="capacity: expected an integer, got None"):
+        AppStatus.parse({"waiting": 1, "running": 1, "started_at": 2.0})
+    status = AppStatus.parse({"waiting": 1, "running": 0, "capacity": 4, "started_at": 7})
+    assert status.started_at == 7.0 and status.pid is None
