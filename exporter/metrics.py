@@ -68,6 +68,9 @@ class _Family:
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
 
+    def _collect(self) -> Metric:
+        raise NotImplementedError
+
 
 class CounterFamily(_Family):
     """A counter with labels; ``inc`` with the label *values* tuple, in ``labelnames`` order."""
