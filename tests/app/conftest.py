@@ -1,0 +1,75 @@
+"""Fixtures: a real app (espeak backend, real sockets via aiohttp's test server) per test."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tts_app.backends.base import Backend
+from tts_app.backends.espeak import EspeakBackend
+from tts_app.config import AppConfig, config_from_mapping
+from tts_app.logging import StructuredLog
+from tts_app.server import STATE, AppState, build_app
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and \
+            isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Running:
+    client: TestClient
+    state: AppState
+    config: AppConfig
+    log_path: Path
+    gate_file: Path
+
+    def records(self, event: str | None = None) -> list[dict[str, Any]]:
+        return [r for r in read_log(self.log_path) if event is None or r["event"] == event]
+
+
+StartApp = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def start_app(tmp_path: Path, aiohttp_client: Any) -> StartApp:
+    async def start(overrides: dict[str, Any] | None = None, backend: Backend | None = None,
+                    wait_ready: bool = True) -> Running:
+        base = {"log": {"path": str(tmp_path / "logs" / "app.log")},
+                "cache": {"dir": str(tmp_path / "cache")},
+                "gate": {"file": str(tmp_path / "state" / "ingress.json"),
+                         "check_interval_s": 0},
+                "admission": {"rate_limit": {"enabled": False}}}
+        config = config_from_mapping(deep_merge(base, overrides or {}))
+        log = StructuredLog(config.log.path, config.log.format)
+        app = build_app(config, backend or EspeakBackend(), log)
+        client = await aiohttp_client(app)
+        state = app[STATE]
+        if wait_ready:
+            await state.settled.wait()
+            assert state.ready, state.failed
+        return Running(client, state, config, Path(config.log.path), Path(config.gate.file))
+
+    return start
+
+
+def write_gate(path: Path, is_open: bool, retry_after_s: int = 7) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"open": is_open, "reasons": [] if is_open else ["vram_high"],
+                               "since": 1.0, "retry_after_s": retry_after_s}))
+    tmp.replace(path)

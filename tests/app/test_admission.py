@@ -1,0 +1,96 @@
+"""Token bucket, per-client limiter, admission line and gate watcher, with injected clocks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tts_app.admission import Admission, GateWatcher, RateLimiter, TokenBucket
+from tts_app.errors import AppError
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_token_bucket_refills_at_rate_up_to_burst() -> None:
+    clock = Clock()
+    bucket = TokenBucket(rate=2.0, burst=3.0, clock=clock)
+    assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert bucket.take() == pytest.approx(0.5)
+    clock.now += 0.5
+    assert bucket.take() == 0.0
+    clock.now += 100
+    assert [bucket.take() for _ in range(4)][-1] > 0      # refill capped at burst
+
+
+def test_rate_limiter_separates_clients_and_sets_retry_after() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate=0.5, burst=1, max_clients=2, clock=clock)
+    limiter.check("a")
+    with pytest.raises(AppError) as caught:
+        limiter.check("a")
+    assert caught.value.code == "RATE_LIMITED" and caught.value.retry_after_s == 2
+    limiter.check("b")
+    clock.now += 2
+    limiter.check("a")
+
+
+def test_rate_limiter_forgets_least_recent_client_when_full() -> None:
+    limiter = RateLimiter(rate=0.001, burst=1, max_clients=2, clock=Clock())
+    limiter.check("a")
+    limiter.check("b")
+    limiter.check("c")              # evicts a
+    limiter.check("a")              # fresh bucket again
+    with pytest.raises(AppError):
+        limiter.check("c")
+
+
+async def test_admission_counts_running_and_waiting() -> None:
+    admission = Admission(capacity=2, queue_size=1, retry_after_s=3)
+    for _ in range(3):
+        admission.reserve()
+    with pytest.raises(AppError) as caught:
+        admission.reserve()
+    assert caught.value.code == "QUEUE_FULL" and caught.value.retry_after_s == 3
+    admission.reserve(bounded=False)              # jobs bypass the line limit
+    await admission.acquire()
+    await admission.acquire()
+    assert (admission.running, admission.waiting) == (2, 2)
+    admission.release()
+    await admission.acquire()
+    assert (admission.running, admission.waiting) == (2, 1)
+
+
+def write(path: Path, payload: object) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def test_gate_watcher_follows_the_file(tmp_path: Path) -> None:
+    clock = Clock()
+    path = tmp_path / "ingress.json"
+    gate = GateWatcher(path, interval_s=1.0, default_retry_after_s=30, clock=clock)
+    assert gate.current().open is True                     # missing file = open
+    write(path, {"open": False, "reasons": ["vram_high"], "since": 1.0, "retry_after_s": 12})
+    assert gate.current().open is True                     # not re-checked within interval
+    clock.now += 1
+    state = gate.current()
+    assert (state.open, state.retry_after_s, state.reasons) == (False, 12, ("vram_high",))
+    write(path, "{half written")                           # garbage keeps the last state
+    clock.now += 1
+    assert gate.current().open is False
+    write(path, {"open": True, "reasons": [], "since": 2.0, "retry_after_s": 12})
+    clock.now += 1
+    assert gate.current().open is True
+    path.unlink()
+    clock.now += 1
+    assert gate.current().open is True

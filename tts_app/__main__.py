@@ -1,0 +1,85 @@
+"""``python -m tts_app --config FILE`` / ``tts-app``: serve until SIGTERM, then drain.
+
+SIGTERM (or SIGINT) stops admission first (``/readyz`` 503, new synthesis 503 SHUTTING_DOWN,
+so a load balancer moves away), lets in-flight work finish within ``server.drain_timeout_s``,
+then exits 0. A bad config, an unusable log path, a busy port or a model that fails to load
+exit 1 with a message naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from aiohttp import web
+
+from tts_app.backends import make_backend
+from tts_app.config import AppConfig, ConfigError, load_config
+from tts_app.logging import StructuredLog
+from tts_app.server import STATE, build_app
+
+
+class StartupError(Exception):
+    """Start-up cannot continue; the message is for the operator."""
+
+
+async def serve(config: AppConfig, config_file: str) -> int:
+    try:
+        backend = make_backend(config.backend.name, config.backend.options())
+    except (TypeError, ValueError) as exc:
+        raise StartupError(f"{config_file}: backend.{config.backend.name}: {exc}") from None
+    except ImportError as exc:
+        raise StartupError(f"{config_file}: backend.name: {config.backend.name!r} needs its "
+                           f"optional dependencies (pip install 'tts-sentinel[chattts]'): "
+                           f"{exc}") from None
+    try:
+        log = StructuredLog(config.log.path, config.log.format, config.log.logger,
+                            config.log.level)
+    except OSError as exc:
+        raise StartupError(f"{config_file}: log.path: cannot open {config.log.path!r} "
+                           f"({exc.strerror})") from None
+    app = build_app(config, backend, log)
+    state = app[STATE]
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, config.server.host, config.server.port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise StartupError(f"{config_file}: server.listen: cannot listen on "
+                           f"{config.server.listen} ({exc.strerror})") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"tts-app: listening on http://{config.server.listen} (backend {backend.name})",
+          file=sys.stderr, flush=True)
+    await state.settled.wait()
+    if state.failed is not None:
+        await runner.cleanup()
+        log.close()
+        raise StartupError(f"backend {backend.name} failed to load: {state.failed}")
+    await stop.wait()
+    await state.drain()
+    await runner.cleanup()
+    log.event("service_stop")
+    log.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tts-app", description="tts-sentinel TTS HTTP app")
+    parser.add_argument("--config", default="config/app.yaml", help="YAML config file")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        return asyncio.run(serve(config, args.config))
+    except (ConfigError, StartupError) as exc:
+        print(f"tts-app: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

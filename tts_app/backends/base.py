@@ -1,0 +1,69 @@
+"""The backend protocol every synthesis engine implements (API.md D).
+
+The HTTP app only ever talks to this protocol: admission sizes its worker pool from
+``instances``, the cache keys on ``name``/``model_version``, validation uses ``voices``.
+
+Conventions beyond the protocol (see ``tts_app.backends.make_backend``): a backend is built
+as ``BackendClass(**options)`` with the mapping under ``backend.<name>`` in the app config
+(an unknown option is a TypeError, reported as a config error), and ``load()`` is called
+later. A backend may declare ``languages: frozenset[str]``; without it the app accepts
+``limits.languages``. ``model_version`` may change during ``load()``; it is read afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SynthesisParams:
+    """Sampling parameters; fresh per request and part of the cache key."""
+
+    seed: int | None = None
+    temperature: float = 0.3
+    top_p: float = 0.7
+    top_k: int = 20
+    speed: float = 1.0
+
+
+@dataclass(frozen=True)
+class SynthesisRequest:
+    request_id: str
+    text: str                   # validated already
+    voice: str
+    lang: str                   # "en" | "zh" | ...
+    params: SynthesisParams
+
+
+StageCallback = Callable[[str, float], None]    # (stage name, duration_ms)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    name: str                   # "espeak" | "chattts"
+    model_version: str          # part of the cache key; shown on /status
+    sample_rate: int            # Hz of produced audio
+    voices: frozenset[str]      # accepted voice names (unknown voice -> 422 VOICE_UNKNOWN)
+    instances: int              # model instances = concurrent syntheses (worker pool size)
+
+    def load(self) -> None:
+        """Blocking; run in a thread before warm-up."""
+        ...
+
+    def synthesize(self, request: SynthesisRequest, on_stage: StageCallback
+                   ) -> Iterator[np.ndarray]:
+        """Blocking generator run in a worker thread; yields float32 mono chunks in [-1, 1].
+
+        Reports each stage it runs via ``on_stage`` (text_normalize, llm_prompt_gen,
+        llm_inference, llm_postproc, audio_render, ...). Raises
+        ``tts_app.errors.SynthesisError(code, message, stage=...)`` on failure; on CUDA OOM
+        the chattts backend calls ``torch.cuda.empty_cache()`` and raises GPU_OOM (HTTP 503).
+        """
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,132 @@
+"""Size-capped LRU disk cache of finished audio, with a small in-memory layer for hot entries.
+
+Production traffic repeats texts (~60 % in the seed service), so a hit must be cheap: the
+memory layer answers without touching the disk, the disk layer costs one small file read.
+Writes are atomic (temporary file + rename) so a crash never leaves a torn entry; any write
+error (ENOSPC, read-only, missing directory) is reported to the caller, never raised, because
+a cache that cannot write must not fail the request that produced the audio.
+All methods run on the event loop thread; entries are small, so their I/O is brief.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+from tts_app.backends.base import SynthesisParams
+
+SUFFIX = ".audio"
+
+
+def cache_key(backend: str, model_version: str, voice: str, lang: str, text: str,
+              params: SynthesisParams, fmt: str) -> str:
+    """Stable hex key of everything that changes the audio bytes."""
+    material = json.dumps([backend, model_version, voice, lang, text, params.seed,
+                           params.temperature, params.top_p, params.top_k, params.speed, fmt],
+                          ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(material.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class DiskCache:
+    """``get``/``put`` of response bodies by key; evicts least recently used beyond max_bytes."""
+
+    def __init__(self, directory: str | Path, max_bytes: int, memory_max_bytes: int) -> None:
+        self.directory = Path(directory)
+        self.max_bytes = max_bytes
+        self.memory_max_bytes = memory_max_bytes
+        self._index: OrderedDict[str, int] = OrderedDict()    # key -> size, LRU order
+        self._memory: OrderedDict[str, bytes] = OrderedDict()
+        self._memory_bytes = 0
+        self.total_bytes = 0
+        self.evictions = 0
+        self._scan()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / (key + SUFFIX)
+
+    def _scan(self) -> None:
+        """Rebuild the index from disk, oldest access first, so a restart keeps the cache."""
+        found: list[tuple[float, str, int]] = []
+        try:
+            for path in self.directory.glob(f"*/*{SUFFIX}"):
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                found.append((stat.st_mtime, path.name[: -len(SUFFIX)], stat.st_size))
+        except OSError:
+            return
+        for _, key, size in sorted(found):
+            self._index[key] = size
+            self.total_bytes += size
+        self._evict()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, key: str) -> bytes | None:
+        body = self._memory.get(key)
+        if body is not None:
+            self._memory.move_to_end(key)
+            if key in self._index:     # absent when the disk write failed
+                self._index.move_to_end(key)
+            return body
+        if key not in self._index:
+            return None
+        try:
+            body = self._path(key).read_bytes()
+        except OSError:
+            self._drop(key)
+            return None
+        self._index.move_to_end(key)
+        self._remember(key, body)
+        return body
+
+    def put(self, key: str, body: bytes) -> OSError | None:
+        """Store ``body``; returns the write error instead of raising it."""
+        self._remember(key, body)
+        if len(body) > self.max_bytes:
+            return None
+        path = self._path(key)
+        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as handle:
+                handle.write(body)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return exc
+        self.total_bytes += len(body) - self._index.pop(key, 0)
+        self._index[key] = len(body)
+        self._evict()
+        return None
+
+    def _remember(self, key: str, body: bytes) -> None:
+        if len(body) > self.memory_max_bytes // 4:
+            return
+        old = self._memory.pop(key, None)
+        self._memory_bytes += len(body) - (len(old) if old is not None else 0)
+        self._memory[key] = body
+        while self._memory_bytes > self.memory_max_bytes:
+            _, dropped = self._memory.popitem(last=False)
+            self._memory_bytes -= len(dropped)
+
+    def _drop(self, key: str) -> None:
+        self.total_bytes -= self._index.pop(key, 0)
+        body = self._memory.pop(key, None)
+        if body is not None:
+            self._memory_bytes -= len(body)
+
+    def _evict(self) -> None:
+        while self.total_bytes > self.max_bytes and self._index:
+            key = next(iter(self._index))
+            self._drop(key)
+            self.evictions += 1
+            with contextlib.suppress(OSError):
+                self._path(key).unlink(missing_ok=True)

@@ -1,0 +1,126 @@
+"""Asynchronous synthesis jobs with Idempotency-Key semantics.
+
+A client that times out and retries must not pay for a second synthesis: the same key with the
+same request returns the same job; the same key with a different request is a client bug and
+gets 409. Finished jobs are kept for ``ttl_s`` (and at most ``max_kept`` jobs and
+``max_bytes`` of audio, oldest forgotten first, so a burst of long texts cannot exhaust memory)
+so the audio can be fetched later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tts_app.errors import AppError
+from tts_app.validation import TtsSpec
+
+Clock = Callable[[], float]
+
+
+@dataclass(eq=False)
+class Job:
+    id: str
+    spec: TtsSpec
+    request_id: str
+    created: float
+    status: str = "queued"        # queued | running | done | failed
+    body: bytes | None = None
+    error: AppError | None = None
+    finished: float | None = None
+    idempotency_key: str | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "status": self.status, "created": self.created,
+                               "request_id": self.request_id}
+        if self.finished is not None:
+            out["finished"] = self.finished
+        if self.error is not None:
+            out["error"] = {"code": self.error.code, "message": self.error.message}
+        if self.body is not None:
+            out["audio_bytes"] = len(self.body)
+        return out
+
+
+class JobStore:
+    def __init__(self, render: Callable[[TtsSpec, str], Awaitable[bytes]], max_pending: int,
+                 max_kept: int, ttl_s: float, retry_after_s: int, max_bytes: int = 256 << 20,
+                 clock: Clock = time.time) -> None:
+        self._render = render
+        self.max_pending, self.max_kept, self.ttl_s = max_pending, max_kept, ttl_s
+        self.max_bytes = max_bytes
+        self.body_bytes = 0
+        self.retry_after_s = retry_after_s
+        self._clock = clock
+        self.jobs: OrderedDict[str, Job] = OrderedDict()
+        self._by_key: dict[str, str] = {}
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for job in self.jobs.values() if job.status in ("queued", "running"))
+
+    def submit(self, spec: TtsSpec, request_id: str,
+               idempotency_key: str | None) -> tuple[Job, bool]:
+        """Return (job, created). Raises IDEMPOTENCY_CONFLICT or QUEUE_FULL."""
+        self._expire()
+        if idempotency_key is not None:
+            job_id = self._by_key.get(idempotency_key)
+            existing = self.jobs.get(job_id) if job_id else None
+            if existing is not None:
+                if existing.spec.canonical != spec.canonical:
+                    raise AppError("IDEMPOTENCY_CONFLICT")
+                return existing, False
+        if self.pending >= self.max_pending:
+            raise AppError("QUEUE_FULL", "too many pending jobs", self.retry_after_s)
+        job = Job(uuid.uuid4().hex, spec, request_id, self._clock(),
+                  idempotency_key=idempotency_key)
+        self.jobs[job.id] = job
+        if idempotency_key is not None:
+            self._by_key[idempotency_key] = job.id
+        job.task = asyncio.get_running_loop().create_task(self._run(job))
+        return job, True
+
+    def get(self, job_id: str) -> Job:
+        self._expire()
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise AppError("JOB_NOT_FOUND", f"no job with id {job_id!r}")
+        return job
+
+    async def _run(self, job: Job) -> None:
+        job.status = "running"
+        try:
+            job.body = await self._render(job.spec, job.request_id)
+            job.status = "done"
+            self.body_bytes += len(job.body)
+        except AppError as exc:
+            job.error, job.status = exc, "failed"
+        finally:
+            job.finished = self._clock()
+            self._expire()
+
+    async def drain(self, timeout_s: float) -> None:
+        tasks = [job.task for job in self.jobs.values() if job.task and not job.task.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout_s)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self.jobs:
+            oldest = next(iter(self.jobs.values()))
+            finished = oldest.finished is not None
+            # the newest job survives the byte cap: its client has not fetched it yet
+            over = len(self.jobs) > self.max_kept or (
+                self.body_bytes > self.max_bytes and len(self.jobs) > 1)
+            if not finished or not (over or now - oldest.created > self.ttl_s):
+                break
+            self.jobs.popitem(last=False)
+            self.body_bytes -= len(oldest.body or b"")
+            if oldest.idempotency_key is not None:
+                self._by_key.pop(oldest.idempotency_key, None)
