@@ -75,7 +75,7 @@ DEFAULT_FIELD_ALIASES: dict[str, list[str]] = {
     "error_code": ["error_code", "err_code", "code"],
     "warning_code": ["warning_code", "warn_code"],
     "status": ["status", "result"],
-    "stage": ["stage", "model_stage"],
+    "stage": ["stage"],
 }
 
 DEFAULT_EVENT_ALIASES: dict[str, str] = {

@@ -1,0 +1,115 @@
+"""The log contract's two formats, the seed forms, and arbitrary bytes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from exporter.config import AliasConfig
+from exporter.logs.parsers import MalformedLine, Record, RecordParser
+
+SEED = (b"2024-06-12 14:22:38,415 - app.tts_engine - INFO - synthesis_complete: id=ts_7f3a2b1c, "
+        b"status=success, duration_ms=523, audio_size_kb=124, cache_saved=true, "
+        b"model_stage=llm_postproc")
+
+
+def parse(line: bytes, aliases: AliasConfig | None = None) -> Record:
+    record = RecordParser(aliases).parse(line)
+    assert record is not None
+    return record
+
+
+def test_indextts_text_line_gives_typed_canonical_fields() -> None:
+    record = parse(SEED + b"\n")
+    assert record.level == "INFO"
+    assert record.logger == "app.tts_engine"
+    assert record.event == "synthesis_complete"
+    assert record.request_id == "ts_7f3a2b1c"
+    assert record.fields["duration_ms"] == 523
+    assert record.fields["cache_saved"] is True
+    assert record.fields["model_stage"] == "llm_postproc"
+    expected = time.mktime((2024, 6, 12, 14, 22, 38, 0, 0, -1)) + 0.415
+    assert record.time == pytest.approx(expected)
+
+
+def test_quoted_values_keep_commas_and_equals_and_cjk() -> None:
+    line = ('2024-06-12 14:22:38,415 - app - INFO - synthesis_start: id=a1, '
+            'text="今天天气真好, a=b", lang=zh, text_len=6 chars').encode()
+    record = parse(line)
+    assert record.fields["text"] == "今天天气真好, a=b"
+    assert record.fields["lang"] == "zh"
+    assert record.fields["text_len"] == 6
+
+
+@pytest.mark.parametrize(("raw", "value"), [("86 chars", 86), ("1 char", 1), ("0.5", 0.5)])
+def test_units_are_dropped_from_numbers(raw: str, value: float) -> None:
+    line = f"2024-06-12 14:22:38,415 - app - INFO - synthesis_start: id=a1, text_len={raw}"
+    assert parse(line.encode()).fields["text_len"] == value
+
+
+def test_free_form_error_line_is_a_record_without_event() -> None:
+    line = (b"2024-06-12 14:22:39,001 - app.tts_engine - ERROR - ERROR: scipy.fft failed on "
+            b"input len=1024, exc=RuntimeWarning: invalid value")
+    record = parse(line)
+    assert record.level == "ERROR"
+    assert record.event == ""
+    assert record.message.startswith("ERROR: scipy.fft failed")
+
+
+def test_crlf_is_stripped() -> None:
+    assert parse(SEED + b"\r\n").fields["model_stage"] == "llm_postproc"
+
+
+def test_json_line_with_aliases_and_level_normalised() -> None:
+    line = (b'{"time": "2026-11-22T14:22:38.415+00:00", "level": "warn", "logger": "x", '
+            b'"event": "infer_start", "task_id": "t9", "text_length": 12}')
+    record = parse(line)
+    assert record.level == "WARNING"
+    assert record.event == "synthesis_start"
+    assert record.request_id == "t9"
+    assert record.fields["text_len"] == 12
+    assert record.time == pytest.approx(1795357358.415)
+
+
+def test_configured_aliases_replace_defaults() -> None:
+    aliases = AliasConfig(fields={"id": ["job"]}, events={"tts_done": "synthesis_complete"})
+    record = parse(b'{"event": "tts_done", "job": "j1"}', aliases)
+    assert (record.event, record.request_id) == ("synthesis_complete", "j1")
+
+
+@pytest.mark.parametrize("line", [b"Traceback (most recent call last):",
+                                  b'  File "x.py", line 3, in f', b"", b"   ", b"\r\n"])
+def test_continuation_and_blank_lines_start_no_record(line: bytes) -> None:
+    assert RecordParser().parse(line) is None
+
+
+@pytest.mark.parametrize("line", [b"{not json", b'{"a": 1', b"{\xff}"])
+def test_broken_json_is_malformed(line: bytes) -> None:
+    with pytest.raises(MalformedLine):
+        RecordParser().parse(line)
+
+
+def test_json_scalar_that_starts_with_brace_is_never_accepted() -> None:
+    with pytest.raises(MalformedLine):
+        RecordParser().parse(b"{}}")
+
+
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_give_a_record_none_or_malformed(data: bytes) -> None:
+    parser = RecordParser()
+    for line in data.split(b"\n"):
+        try:
+            result = parser.parse(line)
+        except MalformedLine:
+            continue
+        assert result is None or isinstance(result, Record)
+
+
+@given(st.text(max_size=200))
+def test_arbitrary_text_after_a_valid_header_never_raises(body: str) -> None:
+    line = f"2024-06-12 14:22:38,415 - app - INFO - {body}".encode()
+    result = RecordParser().parse(line)
+    assert result is None or isinstance(result, Record)
