@@ -188,7 +188,7 @@ class HistogramFamily(_Family):
                     buckets.append((bound, cumulative))
                 else:
                     request_id, value, ts = exemplar
-                    buckets.append((bound, cumulative, Exemplar({"request_id": request_id},
+                    buckets.append((bound, cumulative, Exemplar({"request_id": str(request_id)},
                                                                 value, ts)))
             family.add_metric(list(labels), buckets, series.sum)
         return family

@@ -49,6 +49,12 @@ _TEXT_HEAD = re.compile(
     re.S,
 )
 # "event: k=v, k2="quoted, with = and ,", k3=86 chars" — the event name, then the pairs.
+# The common case in one regex: an upper-case level and a snake_case event with pairs.
+_TEXT_EVENT = re.compile(
+    r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?\s+-\s+\S+\s+-\s+([A-Z]+)\s+-\s?"
+    r"([a-z_][a-z0-9_.]*):\s*([A-Za-z_][\w.]*=.*)",
+    re.S,
+)
 # Event names are snake_case and their body starts with a pair; "ERROR: scipy.fft failed on
 # input len=1024" is therefore a free-form message, not an event called ERROR.
 _EVENT_BODY = re.compile(r"([a-z_][a-z0-9_.]*):\s*((?:[A-Za-z_][\w.]*=.*)?)", re.S)
@@ -166,6 +172,12 @@ class RecordParser:
         if first == "{":
             return self._json_fields(line)
         if "0" <= first <= "9":
+            fast = _TEXT_EVENT.match(line)
+            if fast is not None:
+                level, name, rest = fast.groups()
+                names = self.field_names
+                return (_LEVELS.get(level, level), self.event_names.get(name, name),
+                        {names.get(key, key): value for key, value in _PAIR_SPLIT.findall(rest)})
             head = _TEXT_HEAD.match(line)
             if head is not None:
                 return self._text_fields(head.group(3), head.group(4))

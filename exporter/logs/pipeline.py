@@ -73,7 +73,7 @@ class LogPipeline:
         self._caps = {label: LabelCap(cap) for label in LABELS}
         # value -> capped label value, per label: one dict lookup on the hot path.
         self._seen: dict[str, dict[object, str]] = {label: {} for label in LABELS}
-        self._handlers: dict[str, Callable[[dict[str, Any], str | None], None]] = {
+        self._handlers: dict[str, Callable[[dict[str, Any], Any], None]] = {
             "http_request": self._http_request,
             "synthesis_complete": self._synthesis_complete,
             "synthesis_start": self._noop,
@@ -91,43 +91,45 @@ class LogPipeline:
     def process(self, source: str, data: bytes) -> None:
         """Count every complete line in ``data`` (caller holds the metrics lock)."""
         text = data.decode("utf-8", "replace")
+        if "\r" in text:
+            text = text.replace("\r\n", "\n")
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
-        outcomes: dict[str, int] = {}
+        parsed_lines = continuation = malformed = 0
+        other: dict[str, int] = {}
         fields_of = self.parser.fields
         handlers = self._handlers
         on_record = self.on_record
         for line in lines:
-            if line and line[-1] == "\r":
-                line = line[:-1]
             try:
                 parsed = fields_of(line)
             except MalformedLine:
-                outcomes["malformed"] = outcomes.get("malformed", 0) + 1
+                malformed += 1
                 continue
             if parsed is None:
-                outcomes["continuation"] = outcomes.get("continuation", 0) + 1
+                continuation += 1
                 continue
             level, event, fields = parsed
             if level in _COUNTED_LEVELS:
                 self._count_level(level, fields)
-            handler = handlers.get(event) if event else None
-            if handler is None:
-                outcome = "unknown_event" if event else "free_form"
-            else:
-                request_id = fields.get("id")
+            handler = handlers.get(event)
+            if handler is not None:
                 try:
-                    handler(fields, None if request_id is None else str(request_id))
-                    outcome = "parsed"
+                    handler(fields, fields.get("id"))
+                    parsed_lines += 1
                 except InvalidField:
-                    outcome = "invalid_field"
-            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+                    other["invalid_field"] = other.get("invalid_field", 0) + 1
+            else:
+                outcome = "unknown_event" if event else "free_form"
+                other[outcome] = other.get(outcome, 0) + 1
             if on_record is not None:
                 on_record(source, self.parser.record(line, parsed))
+        other.update(parsed=parsed_lines, continuation=continuation, malformed=malformed)
         inc = self.metrics.log_lines.inc
-        for outcome, count in outcomes.items():
-            inc((outcome,), count)
+        for outcome, count in other.items():
+            if count:
+                inc((outcome,), count)
 
     # --- label capping ----------------------------------------------------------------------
 
