@@ -348,6 +348,26 @@ DEMO_TEXTS = [
 ]
 
 
+LIVE_METRICS = {
+    "requests": "tts_http_requests_total",
+    "syntheses": "tts_syntheses_total",
+    "cache hits": "tts_cache_hits_total",
+    "log lines": "tts_exporter_log_lines_total",
+    "ingress open": "tts_ingress_open",
+}
+
+
+def live_summary(stack: Stack) -> str:
+    """A one-line reading of the sidecar's /metrics, summed over labels."""
+    _, body = http_get(stack.url("exporter", "/metrics"))
+    totals = dict.fromkeys(LIVE_METRICS.values(), 0.0)
+    for line in body.decode().splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return ", ".join(f"{label} {totals[name]:g}" for label, name in LIVE_METRICS.items())
+
+
 def demo(workdir: Path, options: StackOptions, duration: float | None) -> None:
     """Start the stack, keep a gentle stream of requests going, print where to look."""
     with Stack(workdir, options) as stack:
@@ -367,8 +387,8 @@ def demo(workdir: Path, options: StackOptions, duration: float | None) -> None:
             while deadline is None or time.monotonic() < deadline:
                 status, _, _ = stack.synthesize(random.choice(DEMO_TEXTS))
                 served += 1
-                if served % 20 == 0:
-                    print(f"  {served} requests sent (last status {status})")
+                if served % 10 == 0:
+                    print(f"  sent {served} (last {status}) | sidecar: {live_summary(stack)}")
                 time.sleep(random.uniform(0.2, 1.0))
 
 
