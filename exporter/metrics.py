@@ -427,5 +427,8 @@ class SidecarMetrics:
             self.cache_hits, self.cache_saves, self.audio_seconds, self.synthesis_seconds,
             self.audio_rms, self.audio_centroid, self.log_records, self.log_lines,
             self.log_bytes, self.log_rotations, self.label_overflow,
+            # Counted from service_start records when no probe runs; persisted either way so
+            # a sidecar restart neither resets it nor, after kill -9, counts a start twice.
+            self.app_restarts,
         ]
         return [family.name for family in families]

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from exporter.config import Config
 from exporter.gate import Gate, GateComponent
+from exporter.logs.component import LogTailComponent
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_app
 from exporter.system.disk import DiskWatcher
@@ -40,8 +41,17 @@ class Component(Protocol):
 def build_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
     """The parts the config asks for, in start order."""
     components: list[Component] = []
+    components += _log_components(config, metrics)
     components += _system_components(config, metrics)
     return components
+
+
+def _log_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
+    """The log tailer feeding the pipeline. It comes first, so it stops last and its final
+    checkpoint holds every line read before shutdown."""
+    if not config.logs.paths:
+        return []
+    return [LogTailComponent.from_config(config, metrics)]
 
 
 def _system_components(config: Config, metrics: SidecarMetrics) -> list[Component]:

@@ -1,0 +1,155 @@
+"""The tailer's checkpoint: file offsets and the log-derived counters, in one atomic file.
+
+Offsets alone would not make totals exact: after a ``kill -9`` the counters restart from 0
+while the offsets skip the lines already read, so everything before the checkpoint would be
+lost from the totals. Storing the counters *taken at the same instant as the offsets* (both
+under the metrics lock) fixes that: on restart the counters come back to exactly what the
+offsets cover, and every line after the offsets is read (and counted) again. Nothing is lost
+and nothing is counted twice, whatever moment the process died at.
+
+The file is JSON::
+
+    {"version": 1,
+     "files": [{"path": "logs/tts-app.log", "dev": 2049, "ino": 131, "fingerprint": "9c1f…",
+                "fingerprint_len": 256, "offset": 52311}],
+     "metrics": {"tts_exporter_log_lines": [[["parsed"], 812.0]], …}}
+
+It is written with the classic write-temp, fsync, rename, fsync-directory sequence, so a crash
+leaves either the old or the new checkpoint, never a torn one. A file that cannot be read or
+parsed anyway (disk trouble, hand edits) is moved aside and reported, never fatal: the tailer
+then starts as on first run and reads the files from the start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("exporter.logs.checkpoint")
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class FileOffset:
+    """Where reading stopped in one file, and what identifies that file.
+
+    ``(dev, ino)`` alone is not enough: after a delete the inode number may be handed to a new
+    file. ``fingerprint`` is a hash of the file's first ``fingerprint_len`` bytes, which a
+    recycled inode will not share.
+    """
+
+    path: str
+    dev: int
+    ino: int
+    fingerprint: str
+    fingerprint_len: int
+    offset: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.dev, self.ino
+
+
+@dataclass
+class Checkpoint:
+    """Everything persisted: the offsets and the ``dump_state`` of the log-derived metrics."""
+
+    files: list[FileOffset] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"version": FORMAT_VERSION, "written_at": time.time(),
+                           "files": [asdict(f) for f in self.files], "metrics": self.metrics},
+                          separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Checkpoint:
+        """Parse a checkpoint; raises ValueError (with what was wrong) on anything unexpected."""
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"expected a JSON object with version {FORMAT_VERSION}")
+        files, metrics = data.get("files"), data.get("metrics")
+        if not isinstance(files, list) or not isinstance(metrics, dict):
+            raise ValueError("expected 'files' to be a list and 'metrics' an object")
+        try:
+            offsets = [FileOffset(path=str(f["path"]), dev=int(f["dev"]), ino=int(f["ino"]),
+                                  fingerprint=str(f["fingerprint"]),
+                                  fingerprint_len=int(f["fingerprint_len"]),
+                                  offset=int(f["offset"])) for f in files]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"bad file entry ({exc!r})") from None
+        if any(f.offset < 0 or f.fingerprint_len < 0 for f in offsets):
+            raise ValueError("negative offset or fingerprint length")
+        return cls(offsets, metrics)
+
+
+class CheckpointStore:
+    """Reads and atomically writes the checkpoint file at ``path``."""
+
+    def __init__(self, path: str | os.PathLike[str],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.path = Path(path)
+        self.clock = clock
+
+    @property
+    def temp_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".tmp")
+
+    def load(self) -> Checkpoint | None:
+        """The stored checkpoint; None when there is none *or* it was unusable.
+
+        An unusable file is renamed to ``<path>.corrupt-<unix time>`` (kept for a post-mortem,
+        and out of the way so the next checkpoint can be written) and logged as an error.
+        """
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            self._move_aside(f"cannot be read ({exc})")
+            return None
+        try:
+            return Checkpoint.from_json(text)
+        except ValueError as exc:
+            self._move_aside(f"is not a valid checkpoint ({exc})")
+            return None
+
+    def _move_aside(self, problem: str) -> None:
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self.clock())}")
+        try:
+            os.replace(self.path, aside)
+            where = f"moved to {aside}"
+        except OSError as exc:
+            where = f"could not be moved aside ({exc})"
+        log.error("log checkpoint %s %s; %s; reading every log file from the start",
+                  self.path, problem, where)
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        """Write atomically: temp file, fsync, rename over, fsync the directory.
+
+        Raises OSError (disk full, permissions); the caller counts it and tries again later.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = checkpoint.to_json().encode("utf-8")
+        tmp = self.temp_path
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)

@@ -1,0 +1,196 @@
+"""The tailer as a sidecar component: a worker thread woken by watchdog, and the checkpoint.
+
+Reading and parsing run on their own thread, never on the aiohttp event loop: a backlog of
+hundreds of megabytes must not delay ``/metrics`` or ``/ingress``. The thread sleeps until
+watchdog reports a change in a watched directory, or ``logs.poll_interval_s`` passes (the
+safety net for missed events, NFS, and directories that did not exist yet), then runs one
+:meth:`Tailer.poll` pass. The only lock it shares with the event loop is
+``metrics.registry.lock``, held per batch of at most ~256 KiB of lines (~10 ms).
+
+The checkpoint is written at most every ``logs.checkpoint_interval_s`` (when something
+changed) and at a clean stop, from a snapshot of offsets and counters taken under that lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from exporter.config import Config, LogsConfig
+from exporter.logs.checkpoint import Checkpoint, CheckpointStore
+from exporter.logs.pipeline import LogPipeline, RecordCallback
+from exporter.logs.tailer import LineSink, Tailer
+from exporter.metrics import SidecarMetrics
+
+log = logging.getLogger("exporter.logs")
+
+# Our own reads open files; waking on "opened"/"closed_no_write" would make every pass
+# schedule the next one.
+WAKING_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
+
+
+def watch_root(pattern: str) -> tuple[str, bool]:
+    """The directory to watch for a glob, and whether it must be watched recursively (a
+    wildcard in a directory part, e.g. ``logs/*/app.log``)."""
+    parts = os.path.normpath(os.path.abspath(pattern)).split(os.sep)
+    for index, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return os.sep.join(parts[:index]) or os.sep, index < len(parts) - 1
+    return os.path.dirname(os.sep.join(parts)) or os.sep, False
+
+
+class _Wake(FileSystemEventHandler):
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in WAKING_EVENTS:
+            self.event.set()
+
+
+class LogTailComponent:
+    """Tails ``logs.paths`` into ``sink`` (normally the :class:`LogPipeline`)."""
+
+    routes: list[web.RouteDef]
+
+    def __init__(
+        self,
+        config: LogsConfig,
+        metrics: SidecarMetrics,
+        sink: LineSink,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.routes = []
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.store = CheckpointStore(config.checkpoint_path)
+        self.tailer = Tailer(config.paths, metrics, sink, config.max_line_bytes,
+                             config.read_chunk_bytes,
+                             exclude=[str(self.store.path), str(self.store.temp_path)])
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer: Any = None
+        self._watched: set[str] = set()
+        self._saved_generation = -1
+        self._next_checkpoint = 0.0
+
+    @classmethod
+    def from_config(cls, config: Config, metrics: SidecarMetrics,
+                    on_record: RecordCallback | None = None) -> LogTailComponent:
+        """The sidecar's tailer, feeding the real pipeline. Restarts are counted from
+        ``service_start`` records only when no ``/status`` probe counts them already."""
+        pipeline = LogPipeline(metrics, config.logs, config.metrics, on_record=on_record,
+                               count_restarts=not config.probe.url)
+        return cls(config.logs, metrics, pipeline)
+
+    # --- synchronous core (the worker thread; tests call it directly) -------------------
+
+    def restore(self) -> None:
+        """Load the checkpoint: counters into the registry, offsets into the tailer."""
+        checkpoint = self.store.load()
+        if checkpoint is None:
+            log.info("no usable log checkpoint at %s: reading log files from the start",
+                     self.store.path)
+            return
+        with self.metrics.registry.lock:
+            dropped = self.metrics.registry.load_state(checkpoint.metrics)
+        if dropped:
+            log.warning("log checkpoint %s: could not restore %s (metric gone or buckets "
+                        "changed); they restart from 0", self.store.path, ", ".join(dropped))
+        self.tailer.resume(checkpoint.files)
+        log.info("resuming %d log file(s) from checkpoint %s", len(checkpoint.files),
+                 self.store.path)
+
+    def step(self) -> None:
+        """One read pass, then a checkpoint if one is due. Never raises."""
+        try:
+            self.tailer.poll()
+        except Exception:
+            log.exception("log tail pass failed; retrying at the next one")
+            with self.metrics.registry.lock:
+                self.metrics.collector_errors.inc(("tail",))
+        if self.clock() >= self._next_checkpoint:
+            self.checkpoint()
+
+    def checkpoint(self) -> bool:
+        """Write the checkpoint if anything changed since the last one; True when written."""
+        with self.metrics.registry.lock:
+            if self.tailer.generation == self._saved_generation:
+                return False
+            generation = self.tailer.generation
+            snapshot = Checkpoint(self.tailer.snapshot(), self.metrics.registry.dump_state(
+                self.metrics.log_derived_names()))
+        try:
+            self.store.save(snapshot)
+        except OSError as exc:
+            log.error("cannot write log checkpoint %s (%s); will retry", self.store.path, exc)
+            with self.metrics.registry.lock:
+                self.metrics.collector_errors.inc(("tail",))
+            self._next_checkpoint = self.clock() + self.config.checkpoint_interval_s
+            return False
+        self._saved_generation = generation
+        self._next_checkpoint = self.clock() + self.config.checkpoint_interval_s
+        return True
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._watch()
+            self.step()
+            timeout = self.config.poll_interval_s
+            if self.tailer.generation != self._saved_generation:
+                timeout = min(timeout, max(0.0, self._next_checkpoint - self.clock()))
+            self._wake.wait(timeout)
+            self._wake.clear()
+
+    def _watch(self) -> None:
+        """(Re)try watches for the glob roots; a root missing now is retried every pass."""
+        if self._observer is None:
+            return
+        for pattern in self.config.paths:
+            root, recursive = watch_root(pattern)
+            if root in self._watched or not os.path.isdir(root):
+                continue
+            try:
+                self._observer.schedule(_Wake(self._wake), root, recursive=recursive)
+            except OSError as exc:
+                log.warning("cannot watch %s for changes (%s); polling it every %ss", root,
+                            exc, self.config.poll_interval_s)
+                continue
+            self._watched.add(root)
+
+    # --- Component ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        with self.metrics.registry.lock:  # the error series exists at 0, so rate() works
+            self.metrics.collector_errors.inc(("tail",), 0.0)
+        await asyncio.to_thread(self.restore)
+        self._observer = Observer()
+        self._observer.daemon = True
+        self._observer.start()
+        self._thread = threading.Thread(target=self._run, name="log-tailer", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        self.tailer.interrupted = True  # a long backlog pass ends at its next chunk
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        if self._observer is not None:
+            self._observer.stop()
+            with contextlib.suppress(RuntimeError):
+                await asyncio.to_thread(self._observer.join, 5.0)
+        await asyncio.to_thread(self.checkpoint)
+        self.tailer.close()

@@ -1,0 +1,398 @@
+"""The tailer on real files: batches of whole lines, partial and too-long lines, and every
+rotation mode with lines written before, during and after it (none lost, none twice).
+
+Most tests drive :meth:`Tailer.poll` pass by pass; the last ones go through the real watchdog
+observer and worker thread with bounded waits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from exporter.config import LogsConfig
+from exporter.logs.component import LogTailComponent, watch_root
+from exporter.logs.tailer import Tailer, drop_long_lines
+from exporter.metrics import SidecarMetrics
+
+
+class RecordingSink:
+    """Stands in for the pipeline: keeps what it got and counts each line as the pipeline
+    would (one ``tts_exporter_log_lines_total`` increment per line)."""
+
+    def __init__(self, metrics: SidecarMetrics) -> None:
+        self.metrics = metrics
+        self.calls: list[tuple[str, bytes]] = []
+        self.forgotten: list[str] = []
+
+    def process(self, source: str, data: bytes) -> None:
+        assert self.metrics.registry.lock.locked(), "process() must run under the lock"
+        assert data.endswith(b"\n")
+        self.calls.append((source, data))
+        self.metrics.log_lines.inc(("parsed",), data.count(b"\n"))
+
+    def forget(self, source: str) -> None:
+        self.forgotten.append(source)
+
+    def lines(self) -> list[bytes]:
+        return [line for _, data in self.calls for line in data.splitlines(keepends=True)]
+
+    def texts(self) -> list[str]:
+        return [line.decode().rstrip("\n") for line in self.lines()]
+
+
+def numbered(prefix: str, start: int, count: int) -> list[str]:
+    return [f"{prefix} line {i}" for i in range(start, start + count)]
+
+
+def append(path: Path, lines: list[str]) -> None:
+    with path.open("a") as out:
+        out.writelines(line + "\n" for line in lines)
+
+
+@pytest.fixture
+def metrics() -> SidecarMetrics:
+    return SidecarMetrics()
+
+
+@pytest.fixture
+def sink(metrics: SidecarMetrics) -> RecordingSink:
+    return RecordingSink(metrics)
+
+
+def tailer_for(tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink,
+               pattern: str = "*.log", max_line_bytes: int = 65536,
+               read_chunk_bytes: int = 1 << 20) -> Tailer:
+    return Tailer([str(tmp_path / pattern)], metrics, sink, max_line_bytes, read_chunk_bytes)
+
+
+def rotations(metrics: SidecarMetrics) -> dict[str, float]:
+    return {labels[0]: value for labels, value in metrics.log_rotations.values.items()}
+
+
+# --- lines -------------------------------------------------------------------------------
+
+
+def test_complete_lines_go_out_in_one_batch_and_a_partial_line_waits(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    log = tmp_path / "app.log"
+    append(log, numbered("a", 0, 1000))
+    with log.open("a") as out:
+        out.write("half a li")
+    tailer = tailer_for(tmp_path, metrics, sink)
+    tailer.poll()
+    assert len(sink.calls) == 1 and sink.calls[0][0] == str(log)
+    assert sink.texts() == numbered("a", 0, 1000)
+    with log.open("a") as out:
+        out.write("ne\n")
+    tailer.poll()
+    assert sink.texts()[-1] == "half a line"
+    assert metrics.log_bytes.get() == log.stat().st_size
+    assert metrics.log_lag.get((str(log),)) == 0.0
+
+
+def test_partial_line_is_not_counted_in_bytes_or_lag_until_its_newline(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"done\nnot yet")
+    tailer = tailer_for(tmp_path, metrics, sink)
+    tailer.poll()
+    assert metrics.log_bytes.get() == 5
+    assert metrics.log_lag.get((str(log),)) == len(b"not yet")
+
+
+def test_crlf_and_invalid_utf8_pass_through_as_bytes(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    raw = b"windows line\r\n\xff\xfe not utf-8 \xc3\x28\n\xe4\xbb\x8a\xe5\xa4\xa9\n"
+    (tmp_path / "app.log").write_bytes(raw)
+    tailer_for(tmp_path, metrics, sink).poll()
+    assert b"".join(data for _, data in sink.calls) == raw
+
+
+def test_reads_in_chunks_and_reassembles_lines_split_between_them(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    lines = numbered("chunky", 0, 300)
+    append(tmp_path / "app.log", lines)
+    tailer_for(tmp_path, metrics, sink, read_chunk_bytes=7).poll()
+    assert sink.texts() == lines
+
+
+def test_a_too_long_line_is_counted_and_skipped(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    log = tmp_path / "app.log"
+    append(log, ["short 1", "x" * 50, "short 2", "y" * 20, "z" * 21])
+    tailer_for(tmp_path, metrics, sink, max_line_bytes=20).poll()
+    assert sink.texts() == ["short 1", "short 2", "y" * 20]
+    assert metrics.log_lines.get(("too_long",)) == 2
+    assert metrics.log_bytes.get() == log.stat().st_size
+
+
+@pytest.mark.parametrize("chunk", [4, 16, 64, 1 << 20])
+def test_a_too_long_line_across_reads_and_passes_counts_once(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, chunk: int) -> None:
+    log = tmp_path / "app.log"
+    tailer = tailer_for(tmp_path, metrics, sink, max_line_bytes=30, read_chunk_bytes=chunk)
+    append(log, ["before"])
+    with log.open("a") as out:
+        out.write("L" * 100)
+    tailer.poll()
+    with log.open("a") as out:
+        out.write("L" * 100)
+    tailer.poll()
+    assert metrics.log_lines.get(("too_long",)) == 0  # not over until its newline
+    with log.open("a") as out:
+        out.write("L\nafter\n")
+    tailer.poll()
+    assert sink.texts() == ["before", "after"]
+    assert metrics.log_lines.get(("too_long",)) == 1
+    assert metrics.log_bytes.get() == log.stat().st_size
+
+
+def naive_drop(data: bytes, cap: int) -> tuple[bytes, int]:
+    lines = data.split(b"\n")[:-1]
+    kept = [line + b"\n" for line in lines if len(line) <= cap]
+    return b"".join(kept), len(lines) - len(kept)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=40), min_size=1, max_size=30),
+       st.integers(min_value=1, max_value=25))
+def test_drop_long_lines_matches_a_line_by_line_check(lengths: list[int], cap: int) -> None:
+    data = b"".join(b"a" * n + b"\n" for n in lengths)
+    assert drop_long_lines(data, cap) == naive_drop(data, cap)
+
+
+# --- which files --------------------------------------------------------------------------
+
+
+def test_files_appearing_later_are_read_from_the_start_and_gz_never(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    tailer = Tailer([str(tmp_path / "*.log*"), str(tmp_path / "sub" / "**" / "*.log")],
+                    metrics, sink)
+    tailer.poll()
+    assert sink.calls == []
+    append(tmp_path / "later.log", ["late 1"])
+    (tmp_path / "old.log.1.gz").write_bytes(b"\x1f\x8b not to be read\n")
+    append(tmp_path / "other.txt", ["not matched"])
+    (tmp_path / "sub" / "deep").mkdir(parents=True)
+    append(tmp_path / "sub" / "deep" / "nested.log", ["nested 1"])
+    tailer.poll()
+    assert sorted(sink.texts()) == ["late 1", "nested 1"]
+
+
+def test_an_unreadable_path_is_counted_and_the_others_still_tailed(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink,
+        caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "loop.log").symlink_to(tmp_path / "loop.log")  # stat fails: ELOOP
+    append(tmp_path / "good.log", ["fine"])
+    tailer = tailer_for(tmp_path, metrics, sink)
+    tailer.poll()
+    tailer.poll()
+    assert sink.texts() == ["fine"]
+    assert metrics.collector_errors.get(("tail",)) == 2
+    errors = [r for r in caplog.records if "loop.log" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelname == "ERROR"  # logged once, counted each time
+
+
+# --- rotations ----------------------------------------------------------------------------
+
+
+def test_rename_rotation_finishes_the_old_file_then_reads_the_new_one(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    log = tmp_path / "app.log"
+    tailer = tailer_for(tmp_path, metrics, sink)
+    append(log, numbered("before", 0, 5))
+    tailer.poll()
+    writer = log.open("a")
+    writer.write("during 0\n")
+    writer.flush()
+    os.rename(log, tmp_path / "app.log.1")  # out of the glob's reach
+    writer.write("during 1\n")  # the app has not reopened yet
+    writer.close()
+    append(log, numbered("after", 0, 3))
+    tailer.poll()
+    tailer.poll()
+    assert sink.texts() == [*numbered("before", 0, 5), "during 0", "during 1",
+                            *numbered("after", 0, 3)]
+    assert rotations(metrics) == {"rename": 1}
+    assert len(tailer.files) == 1  # the rotated file was closed once finished
+    append(log, ["after 3"])
+    tailer.poll()
+    assert sink.texts()[-1] == "after 3" and len(sink.lines()) == 11
+
+
+def test_rename_into_a_name_the_glob_matches_keeps_the_offset(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    """logrotate-style generations under ``app.log*``: shifting .1 to .2 is not a rotation of
+    its own, and no generation is read twice."""
+    log = tmp_path / "app.log"
+    tailer = tailer_for(tmp_path, metrics, sink, pattern="app.log*")
+    expected: list[str] = []
+    for generation in range(3):
+        lines = numbered(f"gen{generation}", 0, 4)
+        append(log, lines[:2])
+        tailer.poll()
+        append(log, lines[2:])
+        for older in range(generation, 0, -1):
+            os.rename(tmp_path / f"app.log.{older}", tmp_path / f"app.log.{older + 1}")
+        os.rename(log, tmp_path / "app.log.1")
+        append(log, [f"new after gen{generation}"])
+        expected += [*lines, f"new after gen{generation}"]
+        tailer.poll()
+        os.rename(log, tmp_path / "app.log.tmp")
+        os.rename(tmp_path / "app.log.tmp", log)  # a file moved away and back: no rotation
+        tailer.poll()
+    assert sorted(sink.texts()) == sorted(expected)
+    assert rotations(metrics) == {"rename": 3}
+
+
+def test_copytruncate_reads_the_tail_from_the_copy_then_the_file_from_zero(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    log = tmp_path / "app.log"
+    tailer = tailer_for(tmp_path, metrics, sink)
+    append(log, numbered("before", 0, 5))
+    tailer.poll()
+    append(log, numbered("during", 0, 2))  # unread when logrotate copies
+    shutil.copyfile(log, tmp_path / "app.log.1")
+    with log.open("r+") as out:
+        out.truncate(0)
+    append(log, numbered("after", 0, 2))
+    tailer.poll()
+    tailer.poll()
+    assert sink.texts() == numbered("before", 0, 5) + numbered("during", 0, 2) + \
+        numbered("after", 0, 2)
+    assert rotations(metrics) == {"truncate": 1}
+    assert str(log) in sink.forgotten
+
+
+@pytest.mark.parametrize("after_count", [1, 50])
+def test_plain_truncation_is_detected_by_size_or_by_first_bytes(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, after_count: int) -> None:
+    """Fewer bytes than the offset, or as many or more but different first bytes: both are a
+    truncation, and the new content is read from 0."""
+    log = tmp_path / "app.log"
+    tailer = tailer_for(tmp_path, metrics, sink)
+    append(log, numbered("before", 0, 10))
+    tailer.poll()
+    with log.open("w") as out:  # `> app.log`, then the app goes on writing
+        out.writelines(line + "\n" for line in numbered("after", 0, after_count))
+    tailer.poll()
+    assert sink.texts() == numbered("before", 0, 10) + numbered("after", 0, after_count)
+    assert rotations(metrics) == {"truncate": 1}
+    assert metrics.log_bytes.get() == len("".join(
+        f"{line}\n" for line in numbered("before", 0, 10) + numbered("after", 0, after_count)))
+
+
+def test_delete_and_recreate_finishes_the_deleted_file_first(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    log = tmp_path / "app.log"
+    tailer = tailer_for(tmp_path, metrics, sink)
+    append(log, numbered("before", 0, 3))
+    tailer.poll()
+    writer = log.open("a")
+    writer.write("during 0\n")
+    writer.flush()
+    log.unlink()
+    writer.write("during 1\n")  # still reachable through our open descriptor
+    writer.close()
+    append(log, numbered("after", 0, 2))
+    tailer.poll()
+    tailer.poll()
+    assert sink.texts() == [*numbered("before", 0, 3), "during 0", "during 1",
+                            *numbered("after", 0, 2)]
+    assert rotations(metrics) == {"recreate": 1}
+
+
+def test_delete_then_recreate_in_a_later_pass_is_counted_once_and_lag_follows(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    log = tmp_path / "app.log"
+    tailer = tailer_for(tmp_path, metrics, sink)
+    log.write_bytes(b"one\nunterminated")
+    tailer.poll()
+    assert metrics.log_lag.get((str(log),)) == len(b"unterminated")
+    log.unlink()
+    tailer.poll()
+    tailer.poll()
+    # The file is gone for good: its last line is complete now, its lag series goes.
+    assert sink.texts() == ["one", "unterminated"]
+    assert metrics.log_lag.get((str(log),)) is None
+    assert sink.forgotten == [str(log)]
+    append(log, ["two"])
+    tailer.poll()
+    assert sink.texts()[-1] == "two"
+    assert rotations(metrics) == {"recreate": 1}
+    assert metrics.log_lag.get((str(log),)) == 0.0
+
+
+def test_several_files_are_followed_independently(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    tailer = tailer_for(tmp_path, metrics, sink)
+    for round_ in range(3):
+        for name in ("a", "b", "c"):
+            append(tmp_path / f"{name}.log", numbered(name, round_ * 2, 2))
+        tailer.poll()
+    by_source: dict[str, list[str]] = {}
+    for source, data in sink.calls:
+        by_source.setdefault(Path(source).name, []).extend(data.decode().splitlines())
+    assert by_source == {f"{name}.log": numbered(name, 0, 6) for name in ("a", "b", "c")}
+
+
+# --- through the watchdog observer and the worker thread -----------------------------------
+
+
+def wait_for(predicate: object, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+async def async_wait_for(predicate: object, timeout: float = 3.0) -> None:
+    await asyncio.to_thread(wait_for, predicate, timeout)
+
+
+def test_watch_root_is_the_directory_before_the_first_wildcard() -> None:
+    assert watch_root("/var/log/tts/*.log") == ("/var/log/tts", False)
+    assert watch_root("/var/log/*/app.log") == ("/var/log", True)
+    assert watch_root("/var/log/app.log") == ("/var/log", False)
+
+
+async def test_watchdog_wakes_the_reader_long_before_the_poll(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    config = LogsConfig(paths=[str(tmp_path / "logs" / "*.log")],
+                        checkpoint_path=str(tmp_path / "state" / "offsets.json"),
+                        poll_interval_s=60.0)
+    (tmp_path / "logs").mkdir()
+    component = LogTailComponent(config, metrics, sink)
+    await component.start()
+    try:
+        await asyncio.sleep(0.1)  # the first pass finds nothing
+        append(tmp_path / "logs" / "app.log", ["woken"])
+        await async_wait_for(lambda: sink.texts() == ["woken"], timeout=2.0)
+        os.rename(tmp_path / "logs" / "app.log", tmp_path / "logs" / "app.log.1")
+        append(tmp_path / "logs" / "app.log", ["rotated"])
+        await async_wait_for(lambda: sink.texts() == ["woken", "rotated"], timeout=2.0)
+    finally:
+        await component.stop()
+    assert (tmp_path / "state" / "offsets.json").exists()
+
+
+async def test_a_log_dir_created_after_start_is_found_by_the_poll(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    config = LogsConfig(paths=[str(tmp_path / "logs" / "*.log")],
+                        checkpoint_path=str(tmp_path / "offsets.json"), poll_interval_s=0.1)
+    component = LogTailComponent(config, metrics, sink)
+    await component.start()
+    try:
+        (tmp_path / "logs").mkdir()
+        append(tmp_path / "logs" / "app.log", ["first"])
+        await async_wait_for(lambda: sink.texts() == ["first"], timeout=2.0)
+        append(tmp_path / "logs" / "app.log", ["second"])  # now also watched
+        await async_wait_for(lambda: len(sink.texts()) == 2, timeout=2.0)
+    finally:
+        await component.stop()
