@@ -260,10 +260,12 @@ class Stack:
     # --- lifecycle
     def start(self) -> None:
         python = sys.executable
+        # Ready means serving: the app warmed up (/readyz), the gate's first GPU reading in and
+        # the gate open (/ingress answers 503 until then; 404 when the gate is disabled).
         self._add("app", [python, "-m", "tts_app", "--config", str(self.write_app_config())],
-                  self.url("app", "/healthz"))
+                  self.url("app", "/readyz"))
         self._add("exporter", [python, "-m", "exporter", "--config",
-                               str(self.write_exporter_config())], self.url("exporter", "/healthz"))
+                               str(self.write_exporter_config())], self.url("exporter", "/ingress"))
         if self.options.prometheus and shutil.which("prometheus"):
             self._add("prometheus", [
                 "prometheus", f"--config.file={self.write_prometheus_config()}",
