@@ -15,6 +15,17 @@ Every line gets exactly one ``tts_exporter_log_lines_total{outcome}``:
 - ``too_long``: counted by the tailer, which skips lines over ``logs.max_line_bytes``.
 
 WARNING and above count in ``tts_log_records_total{level,code}`` whatever the outcome.
+
+Event semantics worth knowing: every ``synthesis_complete`` is one cache lookup (the app looks
+the cache up before synthesising, so failures looked it up too); ``synthesis_seconds`` and
+``audio_seconds`` only grow for successful syntheses that were not cache hits, so their ratio
+is the model's real-time factor; label values from logs go through one :class:`LabelCap` per
+label (``route``, ``method``, ``status`` for HTTP codes and synthesis statuses, ``error_code``,
+``stage``, ``code`` for log-record codes), overflows counting in
+``tts_exporter_label_overflow_total{label}``. Continuation lines (tracebacks) change no metric,
+so no per-source state is needed and :meth:`LogPipeline.forget` has nothing to drop;
+``on_record`` receives each record-starting line with its parsed fields (not its traceback);
+``RecordParser.record`` makes the full record from them when it is needed.
 """
 
 from __future__ import annotations
@@ -23,10 +34,11 @@ from collections.abc import Callable
 from typing import Any
 
 from exporter.config import LogsConfig, MetricsConfig
-from exporter.logs.parsers import MalformedLine, Record, RecordParser, convert_value
+from exporter.logs.parsers import MalformedLine, ParsedLine, RecordParser, convert_value
 from exporter.metrics import OVERFLOW_LABEL_VALUE, LabelCap, SidecarMetrics
 
-RecordCallback = Callable[[str, Record], None]
+RecordCallback = Callable[[str, str, ParsedLine], None]
+"""``on_record(source, line, (level, event, fields))`` for each record-starting line."""
 
 LABELS = ("route", "method", "code", "status", "error_code", "stage")
 _COUNTED_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
@@ -44,8 +56,15 @@ def _number(fields: dict[str, Any], name: str) -> float | None:
         return value
     if value is None:
         return None
+    if kind is str:
+        try:
+            return float(value)  # text format: "523"
+        except ValueError:
+            pass
+    elif kind is bool:
+        raise InvalidField(name)
     try:
-        return float(str(value).split()[0])
+        return float(str(value).split()[0])  # "86 chars"
     except (ValueError, IndexError):
         raise InvalidField(name) from None
 
@@ -73,6 +92,7 @@ class LogPipeline:
         self._caps = {label: LabelCap(cap) for label in LABELS}
         # value -> capped label value, per label: one dict lookup on the hot path.
         self._seen: dict[str, dict[object, str]] = {label: {} for label in LABELS}
+        self._seen_stage = self._seen["stage"]
         self._handlers: dict[str, Callable[[dict[str, Any], Any], None]] = {
             "http_request": self._http_request,
             "synthesis_complete": self._synthesis_complete,
@@ -99,11 +119,12 @@ class LogPipeline:
         parsed_lines = continuation = malformed = 0
         other: dict[str, int] = {}
         fields_of = self.parser.fields
+        json_fields = self.parser.json_fields  # most lines: skip fields()' dispatch
         handlers = self._handlers
         on_record = self.on_record
         for line in lines:
             try:
-                parsed = fields_of(line)
+                parsed = json_fields(line) if line[:1] == "{" else fields_of(line)
             except MalformedLine:
                 malformed += 1
                 continue
@@ -124,7 +145,7 @@ class LogPipeline:
                 outcome = "unknown_event" if event else "free_form"
                 other[outcome] = other.get(outcome, 0) + 1
             if on_record is not None:
-                on_record(source, self.parser.record(line, parsed))
+                on_record(source, line, parsed)
         other.update(parsed=parsed_lines, continuation=continuation, malformed=malformed)
         inc = self.metrics.log_lines.inc
         for outcome, count in other.items():
@@ -192,9 +213,11 @@ class LogPipeline:
             m.audio_seconds.inc((), audio_ms / 1000.0)
 
     def _stage_time(self, fields: dict[str, Any], request_id: str | None) -> None:
+        # The most frequent event (one per stage per synthesis): the label's cache inlined.
         duration = _number(fields, "duration_ms")
         if duration is not None:
-            stage = self._label("stage", fields.get("stage") or "unknown")
+            value = fields.get("stage") or "unknown"
+            stage = self._seen_stage.get(value) or self._label("stage", value)
             self.metrics.stage_duration.observe((stage,), duration / 1000.0, request_id)
 
     def _first_audio(self, fields: dict[str, Any], request_id: str | None) -> None:

@@ -113,3 +113,20 @@ def test_arbitrary_text_after_a_valid_header_never_raises(body: str) -> None:
     line = f"2024-06-12 14:22:38,415 - app - INFO - {body}".encode()
     result = RecordParser().parse(line)
     assert result is None or isinstance(result, Record)
+
+
+def test_unquoted_pairs_with_loose_spacing_and_text_aliases() -> None:
+    record = parse(b"2024-06-12 14:22:38,415 - eng - INFO - infer_done: request_id=ts_1 , "
+                   b"result=success,elapsed_ms=7, text_len=86 chars \n")
+    assert record.event == "synthesis_complete"
+    assert record.request_id == "ts_1"
+    assert record.fields == {"id": "ts_1", "status": "success", "duration_ms": 7,
+                             "text_len": 86}
+
+
+def test_quoted_and_unquoted_lines_parse_alike() -> None:
+    plain = parse(b"2024-06-12 14:22:38,415 - eng - INFO - stage_time: id=a, stage=x, "
+                  b"duration_ms=12.5")
+    quoted = parse(b"2024-06-12 14:22:38,415 - eng - INFO - stage_time: id=\"a\", stage='x', "
+                   b"duration_ms=12.5")
+    assert plain.fields == quoted.fields == {"id": "a", "stage": "x", "duration_ms": 12.5}

@@ -123,9 +123,10 @@ def test_exemplars_carry_request_ids() -> None:
     assert [e[0] for e in series.exemplars if e] == ["req-42"]
 
 
-def test_on_record_receives_each_record_with_its_source() -> None:
+def test_on_record_receives_each_record_line_with_its_source() -> None:
     seen: list[tuple[str, Record]] = []
-    p, _ = pipeline(on_record=lambda source, record: seen.append((source, record)))
+    p, _ = pipeline(on_record=lambda source, line, parsed: seen.append(
+        (source, p.parser.record(line, parsed))))
     p.process("app.log", jline(event="stage_time", request_id="r1", stage="s", duration_ms=1)
               + b"  continuation\n")
     assert [(s, r.request_id, r.event) for s, r in seen] == [("app.log", "r1", "stage_time")]
@@ -134,3 +135,13 @@ def test_on_record_receives_each_record_with_its_source() -> None:
 def test_config_defaults_build_a_pipeline() -> None:
     config = Config()
     LogPipeline(SidecarMetrics(), config.logs, config.metrics).process("a", b"\n")
+
+
+def test_text_lines_with_crlf_count_like_json_lines() -> None:
+    p, m = pipeline()
+    p.process("a", b"2024-06-12 14:22:38,415 - eng - INFO - stage_time: id=r1, stage=tts, "
+                   b"duration_ms=250\r\n"
+                   + jline(event="stage_time", request_id="r2", stage="tts", duration_ms=250))
+    assert m.stage_duration.count(("tts",)) == 2
+    assert m.stage_duration.total(("tts",)) == 0.5
+    assert outcomes(m) == {"parsed": 2}
