@@ -2,6 +2,7 @@
 
     tts-exporter --config config/exporter.yaml      # run
     tts-exporter check-config config/exporter.yaml  # exit 0 when valid, 1 with the reason
+    tts-exporter analyze [--since T] [--until T] [--id ID] [--json] FILES...  # forensics
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import logging
 import sys
 
+from exporter.analyze.cli import add_arguments
+from exporter.analyze.cli import run as run_analyze
 from exporter.config import ConfigError, load_config
 
 
@@ -48,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit 0/1")
     check.add_argument("file")
     check.set_defaults(func=_check_config)
+    analyze = sub.add_parser("analyze", help="summarise rotated app logs, or one request's "
+                                             "timeline (--id)")
+    add_arguments(analyze)
+    analyze.set_defaults(func=run_analyze)
     return parser
 
 

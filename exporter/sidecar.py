@@ -17,6 +17,7 @@ from aiohttp import web
 from exporter.config import Config
 from exporter.gate import Gate, GateComponent
 from exporter.logs.component import LogTailComponent
+from exporter.logs.timelines import TimelineComponent
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_app
 from exporter.system.disk import DiskWatcher
@@ -47,11 +48,14 @@ def build_components(config: Config, metrics: SidecarMetrics) -> list[Component]
 
 
 def _log_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
-    """The log tailer feeding the pipeline. It comes first, so it stops last and its final
-    checkpoint holds every line read before shutdown."""
+    """The log tailer feeding the pipeline and the recent request timelines (``/requests``).
+    The tailer comes first, so it stops last and its final checkpoint holds every line read
+    before shutdown."""
     if not config.logs.paths:
         return []
-    return [LogTailComponent.from_config(config, metrics)]
+    timelines = TimelineComponent.from_config(config)
+    return [LogTailComponent.from_config(config, metrics, on_record=timelines.store.add),
+            timelines]
 
 
 def _system_components(config: Config, metrics: SidecarMetrics) -> list[Component]:

@@ -194,3 +194,41 @@ def test_a_wedged_gpu_read_goes_stale_and_does_not_block_shutdown(
     stack.wait_until(lambda: sidecar.metrics()[("tts_gpu_up", ())] == 0.0, timeout=5.0,
                      what="tts_gpu_up to drop once the read is stale (gpu.stale_after_s 2)")
     assert "still running after 2.0s (stale)" in sidecar.process.log_tail(100)
+
+
+def test_an_exemplar_request_id_resolves_to_its_timeline(sidecar: SidecarProcess) -> None:
+    """What an on-call engineer clicks: the slow request's id on the histogram (OpenMetrics
+    exemplar) opens that request's timeline at /requests/{id} on the same sidecar."""
+    records = [
+        {"event": "synthesis_start", "text_len": 40},
+        {"event": "stage_time", "stage": "llm_inference", "duration_ms": 2900},
+        {"event": "synthesis_complete", "status": "failed", "error_code": "GPU_OOM",
+         "duration_ms": 3000, "level": "ERROR"},
+    ]
+    with (sidecar.workdir / "logs" / "app.log").open("a") as log:
+        for offset, record in enumerate(records):
+            log.write(json.dumps({"time": 1_700_000_000 + offset, "level": "INFO",
+                                  "request_id": "req-slow-1", **record}) + "\n")
+
+    def exemplar_id() -> str | None:
+        request = urllib.request.Request(
+            sidecar.url("/metrics"), headers={"Accept": "application/openmetrics-text"})
+        with urllib.request.urlopen(request, timeout=2) as response:
+            body = response.read().decode()
+        for line in body.splitlines():
+            if line.startswith("tts_synthesis_duration_seconds_bucket") and "# {" in line:
+                return line.split('request_id="')[1].split('"')[0]
+        return None
+
+    stack.wait_until(lambda: exemplar_id() is not None, 5, what="an exemplar on the histogram")
+    rid = exemplar_id()
+    assert rid == "req-slow-1"
+    status, body = stack.http_get(sidecar.url(f"/requests/{rid}"))
+    timeline = json.loads(body)
+    assert status == 200 and timeline["status"] == "failed"
+    assert [r["event"] for r in timeline["records"]] == [r["event"] for r in records]
+    assert timeline["stages"] == [{"stage": "llm_inference", "duration_ms": 2900,
+                                   "offset_ms": 1000.0}]
+    assert timeline["errors"][0]["error_code"] == "GPU_OOM"
+    _, listing = stack.http_get(sidecar.url("/requests?status=failed&limit=5"))
+    assert [r["request_id"] for r in json.loads(listing)["requests"]] == ["req-slow-1"]

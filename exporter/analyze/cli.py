@@ -1,0 +1,189 @@
+"""``tts-exporter analyze``: summary report or one request's timeline over rotated logs."""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from exporter.analyze.reader import (
+    ReadStats,
+    file_records,
+    iter_records,
+    order_files,
+    split_ranges,
+)
+from exporter.analyze.render import dump_json, render_report, render_timeline
+from exporter.analyze.report import Report
+from exporter.logs.parsers import Record, RecordParser
+from exporter.logs.timelines import timeline_dict
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """ISO-8601 (naive = local), "YYYY-MM-DD HH:MM[:SS]" (local) or relative "2h" (ago)."""
+    text = text.strip()
+    rel = _RELATIVE.match(text)
+    if rel:
+        return (time.time() if now is None else now) - float(rel[1]) * _UNITS[rel[2]]
+    try:
+        stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad time {text!r}: use ISO-8601, 'YYYY-MM-DD HH:MM[:SS]' or e.g. '2h'") from None
+    return stamp.timestamp()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("files", nargs="+", type=Path, help="log files (plain or .gz)")
+    parser.add_argument("--since", type=parse_time, help="only records at/after this time")
+    parser.add_argument("--until", type=parse_time, help="only records before this time")
+    parser.add_argument("--id", dest="request_id", help="show one request's full timeline")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--top", type=int, default=10, help="rows in top-N tables")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                        help="files analysed in parallel processes (1 = sequential)")
+    parser.add_argument("--no-fast", action="store_true",
+                        help="parse every line fully (slower; for checking the fast path)")
+    parser.add_argument("--progress", action="store_true",
+                        help="progress on stderr even when it is not a terminal")
+
+
+class _Progress:
+    """Bytes-read indicator on stderr, at most a few times a second."""
+
+    def __init__(self, stats: ReadStats, stream: TextIO, total: int, on: bool) -> None:
+        self.stats, self.stream, self.total, self.on = stats, stream, total, on
+        self.next = 0.0
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if self.on and now >= self.next:
+            self.next = now + 0.5
+            mb = self.stats.bytes_read / 1e6
+            self.stream.write(f"\ranalyze: {mb:,.0f} MB read (files {self.total / 1e6:,.0f} MB"
+                              f" on disk), {self.stats.lines:,} lines")
+            self.stream.flush()
+
+    def done(self) -> None:
+        if self.on:
+            self.stream.write("\n")
+
+
+def _in_range(record: Record, since: float | None, until: float | None) -> bool:
+    if record.time is None:
+        return since is None and until is None
+    return (since is None or record.time >= since) and (until is None or record.time < until)
+
+
+_Span = tuple[int, int | None]
+_Task = tuple[list[tuple[Path, _Span]], float | None, float | None, int, bool]
+PIECE = 64 << 20          # plain files are split into ranges this big for the workers
+
+
+def _analyze_files(task: _Task, progress: _Progress | None = None) -> tuple[Report, ReadStats]:
+    """Aggregate some files (already in time order) into one report. Runs in a worker process
+    in parallel mode, so it takes and returns picklable values only."""
+    paths, since, until, top, fast = task
+    filtered = since is not None or until is not None
+    parser, stats, report = RecordParser(), ReadStats(), Report(top=top)
+    if progress is not None:
+        progress.stats = stats
+    add = report.add
+    n = 0
+    for path, span in paths:
+        for record in file_records(path, parser, stats, fast=fast and not filtered,
+                                   on_stage=report.add_stage, span=span):
+            if not filtered or _in_range(record, since, until):
+                add(record)
+            elif record.event == "synthesis_start":
+                report.note_start(record)
+            n += 1
+            if progress is not None and not n & 0xFFFF:
+                progress.tick()
+        for t in stats.tail_times:      # only fast (unfiltered) runs produce these
+            report.note_time(t)
+        stats.tail_times.clear()
+    return report, stats
+
+
+def _add_stats(total: ReadStats, part: ReadStats) -> None:
+    for name in ("lines", "records", "continuation", "malformed", "bytes_read", "skipped_info"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    total.files += [f for f in part.files if not total.files or f != total.files[-1]]
+
+
+def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Run the analysis; 0 ok, 1 request id not found, 2 bad input files."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        print(f"analyze: no such file: {', '.join(missing)}", file=err)
+        return 2
+    stats = ReadStats()
+    progress = _Progress(stats, err, sum(p.stat().st_size for p in args.files),
+                         args.progress or err.isatty())
+    parser = RecordParser()
+    since, until = args.since, args.until
+    filtered = since is not None or until is not None
+    if args.request_id is not None:
+        records = iter_records(list(args.files), parser, stats, keep_continuations=True,
+                               needle=args.request_id.encode())
+        wanted = args.request_id
+        mention = re.compile(rf"(?<![\w-]){re.escape(wanted)}(?![\w-])")
+        found: list[Record] = []
+        for n, record in enumerate(records):
+            # free-form lines ("synthesis failed: id=r2 ...") carry the id only in the text
+            mine = record.request_id == wanted or (
+                record.request_id is None and wanted in record.raw
+                and mention.search(record.raw) is not None)
+            if mine and (not filtered or _in_range(record, since, until)):
+                found.append(record)
+            if not n & 0xFFFF:
+                progress.tick()
+        progress.done()
+        if not found:
+            print(f"analyze: request {wanted} not found", file=err)
+            return 1
+        timeline = timeline_dict(wanted, found)
+        out.write(dump_json(timeline) if args.json else render_timeline(timeline))
+        return 0
+    ordered = order_files(list(args.files), parser)
+    pieces = [(path, span) for path in ordered for span in split_ranges(path, PIECE)]
+    fast = not args.no_fast
+    tasks: list[_Task] = [([piece], since, until, args.top, fast) for piece in pieces]
+    jobs = max(1, min(args.jobs, len(tasks)))
+    if jobs == 1:
+        whole: _Span = (0, None)
+        report, stats = _analyze_files(([(p, whole) for p in ordered], since, until, args.top,
+                                        fast), progress)
+    else:
+        # one process per file; the merge (in time order) joins requests split by rotation
+        report, stats = Report(top=args.top), ReadStats()
+        with multiprocessing.get_context("fork").Pool(jobs) as pool:
+            for part, part_stats in pool.imap(_analyze_files, tasks):
+                report.merge(part)
+                _add_stats(stats, part_stats)
+                progress.stats = stats
+                progress.tick()
+    progress.done()
+    report.levels["INFO"] += stats.skipped_info
+    stats.records += stats.skipped_info
+    data = report.to_dict()
+    stat_dict: dict[str, Any] = {"files": stats.files, "lines": stats.lines,
+                                 "records": stats.records, "malformed": stats.malformed,
+                                 "continuation": stats.continuation}
+    if args.json:
+        out.write(dump_json({**data, "input": stat_dict}))
+    else:
+        out.write(render_report(data, stat_dict))
+    return 0

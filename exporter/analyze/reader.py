@@ -1,0 +1,214 @@
+"""Read plain and gzip-rotated log files in time order, yielding parsed records.
+
+Rotated files (``app.log.2.gz``, ``app.log.1``, ``app.log``) are ordered by their first
+timestamp, so a request split across a rotation reads as one stream; files without any
+timestamp keep their command-line order. Continuation lines (tracebacks) are attached to the
+record they follow; malformed lines are counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from exporter.logs.parsers import MalformedLine, Record, RecordParser
+
+_CHUNK = 1 << 20
+_PROBE_LINES = 2000
+
+
+@dataclass
+class ReadStats:
+    """Counts of what the reader saw, for the report's footer."""
+
+    lines: int = 0
+    records: int = 0
+    continuation: int = 0
+    malformed: int = 0
+    bytes_read: int = 0
+    skipped_info: int = 0      # INFO records counted by the fast path without parsing
+    tail_times: list[float] = field(default_factory=list)  # of fast-path files' last lines
+    files: list[str] = field(default_factory=list)
+
+
+def open_log(path: Path) -> BinaryIO:
+    """Open a log as bytes, transparently decompressing gzip (detected by magic, not name)."""
+    with open(path, "rb") as probe:
+        magic = probe.read(2)
+    if magic == b"\x1f\x8b":
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")
+
+
+def first_time(path: Path, parser: RecordParser) -> float | None:
+    """The first parseable timestamp in the file's first lines (None when there is none)."""
+    with open_log(path) as fh:
+        for n, line in enumerate(fh):
+            if n >= _PROBE_LINES:
+                break
+            try:
+                record = parser.parse(line)
+            except MalformedLine:
+                continue
+            if record is not None and record.time is not None:
+                return record.time
+    return None
+
+
+def order_files(paths: list[Path], parser: RecordParser) -> list[Path]:
+    """Order by first timestamp; files without one keep their position relative to others."""
+    keyed = [(first_time(p, parser), i, p) for i, p in enumerate(paths)]
+    timed = iter(sorted((k for k in keyed if k[0] is not None), key=lambda k: (k[0], k[1])))
+    return [p if t is None else next(timed)[2] for t, _, p in keyed]
+
+
+def iter_lines(fh: BinaryIO, stats: ReadStats, limit: int | None = None) -> Iterator[bytes]:
+    """Lines from large binary chunks (far faster than per-line reads on gzip streams).
+    With ``limit``, only lines that start within the next ``limit`` bytes (the last one is
+    completed past the limit), so byte ranges of one file can be read by different workers."""
+    rest = b""
+    left = -1 if limit is None else limit
+    while left:
+        chunk = fh.read(_CHUNK if left < 0 else min(_CHUNK, left))
+        if not chunk:
+            break
+        left -= len(chunk) if left > 0 else 0
+        stats.bytes_read += len(chunk)
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from lines
+    if rest and limit is not None and left == 0:
+        tail = fh.readline()
+        stats.bytes_read += len(tail)
+        rest += tail.rstrip(b"\n")
+    if rest:
+        yield rest
+
+
+def split_ranges(path: Path, piece: int) -> list[tuple[int, int | None]]:
+    """Byte ranges of about ``piece`` bytes for a plain file (a gzip file is one range)."""
+    with open(path, "rb") as fh:
+        if fh.read(2) == b"\x1f\x8b":
+            return [(0, None)]
+    size = path.stat().st_size
+    starts = list(range(0, max(size, 1), piece))
+    return [(a, min(a + piece, size) - a) for a in starts]
+
+
+# Events the summary never looks at beyond their level: counted as INFO records unparsed.
+_SKIPPABLE = (b"http_request", b"audio_metrics")
+_INFO_MARKS = (b" - INFO - ", b'"level": "INFO"', b'"level":"INFO"')
+
+
+def _skippable(line: bytes) -> bool:
+    """Cheap test for a well-formed INFO http_request/audio_metrics line (text or JSON)."""
+    if not (_SKIPPABLE[0] in line or _SKIPPABLE[1] in line):
+        return False
+    return _well_formed_info(line)
+
+
+def _well_formed_info(line: bytes) -> bool:
+    """A text line starting with a digit or a brace-closed JSON line, at level INFO."""
+    head = line[:1]
+    if head == b"{":
+        if not line.rstrip().endswith(b"}"):
+            return False
+    elif not head.isdigit():
+        return False
+    return _INFO_MARKS[0] in line or _INFO_MARKS[1] in line or _INFO_MARKS[2] in line
+
+
+# stage_time in its contract shape (stage then duration_ms, text or JSON): half of all lines,
+# so the fast path reads just these two fields; any other shape goes through the parser.
+_STAGE_TIME = re.compile(rb'[\s{,]"?stage"?(?:=|:\s*)"?([A-Za-z_][\w.]*)"?,\s*"?duration_ms"?'
+                         rb'(?:=|:\s*)(-?\d+(?:\.\d+)?)\s*(?:,|}|$)')
+StageSink = Callable[[str, float], None]
+
+
+def iter_records(paths: list[Path], parser: RecordParser, stats: ReadStats,
+                 keep_continuations: bool = False, fast: bool = False,
+                 needle: bytes | None = None) -> Iterator[Record]:
+    """Every record of every file, files ordered by first timestamp. With
+    ``keep_continuations`` a traceback's lines are appended to the preceding record's
+    ``fields["traceback"]`` (a list of str). With ``fast``, INFO
+    http_request/audio_metrics lines are only counted (``stats.skipped_info``); the time of a
+    file's last line, if skipped, goes to ``stats.tail_times`` so the time range stays exact."""
+    for path in order_files(paths, parser):
+        yield from file_records(path, parser, stats, keep_continuations, fast, needle=needle)
+
+
+def file_records(path: Path, parser: RecordParser, stats: ReadStats,
+                 keep_continuations: bool = False, fast: bool = False,
+                 on_stage: StageSink | None = None,
+                 span: tuple[int, int | None] = (0, None),
+                 needle: bytes | None = None) -> Iterator[Record]:
+    """The records of one file in file order (see :func:`iter_records`). With ``fast`` and
+    ``on_stage``, INFO stage_time lines go to ``on_stage(stage, duration_ms)`` unparsed.
+    ``span`` (start, length) of a plain file: only the lines that start in that range.
+    ``needle`` (``--id``): lines without it are not parsed, only kept as continuations of a
+    kept record when they cannot start one (stats then count only what was parsed)."""
+    stats.files.append(str(path))
+    start, length = span
+    with open_log(path) as fh:
+        if start > 0:               # skip the line that started in the previous range
+            fh.seek(start - 1)
+            stats.bytes_read += len(fh.readline())
+            length = None if length is None else length - (fh.tell() - start)
+            if length is not None and length <= 0:
+                return
+        pending: Record | None = None
+        tail: bytes | None = None
+        for line in iter_lines(fh, stats, length):
+            stats.lines += 1
+            if needle is not None and needle not in line:
+                head = line[:1]
+                if pending is None or head == b"{" or head.isdigit() or not line.strip():
+                    if pending is not None and line.strip():
+                        yield pending
+                        pending = None
+                    continue
+            if fast and pending is not None:
+                if _skippable(line):
+                    stats.skipped_info += 1
+                    tail = line
+                    continue
+                if on_stage is not None and b"stage_time" in line and _well_formed_info(line):
+                    match = _STAGE_TIME.search(line)
+                    if match is not None:
+                        on_stage(match[1].decode(), float(match[2]))
+                        stats.skipped_info += 1
+                        tail = line
+                        continue
+            tail = None
+            try:
+                record = parser.parse(line)
+            except MalformedLine:
+                stats.malformed += 1
+                continue
+            if record is None:
+                if line.strip():
+                    stats.continuation += 1
+                    if keep_continuations and pending is not None:
+                        tb = pending.fields.setdefault("traceback", [])
+                        assert isinstance(tb, list)
+                        tb.append(line.rstrip(b"\r").decode("utf-8", "replace"))
+                else:
+                    stats.lines -= 1
+                continue
+            stats.records += 1
+            if pending is not None:
+                yield pending
+            pending = record
+        if pending is not None:
+            yield pending
+        if tail is not None:        # the file's newest line, read for the time range only
+            try:
+                last = parser.parse(tail)
+            except MalformedLine:
+                last = None
+            if last is not None and last.time is not None:
+                stats.tail_times.append(last.time)

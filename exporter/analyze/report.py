@@ -1,0 +1,287 @@
+"""Aggregate records into the on-call summary with memory bounded regardless of input size.
+
+Durations go into :class:`LogHistogram` (fixed log-spaced buckets, <=1 % relative error on
+quantiles) instead of a list of values; per-request state (text length awaiting its
+synthesis_complete) lives in a capped LRU; the slowest requests in a bounded heap.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from exporter.logs.parsers import Record
+
+_GROWTH = 1.02                       # bucket width: quantile relative error <= 1 %
+_LOG_GROWTH = math.log(_GROWTH)
+_log = math.log
+PENDING_CAP = 100_000                # open requests remembered for their text_len
+LENGTH_EDGES = (64, 128, 256, 512, 1024, 2047, 2048, 4096)
+EXACT_CAP = 4096                     # up to this many values quantiles are exact
+
+
+class LogHistogram:
+    """Bounded-memory quantile sketch: counts per log-spaced bucket (values <=0 share one).
+
+    The first :data:`EXACT_CAP` values are also kept, so small inputs get exact nearest-rank
+    quantiles; past that only the buckets remain (:attr:`exact` says which applies)."""
+
+    __slots__ = ("buckets", "count", "max", "min", "total", "values")
+
+    def __init__(self) -> None:
+        self.values: list[float] | None = []
+        self.buckets: Counter[int] = Counter()
+        self.count = 0
+        self.total = 0.0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+        values = self.values
+        if values is not None:
+            values.append(value)
+            if len(values) > EXACT_CAP:
+                self.values = None
+        index = int(_log(value) // _LOG_GROWTH) if value > 0 else -(1 << 30)
+        self.buckets[index] += 1
+
+    def merge(self, other: LogHistogram) -> None:
+        self.buckets.update(other.buckets)
+        self.count += other.count
+        self.total += other.total
+        self.min = min(self.min, other.min)
+        self.max = max(self.max, other.max)
+        if self.values is not None and other.values is not None \
+                and len(self.values) + len(other.values) <= EXACT_CAP:
+            self.values.extend(other.values)
+        else:
+            self.values = None
+
+    def quantile(self, q: float) -> float | None:
+        """Bucket-midpoint estimate, clamped to the exact min/max seen."""
+        if not self.count:
+            return None
+        rank = max(1, math.ceil(q * self.count))
+        if self.values is not None:
+            return round(sorted(self.values)[rank - 1], 3)
+        seen = 0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen >= rank:
+                if index == -(1 << 30):
+                    return max(self.min, 0.0) if self.min <= 0 else 0.0
+                mid = _GROWTH ** (index + 0.5)
+                return round(min(max(mid, self.min), self.max), 3)
+        return round(self.max, 3)
+
+    @property
+    def exact(self) -> bool:
+        return self.values is not None
+
+    def summary(self) -> dict[str, Any]:
+        return {"count": self.count,
+                "mean": round(self.total / self.count, 3) if self.count else None,
+                "p50": self.quantile(0.5), "p95": self.quantile(0.95),
+                "p99": self.quantile(0.99)}
+
+
+def length_bucket(text_len: int) -> str:
+    """Label for a text length; 2048 gets its own bucket (the seed's failing length)."""
+    low = 0
+    for edge in LENGTH_EDGES:
+        if text_len <= edge:
+            return f"{low}-{edge}" if edge - low > 1 else str(edge)
+        low = edge + 1
+    return f">{LENGTH_EDGES[-1]}"
+
+
+def _bucket_order(label: str) -> int:
+    return 10**9 if label.startswith(">") else int(label.split("-")[0])
+
+
+@dataclass
+class _ErrorCode:
+    count: int = 0
+    first: float | None = None
+    last: float | None = None
+    example: str | None = None
+
+
+@dataclass
+class Report:
+    """Running aggregation; feed records with :meth:`add`, read with :meth:`to_dict`."""
+
+    top: int = 10
+    levels: Counter[str] = field(default_factory=Counter)
+    statuses: Counter[str] = field(default_factory=Counter)
+    durations: LogHistogram = field(default_factory=LogHistogram)
+    errors: dict[str, _ErrorCode] = field(default_factory=dict)
+    by_length: dict[str, Counter[str]] = field(default_factory=dict)
+    by_stage: Counter[str] = field(default_factory=Counter)
+    stages: dict[str, LogHistogram] = field(default_factory=dict)
+    slowest: list[tuple[float, str]] = field(default_factory=list)
+    pending: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    orphans: list[tuple[str, str]] = field(default_factory=list)  # (rid, error code or "")
+    first_time: float | None = None
+    last_time: float | None = None
+
+    def note_time(self, t: float) -> None:
+        if self.first_time is None or t < self.first_time:
+            self.first_time = t
+        if self.last_time is None or t > self.last_time:
+            self.last_time = t
+
+    def add(self, record: Record) -> None:
+        self.levels[record.level or "NONE"] += 1
+        if record.time is not None:
+            self.note_time(record.time)
+        event = record.event
+        if event == "synthesis_complete":
+            self._complete(record)
+        elif event == "stage_time":
+            self._stage(record)
+        elif event == "synthesis_start":
+            self.note_start(record)
+
+    def note_start(self, record: Record) -> None:
+        """Remember a request's text length for its synthesis_complete (also called for
+        starts outside --since/--until, so a failure inside the window still gets its length)."""
+        text_len = record.fields.get("text_len")
+        if record.request_id is not None and isinstance(text_len, int):
+            self.pending[record.request_id] = text_len
+            if len(self.pending) > PENDING_CAP:
+                self.pending.popitem(last=False)
+
+    def add_stage(self, stage: str, duration_ms: float) -> None:
+        """An INFO stage_time read by the reader's fast path (its level counted there)."""
+        hist = self.stages.get(stage)
+        if hist is None:
+            hist = self.stages[stage] = LogHistogram()
+        hist.add(duration_ms)
+
+    def _stage(self, record: Record) -> None:
+        stage, value = record.fields.get("stage"), record.fields.get("duration_ms")
+        if isinstance(stage, str) and isinstance(value, (int, float)):
+            self.stages.setdefault(stage, LogHistogram()).add(float(value))
+
+    def _complete(self, record: Record) -> None:
+        fields, rid = record.fields, record.request_id
+        status = str(fields.get("status", "unknown"))
+        self.statuses[status] += 1
+        value = fields.get("duration_ms")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            self.durations.add(float(value))
+            item = (float(value), rid or "")
+            if len(self.slowest) < self.top:
+                heapq.heappush(self.slowest, item)
+            elif item > self.slowest[0]:
+                heapq.heapreplace(self.slowest, item)
+        text_len = fields.get("text_len")
+        start_len = self.pending.pop(rid, None) if rid is not None else None
+        if not isinstance(text_len, int) or isinstance(text_len, bool):
+            text_len = start_len
+        failed = status == "failed"
+        code = str(fields.get("error_code") or "UNKNOWN") if failed else ""
+        if text_len is not None:
+            self._count_length(text_len, code)
+        elif rid is not None and len(self.orphans) < PENDING_CAP:
+            self.orphans.append((rid, code))   # its start may be in an earlier file's part
+        if not failed:
+            return
+        self.by_stage[str(fields.get("model_stage") or "unknown")] += 1
+        entry = self.errors.setdefault(code, _ErrorCode())
+        entry.count += 1
+        if record.time is not None:
+            entry.first = record.time if entry.first is None else min(entry.first, record.time)
+            entry.last = record.time if entry.last is None else max(entry.last, record.time)
+        if entry.example is None and rid:
+            entry.example = rid
+
+    def _count_length(self, text_len: int, code: str) -> None:
+        counts = self.by_length.setdefault(length_bucket(text_len), Counter())
+        counts["total"] += 1
+        if code:
+            counts["failed"] += 1
+            counts["code:" + code] += 1
+
+    def merge(self, later: Report) -> None:
+        """Fold in the report of a later file (parallel mode): sums, min/max, merged
+        histograms and heaps; its orphan completions find their start in our pending."""
+        self.levels.update(later.levels)
+        self.statuses.update(later.statuses)
+        self.durations.merge(later.durations)
+        for name, hist in later.stages.items():
+            self.stages.setdefault(name, LogHistogram()).merge(hist)
+        for code, e in later.errors.items():
+            mine = self.errors.setdefault(code, _ErrorCode())
+            mine.count += e.count
+            mine.first = e.first if mine.first is None or e.first is None else \
+                min(mine.first, e.first)
+            mine.last = e.last if mine.last is None or e.last is None else max(mine.last, e.last)
+            mine.example = mine.example or e.example
+        for label, counts in later.by_length.items():
+            self.by_length.setdefault(label, Counter()).update(counts)
+        self.by_stage.update(later.by_stage)
+        for item in later.slowest:
+            if len(self.slowest) < self.top:
+                heapq.heappush(self.slowest, item)
+            elif item > self.slowest[0]:
+                heapq.heapreplace(self.slowest, item)
+        for rid, code in later.orphans:
+            text_len = self.pending.pop(rid, None)
+            if text_len is not None:
+                self._count_length(text_len, code)
+        for rid, text_len in later.pending.items():
+            self.pending[rid] = text_len
+            if len(self.pending) > PENDING_CAP:
+                self.pending.popitem(last=False)
+        for t in (later.first_time, later.last_time):
+            if t is not None:
+                self.first_time = t if self.first_time is None else min(self.first_time, t)
+                self.last_time = t if self.last_time is None else max(self.last_time, t)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable ``--json`` schema (see render.py for the human form)."""
+        syntheses = sum(self.statuses.values())
+        failed = self.statuses.get("failed", 0)
+        total_errors = sum(e.count for e in self.errors.values())
+        errors = sorted(self.errors.items(), key=lambda kv: (-kv[1].count, kv[0]))[: self.top]
+        lengths = []
+        for label in sorted(self.by_length, key=_bucket_order):
+            c = self.by_length[label]
+            codes = {k[5:]: v for k, v in c.items() if k.startswith("code:")}
+            top_code = max(sorted(codes), key=lambda k: codes[k]) if codes else None
+            lengths.append({"bucket": label, "total": c["total"], "failed": c["failed"],
+                            "failure_ratio": round(c["failed"] / c["total"], 4),
+                            "top_error": top_code,
+                            "top_error_share": round(codes[top_code] / c["failed"], 4)
+                            if top_code else None})
+        return {
+            "schema": "tts-analyze/1",
+            "time_range": {"first": self.first_time, "last": self.last_time},
+            "levels": dict(sorted(self.levels.items())),
+            "syntheses": {"total": syntheses, "by_status": dict(sorted(self.statuses.items())),
+                          "failure_ratio": round(failed / syntheses, 4) if syntheses else None},
+            "duration_ms": {**self.durations.summary(),
+                            "method": "exact" if self.durations.exact else
+                            "log-bucket histogram, <=1% relative error"},
+            "error_codes": [{"code": code, "count": e.count,
+                             "share": round(e.count / total_errors, 4),
+                             "first_seen": e.first, "last_seen": e.last,
+                             "example_request_id": e.example} for code, e in errors],
+            "failures_by_text_length": lengths,
+            "failures_by_stage": dict(sorted(self.by_stage.items(),
+                                             key=lambda kv: (-kv[1], kv[0]))),
+            "stages": {name: h.summary() for name, h in sorted(self.stages.items())},
+            "slowest": [{"request_id": rid, "duration_ms": d}
+                        for d, rid in sorted(self.slowest, reverse=True)],
+        }
