@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 DEBIAN_PKGS := prometheus prometheus-alertmanager mtail wrk nginx
 
-.PHONY: run test bench lint venv deps debs node clean
+.PHONY: run test bench lint venv deps debs node clean cpu-torchaudio
 
 GRAFANA_CHECK := grafana/check
 
@@ -19,8 +19,23 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --upgrade pip
 	@if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install "$(TORCH_WHEEL)"; \
 	 else $(PIP) install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu || $(PIP) install torch==2.13.0; fi
-	$(PIP) install -e '.[dev,app]'
+	$(PIP) install -e '.[dev,app,chattts]'
+	@$(MAKE) --no-print-directory cpu-torchaudio
+	$(PY) -c "import ChatTTS"
 	touch $@
+
+# ChatTTS imports torchaudio, whose PyPI wheels are CUDA builds: next to a CPU-only torch their
+# compiled extension cannot load and `import torchaudio` fails. torchaudio runs as pure Python
+# when its libraries are absent (its loader's documented pex case), and ChatTTS uses only its
+# pure-Python MelSpectrogram, so on such a machine the libraries are moved aside, not deleted.
+cpu-torchaudio:
+	@if ! $(PY) -c "import torchaudio" >/dev/null 2>&1 && \
+	    $(PY) -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+	  lib=$$($(PY) -c "import importlib.util, pathlib; \
+	    print(pathlib.Path(importlib.util.find_spec('torchaudio').origin).parent / 'lib')"); \
+	  mkdir -p "$$lib/cuda-only" && mv "$$lib"/*.so "$$lib/cuda-only/"; \
+	  echo "torchaudio: CUDA build beside a CPU-only torch; its libraries moved to $$lib/cuda-only"; \
+	fi
 
 venv: $(VENV)/.installed
 
@@ -48,7 +63,7 @@ debs:
 	fi
 
 test: deps
-	$(PY) -m pytest -q
+	TTS_REQUIRE_CHATTTS=1 $(PY) -m pytest -q
 
 # The demo: app + sidecar on the embedded espeak backend, Prometheus and Alertmanager on loopback,
 # live traffic; prints the URLs and runs until Ctrl-C.

@@ -1,0 +1,139 @@
+"""The ChatTTS backend on the real ChatTTS 0.2.5 code path, with a tiny random model.
+
+Skipped only when ChatTTS is not installed; ``make test`` installs it and sets
+``TTS_REQUIRE_CHATTTS=1``, so there a missing ChatTTS fails instead. Everything runs on
+CPU in seconds: a tiny asset directory is built once per module (tests/app/chattts_tiny.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+if os.environ.get("TTS_REQUIRE_CHATTTS") == "1":
+    import ChatTTS  # noqa: F401
+else:
+    pytest.importorskip("ChatTTS")
+
+from tests.app.chattts_tiny import build_tiny_assets, configure
+from tts_app.backends.base import SynthesisParams, SynthesisRequest
+from tts_app.backends.chattts import ChatTTSBackend, asset_digest
+from tts_app.errors import SynthesisError
+
+pytestmark = pytest.mark.chattts
+MAX_TOKENS = 24        # audio tokens per request: keeps a synthesis well under a second
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_assets(tmp_path_factory.mktemp("chattts"))
+
+
+@pytest.fixture(scope="module")
+def backend(model_dir: Path) -> ChatTTSBackend:
+    loaded = ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
+                            config_hook=functools.partial(configure, directory=model_dir))
+    loaded.load()
+    return loaded
+
+
+def request(seed: int | None = None, text: str = "hello world.") -> SynthesisRequest:
+    return SynthesisRequest("req-1", text, "default", "en", SynthesisParams(seed=seed))
+
+
+def synthesize(backend: ChatTTSBackend, req: SynthesisRequest
+               ) -> tuple[np.ndarray, list[str]]:
+    stages: list[str] = []
+    chunks = list(backend.synthesize(req, lambda stage, ms: stages.append(stage)))
+    return np.concatenate(chunks), stages
+
+
+def test_synthesizes_float32_audio_at_24khz_and_reports_stages(
+        backend: ChatTTSBackend, model_dir: Path) -> None:
+    audio, stages = synthesize(backend, request(seed=1))
+    assert backend.sample_rate == 24000
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    # Each audio token is 2 mel frames of 256 samples: at most MAX_TOKENS * 512 samples.
+    assert 0.05 * 24000 < audio.size <= MAX_TOKENS * 512
+    assert np.all(np.abs(audio) <= 1.0) and np.any(audio != 0)
+    assert stages == ["text_normalize", "llm_prompt_gen", "llm_inference", "audio_render"]
+    assert backend.model_version == asset_digest(model_dir)
+    assert backend.model_version.startswith("chattts-0.2.5/")
+
+
+def test_seeds_are_deterministic_and_do_not_leak_between_requests(
+        backend: ChatTTSBackend) -> None:
+    import ChatTTS
+
+    defaults = inspect.signature(ChatTTS.Chat.infer).parameters
+    before = {name: dataclasses.asdict(defaults[name].default)
+              for name in ("params_refine_text", "params_infer_code")}
+    first, _ = synthesize(backend, request(seed=7))
+    other, _ = synthesize(backend, request(seed=8))
+    again, _ = synthesize(backend, request(seed=7))
+    assert np.array_equal(first, again)
+    assert first.shape != other.shape or not np.array_equal(first, other)
+    after = {name: dataclasses.asdict(defaults[name].default) for name in before}
+    assert after == before
+
+
+def test_second_request_waits_while_one_runs(backend: ChatTTSBackend) -> None:
+    running = backend.synthesize(request(seed=1), lambda stage, ms: None)
+    next(running)          # suspended inside the model lock, holding the only instance
+    second_done = threading.Event()
+
+    def second() -> None:
+        synthesize(backend, request(seed=2))
+        second_done.set()
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    try:
+        assert not second_done.wait(0.5)
+    finally:
+        running.close()    # ends the first request: releases the instance
+    thread.join(30)
+    assert second_done.is_set()
+
+
+@pytest.mark.parametrize(("raised", "code"), [
+    ("oom", "GPU_OOM"), ("runtime", "MODEL_ERROR")])
+def test_model_faults_become_synthesis_errors(backend: ChatTTSBackend, raised: str,
+                                              code: str, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    import torch
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        if raised == "oom":
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        raise RuntimeError("shape mismatch")
+
+    instance = backend._pool.queue[0]
+    monkeypatch.setattr(instance.chat, "infer", broken)
+    with pytest.raises(SynthesisError) as failure:
+        synthesize(backend, request(seed=1))
+    assert failure.value.code == code
+    assert failure.value.stage == "llm_inference"
+
+
+async def test_app_serves_chattts_wav_over_http(start_app: Any, model_dir: Path) -> None:
+    chattts = ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
+                             config_hook=functools.partial(configure, directory=model_dir))
+    app = await start_app(backend=chattts)
+    response = await app.client.post("/v1/tts", json={"text": "hello there.",
+                                                       "format": "wav"})
+    body = await response.read()
+    assert response.status == 200, body[:200]
+    assert body[:4] == b"RIFF" and body[8:12] == b"WAVE"
+    assert int.from_bytes(body[24:28], "little") == 24000
+    status = await (await app.client.get("/status")).json()
+    assert status["backend"] == "chattts"
+    assert status["model_version"] == asset_digest(model_dir)

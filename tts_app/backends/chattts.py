@@ -1,0 +1,192 @@
+"""ChatTTS (``ChatTTS==0.2.5``) behind the backend protocol; torch is an optional extra.
+
+torch and ChatTTS are imported inside ``load()`` only, so the app starts without them when
+the espeak backend is configured. Assets come from a local directory that holds ``asset/``
+(``Chat.load(source="custom")``) or from a Hugging Face cache dir holding
+``models--2Noise--ChatTTS/snapshots/<rev>``: never ChatTTS's downloading modes, and never
+``source="local"`` (it rewrites files and fetches tools at start-up).
+
+ChatTTS mutates the parameter objects it is given and its ``infer`` defaults are shared
+objects, so every request builds fresh ``RefineTextParams``/``InferCodeParams``. One Chat
+object is not safe for concurrent use: each instance has a lock and ``instances`` copies
+are loaded; the app's worker pool is sized from ``instances``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tts_app.backends.base import StageCallback, SynthesisRequest
+from tts_app.errors import SynthesisError
+
+SAMPLE_RATE = 24000
+DEFAULT_VOICES = {"default": 2222}     # voice name -> speaker seed
+HF_SNAPSHOTS = "models--2Noise--ChatTTS/snapshots"
+
+
+def resolve_model_dir(model_dir: str | Path) -> Path:
+    """The directory that holds ``asset/``: ``model_dir`` itself or its newest HF snapshot."""
+    root = Path(model_dir)
+    if (root / "asset").is_dir():
+        return root
+    snapshots = sorted((root / HF_SNAPSHOTS).glob("*/asset"), key=lambda p: p.stat().st_mtime)
+    if snapshots:
+        return snapshots[-1].parent
+    raise FileNotFoundError(f"{root}: no asset/ directory and no {HF_SNAPSHOTS}/*/asset")
+
+
+def asset_digest(model_dir: Path) -> str:
+    """A stable version string: sha256 over the asset files' relative names and contents."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in (model_dir / "asset").rglob("*") if p.is_file()):
+        digest.update(path.relative_to(model_dir).as_posix().encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "chattts-0.2.5/" + digest.hexdigest()[:16]
+
+
+class _Instance:
+    """One loaded ``ChatTTS.Chat``; ``lock`` serialises requests on it."""
+
+    def __init__(self, chat: Any) -> None:
+        self.chat = chat
+        self.lock = threading.Lock()
+        self.speakers: dict[int, str] = {}
+
+
+class ChatTTSBackend:
+    name = "chattts"
+    sample_rate = SAMPLE_RATE
+
+    def __init__(self, model_dir: str, device: str = "auto", instances: int = 1,
+                 voices: Mapping[str, int] | None = None, refine_text: bool = False,
+                 stream: bool = True, max_new_token: int = 2048,
+                 config_hook: Any = None) -> None:
+        """``config_hook(chat)`` may adjust a Chat before ``load`` (tests: tiny configs)."""
+        if instances < 1:
+            raise ValueError("instances must be >= 1")
+        self.model_dir = model_dir
+        self.device = device
+        self.instances = instances
+        self._voices = dict(voices or DEFAULT_VOICES)
+        self.voices = frozenset(self._voices)
+        self.refine_text = refine_text
+        self.stream = stream
+        self.max_new_token = max_new_token
+        self.config_hook = config_hook
+        self.model_version = "chattts-0.2.5/unloaded"
+        self._pool: queue.Queue[_Instance] = queue.Queue()
+        self._torch: Any = None
+
+    def load(self) -> None:
+        import ChatTTS
+        import torch  # optional extra: only when this backend is configured
+
+        self._torch = torch
+        directory = resolve_model_dir(self.model_dir)
+        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
+                              else "cpu" if self.device == "auto" else self.device)
+        for _ in range(self.instances):
+            chat = ChatTTS.Chat()
+            if self.config_hook is not None:
+                self.config_hook(chat)
+            if not chat.load(source="custom", custom_path=str(directory), device=device,
+                             compile=False):
+                raise RuntimeError(f"ChatTTS could not load the assets in {directory}")
+            self._pool.put(_Instance(chat))
+        self.model_version = asset_digest(directory)
+
+    def _speaker(self, instance: _Instance, seed: int) -> str:
+        """A deterministic speaker embedding for ``seed`` (global RNG left untouched)."""
+        if seed not in instance.speakers:
+            torch = self._torch
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                instance.speakers[seed] = instance.chat.sample_random_speaker()
+        return instance.speakers[seed]
+
+    def synthesize(self, request: SynthesisRequest, on_stage: StageCallback
+                   ) -> Iterator[np.ndarray]:
+        instance = self._pool.get()
+        try:
+            with instance.lock:
+                yield from self._run(instance, request, on_stage)
+        finally:
+            self._pool.put(instance)
+
+    def _run(self, instance: _Instance, request: SynthesisRequest, on_stage: StageCallback
+             ) -> Iterator[np.ndarray]:
+        import ChatTTS
+
+        torch = self._torch
+        chat, params = instance.chat, request.params
+        seed = params.seed if params.seed is not None else self._voices[request.voice]
+        stage = "text_normalize"
+        try:
+            started = time.perf_counter()
+            text = request.text
+            if self.refine_text:
+                refined = chat.infer(text, refine_text_only=True, split_text=False,
+                                     params_refine_text=ChatTTS.Chat.RefineTextParams(
+                                         show_tqdm=False, manual_seed=seed))
+                text = refined[0] if isinstance(refined, list) else refined
+            on_stage("text_normalize", (time.perf_counter() - started) * 1000)
+            stage = "llm_prompt_gen"
+            started = time.perf_counter()
+            speed = min(9, max(0, round(5 * params.speed)))
+            code_params = ChatTTS.Chat.InferCodeParams(
+                prompt=f"[speed_{speed}]", spk_emb=self._speaker(instance, seed),
+                temperature=params.temperature, top_P=params.top_p, top_K=params.top_k,
+                max_new_token=self.max_new_token, show_tqdm=False, manual_seed=seed)
+            on_stage("llm_prompt_gen", (time.perf_counter() - started) * 1000)
+            stage = "llm_inference"
+            model_ms = render_ms = 0.0
+            started = time.perf_counter()
+            result = chat.infer(text, stream=self.stream, lang=request.lang,
+                                skip_refine_text=True, split_text=False,
+                                do_text_normalization=False,
+                                params_refine_text=ChatTTS.Chat.RefineTextParams(
+                                    show_tqdm=False),
+                                params_infer_code=code_params)
+            for wavs in (result if self.stream else [result]):
+                model_ms += (time.perf_counter() - started) * 1000
+                render_started = time.perf_counter()
+                chunk = _to_chunk(wavs)
+                render_ms += (time.perf_counter() - render_started) * 1000
+                if chunk.size:
+                    yield chunk
+                started = time.perf_counter()
+            model_ms += (time.perf_counter() - started) * 1000
+            on_stage("llm_inference", model_ms)
+            stage = "audio_render"
+            on_stage("audio_render", render_ms)
+        except SynthesisError:
+            raise
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise SynthesisError("GPU_OOM", f"CUDA out of memory: {exc}", stage=stage) from exc
+        except Exception as exc:   # any model fault -> MODEL_ERROR (503), never a bare 500
+            raise SynthesisError("MODEL_ERROR", f"{type(exc).__name__}: {exc}",
+                                 stage=stage) from exc
+
+    def close(self) -> None:
+        while not self._pool.empty():
+            self._pool.get_nowait().chat.unload()
+
+
+def _to_chunk(wavs: Any) -> np.ndarray:
+    """ChatTTS returns one array per text (batch of 1): float32 mono in [-1, 1]."""
+    wav = wavs[0] if isinstance(wavs, (list, tuple)) or getattr(wavs, "ndim", 1) > 1 \
+        else wavs
+    if wav is None:
+        return np.zeros(0, dtype=np.float32)
+    return np.clip(np.asarray(wav, dtype=np.float32).reshape(-1), -1.0, 1.0)
