@@ -1,0 +1,82 @@
+"""config/docker-compose.yml: the five services, and every host path it mounts exists.
+
+Paths under run/ are the exception: they are created by the operator (the webhook token, the
+model weights) and documented at the top of the file; run/ is the repo's runtime directory.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .conftest import REPO
+
+COMPOSE = REPO / "config" / "docker-compose.yml"
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def test_services() -> None:
+    services = compose()["services"]
+    assert set(services) == {"app", "sidecar", "prometheus", "alertmanager", "grafana"}
+    for name in ("app", "sidecar"):
+        dockerfile = services[name]["build"]["dockerfile"]
+        assert (COMPOSE.parent / services[name]["build"]["context"] / dockerfile).is_file()
+
+
+def test_every_mounted_host_path_exists() -> None:
+    data = compose()
+    named = set(data.get("volumes", {}))
+    checked = 0
+    for name, service in data["services"].items():
+        for volume in service.get("volumes", []):
+            assert isinstance(volume, str), f"{name}: {volume!r}"
+            source = volume.split(":", 1)[0]
+            if source in named:
+                continue
+            assert source.startswith("."), f"{name}: undeclared named volume {source}"
+            path = (COMPOSE.parent / source).resolve()
+            if path.is_relative_to(REPO / "run"):
+                continue
+            assert path.exists(), f"{name}: {source} does not exist"
+            checked += 1
+    assert checked >= 8
+
+
+def test_app_and_sidecar_share_logs_state_cache() -> None:
+    services = compose()["services"]
+
+    def mounts(name: str) -> dict[str, str]:
+        return {v.split(":")[1]: v.split(":")[0] for v in services[name]["volumes"]}
+
+    for target in ("/var/lib/tts/logs", "/var/lib/tts/state", "/var/lib/tts/cache"):
+        assert mounts("app")[target] == mounts("sidecar")[target]
+
+
+def test_grafana_gets_the_provisioned_dashboards() -> None:
+    grafana = compose()["services"]["grafana"]["volumes"]
+    provider = yaml.safe_load((REPO / "grafana/provisioning/dashboards/tts-sentinel.yaml")
+                              .read_text())["providers"][0]["options"]["path"]
+    dashboards = [v for v in grafana if v.startswith("../grafana/dashboards:")]
+    assert dashboards and dashboards[0].split(":")[1] == provider
+    assert any(Path(v.split(":")[1]) == Path("/etc/grafana/provisioning/datasources")
+               for v in grafana)
+
+
+def test_sidecar_config_is_valid_and_reads_the_mounted_token() -> None:
+    sidecar = compose()["services"]["sidecar"]["volumes"]
+    mounts = {v.split(":")[1]: (COMPOSE.parent / v.split(":")[0]).resolve() for v in sidecar}
+    config_path = mounts["/etc/tts-sentinel/exporter.yaml"]
+    result = subprocess.run([sys.executable, "-m", "exporter", "check-config", str(config_path)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    token_file = yaml.safe_load(config_path.read_text())["auth"]["bearer_token_file"]
+    assert token_file in mounts
+    alertmanager = compose()["services"]["alertmanager"]["volumes"]
+    assert any(v.split(":")[1] == token_file for v in alertmanager)

@@ -1,0 +1,168 @@
+"""config/kubernetes/: schema-valid manifests, generated copies in step with their sources, and
+the pod wiring that makes the VRAM gate take a replica out of the Service.
+
+Core kinds are validated offline with kubernetes-validate's bundled schemas (strict: unknown
+fields fail). The Prometheus Operator CRDs (PodMonitor, PrometheusRule) have no schema there,
+so their structure is checked here and the embedded rules go through ``promtool check rules``.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+K8S = REPO / "config" / "kubernetes"
+sys.path.insert(0, str(K8S))
+import gen_manifests  # noqa: E402
+import kubernetes_validate as kv  # noqa: E402
+
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"),
+             ("monitoring.coreos.com/v1", "PrometheusRule")}
+
+
+def documents() -> list[tuple[str, dict[str, Any]]]:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        docs += [(path.name, doc) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return docs
+
+
+def find(kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [d for _, d in documents()
+               if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
+    return matches[0]
+
+
+def container(name: str) -> dict[str, Any]:
+    spec = find("Deployment")["spec"]["template"]["spec"]
+    return next(c for c in spec["containers"] if c["name"] == name)
+
+
+def embedded(configmap: str, key: str) -> dict[str, Any]:
+    return yaml.safe_load(find("ConfigMap", configmap)["data"][key])
+
+
+def test_core_manifests_pass_strict_schema_validation() -> None:
+    checked = 0
+    for _filename, doc in documents():
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue
+        kv.validate(doc, kv.latest_version(), strict=True)
+        checked += 1
+    assert checked >= 7  # Deployment, Service, PDB, HPA, 2 config ConfigMaps, adapter
+
+
+def test_validator_rejects_a_broken_deployment() -> None:
+    broken = copy.deepcopy(find("Deployment"))
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["prot"] = 1
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, kv.latest_version(), strict=True)
+
+
+def test_generated_manifests_are_up_to_date() -> None:
+    for filename, render in gen_manifests.GENERATED.items():
+        assert (K8S / filename).read_text() == render(), f"run gen_manifests.py ({filename})"
+    rules = yaml.safe_load((REPO / "alerts" / "tts.rules.yaml").read_text())
+    assert find("PrometheusRule")["spec"]["groups"] == rules["groups"]
+
+
+def test_crd_structure() -> None:
+    rule = find("PrometheusRule")
+    assert rule["metadata"]["name"] and rule["spec"]["groups"]
+    for group in rule["spec"]["groups"]:
+        assert group["name"] and group["rules"]
+        for item in group["rules"]:
+            assert ("record" in item) != ("alert" in item) and item["expr"]
+    monitor = find("PodMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        find("Deployment")["spec"]["template"]["metadata"]["labels"].items()
+    ports = {p["name"] for p in container("sidecar")["ports"]}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
+    # The rules match job="tts-exporter": the PodMonitor's jobLabel must produce that value.
+    labels = find("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert labels[monitor["spec"]["jobLabel"]] == "tts-exporter"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_prometheusrule_passes_promtool(tmp_path: Path) -> None:
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": find("PrometheusRule")["spec"]["groups"]}))
+    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_configmaps_are_derived_from_the_shipped_configs(tmp_path: Path) -> None:
+    for name, key, overrides in (("tts-app-config", "app.yaml", gen_manifests.APP_OVERRIDES),
+                                 ("tts-exporter-config", "exporter.yaml",
+                                  gen_manifests.EXPORTER_OVERRIDES)):
+        base = yaml.safe_load((REPO / "config" / key).read_text())
+        assert embedded(name, key) == gen_manifests.deep_merge(base, overrides)
+    path = tmp_path / "exporter.yaml"
+    path.write_text(find("ConfigMap", "tts-exporter-config")["data"]["exporter.yaml"])
+    result = subprocess.run([sys.executable, "-m", "exporter", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from tts_app.config import config_from_mapping
+    config_from_mapping(embedded("tts-app-config", "app.yaml"))  # raises when invalid
+
+
+def test_readiness_follows_the_sidecar_gate() -> None:
+    exporter = embedded("tts-exporter-config", "exporter.yaml")
+    probe = container("app")["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/ingress"
+    assert probe["port"] == int(exporter["server"]["listen"].rsplit(":", 1)[1]) == 9109
+    assert exporter["gate"]["mode"] == "readiness"  # closed -> 503 -> pod not ready
+    assert exporter["gate"]["close_at"] == 0.90
+
+
+def test_pod_shares_logs_cache_and_gate_file() -> None:
+    app, exporter = embedded("tts-app-config", "app.yaml"), \
+        embedded("tts-exporter-config", "exporter.yaml")
+    assert app["gate"]["file"] == exporter["gate"]["gate_file"]
+    assert Path(app["log"]["path"]).match(exporter["logs"]["paths"][0])
+    assert exporter["disk"]["paths"] == [app["cache"]["dir"]]
+    spec = find("Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounts = {c["name"]: {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+              for c in spec["containers"]}
+    for path in (app["gate"]["file"], app["log"]["path"], app["cache"]["dir"] + "/x"):
+        shared = [next((n for mp, n in mounts[c].items() if path.startswith(mp + "/")), None)
+                  for c in ("app", "sidecar")]
+        assert shared[0] is not None and shared[0] == shared[1], path
+        assert "emptyDir" in volumes[shared[0]]
+    # The webhook token comes from a Secret, mounted where the exporter config looks.
+    token = exporter["auth"]["bearer_token_file"]
+    secret_mount = next(mp for mp, n in mounts["sidecar"].items() if "secret" in volumes[n])
+    assert token.startswith(secret_mount + "/")
+
+
+def test_gpu_resources_and_tolerations() -> None:
+    spec = find("Deployment")["spec"]["template"]["spec"]
+    assert container("app")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    env = {e["name"]: e["value"] for e in container("sidecar")["env"]}
+    assert env["NVIDIA_VISIBLE_DEVICES"] and "nvidia.com/gpu" not in \
+        container("sidecar")["resources"].get("limits", {})
+    assert find("PodDisruptionBudget")["spec"]["selector"] == find("Deployment")["spec"]["selector"]
+
+
+def test_hpa_scales_on_the_adapter_metrics() -> None:
+    adapter = embedded("prometheus-adapter", "config.yaml")
+    exposed = {rule["name"]["as"] for rule in adapter["rules"]}
+    hpa = find("HorizontalPodAutoscaler")
+    targets = {m["pods"]["metric"]["name"]: m["pods"]["target"]["averageValue"]
+               for m in hpa["spec"]["metrics"]}
+    assert set(targets) <= exposed
+    assert targets["tts_http_request_p99_seconds"] == "800m"  # 0.8 s
+    assert hpa["spec"]["scaleTargetRef"]["name"] == find("Deployment")["metadata"]["name"]
