@@ -200,9 +200,10 @@ class ProbeConfig:
 
 @dataclass(frozen=True)
 class TimelinesConfig:
-    """How many recent request timelines the live sidecar keeps for ``/requests``."""
+    """What the live sidecar keeps for ``/requests``: the newest record lines that carry a
+    request id (~250 bytes each), and how many records one timeline shows."""
 
-    capacity: int = field(default=2000, metadata=_check(_positive))
+    max_lines: int = field(default=10_000, metadata=_check(_positive))
     max_records_per_request: int = field(default=64, metadata=_check(_positive))
 
 

@@ -54,7 +54,7 @@ def _log_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
     if not config.logs.paths:
         return []
     timelines = TimelineComponent.from_config(config)
-    return [LogTailComponent.from_config(config, metrics, on_record=timelines.store.add),
+    return [LogTailComponent.from_config(config, metrics, on_records=timelines.store.add),
             timelines]
 
 

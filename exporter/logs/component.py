@@ -88,10 +88,10 @@ class LogTailComponent:
 
     @classmethod
     def from_config(cls, config: Config, metrics: SidecarMetrics,
-                    on_record: RecordCallback | None = None) -> LogTailComponent:
+                    on_records: RecordCallback | None = None) -> LogTailComponent:
         """The sidecar's tailer, feeding the real pipeline. Restarts are counted from
         ``service_start`` records only when no ``/status`` probe counts them already."""
-        pipeline = LogPipeline(metrics, config.logs, config.metrics, on_record=on_record,
+        pipeline = LogPipeline(metrics, config.logs, config.metrics, on_records=on_records,
                                count_restarts=not config.probe.url)
         return cls(config.logs, metrics, pipeline)
 

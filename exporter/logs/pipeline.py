@@ -24,8 +24,8 @@ label (``route``, ``method``, ``status`` for HTTP codes and synthesis statuses, 
 ``stage``, ``code`` for log-record codes), overflows counting in
 ``tts_exporter_label_overflow_total{label}``. Continuation lines (tracebacks) change no metric,
 so no per-source state is needed and :meth:`LogPipeline.forget` has nothing to drop;
-``on_record`` receives each record-starting line with its parsed fields (not its traceback);
-``RecordParser.record`` makes the full record from them when it is needed.
+``on_records`` receives, once per chunk, the record lines that carry a request id (not their
+tracebacks) with their id, event and status; ``RecordParser`` parses them again when needed.
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ from collections.abc import Callable
 from typing import Any
 
 from exporter.config import LogsConfig, MetricsConfig
-from exporter.logs.parsers import MalformedLine, ParsedLine, RecordParser, convert_value
+from exporter.logs.parsers import MalformedLine, RecordParser, convert_value
 from exporter.metrics import OVERFLOW_LABEL_VALUE, LabelCap, SidecarMetrics
 
-RecordCallback = Callable[[str, str, ParsedLine], None]
-"""``on_record(source, line, (level, event, fields))`` for each record-starting line."""
+KeptLine = tuple[object, str, str, object]
+"""(request id, event, line, status field) of a record line that carries a request id."""
+RecordCallback = Callable[[str, list[KeptLine]], None]
+"""``on_records(source, kept_lines)``: once per processed chunk. Only these four values are
+kept, not the parsed fields: holding a chunk's dicts until its end costs the tailer more than
+parsing a request's few lines again when its timeline is read."""
 
 LABELS = ("route", "method", "code", "status", "error_code", "stage")
 _COUNTED_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
@@ -81,12 +85,12 @@ class LogPipeline:
         metrics: SidecarMetrics,
         logs: LogsConfig,
         metrics_config: MetricsConfig,
-        on_record: RecordCallback | None = None,
+        on_records: RecordCallback | None = None,
         count_restarts: bool = True,
     ) -> None:
         self.metrics = metrics
         self.parser = RecordParser(logs.aliases)
-        self.on_record = on_record
+        self.on_records = on_records
         self.count_restarts = count_restarts
         cap = metrics_config.label_value_cap
         self._caps = {label: LabelCap(cap) for label in LABELS}
@@ -121,7 +125,8 @@ class LogPipeline:
         fields_of = self.parser.fields
         json_fields = self.parser.json_fields  # most lines: skip fields()' dispatch
         handlers = self._handlers
-        on_record = self.on_record
+        on_records = self.on_records
+        keep: list[KeptLine] = []
         for line in lines:
             try:
                 parsed = json_fields(line) if line[:1] == "{" else fields_of(line)
@@ -134,18 +139,21 @@ class LogPipeline:
             level, event, fields = parsed
             if level in _COUNTED_LEVELS:
                 self._count_level(level, fields)
+            request_id = fields.get("id")
+            if request_id and on_records is not None:
+                keep.append((request_id, event, line, fields.get("status")))
             handler = handlers.get(event)
             if handler is not None:
                 try:
-                    handler(fields, fields.get("id"))
+                    handler(fields, request_id)
                     parsed_lines += 1
                 except InvalidField:
                     other["invalid_field"] = other.get("invalid_field", 0) + 1
             else:
                 outcome = "unknown_event" if event else "free_form"
                 other[outcome] = other.get(outcome, 0) + 1
-            if on_record is not None:
-                on_record(source, line, parsed)
+        if keep and on_records is not None:
+            on_records(source, keep)
         other.update(parsed=parsed_lines, continuation=continuation, malformed=malformed)
         inc = self.metrics.log_lines.inc
         for outcome, count in other.items():

@@ -1,24 +1,23 @@
 """Recent request timelines, kept live for ``GET /requests/{id}`` and ``GET /requests``.
 
-The pipeline calls :meth:`TimelineStore.add` for every record line (its ``on_record`` hook), so an
-exemplar's request id on a duration histogram resolves to what that request did. Memory is
-bounded twice: at most ``capacity`` requests (least recently updated dropped first) and at most
-``max_records_per_request`` records each (the oldest dropped, counted in ``dropped``).
+The pipeline hands :meth:`TimelineStore.add` the record lines of each chunk that carry a
+request id (its ``on_records`` hook), so an exemplar's request id on a duration histogram
+resolves to what that request did. Memory is bounded by the number of lines kept.
 The same :func:`timeline_dict` renders ``tts-exporter analyze --id``.
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
 from exporter.config import Config
-from exporter.logs.parsers import ParsedLine, Record, RecordParser, convert_value
+from exporter.logs.parsers import Record, RecordParser, convert_value
+from exporter.logs.pipeline import KeptLine
 
 _ENVELOPE = frozenset({"time", "level", "logger", "event", "request_id", "id", "traceback"})
 
@@ -68,84 +67,101 @@ def timeline_dict(request_id: str, records: list[Record], dropped: int = 0) -> d
             "stages": stages, "errors": errors, "records": entries, "dropped_records": dropped}
 
 
-class _Timeline:
-    __slots__ = ("dropped", "lines", "status", "updated")
-
-    def __init__(self, limit: int) -> None:
-        self.lines: deque[tuple[str, ParsedLine]] = deque(maxlen=limit)
-        self.dropped = 0
-        self.status = "in_progress"
-        self.updated = 0.0
-
-
 class TimelineStore:
-    """Bounded LRU of recent request timelines, fed line by line from the tailer's thread and
-    read from the HTTP handlers, hence the lock.
+    """The newest record lines that carry a request id, in one ring; timelines are grouped
+    from it when they are read.
 
-    It keeps each record's line and the fields the pipeline already parsed; timestamps, value
-    conversion and :class:`Record` objects are made only when a timeline is read, so the
-    tailer's per-line cost is a dict lookup and an append."""
+    The tailer's thread only extends the ring (``deque.extend``: C speed, no per-line Python
+    work), so keeping timelines costs the live pipeline almost nothing; reading one request
+    scans the ring (milliseconds for the default 10,000 lines) and parses its few lines again.
+    Memory is bounded by ``max_lines`` (lines of ~250 bytes), and a timeline shows at most its
+    newest ``max_records_per_request`` records, counting the rest as dropped.
+    """
 
-    def __init__(self, capacity: int = 2000, max_records_per_request: int = 64,
-                 clock: Callable[[], float] = time.time,
+    def __init__(self, max_lines: int = 10_000, max_records_per_request: int = 64,
                  parser: RecordParser | None = None) -> None:
-        self.capacity = capacity
+        self.max_lines = max_lines
         self.max_records = max_records_per_request
-        self._clock = clock
-        # Its own parser: the pipeline's caches its timestamp state on the tailer's thread.
+        # Its own parser: the pipeline's caches timestamp state on the tailer's thread.
         self._parser = parser or RecordParser()
-        self._items: OrderedDict[str, _Timeline] = OrderedDict()
+        self._ring: deque[KeptLine] = deque(maxlen=max_lines)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._ring)
 
-    def add(self, source: str, line: str, parsed: ParsedLine) -> None:
-        """Pipeline ``on_record`` hook; records without a request id are ignored."""
-        _, event, fields = parsed
-        rid = fields.get("id")
-        if not rid:
-            return
-        rid = str(rid)
+    def add(self, source: str, batch: list[KeptLine]) -> None:
+        """The pipeline's ``on_records`` hook: record lines with a request id, in log order."""
         with self._lock:
-            item = self._items.get(rid)
-            if item is None:
-                item = self._items[rid] = _Timeline(self.max_records)
-                if len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
-            else:
-                self._items.move_to_end(rid)
-            if len(item.lines) == self.max_records:
-                item.dropped += 1
-            item.lines.append((line, parsed))
-            item.updated = self._clock()
-            if event == "synthesis_complete":
-                item.status = str(convert_value(str(fields.get("status", "unknown"))))
-            elif event == "http_request" and item.status == "in_progress":
-                item.status = _http_status(fields.get("status"))
+            self._ring.extend(batch)
+
+    def _snapshot(self) -> list[KeptLine]:
+        with self._lock:
+            return list(self._ring)
+
+    def _records(self, lines: list[str]) -> list[Record]:
+        parse = self._parser.fields
+        return [self._parser.record(line, parsed) for line in lines
+                if (parsed := parse(line)) is not None]
 
     def get(self, request_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            item = self._items.get(request_id)
-            if item is None:
-                return None
-            lines, dropped = list(item.lines), item.dropped
-        records = [self._parser.record(line, parsed) for line, parsed in lines]
-        return timeline_dict(request_id, records, dropped)
+        lines = [line for rid, _, line, _ in self._snapshot() if _same_id(rid, request_id)]
+        if not lines:
+            return None
+        dropped = max(0, len(lines) - self.max_records)
+        return timeline_dict(request_id, self._records(lines[dropped:]), dropped)
 
     def recent(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """Newest (most recently updated) first, optionally only one status."""
+        """Requests newest first (by their last record), optionally only one status;
+        ``updated`` is the time of the request's last record."""
+        seen: dict[str, _Summary] = {}
+        for rid, event, line, field in reversed(self._snapshot()):
+            key = rid if type(rid) is str else str(rid)
+            summary = seen.get(key)
+            if summary is None:
+                summary = seen[key] = _Summary(line)
+            summary.records += 1
+            summary.note(event, field)
         out: list[dict[str, Any]] = []
-        with self._lock:
-            for rid in reversed(self._items):
-                item = self._items[rid]
-                if status is not None and item.status != status:
-                    continue
-                out.append({"request_id": rid, "status": item.status, "updated": item.updated,
-                            "records": len(item.lines)})
+        for rid, summary in seen.items():
+            state = summary.status()
+            if status is None or state == status:
+                out.append({"request_id": rid, "status": state,
+                            "updated": self._time_of(summary.last_line),
+                            "records": summary.records})
                 if len(out) >= limit:
                     break
         return out
+
+    def _time_of(self, line: str) -> float | None:
+        records = self._records([line])
+        return records[0].time if records else None
+
+
+class _Summary:
+    """One request while :meth:`TimelineStore.recent` walks the ring from the newest line:
+    the newest synthesis_complete decides its status, else its oldest http_request."""
+
+    __slots__ = ("completed", "http", "last_line", "records")
+
+    def __init__(self, last_line: str) -> None:
+        self.last_line = last_line
+        self.records = 0
+        self.completed: str | None = None
+        self.http: str | None = None
+
+    def note(self, event: str, field: object) -> None:
+        if event == "synthesis_complete" and self.completed is None:
+            self.completed = "unknown" if field is None else str(convert_value(str(field)))
+        elif event == "http_request":
+            self.http = _http_status(field)
+
+    def status(self) -> str:
+        return self.completed or self.http or "in_progress"
+
+
+def _same_id(logged: object, wanted: str) -> bool:
+    return logged == wanted if type(logged) is str else str(logged) == wanted
 
 
 def _http_status(code: object) -> str:
@@ -167,7 +183,7 @@ class TimelineComponent:
     def from_config(cls, config: Config) -> TimelineComponent:
         """From the ``timelines`` section, with the log section's aliases."""
         t = config.timelines
-        return cls(TimelineStore(t.capacity, t.max_records_per_request,
+        return cls(TimelineStore(t.max_lines, t.max_records_per_request,
                                  parser=RecordParser(config.logs.aliases)))
 
     async def start(self) -> None:
@@ -192,5 +208,4 @@ class TimelineComponent:
             return web.json_response({"error": "limit must be an integer"}, status=400)
         if limit < 1:
             return web.json_response({"error": "limit must be >= 1"}, status=400)
-        limit = min(limit, self.store.capacity)
         return web.json_response({"requests": self.store.recent(status, limit)})

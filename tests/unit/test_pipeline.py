@@ -123,13 +123,17 @@ def test_exemplars_carry_request_ids() -> None:
     assert [e[0] for e in series.exemplars if e] == ["req-42"]
 
 
-def test_on_record_receives_each_record_line_with_its_source() -> None:
+def test_on_records_gets_each_chunks_lines_with_a_request_id_once() -> None:
     seen: list[tuple[str, Record]] = []
-    p, _ = pipeline(on_record=lambda source, line, parsed: seen.append(
-        (source, p.parser.record(line, parsed))))
+    p, _ = pipeline(on_records=lambda source, batch: seen.extend(
+        (source, p.parser.parse(line.encode())) for _, _, line, _ in batch))
     p.process("app.log", jline(event="stage_time", request_id="r1", stage="s", duration_ms=1)
-              + b"  continuation\n")
-    assert [(s, r.request_id, r.event) for s, r in seen] == [("app.log", "r1", "stage_time")]
+              + b"  continuation\n" + jline(event="service_start", pid=1)
+              + jline(event="synthesis_complete", request_id="r1", status="success"))
+    assert [(s, r.request_id, r.event) for s, r in seen] == [
+        ("app.log", "r1", "stage_time"), ("app.log", "r1", "synthesis_complete")]
+    p.process("app.log", jline(event="service_start", pid=2))
+    assert len(seen) == 2
 
 
 def test_config_defaults_build_a_pipeline() -> None:

@@ -24,22 +24,26 @@ def _add(store: TimelineStore, rid: str | None, event: str, t: float,
                        **({"request_id": rid} if rid else {}), **fields})
     parsed = PARSER.fields(line)
     assert parsed is not None
-    store.add("f", line, parsed)
+    if rid:   # the pipeline hands over only lines with a request id
+        store.add("f", [(rid, event, line, parsed[2].get("status"))])
 
 
-def _golden_store(capacity: int = 100, per_request: int = 64) -> TimelineStore:
+def _golden_store() -> TimelineStore:
     """A store fed the golden rotated logs (both formats) line by line, as the pipeline does."""
-    store = TimelineStore(capacity, per_request)
+    store = TimelineStore()
     for name in ("app.log.2.gz", "app.log.1", "app.log"):
         path = GOLDEN / name
         data = gzip.decompress(path.read_bytes()) if name.endswith(".gz") else path.read_bytes()
+        batch = []
         for line in data.decode().splitlines():
             try:
                 parsed = PARSER.fields(line)
             except MalformedLine:   # counted and skipped by the pipeline
                 continue
-            if parsed is not None:
-                store.add(name, line, parsed)
+            if parsed is not None and parsed[2].get("id"):
+                fields = parsed[2]
+                batch.append((fields["id"], parsed[1], line, fields.get("status")))
+        store.add(name, batch)
     return store
 
 
@@ -63,20 +67,24 @@ def test_recent_newest_first_filtered_and_limited() -> None:
     assert all(r["status"] == "success" for r in store.recent(status="success"))
 
 
-def test_capacity_evicts_least_recently_updated() -> None:
-    store = TimelineStore(capacity=2, max_records_per_request=10)
+def test_only_the_newest_lines_are_kept_and_recent_orders_by_last_record() -> None:
+    store = TimelineStore(max_lines=3, max_records_per_request=10)
     _add(store, "a", "synthesis_start", 1.0)
     _add(store, "b", "synthesis_start", 2.0)
     _add(store, "a", "stage_time", 3.0, stage="x", duration_ms=1)
     _add(store, "c", "synthesis_start", 4.0)
-    assert len(store) == 2 and store.get("b") is None
-    assert store.get("a") is not None and store.get("c") is not None
-    _add(store, None, "service_start", 5.0)     # no id: ignored
-    assert len(store) == 2
+    _add(store, None, "service_start", 5.0)     # no request id: never handed over
+    assert len(store) == 3
+    a = store.get("a")
+    assert a is not None and [r["event"] for r in a["records"]] == ["stage_time"]
+    assert [(r["request_id"], r["updated"], r["records"]) for r in store.recent()] == [
+        ("c", 4.0, 1), ("a", 3.0, 1), ("b", 2.0, 1)]
+    _add(store, "d", "synthesis_start", 6.0)
+    assert store.get("b") is None
 
 
 def test_records_per_request_bounded_with_drop_count() -> None:
-    store = TimelineStore(capacity=5, max_records_per_request=3)
+    store = TimelineStore(max_lines=50, max_records_per_request=3)
     for i in range(10):
         _add(store, "a", "stage_time", float(i), stage=f"s{i}", duration_ms=i)
     timeline = store.get("a")
@@ -92,7 +100,7 @@ def test_http_status_sets_status_without_synthesis() -> None:
             "method=POST, route=/v1/tts, status=503, duration_ms=2")
     parsed = PARSER.fields(text)
     assert parsed is not None
-    store.add("f", text, parsed)
+    store.add("f", [("t", parsed[1], text, parsed[2]["status"])])
     assert [r["request_id"] for r in store.recent(status="failed")] == ["t", "v"]
     assert store.recent(status="success")[0]["request_id"] == "ok"
     timeline = store.get("t")
@@ -134,5 +142,5 @@ async def test_routes_over_http() -> None:
 def test_from_config_uses_timelines_section() -> None:
     config = Config()
     component = TimelineComponent.from_config(config)
-    assert component.store.capacity == config.timelines.capacity
+    assert component.store.max_lines == config.timelines.max_lines
     assert component.store.max_records == config.timelines.max_records_per_request
