@@ -74,7 +74,7 @@ bench: deps
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 lint: venv
-	$(VENV)/bin/ruff check exporter tts_app tests
+	$(VENV)/bin/ruff check exporter tts_app tests config
 	$(VENV)/bin/mypy
 
 clean:

@@ -19,6 +19,9 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from local_stack import deep_merge  # config/ holds scripts, not a package
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LABELS = {"app.kubernetes.io/name": "tts", "app.kubernetes.io/part-of": "tts-sentinel"}
@@ -50,16 +53,6 @@ COMPOSE_EXPORTER_OVERRIDES: dict[str, Any] = {
     "auth": {"bearer_token_file": "/etc/tts-sentinel/webhook-token"},
     "disk": {"paths": ["/var/lib/tts/cache"]},
 }
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 class _BlockDumper(yaml.SafeDumper):

@@ -11,19 +11,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.e2e.conftest import load_local_stack
 from tts_app.backends.base import Backend
 from tts_app.backends.espeak import EspeakBackend
 from tts_app.config import AppConfig, config_from_mapping
 from tts_app.logging import StructuredLog
 from tts_app.server import STATE, AppState, build_app
 
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and \
-            isinstance(merged.get(key), dict) else value
-    return merged
+deep_merge = load_local_stack().deep_merge
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
