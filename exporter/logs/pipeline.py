@@ -65,8 +65,6 @@ def _number(fields: dict[str, Any], name: str) -> float | None:
             return float(value)  # text format: "523"
         except ValueError:
             pass
-    elif kind is bool:
-        raise InvalidField(name)
     try:
         return float(str(value).split()[0])  # "86 chars"
     except (ValueError, IndexError):

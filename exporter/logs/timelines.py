@@ -23,14 +23,12 @@ _ENVELOPE = frozenset({"time", "level", "logger", "event", "request_id", "id", "
 
 
 def request_status(records: Iterable[Record]) -> str:
-    """success|failed from synthesis_complete, else from the HTTP status, else in_progress."""
-    status = "in_progress"
-    for record in records:
-        if record.event == "synthesis_complete":
-            return str(record.fields.get("status", "unknown"))
-        if record.event == "http_request":
-            status = _http_status(record.fields.get("status"))
-    return status
+    """The status of the newest synthesis_complete, else success|failed from the newest
+    http_request, else in_progress."""
+    summary = _Summary("")
+    for record in reversed(list(records)):
+        summary.note(record.event, record.fields.get("status"))
+    return summary.status()
 
 
 def timeline_dict(request_id: str, records: list[Record], dropped: int = 0) -> dict[str, Any]:
@@ -71,8 +69,9 @@ class TimelineStore:
     """The newest record lines that carry a request id, in one ring; timelines are grouped
     from it when they are read.
 
-    The tailer's thread only extends the ring (``deque.extend``: C speed, no per-line Python
-    work), so keeping timelines costs the live pipeline almost nothing; reading one request
+    The tailer's thread only extends the ring (``deque.extend``, once per chunk); the pipeline
+    pays one small tuple per kept line (about 15 % of live throughput, measured with
+    tests/bench/bench_logs.py), and reading one request
     scans the ring (milliseconds for the default 10,000 lines) and parses its few lines again.
     Memory is bounded by ``max_lines`` (lines of ~250 bytes), and a timeline shows at most its
     newest ``max_records_per_request`` records, counting the rest as dropped.
@@ -105,7 +104,7 @@ class TimelineStore:
                 if (parsed := parse(line)) is not None]
 
     def get(self, request_id: str) -> dict[str, Any] | None:
-        lines = [line for rid, _, line, _ in self._snapshot() if _same_id(rid, request_id)]
+        lines = [line for rid, _, line, _ in self._snapshot() if _id_key(rid) == request_id]
         if not lines:
             return None
         dropped = max(0, len(lines) - self.max_records)
@@ -116,7 +115,7 @@ class TimelineStore:
         ``updated`` is the time of the request's last record."""
         seen: dict[str, _Summary] = {}
         for rid, event, line, field in reversed(self._snapshot()):
-            key = rid if type(rid) is str else str(rid)
+            key = _id_key(rid)
             summary = seen.get(key)
             if summary is None:
                 summary = seen[key] = _Summary(line)
@@ -139,8 +138,8 @@ class TimelineStore:
 
 
 class _Summary:
-    """One request while :meth:`TimelineStore.recent` walks the ring from the newest line:
-    the newest synthesis_complete decides its status, else its oldest http_request."""
+    """One request's status, fed its records newest first: the newest synthesis_complete
+    decides it, else the newest http_request."""
 
     __slots__ = ("completed", "http", "last_line", "records")
 
@@ -153,15 +152,16 @@ class _Summary:
     def note(self, event: str, field: object) -> None:
         if event == "synthesis_complete" and self.completed is None:
             self.completed = "unknown" if field is None else str(convert_value(str(field)))
-        elif event == "http_request":
+        elif event == "http_request" and self.http is None:
             self.http = _http_status(field)
 
     def status(self) -> str:
         return self.completed or self.http or "in_progress"
 
 
-def _same_id(logged: object, wanted: str) -> bool:
-    return logged == wanted if type(logged) is str else str(logged) == wanted
+def _id_key(logged: object) -> str:
+    """Request ids as text (a JSON log may write them as numbers)."""
+    return logged if type(logged) is str else str(logged)
 
 
 def _http_status(code: object) -> str:

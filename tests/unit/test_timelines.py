@@ -144,3 +144,16 @@ def test_from_config_uses_timelines_section() -> None:
     component = TimelineComponent.from_config(config)
     assert component.store.max_lines == config.timelines.max_lines
     assert component.store.max_records == config.timelines.max_records_per_request
+
+
+def test_listing_and_timeline_agree_on_the_newest_status() -> None:
+    store = TimelineStore()
+    _add(store, "x", "http_request", 1.0, status=503, route="/v1/tts")
+    _add(store, "x", "http_request", 2.0, status=200, route="/v1/tts")
+    _add(store, "y", "synthesis_complete", 3.0, status="failed")
+    _add(store, "y", "synthesis_complete", 4.0, status="success")
+    listed = {r["request_id"]: r["status"] for r in store.recent()}
+    assert listed == {"x": "success", "y": "success"}
+    for rid in ("x", "y"):
+        timeline = store.get(rid)
+        assert timeline is not None and timeline["status"] == listed[rid]
