@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -15,12 +17,15 @@ from typing import Any, TextIO
 from exporter.analyze.reader import (
     ReadStats,
     file_records,
+    iter_chunks,
     iter_records,
+    open_range,
     order_files,
     split_ranges,
 )
 from exporter.analyze.render import dump_json, render_report, render_timeline
 from exporter.analyze.report import Report
+from exporter.analyze.scan import ChunkScanner
 from exporter.logs.parsers import Record, RecordParser
 from exporter.logs.timelines import timeline_dict
 
@@ -87,6 +92,49 @@ def _in_range(record: Record, since: float | None, until: float | None) -> bool:
 _Span = tuple[int, int | None]
 _Task = tuple[list[tuple[Path, _Span]], float | None, float | None, int, bool]
 PIECE = 64 << 20          # plain files are split into ranges this big for the workers
+SCAN_CHUNK = 4 << 20      # bytes handed to the chunk scanner at a time
+# A chunk counts as inside (or outside) --since/--until only this far from the bounds, so
+# lines written slightly out of order near a bound still take the exact path.
+WINDOW_SLACK_S = 10.0
+
+
+def _window_verdict(since: float | None, until: float | None) -> Callable[[Record], int]:
+    """Per record in a chunk that straddles the window: add it, skip it, or (before the
+    window) keep only a synthesis_start's text length."""
+    def verdict(record: Record) -> int:
+        if _in_range(record, since, until):
+            return 1
+        return -1 if record.event == "synthesis_start" else 0
+    return verdict
+
+
+def _scan_file(path: Path, span: _Span, scanner: ChunkScanner, stats: ReadStats,
+               since: float | None, until: float | None) -> None:
+    """One file range through the chunk scanner; with a window, chunks wholly inside it are
+    scanned, chunks before it only for starts, chunks after it skipped, and the chunks at
+    its bounds parsed line by line."""
+    filtered = since is not None or until is not None
+    low = -math.inf if since is None else since
+    high = math.inf if until is None else until
+    with open_range(path, span, stats) as (fh, length):
+        if length == 0:
+            return
+        for chunk in iter_chunks(fh, stats, length, SCAN_CHUNK):
+            if not filtered:
+                scanner.scan(chunk, stats)
+                continue
+            first, last = scanner.bounds(chunk)
+            if first is None or last is None:
+                scanner.scan_slowly(chunk, stats, _window_verdict(since, until))
+            elif max(first, last) < low - WINDOW_SLACK_S:
+                scanner.scan(chunk, stats, starts_only=True)
+            elif min(first, last) >= high + WINDOW_SLACK_S:
+                stats.lines += chunk.count(b"\n")      # read, but nothing after it matters
+            elif min(first, last) >= low + WINDOW_SLACK_S \
+                    and max(first, last) < high - WINDOW_SLACK_S:
+                scanner.scan(chunk, stats)
+            else:
+                scanner.scan_slowly(chunk, stats, _window_verdict(since, until))
 
 
 def _analyze_files(task: _Task, progress: _Progress | None = None) -> tuple[Report, ReadStats]:
@@ -97,26 +145,27 @@ def _analyze_files(task: _Task, progress: _Progress | None = None) -> tuple[Repo
     parser, stats, report = RecordParser(), ReadStats(), Report(top=top)
     if progress is not None:
         progress.stats = stats
-    add = report.add
-    n = 0
-    for path, span in paths:
-        for record in file_records(path, parser, stats, fast=fast and not filtered,
-                                   on_stage=report.add_stage, span=span):
-            if not filtered or _in_range(record, since, until):
-                add(record)
-            elif record.event == "synthesis_start":
-                report.note_start(record)
-            n += 1
-            if progress is not None and not n & 0xFFFF:
+    if fast:
+        scanner = ChunkScanner(parser, report)
+        for path, span in paths:
+            _scan_file(path, span, scanner, stats, since, until)
+            if progress is not None:
                 progress.tick()
-        for t in stats.tail_times:      # only fast (unfiltered) runs produce these
-            report.note_time(t)
-        stats.tail_times.clear()
+        return report, stats
+    add = report.add
+    for n, record in enumerate(r for path, span in paths
+                               for r in file_records(path, parser, stats, span=span)):
+        if not filtered or _in_range(record, since, until):
+            add(record)
+        elif record.event == "synthesis_start":
+            report.note_start(record)
+        if progress is not None and not n & 0xFFFF:
+            progress.tick()
     return report, stats
 
 
 def _add_stats(total: ReadStats, part: ReadStats) -> None:
-    for name in ("lines", "records", "continuation", "malformed", "bytes_read", "skipped_info"):
+    for name in ("lines", "records", "continuation", "malformed", "bytes_read"):
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.files += [f for f in part.files if not total.files or f != total.files[-1]]
 
@@ -176,8 +225,6 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 progress.stats = stats
                 progress.tick()
     progress.done()
-    report.levels["INFO"] += stats.skipped_info
-    stats.records += stats.skipped_info
     data = report.to_dict()
     stat_dict: dict[str, Any] = {"files": stats.files, "lines": stats.lines,
                                  "records": stats.records, "malformed": stats.malformed,

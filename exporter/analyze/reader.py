@@ -9,8 +9,8 @@ record they follow; malformed lines are counted, never fatal.
 from __future__ import annotations
 
 import gzip
-import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -30,8 +30,6 @@ class ReadStats:
     continuation: int = 0
     malformed: int = 0
     bytes_read: int = 0
-    skipped_info: int = 0      # INFO records counted by the fast path without parsing
-    tail_times: list[float] = field(default_factory=list)  # of fast-path files' last lines
     files: list[str] = field(default_factory=list)
 
 
@@ -66,27 +64,55 @@ def order_files(paths: list[Path], parser: RecordParser) -> list[Path]:
     return [p if t is None else next(timed)[2] for t, _, p in keyed]
 
 
-def iter_lines(fh: BinaryIO, stats: ReadStats, limit: int | None = None) -> Iterator[bytes]:
-    """Lines from large binary chunks (far faster than per-line reads on gzip streams).
-    With ``limit``, only lines that start within the next ``limit`` bytes (the last one is
-    completed past the limit), so byte ranges of one file can be read by different workers."""
+def iter_chunks(fh: BinaryIO, stats: ReadStats, limit: int | None = None,
+                size: int = _CHUNK) -> Iterator[bytes]:
+    """Blocks of whole lines, each ending in ``\n`` (large reads are far faster than per-line
+    reads on gzip streams). With ``limit``, only lines that start within the next ``limit``
+    bytes (the last one is completed past the limit), so byte ranges of one file can be read
+    by different workers."""
     rest = b""
     left = -1 if limit is None else limit
     while left:
-        chunk = fh.read(_CHUNK if left < 0 else min(_CHUNK, left))
+        chunk = fh.read(size if left < 0 else min(size, left))
         if not chunk:
             break
         left -= len(chunk) if left > 0 else 0
         stats.bytes_read += len(chunk)
-        lines = (rest + chunk).split(b"\n")
-        rest = lines.pop()
-        yield from lines
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:
+            rest += chunk
+            continue
+        yield rest + chunk[:cut] if rest else chunk[:cut]
+        rest = chunk[cut:]
     if rest and limit is not None and left == 0:
         tail = fh.readline()
         stats.bytes_read += len(tail)
-        rest += tail.rstrip(b"\n")
+        rest += tail
     if rest:
-        yield rest
+        yield rest if rest.endswith(b"\n") else rest + b"\n"
+
+
+def iter_lines(fh: BinaryIO, stats: ReadStats, limit: int | None = None) -> Iterator[bytes]:
+    """The lines of :func:`iter_chunks`, without their line endings."""
+    for chunk in iter_chunks(fh, stats, limit):
+        lines = chunk.split(b"\n")
+        lines.pop()
+        yield from lines
+
+
+@contextmanager
+def open_range(path: Path, span: tuple[int, int | None], stats: ReadStats
+               ) -> Iterator[tuple[BinaryIO, int | None]]:
+    """The file positioned at the first line that starts in ``span`` (start, length), and the
+    length left to read (None: to the end)."""
+    stats.files.append(str(path))
+    start, length = span
+    with open_log(path) as fh:
+        if start > 0:               # skip the line that started in the previous range
+            fh.seek(start - 1)
+            stats.bytes_read += len(fh.readline())
+            length = None if length is None else max(0, length - (fh.tell() - start))
+        yield fh, length
 
 
 def split_ranges(path: Path, piece: int) -> list[tuple[int, int | None]]:
@@ -99,69 +125,28 @@ def split_ranges(path: Path, piece: int) -> list[tuple[int, int | None]]:
     return [(a, min(a + piece, size) - a) for a in starts]
 
 
-# Events the summary never looks at beyond their level: counted as INFO records unparsed.
-_SKIPPABLE = (b"http_request", b"audio_metrics")
-_INFO_MARKS = (b" - INFO - ", b'"level": "INFO"', b'"level":"INFO"')
-
-
-def _skippable(line: bytes) -> bool:
-    """Cheap test for a well-formed INFO http_request/audio_metrics line (text or JSON)."""
-    if not (_SKIPPABLE[0] in line or _SKIPPABLE[1] in line):
-        return False
-    return _well_formed_info(line)
-
-
-def _well_formed_info(line: bytes) -> bool:
-    """A text line starting with a digit or a brace-closed JSON line, at level INFO."""
-    head = line[:1]
-    if head == b"{":
-        if not line.rstrip().endswith(b"}"):
-            return False
-    elif not head.isdigit():
-        return False
-    return _INFO_MARKS[0] in line or _INFO_MARKS[1] in line or _INFO_MARKS[2] in line
-
-
-# stage_time in its contract shape (stage then duration_ms, text or JSON): half of all lines,
-# so the fast path reads just these two fields; any other shape goes through the parser.
-_STAGE_TIME = re.compile(rb'[\s{,]"?stage"?(?:=|:\s*)"?([A-Za-z_][\w.]*)"?,\s*"?duration_ms"?'
-                         rb'(?:=|:\s*)(-?\d+(?:\.\d+)?)\s*(?:,|}|$)')
-StageSink = Callable[[str, float], None]
-
-
 def iter_records(paths: list[Path], parser: RecordParser, stats: ReadStats,
-                 keep_continuations: bool = False, fast: bool = False,
+                 keep_continuations: bool = False,
                  needle: bytes | None = None) -> Iterator[Record]:
     """Every record of every file, files ordered by first timestamp. With
     ``keep_continuations`` a traceback's lines are appended to the preceding record's
-    ``fields["traceback"]`` (a list of str). With ``fast``, INFO
-    http_request/audio_metrics lines are only counted (``stats.skipped_info``); the time of a
-    file's last line, if skipped, goes to ``stats.tail_times`` so the time range stays exact."""
+    ``fields["traceback"]`` (a list of str)."""
     for path in order_files(paths, parser):
-        yield from file_records(path, parser, stats, keep_continuations, fast, needle=needle)
+        yield from file_records(path, parser, stats, keep_continuations, needle=needle)
 
 
 def file_records(path: Path, parser: RecordParser, stats: ReadStats,
-                 keep_continuations: bool = False, fast: bool = False,
-                 on_stage: StageSink | None = None,
+                 keep_continuations: bool = False,
                  span: tuple[int, int | None] = (0, None),
                  needle: bytes | None = None) -> Iterator[Record]:
-    """The records of one file in file order (see :func:`iter_records`). With ``fast`` and
-    ``on_stage``, INFO stage_time lines go to ``on_stage(stage, duration_ms)`` unparsed.
+    """The records of one file in file order (see :func:`iter_records`).
     ``span`` (start, length) of a plain file: only the lines that start in that range.
     ``needle`` (``--id``): lines without it are not parsed, only kept as continuations of a
     kept record when they cannot start one (stats then count only what was parsed)."""
-    stats.files.append(str(path))
-    start, length = span
-    with open_log(path) as fh:
-        if start > 0:               # skip the line that started in the previous range
-            fh.seek(start - 1)
-            stats.bytes_read += len(fh.readline())
-            length = None if length is None else length - (fh.tell() - start)
-            if length is not None and length <= 0:
-                return
+    with open_range(path, span, stats) as (fh, length):
+        if length == 0:
+            return
         pending: Record | None = None
-        tail: bytes | None = None
         for line in iter_lines(fh, stats, length):
             stats.lines += 1
             if needle is not None and needle not in line:
@@ -171,19 +156,6 @@ def file_records(path: Path, parser: RecordParser, stats: ReadStats,
                         yield pending
                         pending = None
                     continue
-            if fast and pending is not None:
-                if _skippable(line):
-                    stats.skipped_info += 1
-                    tail = line
-                    continue
-                if on_stage is not None and b"stage_time" in line and _well_formed_info(line):
-                    match = _STAGE_TIME.search(line)
-                    if match is not None:
-                        on_stage(match[1].decode(), float(match[2]))
-                        stats.skipped_info += 1
-                        tail = line
-                        continue
-            tail = None
             try:
                 record = parser.parse(line)
             except MalformedLine:
@@ -205,10 +177,3 @@ def file_records(path: Path, parser: RecordParser, stats: ReadStats,
             pending = record
         if pending is not None:
             yield pending
-        if tail is not None:        # the file's newest line, read for the time range only
-            try:
-                last = parser.parse(tail)
-            except MalformedLine:
-                last = None
-            if last is not None and last.time is not None:
-                stats.tail_times.append(last.time)

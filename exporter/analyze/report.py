@@ -10,7 +10,10 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import floordiv
 from typing import Any
 
 from exporter.logs.parsers import Record
@@ -39,20 +42,47 @@ class LogHistogram:
         self.min = math.inf
         self.max = -math.inf
 
-    def add(self, value: float) -> None:
-        self.count += 1
-        self.total += value
+    def add(self, value: float, count: int = 1) -> None:
+        """Add ``value`` ``count`` times (the chunk scanner adds each distinct value once)."""
+        self.count += count
+        self.total += value * count
         if value < self.min:
             self.min = value
         if value > self.max:
             self.max = value
         values = self.values
         if values is not None:
-            values.append(value)
+            if count == 1:
+                values.append(value)
+            else:
+                values.extend([value] * count)
             if len(values) > EXACT_CAP:
                 self.values = None
         index = int(_log(value) // _LOG_GROWTH) if value > 0 else -(1 << 30)
-        self.buckets[index] += 1
+        self.buckets[index] += count
+
+    def extend(self, values: list[float]) -> None:
+        """Add many values in order: the same state as :meth:`add` one by one, with the
+        bucket indices counted in C (values <= 0 take the one-by-one path)."""
+        if not values:
+            return
+        low = min(values)
+        if low <= 0:
+            for value in values:
+                self.add(value)
+            return
+        self.count += len(values)
+        total = self.total
+        for value in values:
+            total += value            # in order, as add() sums, so means agree exactly
+        self.total = total
+        self.min = min(self.min, low)
+        self.max = max(self.max, max(values))
+        if self.values is not None:
+            self.values.extend(values)
+            if len(self.values) > EXACT_CAP:
+                self.values = None
+        self.buckets.update(map(int, map(floordiv, map(_log, values), repeat(_LOG_GROWTH))))
 
     def merge(self, other: LogHistogram) -> None:
         self.buckets.update(other.buckets)
@@ -104,6 +134,9 @@ def length_bucket(text_len: int) -> str:
     return f">{LENGTH_EDGES[-1]}"
 
 
+_LABELS: dict[int, str] = {}         # text length -> bucket label, for the lengths seen
+
+
 def _bucket_order(label: str) -> int:
     return 10**9 if label.startswith(">") else int(label.split("-")[0])
 
@@ -114,6 +147,14 @@ class _ErrorCode:
     first: float | None = None
     last: float | None = None
     example: str | None = None
+    example_key: tuple[float, str] = (math.inf, "")
+
+    def offer_example(self, rid: str, when: float | None) -> None:
+        """Keep the earliest failure's id (ties: the smallest id), so the example does not
+        depend on the order files, formats or workers are read in."""
+        key = (math.inf if when is None else when, rid)
+        if self.example is None or key < self.example_key:
+            self.example, self.example_key = rid, key
 
 
 @dataclass
@@ -146,35 +187,36 @@ class Report:
             self.note_time(record.time)
         event = record.event
         if event == "synthesis_complete":
-            self._complete(record)
+            self.complete(record.request_id, record.fields, record.time)
         elif event == "stage_time":
-            self._stage(record)
+            self.stage(record.fields.get("stage"), record.fields.get("duration_ms"))
         elif event == "synthesis_start":
             self.note_start(record)
 
     def note_start(self, record: Record) -> None:
         """Remember a request's text length for its synthesis_complete (also called for
         starts outside --since/--until, so a failure inside the window still gets its length)."""
-        text_len = record.fields.get("text_len")
-        if record.request_id is not None and isinstance(text_len, int):
-            self.pending[record.request_id] = text_len
+        self.start(record.request_id, record.fields.get("text_len"))
+
+    def start(self, rid: str | None, text_len: object) -> None:
+        """A synthesis_start's id and text_len, as the parser typed them."""
+        if rid is not None and isinstance(text_len, int):
+            self.pending[rid] = text_len
             if len(self.pending) > PENDING_CAP:
                 self.pending.popitem(last=False)
 
-    def add_stage(self, stage: str, duration_ms: float) -> None:
-        """An INFO stage_time read by the reader's fast path (its level counted there)."""
-        hist = self.stages.get(stage)
-        if hist is None:
-            hist = self.stages[stage] = LogHistogram()
-        hist.add(duration_ms)
-
-    def _stage(self, record: Record) -> None:
-        stage, value = record.fields.get("stage"), record.fields.get("duration_ms")
+    def stage(self, stage: object, value: object, count: int = 1) -> None:
+        """``count`` stage_time records with these (parser-typed) stage and duration_ms."""
         if isinstance(stage, str) and isinstance(value, (int, float)):
-            self.stages.setdefault(stage, LogHistogram()).add(float(value))
+            hist = self.stages.get(stage)
+            if hist is None:
+                hist = self.stages[stage] = LogHistogram()
+            hist.add(float(value), count)
 
-    def _complete(self, record: Record) -> None:
-        fields, rid = record.fields, record.request_id
+    def complete(self, rid: str | None, fields: Mapping[str, object],
+                 when: float | None) -> None:
+        """A synthesis_complete: ``fields`` as the parser types them (only status,
+        duration_ms, text_len, error_code and model_stage are read), ``when`` its time."""
         status = str(fields.get("status", "unknown"))
         self.statuses[status] += 1
         value = fields.get("duration_ms")
@@ -200,14 +242,21 @@ class Report:
         self.by_stage[str(fields.get("model_stage") or "unknown")] += 1
         entry = self.errors.setdefault(code, _ErrorCode())
         entry.count += 1
-        if record.time is not None:
-            entry.first = record.time if entry.first is None else min(entry.first, record.time)
-            entry.last = record.time if entry.last is None else max(entry.last, record.time)
-        if entry.example is None and rid:
-            entry.example = rid
+        if when is not None:
+            entry.first = when if entry.first is None else min(entry.first, when)
+            entry.last = when if entry.last is None else max(entry.last, when)
+        if rid:
+            entry.offer_example(rid, when)
 
     def _count_length(self, text_len: int, code: str) -> None:
-        counts = self.by_length.setdefault(length_bucket(text_len), Counter())
+        label = _LABELS.get(text_len)
+        if label is None:
+            label = length_bucket(text_len)
+            if len(_LABELS) < 65536:
+                _LABELS[text_len] = label
+        counts = self.by_length.get(label)
+        if counts is None:
+            counts = self.by_length[label] = Counter()
         counts["total"] += 1
         if code:
             counts["failed"] += 1
@@ -227,7 +276,9 @@ class Report:
             mine.first = e.first if mine.first is None or e.first is None else \
                 min(mine.first, e.first)
             mine.last = e.last if mine.last is None or e.last is None else max(mine.last, e.last)
-            mine.example = mine.example or e.example
+            if e.example is not None:
+                mine.offer_example(e.example, None if e.example_key[0] == math.inf
+                                   else e.example_key[0])
         for label, counts in later.by_length.items():
             self.by_length.setdefault(label, Counter()).update(counts)
         self.by_stage.update(later.by_stage)

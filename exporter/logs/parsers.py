@@ -235,6 +235,11 @@ class RecordParser:
 
     # --- full records (analysis, timelines) --------------------------------------------------
 
+    def stamp(self, value: str, text_format: bool) -> float | None:
+        """A timestamp as :meth:`record` reads it: the text head's (local time) or a JSON
+        ``time`` value (for analyze's chunk scanner, which captures the raw stamp)."""
+        return self._times.text(value) if text_format else self._times.any(value)
+
     def parse(self, line: bytes) -> Record | None:
         """A :class:`Record` for a line that starts one, None for a continuation or blank line;
         MalformedLine for a line that starts like a record but cannot be parsed."""

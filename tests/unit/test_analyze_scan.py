@@ -1,0 +1,245 @@
+"""The chunk scanner (``analyze``'s fast path) gives the report the full parser gives.
+
+Every test compares ``analyze --json`` against ``analyze --json --no-fast`` (every line
+through :class:`RecordParser`) on real files: lines the contract writes, lines a fast shape
+must refuse (duplicate keys, aliases, escapes, broken JSON, other key orders) and random
+corruptions of generated logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.analyze.reader import ReadStats
+from exporter.analyze.report import LogHistogram, Report
+from exporter.analyze.scan import ChunkScanner
+from exporter.logs.parsers import RecordParser
+from tests.bench.make_logs import generate
+
+STAMP_JSON = '"time": "2026-11-22T10:00:01.000+00:00"'
+STAMP_TEXT = "2026-11-22 10:00:01,000"
+# Lines no fast shape may take at face value; the full parser decides what each one is.
+TRICKY = [
+    # JSON: duplicates, aliases, escapes, types, broken lines, other orders and separators
+    '{%s, "level": "INFO", "logger": "a", "event": "http_request", "event": '
+    '"synthesis_complete", "request_id": "d1", "status": "failed", "error_code": "DUP"}',
+    '{%s, "level": "INFO", "logger": "a", "event": "http_request", "level": "ERROR"}',
+    '{%s, "level": "INFO", "logger": "a", "event": "synthesis_complete", "request_id": "d2", '
+    '"status": "success", "status": "failed", "duration_ms": 5, "error_code": "TWICE", '
+    '"text_len": 9, "model_stage": "x"}',
+    '{%s, "level": "INFO", "logger": "a", "event": "synthesis_complete", "request_id": "a1", '
+    '"result": "failed", "elapsed_ms": 70, "err_code": "ALIASED", "text_length": 3000, '
+    '"model_stage": "x"}',
+    '{%s, "level": "ERROR", "logger": "a", "event": "synthesis_complete", "request_id": "e1", '
+    '"status": "failed", "duration_ms": 12, "error_code": "ESC", "text_len": 2048, '
+    '"model_stage": "llm", "message": "bad \\"quote\\" and \\u00e9"}',
+    '{%s, "level": "INFO", "logger": "a", "event": "synthesis_complete", "request_id": "t1", '
+    '"status": true, "duration_ms": "12", "error_code": null, "text_len": 12.0, '
+    '"model_stage": 3}',
+    '{%s, "level": "INFO", "logger": "a", "event": "stage_time", "request_id": "s1", '
+    '"stage": "llm_inference", "duration_ms": "slow"}',
+    '{%s, "level": "INFO", "logger": "a", "event": "stage_time", "request_id": "s2", '
+    '"stage": "audio_render", "duration_ms": 1e400}',
+    '{%s, "level": "INFO", "logger": "a", "event": "stage_time", "request_id": "s3", '
+    '"stage": "audio_render", "duration_ms": 7, "duration_ms": 9}',
+    '{%s, "level": "INFO", "logger": "a", "event": "http_request", "request_id": "b1", '
+    '"status": 200, "x": [1, 2]}',
+    '{%s, "level": "INFO", "logger": "a", "event": "http_request", "route": "/v1/tts}',
+    '{%s, "level": "INFO", "logger": "a", "event": "audio_metrics", "rms": 01}',
+    '{%s, "level": "INFO", "logger": "a", "event": "audio_metrics", "note": "tab\there"}',
+    '{%s, "level": "warn", "logger": "a", "event": "cache_write_failed"}',
+    '{%s, "level": "WARN", "logger": "a", "event": "cache_write_failed"}',
+    '{"level": "INFO", %s, "logger": "a", "event": "synthesis_start", "request_id": "o1", '
+    '"text_len": 2048}',
+    '{%s,"level":"INFO","logger":"a","event":"stage_time","request_id":"c1","stage":"x",'
+    '"duration_ms":4}',
+    '{%s, "level": "INFO", "logger": "a", "event": "infer_done", "request_id": "o1", '
+    '"status": "failed", "duration_ms": 40, "error_code": "ALIASED_EVENT", '
+    '"model_stage": "llm"}',
+    '{%s, "level": "INFO", "logger": "a", "event": "synthesis_start", "request_id": "n1", '
+    '"text_len": 99999999999999999999}',
+    '{%s, "level": "INFO", "logger": "a", "event": "http_request"}   ',
+    '[1, 2]',
+    '{"time": "2026-11-22T10:00:01", "event": "broken',
+]
+TRICKY_TEXT = [
+    '%s - app - INFO - synthesis_complete: id=q1, status="failed", duration_ms=30, '
+    'error_code=QUOTED, text_len=2048, model_stage=llm',
+    "%s - app - INFO - synthesis_complete: id=true, status=failed, duration_ms=31ms, "
+    "error_code=0, text_len=86 chars, model_stage=llm",
+    "%s - app - INFO - synthesis_complete: id=007, status=failed, duration_ms=1e3, "
+    "error_code=NUMERIC_ID, text_len=2048, model_stage=",
+    "%s - app - ERROR - synthesis_complete: id=r9, status=failed, duration_ms=8, "
+    "result=success, error_code=ALIAS_AFTER, text_len=7, model_stage=llm",
+    "%s - app - info - stage_time: id=r9, stage=llm, duration_ms=5",
+    "%s - app\tx - INFO - stage_time: id=r9, stage=llm, duration_ms=5",
+    "%s - app - INFO - stage_time: id=r9, stage=true, duration_ms=5",
+    "%s - app - INFO - stage_time: id=r9, stage=llm, duration_ms=5, duration_ms=6",
+    "%s - app - INFO - stage_time: garbage",
+    "%s - app - ERROR - caught: 2026-11-22 10:00:01,000 - x - INFO - stage_time: id=f, "
+    "stage=fake, duration_ms=999",
+    "%s - app - WARN - free text with = and , inside",
+    "%s - app - INFO - synthesis_start: id=ix, text_len=500",
+    "%s - app - INFO - synthesis_complete: id=ix, status=failed, duration_ms=9, "
+    "error_code=LEN_FROM_START, model_stage=llm",
+    "%s - app - INFO - synthesis_complete: id=ix, status=success, duration_ms=9, "
+    "model_stage=llm",
+    "Traceback (most recent call last):",
+    "   ",
+    "",
+    "\r",
+]
+
+
+def _analyze(*args: str) -> dict:
+    env = {**os.environ, "TZ": "UTC"}
+    result = subprocess.run([sys.executable, "-m", "exporter", "analyze", "--json", *args],
+                            env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    data["input"].pop("files")
+    return data
+
+
+def _stamped(line: str) -> str:
+    """The line with its time in place of ``%s`` (JSON or text form, by the first byte)."""
+    return line.replace("%s", STAMP_JSON if line.startswith("{") else STAMP_TEXT, 1)
+
+
+def _tricky_lines() -> list[str]:
+    return [_stamped(line) for line in TRICKY + TRICKY_TEXT]
+
+
+def _assert_fast_equals_full(path: Path) -> dict:
+    full = _analyze("--no-fast", "--jobs", "1", str(path))
+    assert _analyze("--jobs", "1", str(path)) == full
+    assert _analyze("--jobs", "2", str(path)) == full
+    return full
+
+
+def test_tricky_lines_get_the_full_parsers_verdict(tmp_path: Path) -> None:
+    path = tmp_path / "app.log"
+    lines = list(generate(300)) + _tricky_lines() + list(generate(300, seed=8))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    full = _assert_fast_equals_full(path)
+    codes = {e["code"] for e in full["error_codes"]}
+    # the parser's own verdicts, which the fast path had to reproduce
+    assert {"DUP", "ALIASED", "ESC", "QUOTED", "ALIAS_AFTER", "ALIASED_EVENT",
+            "LEN_FROM_START"} <= codes
+    assert full["input"]["malformed"] >= 5
+
+
+def test_random_corruption_of_generated_logs(tmp_path: Path) -> None:
+    rnd = random.Random(11)
+    lines = list(generate(6000))
+    for i in rnd.sample(range(len(lines)), 600):
+        line = lines[i]
+        cut = rnd.randrange(1, max(2, len(line)))
+        kind = rnd.randrange(5)
+        if kind == 0:                               # a character lost
+            lines[i] = line[:cut] + line[cut + 1:]
+        elif kind == 1:                             # a write cut short
+            lines[i] = line[:cut]
+        elif kind == 2:                             # a byte flipped
+            lines[i] = line[:cut] + rnd.choice('"\\,:={} \t') + line[cut + 1:]
+        elif kind == 3:                             # two pairs swapped
+            parts = line.split(", ")
+            if len(parts) > 3:
+                a, b = rnd.sample(range(1, len(parts) - 1), 2)
+                parts[a], parts[b] = parts[b], parts[a]
+            lines[i] = ", ".join(parts)
+        else:                                       # a pair repeated with another value
+            parts = line.split(", ")
+            if len(parts) < 2:
+                continue
+            extra = parts[rnd.randrange(1, len(parts))].rstrip("}")
+            key = extra.split("=")[0].split(":")[0]
+            lines[i] = line.rstrip("}") + ", " + key + ('": "zz"' if line.startswith("{")
+                                                        else "=zz") \
+                + ("}" if line.endswith("}") else "")
+    path = tmp_path / "app.log"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    _assert_fast_equals_full(path)
+
+
+def test_mixed_formats_keep_file_order_for_lengths(tmp_path: Path) -> None:
+    """A JSON start and a text completion without text_len: the join needs file order,
+    which two per-format passes would lose, so such a chunk is read line by line."""
+    lines = [
+        '{%s, "level": "INFO", "logger": "a", "event": "synthesis_start", "request_id": "m1", '
+        '"text_len": 2048}',
+        "%s - app - ERROR - synthesis_complete: id=m1, status=failed, duration_ms=9, "
+        "error_code=SCIPY_FFT_INVALID, model_stage=llm",
+        "%s - app - INFO - synthesis_start: id=m2, text_len=12",
+        '{%s, "level": "INFO", "logger": "a", "event": "synthesis_complete", '
+        '"request_id": "m2", "status": "success", "duration_ms": 3, "model_stage": "x"}']
+    path = tmp_path / "app.log"
+    path.write_text("\n".join(map(_stamped, lines)) + "\n")
+    full = _assert_fast_equals_full(path)
+    rows = {row["bucket"]: row for row in full["failures_by_text_length"]}
+    assert rows["2048"]["failed"] == 1 and rows["0-64"]["total"] == 1
+
+
+def test_reused_request_ids_match_in_file_order(tmp_path: Path) -> None:
+    lines = []
+    for length in (12, 2048, 12):
+        lines += [f"{STAMP_TEXT} - app - INFO - synthesis_start: id=retry, text_len={length}",
+                  f"{STAMP_TEXT} - app - ERROR - synthesis_complete: id=retry, status=failed, "
+                  "duration_ms=5, error_code=X, model_stage=llm"]
+    path = tmp_path / "app.log"
+    path.write_text("\n".join(lines) + "\n")
+    full = _assert_fast_equals_full(path)
+    assert {r["bucket"]: r["total"] for r in full["failures_by_text_length"]} == \
+        {"0-64": 2, "2048": 1}
+
+
+def test_window_reads_inside_chunks_fast_and_bounds_exactly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """With --since/--until the scanner skips, scans or parses chunk by chunk; the result
+    is the full parser's, also when many small chunks straddle and surround the window."""
+    import exporter.analyze.cli as cli
+    from exporter.__main__ import main
+
+    path = tmp_path / "app.log"
+    path.write_text("\n".join(generate(20_000)) + "\n")
+    window = ["--since", "2026-11-22T10:00:00.5+00:00", "--until", "2026-11-22T10:00:02.5+00:00"]
+    full = _analyze("--no-fast", "--jobs", "1", *window, str(path))
+    monkeypatch.setattr(cli, "SCAN_CHUNK", 64 << 10)
+    monkeypatch.setattr(cli, "WINDOW_SLACK_S", 0.1)
+    monkeypatch.setenv("TZ", "UTC")
+    assert main(["analyze", "--json", "--jobs", "1", *window, str(path)]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    fast["input"].pop("files")
+    assert fast["syntheses"] == full["syntheses"] and fast["syntheses"]["total"] > 0
+    for key in ("levels", "error_codes", "failures_by_text_length", "stages", "slowest",
+                "duration_ms", "time_range"):
+        assert fast[key] == full[key], key
+
+
+def test_scanner_counts_lines_like_the_reader() -> None:
+    parser = RecordParser()
+    scanner, stats = ChunkScanner(parser, Report()), ReadStats()
+    scanner.scan(("\n".join(_tricky_lines()) + "\n").encode(), stats)
+    slow, slow_stats = ChunkScanner(parser, Report()), ReadStats()
+    slow.scan_slowly(("\n".join(_tricky_lines()) + "\n").encode(), slow_stats)
+    assert stats == slow_stats
+    assert scanner.report.to_dict() == slow.report.to_dict()
+
+
+def test_histogram_extend_equals_adding_one_by_one() -> None:
+    rnd = random.Random(5)
+    for values in ([rnd.lognormvariate(5, 1) for _ in range(6000)], [3.0, 0.0, -1.0, 7.5]):
+        one, many = LogHistogram(), LogHistogram()
+        for value in values:
+            one.add(value)
+        many.extend(values)
+        assert (one.count, one.total, one.min, one.max, one.buckets, one.values) == \
+            (many.count, many.total, many.min, many.max, many.buckets, many.values)
