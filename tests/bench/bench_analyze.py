@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import resource
 import subprocess
 import sys
@@ -49,7 +50,9 @@ def make_set(directory: Path, total_bytes: int) -> list[Path]:
 
 def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, str]:
     start = time.perf_counter()
-    out = subprocess.run(cmd, shell=shell, capture_output=True, text=True, check=True).stdout
+    env = {**os.environ, "TZ": "UTC"}      # the text lines' local stamps read as UTC
+    out = subprocess.run(cmd, shell=shell, capture_output=True, text=True, check=True,
+                         env=env).stdout
     return time.perf_counter() - start, out
 
 
@@ -58,6 +61,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="~100 MB instead of ~1 GB")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tts-bench-analyze"))
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--full-parse", action="store_true",
+                        help="also time --no-fast (the exact per-line path), for comparison")
     args = parser.parse_args()
     size = 100_000_000 if args.quick else 1_000_000_000
     t0 = time.perf_counter()
@@ -76,6 +81,14 @@ def main() -> None:
     print(f"analyze --jobs {args.jobs}: {wall:.2f}s = {wall / base:.1f}x the baseline, "
           f"{int(raw) / 1e6 / wall:.0f} MB/s, peak RSS {rss_kb / 1024:.0f} MiB "
           f"(largest process)")
+    window = ["--since", "2026-11-22T10:05:00+00:00", "--until", "2026-11-22T10:07:00+00:00"]
+    wall, _ = timed([*cmd[:5], *window, *cmd[5:]])
+    print(f"analyze --jobs {args.jobs} over a 2-minute window: {wall:.2f}s = "
+          f"{wall / base:.1f}x the baseline")
+    if args.full_parse:
+        wall, _ = timed([*cmd[:5], "--no-fast", *cmd[5:]])
+        print(f"analyze --jobs {args.jobs} --no-fast (every line through the parser): "
+              f"{wall:.2f}s = {wall / base:.1f}x the baseline")
 
 
 if __name__ == "__main__":
