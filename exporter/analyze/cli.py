@@ -109,7 +109,8 @@ def _window_verdict(since: float | None, until: float | None) -> Callable[[Recor
 
 
 def _scan_file(path: Path, span: _Span, scanner: ChunkScanner, stats: ReadStats,
-               since: float | None, until: float | None) -> None:
+               since: float | None, until: float | None,
+               tick: Callable[[], None] = lambda: None) -> None:
     """One file range through the chunk scanner; with a window, chunks wholly inside it are
     scanned, chunks before it only for starts, chunks after it skipped, and the chunks at
     its bounds parsed line by line."""
@@ -120,6 +121,7 @@ def _scan_file(path: Path, span: _Span, scanner: ChunkScanner, stats: ReadStats,
         if length == 0:
             return
         for chunk in iter_chunks(fh, stats, length, SCAN_CHUNK):
+            tick()
             if not filtered:
                 scanner.scan(chunk, stats)
                 continue
@@ -148,9 +150,8 @@ def _analyze_files(task: _Task, progress: _Progress | None = None) -> tuple[Repo
     if fast:
         scanner = ChunkScanner(parser, report)
         for path, span in paths:
-            _scan_file(path, span, scanner, stats, since, until)
-            if progress is not None:
-                progress.tick()
+            _scan_file(path, span, scanner, stats, since, until,
+                       progress.tick if progress is not None else lambda: None)
         return report, stats
     add = report.add
     for n, record in enumerate(r for path, span in paths
