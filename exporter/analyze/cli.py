@@ -112,8 +112,9 @@ def _scan_file(path: Path, span: _Span, scanner: ChunkScanner, stats: ReadStats,
                since: float | None, until: float | None,
                tick: Callable[[], None] = lambda: None) -> None:
     """One file range through the chunk scanner; with a window, chunks wholly inside it are
-    scanned, chunks before it only for starts, chunks after it skipped, and the chunks at
-    its bounds parsed line by line."""
+    scanned, chunks before it only for starts, the chunks at its bounds parsed line by line,
+    and the range is left at the first chunk past it (so the footer's line counts stop
+    there)."""
     filtered = since is not None or until is not None
     low = -math.inf if since is None else since
     high = math.inf if until is None else until
@@ -131,7 +132,7 @@ def _scan_file(path: Path, span: _Span, scanner: ChunkScanner, stats: ReadStats,
             elif max(first, last) < low - WINDOW_SLACK_S:
                 scanner.scan(chunk, stats, starts_only=True)
             elif min(first, last) >= high + WINDOW_SLACK_S:
-                stats.lines += chunk.count(b"\n")      # read, but nothing after it matters
+                break                       # logs run forward: nothing after this matters
             elif min(first, last) >= low + WINDOW_SLACK_S \
                     and max(first, last) < high - WINDOW_SLACK_S:
                 scanner.scan(chunk, stats)

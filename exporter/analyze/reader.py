@@ -9,9 +9,10 @@ record they follow; malformed lines are counted, never fatal.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
@@ -42,19 +43,22 @@ def open_log(path: Path) -> BinaryIO:
     return open(path, "rb")
 
 
+def first_stamp(lines: Iterable[bytes], parser: RecordParser) -> float | None:
+    """The first parseable timestamp among ``lines`` (None when there is none)."""
+    for line in lines:
+        try:
+            record = parser.parse(line)
+        except MalformedLine:
+            continue
+        if record is not None and record.time is not None:
+            return record.time
+    return None
+
+
 def first_time(path: Path, parser: RecordParser) -> float | None:
     """The first parseable timestamp in the file's first lines (None when there is none)."""
     with open_log(path) as fh:
-        for n, line in enumerate(fh):
-            if n >= _PROBE_LINES:
-                break
-            try:
-                record = parser.parse(line)
-            except MalformedLine:
-                continue
-            if record is not None and record.time is not None:
-                return record.time
-    return None
+        return first_stamp(islice(fh, _PROBE_LINES), parser)
 
 
 def order_files(paths: list[Path], parser: RecordParser) -> list[Path]:

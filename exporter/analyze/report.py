@@ -12,6 +12,7 @@ import math
 from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from itertools import repeat
 from operator import floordiv
 from typing import Any
@@ -124,6 +125,7 @@ class LogHistogram:
                 "p99": self.quantile(0.99)}
 
 
+@lru_cache(maxsize=65536)
 def length_bucket(text_len: int) -> str:
     """Label for a text length; 2048 gets its own bucket (the seed's failing length)."""
     low = 0
@@ -132,9 +134,6 @@ def length_bucket(text_len: int) -> str:
             return f"{low}-{edge}" if edge - low > 1 else str(edge)
         low = edge + 1
     return f">{LENGTH_EDGES[-1]}"
-
-
-_LABELS: dict[int, str] = {}         # text length -> bucket label, for the lengths seen
 
 
 def _bucket_order(label: str) -> int:
@@ -146,15 +145,13 @@ class _ErrorCode:
     count: int = 0
     first: float | None = None
     last: float | None = None
-    example: str | None = None
-    example_key: tuple[float, str] = (math.inf, "")
+    # (time or inf, id) of the earliest failure (ties: the smallest id), so the example does
+    # not depend on the order files, formats or workers are read in
+    example: tuple[float, str] | None = None
 
-    def offer_example(self, rid: str, when: float | None) -> None:
-        """Keep the earliest failure's id (ties: the smallest id), so the example does not
-        depend on the order files, formats or workers are read in."""
-        key = (math.inf if when is None else when, rid)
-        if self.example is None or key < self.example_key:
-            self.example, self.example_key = rid, key
+    def offer_example(self, key: tuple[float, str]) -> None:
+        if self.example is None or key < self.example:
+            self.example = key
 
 
 @dataclass
@@ -208,10 +205,18 @@ class Report:
     def stage(self, stage: object, value: object, count: int = 1) -> None:
         """``count`` stage_time records with these (parser-typed) stage and duration_ms."""
         if isinstance(stage, str) and isinstance(value, (int, float)):
-            hist = self.stages.get(stage)
-            if hist is None:
-                hist = self.stages[stage] = LogHistogram()
-            hist.add(float(value), count)
+            self._stage_hist(stage).add(float(value), count)
+
+    def stage_values(self, stage: object, values: list[float]) -> None:
+        """Many stage_time durations of one (parser-typed) stage, in file order."""
+        if isinstance(stage, str):
+            self._stage_hist(stage).extend(values)
+
+    def _stage_hist(self, stage: str) -> LogHistogram:
+        hist = self.stages.get(stage)
+        if hist is None:
+            hist = self.stages[stage] = LogHistogram()
+        return hist
 
     def complete(self, rid: str | None, fields: Mapping[str, object],
                  when: float | None) -> None:
@@ -246,14 +251,10 @@ class Report:
             entry.first = when if entry.first is None else min(entry.first, when)
             entry.last = when if entry.last is None else max(entry.last, when)
         if rid:
-            entry.offer_example(rid, when)
+            entry.offer_example((math.inf if when is None else when, rid))
 
     def _count_length(self, text_len: int, code: str) -> None:
-        label = _LABELS.get(text_len)
-        if label is None:
-            label = length_bucket(text_len)
-            if len(_LABELS) < 65536:
-                _LABELS[text_len] = label
+        label = length_bucket(text_len)
         counts = self.by_length.get(label)
         if counts is None:
             counts = self.by_length[label] = Counter()
@@ -277,8 +278,7 @@ class Report:
                 min(mine.first, e.first)
             mine.last = e.last if mine.last is None or e.last is None else max(mine.last, e.last)
             if e.example is not None:
-                mine.offer_example(e.example, None if e.example_key[0] == math.inf
-                                   else e.example_key[0])
+                mine.offer_example(e.example)
         for label, counts in later.by_length.items():
             self.by_length.setdefault(label, Counter()).update(counts)
         self.by_stage.update(later.by_stage)
@@ -328,7 +328,8 @@ class Report:
             "error_codes": [{"code": code, "count": e.count,
                              "share": round(e.count / total_errors, 4),
                              "first_seen": e.first, "last_seen": e.last,
-                             "example_request_id": e.example} for code, e in errors],
+                             "example_request_id": e.example[1] if e.example else None}
+                            for code, e in errors],
             "failures_by_text_length": lengths,
             "failures_by_stage": dict(sorted(self.by_stage.items(),
                                              key=lambda kv: (-kv[1], kv[0]))),

@@ -38,9 +38,15 @@ from operator import itemgetter
 
 from orjson import loads as json_loads
 
-from exporter.analyze.reader import ReadStats
-from exporter.analyze.report import LogHistogram, Report
-from exporter.logs.parsers import _LEVELS, MalformedLine, Record, RecordParser, convert_value
+from exporter.analyze.reader import ReadStats, first_stamp
+from exporter.analyze.report import Report
+from exporter.logs.parsers import (
+    MalformedLine,
+    Record,
+    RecordParser,
+    convert_value,
+    normalise_level,
+)
 
 START, COMPLETE, STAGE = "synthesis_start", "synthesis_complete", "stage_time"
 # Fields the report reads, by canonical name: their aliases must not hide in "other" keys.
@@ -65,7 +71,6 @@ _TEXT_STAMP = rb"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?)"
 _GROUPS = 14
 _COMPLETE_FIELDS = (("status", _STATUS), ("duration_ms", _DURATION_OTHER), ("text_len", _TEXT_LEN),
                     ("error_code", _CODE), ("model_stage", _MODEL_STAGE))
-_MISSING = object()
 
 
 def _alt(names: Iterable[str]) -> bytes:
@@ -164,6 +169,29 @@ def _text_value(raw: bytes) -> object:
     return convert_value(raw.decode("utf-8", "replace"))
 
 
+@dataclass(slots=True)
+class _Residue:
+    """A line no fast shape fits, already through the full parser."""
+
+    record: Record | None
+    kind: str                  # "record", "continuation", "malformed" or "blank"
+
+
+def _count(stats: ReadStats, kind: str) -> None:
+    """Count one line the way :func:`~exporter.analyze.reader.file_records` does."""
+    if kind != "blank":
+        stats.lines += 1
+        if kind == "record":
+            stats.records += 1
+        elif kind == "malformed":
+            stats.malformed += 1
+        else:
+            stats.continuation += 1
+
+
+_Item = tuple[bytes, ...] | _Residue      # a fast start/complete row, or a parsed residue line
+
+
 class ChunkScanner:
     """Feeds line-aligned chunks into a :class:`Report` (see the module docstring)."""
 
@@ -177,48 +205,62 @@ class ChunkScanner:
 
     def scan(self, chunk: bytes, stats: ReadStats, starts_only: bool = False) -> None:
         """Add one chunk (whole lines, each ending in ``\n``). With ``starts_only`` only
-        synthesis_start lines count (a chunk before ``--since``: their text lengths serve
-        failures inside the window)."""
+        synthesis_start records count (a chunk before ``--since``: their text lengths serve
+        failures inside the window); its lines are counted either way."""
         body = b"\n" + chunk
-        parts = [(self.patterns.json.findall(body), False),
-                 (self.patterns.text.findall(body), True)]
-        if starts_only:
-            for rows, text in parts:
-                for row in rows:
-                    if row[_EVENT] and self.patterns.events[row[_EVENT]] == START:
-                        self._start(row, text)
-            return
-        sequential = [[row for row in rows if row[_EVENT] or row[_RAW]] for rows, _ in parts]
-        if all(sequential) and any(row[_EVENT] and not row[_TEXT_LEN] for rows in sequential
-                                   for row in rows):
+        parts = []
+        for pattern, text in ((self.patterns.json, False), (self.patterns.text, True)):
+            rows = pattern.findall(body)
+            ordered: list[_Item] = [row if row[_EVENT] else self._read(row[_RAW])
+                                    for row in rows if row[_EVENT] or row[_RAW]]
+            parts.append((rows, ordered, text))
+        if not starts_only and all(ordered for _, ordered, _ in parts) \
+                and any(map(self._needs_start, (i for _, o, _ in parts for i in o))):
             # a completion that needs its start's text length, with lines of both formats:
             # the two passes lose their relative order, so keep the exact order instead
             self.scan_slowly(chunk, stats)
             return
-        for (rows, text), ordered in zip(parts, sequential, strict=True):
-            self._add_rows(rows, ordered, text, stats)
+        for rows, ordered, text in parts:
+            self._add_rows(rows, ordered, text, stats, starts_only)
 
-    def _add_rows(self, rows: list[tuple[bytes, ...]], ordered: list[tuple[bytes, ...]],
-                  text: bool, stats: ReadStats) -> None:
+    def _needs_start(self, item: _Item) -> bool:
+        """A completion without its own integer text_len (it takes its start's)."""
+        if isinstance(item, _Residue):
+            if item.record is None or item.record.event != COMPLETE:
+                return False
+            text_len = item.record.fields.get("text_len")
+            return not isinstance(text_len, int) or isinstance(text_len, bool)
+        return self.patterns.events[item[_EVENT]] == COMPLETE and not item[_TEXT_LEN]
+
+    def _add_rows(self, rows: list[tuple[bytes, ...]], ordered: list[_Item], text: bool,
+                  stats: ReadStats, starts_only: bool) -> None:
         """One format's rows: levels and stage times in bulk, the rest in file order."""
-        report = self.report
+        residue = 0
+        for item in ordered:
+            if isinstance(item, _Residue):
+                residue += 1
+                _count(stats, item.kind)
+                record = item.record
+                if record is None:
+                    continue
+                if not starts_only:
+                    self.report.add(record)
+                elif record.event == START:
+                    self.report.note_start(record)
+            elif self.patterns.events[item[_EVENT]] == START:
+                self._start(item, text)
+            elif not starts_only:
+                self._complete(item, text)
+        stats.lines += len(rows) - residue
+        stats.records += len(rows) - residue
+        if starts_only:
+            return
         levels = Counter(map(itemgetter(_LEVEL), rows))
-        self._add_stages(rows, text)
-        raw_lines = 0
-        for row in ordered:
-            if row[_RAW]:
-                raw_lines += 1
-                self._residue(row[_RAW], stats)
-            elif self.patterns.events[row[_EVENT]] == START:
-                self._start(row, text)
-            else:
-                self._complete(row, text)
-        levels[b""] -= raw_lines
-        stats.lines += len(rows) - raw_lines
-        stats.records += len(rows) - raw_lines
+        levels[b""] -= residue                       # residue records were added above
         for level, n in levels.items():
             if n:
-                report.levels[self._level(level)] += n
+                self.report.levels[self._level(level)] += n
+        self._add_stages(rows, text)
         self._note_times(rows, text)
 
     def _add_stages(self, rows: list[tuple[bytes, ...]], text: bool) -> None:
@@ -233,12 +275,7 @@ class ChunkScanner:
                     others.append((stage, row[_STAGE_OTHER]))
         convert = self._text if text else self._json
         for stage, values in numbers.items():
-            name = convert(stage)
-            if isinstance(name, str):
-                hist = self.report.stages.get(name)
-                if hist is None:
-                    hist = self.report.stages[name] = LogHistogram()
-                hist.extend(list(map(float, values)))
+            self.report.stage_values(convert(stage), list(map(float, values)))
         for (stage, other), n in Counter(others).items():
             self.report.stage(convert(stage), convert(other), n)
 
@@ -247,7 +284,9 @@ class ChunkScanner:
         """Every line through the full parser. ``keep(record)`` (time windows) returns 1 to
         add the record, 0 to skip it, -1 to note only a synthesis_start's length."""
         for line in chunk.split(b"\n")[:-1]:
-            record = self._parse(line, stats)
+            item = self._read(line)
+            _count(stats, item.kind)
+            record = item.record
             if record is None:
                 continue
             verdict = 1 if keep is None else keep(record)
@@ -261,46 +300,21 @@ class ChunkScanner:
         within a few lines)."""
         head = chunk[:16384].split(b"\n")[:64]
         tail = chunk[-16384:].split(b"\n")[-65:]
-        return self._first_time(head), self._first_time(reversed(tail))
+        return first_stamp(head, self.parser), first_stamp(reversed(tail), self.parser)
 
-    def _first_time(self, lines: Iterable[bytes]) -> float | None:
-        for line in lines:
-            try:
-                record = self.parser.parse(line)
-            except MalformedLine:
-                continue
-            if record is not None and record.time is not None:
-                return record.time
-        return None
-
-    def _parse(self, line: bytes, stats: ReadStats) -> Record | None:
-        """One line counted the way :func:`~exporter.analyze.reader.file_records` stats."""
+    def _read(self, line: bytes) -> _Residue:
         try:
             record = self.parser.parse(line)
         except MalformedLine:
-            stats.lines += 1
-            stats.malformed += 1
-            return None
+            return _Residue(None, "malformed")
         if record is None:
-            if line.strip():
-                stats.lines += 1
-                stats.continuation += 1
-            return None
-        stats.lines += 1
-        stats.records += 1
-        return record
-
-    def _residue(self, line: bytes, stats: ReadStats) -> None:
-        """A line no fast shape fits, parsed in full."""
-        record = self._parse(line, stats)
-        if record is not None:
-            self.report.add(record)
+            return _Residue(None, "continuation" if line.strip() else "blank")
+        return _Residue(record, "record")
 
     def _level(self, level: bytes) -> str:
         name = self._levels.get(level)
         if name is None:
-            text = level.decode() or "INFO"
-            name = self._levels[level] = _LEVELS.get(text, text)
+            name = self._levels[level] = normalise_level(level.decode() or "INFO")
         return name
 
     @staticmethod
@@ -315,18 +329,12 @@ class ChunkScanner:
         self.report.start(self._rid(row[_RID], text), convert(raw) if raw else None)
 
     def _complete(self, row: tuple[bytes, ...], text: bool) -> None:
-        values = self._text if text else self._json
-        get = values.cache.get
-        fields: dict[str, object] = {}
-        for name, index in _COMPLETE_FIELDS:
-            raw = row[index]
-            if raw:
-                value = get(raw, _MISSING)
-                fields[name] = values(raw) if value is _MISSING else value
+        convert = self._text if text else self._json
+        fields = {name: convert(row[index]) for name, index in _COMPLETE_FIELDS if row[index]}
         if row[_DURATION_NUM]:
             fields["duration_ms"] = float(row[_DURATION_NUM])
         when = None
-        if fields.get("status") == "failed" or str(fields.get("status", "unknown")) == "failed":
+        if str(fields.get("status", "unknown")) == "failed":
             when = self.parser.stamp(row[_STAMP].decode("utf-8", "replace"), text)
         self.report.complete(self._rid(row[_RID], text), fields, when)
 

@@ -243,3 +243,44 @@ def test_histogram_extend_equals_adding_one_by_one() -> None:
         many.extend(values)
         assert (one.count, one.total, one.min, one.max, one.buckets, one.values) == \
             (many.count, many.total, many.min, many.max, many.buckets, many.values)
+
+
+def test_residue_lines_keep_their_place_in_joins(tmp_path: Path) -> None:
+    """A text start then a JSON completion that only the full parser reads (keys in another
+    order) and that takes its text length from the start: file order must hold."""
+    lines = [
+        "%s - app - INFO - synthesis_start: id=k1, text_len=2048",
+        '{"level": "ERROR", %s, "logger": "a", "event": "synthesis_complete", '
+        '"request_id": "k1", "status": "failed", "duration_ms": 9, "error_code": "LATE_JSON", '
+        '"model_stage": "llm"}']
+    path = tmp_path / "app.log"
+    path.write_text("\n".join(map(_stamped, lines)) + "\n")
+    full = _assert_fast_equals_full(path)
+    assert [r["bucket"] for r in full["failures_by_text_length"]] == ["2048"]
+
+
+def test_window_takes_lengths_from_starts_only_the_parser_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import exporter.analyze.cli as cli
+    from exporter.__main__ import main
+
+    filler = ('{"time": "2026-11-22T10:00:%02d.000+00:00", "level": "INFO", "logger": "a", '
+              '"event": "http_request", "request_id": "h", "status": 200}')
+    lines = [filler % 0] * 3000 + [
+        '{"level": "INFO", "time": "2026-11-22T10:00:00.000+00:00", "logger": "a", '
+        '"event": "synthesis_start", "request_id": "w1", "text_len": 2048}'] \
+        + [filler % 1] * 3000 + [filler % 9] * 3000 + [
+        "2026-11-22 10:00:09,000 - app - ERROR - synthesis_complete: id=w1, status=failed, "
+        "duration_ms=9, error_code=FROM_BEFORE, model_stage=llm"] + [filler % 9] * 3000
+    path = tmp_path / "app.log"
+    path.write_text("\n".join(lines) + "\n")
+    window = ["--since", "2026-11-22T10:00:05+00:00", "--until", "2026-11-22T10:00:30+00:00"]
+    full = _analyze("--no-fast", "--jobs", "1", *window, str(path))
+    monkeypatch.setattr(cli, "SCAN_CHUNK", 64 << 10)
+    monkeypatch.setattr(cli, "WINDOW_SLACK_S", 0.5)
+    monkeypatch.setenv("TZ", "UTC")
+    assert main(["analyze", "--json", "--jobs", "1", *window, str(path)]) == 0
+    fast = json.loads(capsys.readouterr().out)
+    assert fast["failures_by_text_length"] == full["failures_by_text_length"]
+    assert [r["bucket"] for r in fast["failures_by_text_length"]] == ["2048"]
