@@ -10,11 +10,12 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 DEBIAN_PKGS := prometheus prometheus-alertmanager mtail wrk nginx
 
-.PHONY: run test bench lint venv deps debs node clean cpu-torchaudio
+.PHONY: run test bench lint venv deps debs node clean cpu-torchaudio compiler
 
 GRAFANA_CHECK := grafana/check
 
-$(VENV)/.installed: pyproject.toml
+# The C scanner (exporter/analyze/_scan.c) is compiled by the editable install: rebuild on change.
+$(VENV)/.installed: pyproject.toml exporter/analyze/_scan.c | compiler
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	@if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install "$(TORCH_WHEEL)"; \
@@ -38,6 +39,14 @@ cpu-torchaudio:
 	fi
 
 venv: $(VENV)/.installed
+
+# analyze's scanner is C: the install needs a compiler and the headers of $(PYTHON).
+compiler:
+	@if ! command -v cc >/dev/null || ! $(PYTHON) -c "import os, sys, sysconfig; \
+	    sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >/dev/null; \
+	fi
 
 deps: venv debs $(GRAFANA_CHECK)/node_modules/.package-lock.json
 

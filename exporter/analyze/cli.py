@@ -25,7 +25,7 @@ from exporter.analyze.reader import (
 )
 from exporter.analyze.render import dump_json, render_report, render_timeline
 from exporter.analyze.report import Report
-from exporter.analyze.scan import ChunkScanner
+from exporter.analyze.scan import NATIVE, ChunkScanner, Window
 from exporter.logs.parsers import Record, RecordParser
 from exporter.logs.timelines import timeline_dict
 
@@ -83,83 +83,60 @@ class _Progress:
             self.stream.write("\n")
 
 
-def _in_range(record: Record, since: float | None, until: float | None) -> bool:
-    if record.time is None:
-        return since is None and until is None
-    return (since is None or record.time >= since) and (until is None or record.time < until)
-
-
 _Span = tuple[int, int | None]
 _Task = tuple[list[tuple[Path, _Span]], float | None, float | None, int, bool]
 PIECE = 64 << 20          # plain files are split into ranges this big for the workers
 SCAN_CHUNK = 4 << 20      # bytes handed to the chunk scanner at a time
-# A chunk counts as inside (or outside) --since/--until only this far from the bounds, so
-# lines written slightly out of order near a bound still take the exact path.
+# Reading a file range stops at a chunk whose first and last records are this far past
+# --until, so lines written slightly out of order near the bound are still read.
 WINDOW_SLACK_S = 10.0
 
 
-def _window_verdict(since: float | None, until: float | None) -> Callable[[Record], int]:
-    """Per record in a chunk that straddles the window: add it, skip it, or (before the
-    window) keep only a synthesis_start's text length."""
-    def verdict(record: Record) -> int:
-        if _in_range(record, since, until):
-            return 1
-        return -1 if record.event == "synthesis_start" else 0
-    return verdict
+def _window(since: float | None, until: float | None) -> Window | None:
+    if since is None and until is None:
+        return None
+    return Window(-math.inf if since is None else since, math.inf if until is None else until)
 
 
 def _scan_file(path: Path, span: _Span, scanner: ChunkScanner, stats: ReadStats,
-               since: float | None, until: float | None,
-               tick: Callable[[], None] = lambda: None) -> None:
-    """One file range through the chunk scanner; with a window, chunks wholly inside it are
-    scanned, chunks before it only for starts, the chunks at its bounds parsed line by line,
-    and the range is left at the first chunk past it (so the footer's line counts stop
-    there)."""
-    filtered = since is not None or until is not None
-    low = -math.inf if since is None else since
-    high = math.inf if until is None else until
+               window: Window | None, tick: Callable[[], None] = lambda: None) -> None:
+    """One file range through the chunk scanner (which applies the window line by line);
+    with a window the range is left at the first chunk past it (so the footer's line counts
+    stop there)."""
     with open_range(path, span, stats) as (fh, length):
         if length == 0:
             return
         for chunk in iter_chunks(fh, stats, length, SCAN_CHUNK):
             tick()
-            if not filtered:
-                scanner.scan(chunk, stats)
-                continue
-            first, last = scanner.bounds(chunk)
-            if first is None or last is None:
-                scanner.scan_slowly(chunk, stats, _window_verdict(since, until))
-            elif max(first, last) < low - WINDOW_SLACK_S:
-                scanner.scan(chunk, stats, starts_only=True)
-            elif min(first, last) >= high + WINDOW_SLACK_S:
-                break                       # logs run forward: nothing after this matters
-            elif min(first, last) >= low + WINDOW_SLACK_S \
-                    and max(first, last) < high - WINDOW_SLACK_S:
-                scanner.scan(chunk, stats)
-            else:
-                scanner.scan_slowly(chunk, stats, _window_verdict(since, until))
+            if window is not None:
+                first, last = scanner.bounds(chunk)
+                if first is not None and last is not None \
+                        and min(first, last) >= window.until + WINDOW_SLACK_S:
+                    break                   # logs run forward: nothing after this matters
+            scanner.scan(chunk, stats, window)
 
 
 def _analyze_files(task: _Task, progress: _Progress | None = None) -> tuple[Report, ReadStats]:
     """Aggregate some files (already in time order) into one report. Runs in a worker process
     in parallel mode, so it takes and returns picklable values only."""
     paths, since, until, top, fast = task
-    filtered = since is not None or until is not None
+    window = _window(since, until)
     parser, stats, report = RecordParser(), ReadStats(), Report(top=top)
     if progress is not None:
         progress.stats = stats
     if fast:
         scanner = ChunkScanner(parser, report)
         for path, span in paths:
-            _scan_file(path, span, scanner, stats, since, until,
+            _scan_file(path, span, scanner, stats, window,
                        progress.tick if progress is not None else lambda: None)
         return report, stats
     add = report.add
     for n, record in enumerate(r for path, span in paths
                                for r in file_records(path, parser, stats, span=span)):
-        if not filtered or _in_range(record, since, until):
+        verdict = 1 if window is None else window.verdict(record)
+        if verdict > 0:
             add(record)
-        elif record.event == "synthesis_start":
+        elif verdict < 0:
             report.note_start(record)
         if progress is not None and not n & 0xFFFF:
             progress.tick()
@@ -185,7 +162,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                          args.progress or err.isatty())
     parser = RecordParser()
     since, until = args.since, args.until
-    filtered = since is not None or until is not None
+    window = _window(since, until)
     if args.request_id is not None:
         records = iter_records(list(args.files), parser, stats, keep_continuations=True,
                                needle=args.request_id.encode())
@@ -197,7 +174,7 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             mine = record.request_id == wanted or (
                 record.request_id is None and wanted in record.raw
                 and mention.search(record.raw) is not None)
-            if mine and (not filtered or _in_range(record, since, until)):
+            if mine and (window is None or window.keeps(record.time)):
                 found.append(record)
             if not n & 0xFFFF:
                 progress.tick()
@@ -211,6 +188,9 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
     ordered = order_files(list(args.files), parser)
     pieces = [(path, span) for path in ordered for span in split_ranges(path, PIECE)]
     fast = not args.no_fast
+    if fast and not NATIVE:
+        print("analyze: the compiled scanner is not built (pip install . builds it); "
+              "reading every line with the parser, several times slower", file=err)
     tasks: list[_Task] = [([piece], since, until, args.top, fast) for piece in pieces]
     jobs = max(1, min(args.jobs, len(tasks)))
     if jobs == 1:

@@ -227,11 +227,7 @@ class Report:
         value = fields.get("duration_ms")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             self.durations.add(float(value))
-            item = (float(value), rid or "")
-            if len(self.slowest) < self.top:
-                heapq.heappush(self.slowest, item)
-            elif item > self.slowest[0]:
-                heapq.heapreplace(self.slowest, item)
+            self._offer_slow((float(value), rid or ""))
         text_len = fields.get("text_len")
         start_len = self.pending.pop(rid, None) if rid is not None else None
         if not isinstance(text_len, int) or isinstance(text_len, bool):
@@ -239,12 +235,39 @@ class Report:
         failed = status == "failed"
         code = str(fields.get("error_code") or "UNKNOWN") if failed else ""
         if text_len is not None:
-            self._count_length(text_len, code)
-        elif rid is not None and len(self.orphans) < PENDING_CAP:
-            self.orphans.append((rid, code))   # its start may be in an earlier file's part
-        if not failed:
-            return
-        self.by_stage[str(fields.get("model_stage") or "unknown")] += 1
+            self.count_length(length_bucket(text_len), code)
+        elif rid is not None:
+            self.orphan(rid, code)
+        if failed:
+            self.failure(code, str(fields.get("model_stage") or "unknown"), when, rid)
+
+    def completions(self, statuses: Mapping[str, int], durations: list[float],
+                    rids: list[str]) -> None:
+        """Many synthesis_complete at once, in file order (the compiled scanner's segments):
+        their statuses, and their numeric durations with the request ids they belong to.
+        Their lengths, orphans and failures go through :meth:`count_length`, :meth:`orphan`
+        and :meth:`failure`, as :meth:`complete` sends them."""
+        self.statuses.update(statuses)
+        self.durations.extend(durations)
+        for item in heapq.nlargest(self.top, zip(durations, rids, strict=True)):
+            self._offer_slow(item)
+
+    def _offer_slow(self, item: tuple[float, str]) -> None:
+        if len(self.slowest) < self.top:
+            heapq.heappush(self.slowest, item)
+        elif item > self.slowest[0]:
+            heapq.heapreplace(self.slowest, item)
+
+    def orphan(self, rid: str, code: str) -> None:
+        """A completion whose text length is unknown here: its start may be in an earlier
+        file's part (see :meth:`merge`)."""
+        if len(self.orphans) < PENDING_CAP:
+            self.orphans.append((rid, code))
+
+    def failure(self, code: str, model_stage: str, when: float | None,
+                rid: str | None) -> None:
+        """A failed synthesis: its error code and model stage, time and request id."""
+        self.by_stage[model_stage] += 1
         entry = self.errors.setdefault(code, _ErrorCode())
         entry.count += 1
         if when is not None:
@@ -253,15 +276,16 @@ class Report:
         if rid:
             entry.offer_example((math.inf if when is None else when, rid))
 
-    def _count_length(self, text_len: int, code: str) -> None:
-        label = length_bucket(text_len)
+    def count_length(self, label: str, code: str, count: int = 1) -> None:
+        """``count`` completions in the text-length bucket ``label``, failed with ``code``
+        ("" for successes)."""
         counts = self.by_length.get(label)
         if counts is None:
             counts = self.by_length[label] = Counter()
-        counts["total"] += 1
+        counts["total"] += count
         if code:
-            counts["failed"] += 1
-            counts["code:" + code] += 1
+            counts["failed"] += count
+            counts["code:" + code] += count
 
     def merge(self, later: Report) -> None:
         """Fold in the report of a later file (parallel mode): sums, min/max, merged
@@ -283,14 +307,11 @@ class Report:
             self.by_length.setdefault(label, Counter()).update(counts)
         self.by_stage.update(later.by_stage)
         for item in later.slowest:
-            if len(self.slowest) < self.top:
-                heapq.heappush(self.slowest, item)
-            elif item > self.slowest[0]:
-                heapq.heapreplace(self.slowest, item)
+            self._offer_slow(item)
         for rid, code in later.orphans:
             text_len = self.pending.pop(rid, None)
             if text_len is not None:
-                self._count_length(text_len, code)
+                self.count_length(length_bucket(text_len), code)
         for rid, text_len in later.pending.items():
             self.pending[rid] = text_len
             if len(self.pending) > PENDING_CAP:

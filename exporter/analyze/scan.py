@@ -1,172 +1,91 @@
-"""Whole-chunk scanning for ``analyze``: the regex engine, not a Python loop, walks the lines.
+"""Whole-chunk scanning for ``analyze``: compiled code, not a Python loop, walks the lines.
 
-Why: a Python loop that looks at every line costs microseconds a line (17 s for 1 GB of logs
-on two cores). Here one ``findall`` per format walks a 4 MB chunk in C and hands Python one
-small tuple per line: levels are counted with ``Counter`` over the tuples, stage_time
-durations go to the histograms in bulk, and only synthesis_start/synthesis_complete lines
-(and the rare lines no fast shape fits) are handled one by one.
+Why: a Python loop that looks at every line costs microseconds a line (28 s for 1 GB of logs
+on two cores with every line through the parser, 9-12 s with one regex pass per format).
+The compiled scanner (``_scan.c``) walks a 4 MB chunk in file order at about a nanosecond a
+byte and hands Python one small summary per stretch of lines ("segment"): counts by level and
+status, durations as lists (so histograms fill in bulk, in file order), length buckets, the
+time range and the few failed requests. Python adds each segment to the :class:`Report`.
 
-Exact by construction: a line takes a fast shape only when that shape fixes what
-:class:`RecordParser` would make of it, and captured values go through the parser's own
-conversions (``orjson`` for JSON values, :func:`convert_value` for text), so the report is the
-one ``--no-fast`` computes (tests/unit/test_analyze_scan.py compares them on tricky and
-randomly corrupted logs). Every other line ("residue": tracebacks, free-form messages, broken
-JSON, other key orders, escapes, aliased or repeated keys) is parsed in full. The shapes:
+Exact by construction: the scanner takes only lines whose meaning under
+:class:`RecordParser` their shape fixes, and converts only values whose conversion it can
+vouch for (as ``orjson`` and :func:`convert_value` would make them). At any other line
+("residue": tracebacks that start with a digit, broken JSON, keys in another order,
+escapes in a value the report reads, aliased or repeated keys, quoted values the report
+reads) it stops, and that line goes through the full parser here, in its place, before the
+scanner resumes. Joins that need file order (a completion taking its start's text length)
+go through the report's own pending map in that order. ``--no-fast`` reads every line with
+the parser; tests/unit/test_analyze_scan.py compares the two on tricky and randomly
+corrupted logs.
 
-* JSON in the contract's head order (``{"time": "…", "level": "…", "logger": "…", "event":
-  "…"``) with ``json.dumps``' separators, flat values and no escapes, checked to the closing
-  brace (so a cut-short or corrupted line is still reported malformed).
-* The IndexTTS text head (``2024-06-12 14:22:38,415 - logger - LEVEL - event: k=v, …``) with
-  quote-free values.
-* stage_time as the contract writes it (id, stage, duration_ms, nothing else), and
-  synthesis_start/synthesis_complete with the id right after the event and the other keys in
-  any order; keys that alias a field the report reads send the line to the full parse.
-
-Two things are per chunk rather than per line: the time range comes from each chunk's first
-and last lines (rotated logs are written in time order; ``--no-fast`` reads every stamp), and a
-chunk that mixes both formats while a completion needs its start's text length is parsed line
-by line, since the two per-format passes do not keep the lines' relative order.
+The time range is exact too: stamps of one layout, minute and zone sort as text in time
+order, so the scanner keeps the smallest and largest stamp of each such class and only those
+are converted here.
 """
 
 from __future__ import annotations
 
-import re
-from collections import Counter
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from operator import itemgetter
-
-from orjson import loads as json_loads
+from typing import Any
 
 from exporter.analyze.reader import ReadStats, first_stamp
-from exporter.analyze.report import Report
-from exporter.logs.parsers import (
-    MalformedLine,
-    Record,
-    RecordParser,
-    convert_value,
-    normalise_level,
-)
+from exporter.analyze.report import LENGTH_EDGES, PENDING_CAP, Report, length_bucket
+from exporter.logs.parsers import MalformedLine, Record, RecordParser, normalise_level
+
+try:
+    from exporter.analyze._scan import Scanner as _NativeScanner
+except ImportError:     # a source tree whose C part was never built: every line is parsed
+    _NativeScanner = None  # type: ignore[assignment,misc]
+
+NATIVE = _NativeScanner is not None
+"""Whether the compiled scanner is built (``pip install`` builds it; see pyproject.toml)."""
 
 START, COMPLETE, STAGE = "synthesis_start", "synthesis_complete", "stage_time"
-# Fields the report reads, by canonical name: their aliases must not hide in "other" keys.
+# Fields the report reads, by canonical name
 _READ_FIELDS = ("id", "status", "duration_ms", "error_code", "text_len", "model_stage", "stage")
-_CACHE_CAP = 4096
-
-# JSON pieces: strings without escapes or control characters (orjson rejects the latter), and
-# numbers that orjson reads as finite (an overflowing exponent is a parse error there).
-_JCHARS = rb'[^"\\\x00-\x1f]*'
-_JNUM = rb"-?(?:0|[1-9]\d{0,17})(?:\.\d+)?(?:[eE][+-]?\d{1,2})?"
-_JVAL = rb'(?:"' + _JCHARS + rb'"|' + _JNUM + rb"|true|false|null)"
-# Text pieces: values without quotes, whitespace or commas (so the parser's quote-free pair
-# split applies and nothing is stripped), keys as the parser's pair regex reads them.
-_TVAL = rb"[^,\s\"'=]"
-_TKEY = rb"[A-Za-z_][\w.]*"
-_TEXT_STAMP = rb"(\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?)"
-# Tuple layout shared by both formats' main pattern (groups in the order they open). A
-# duration is captured in its numeric group when it is a plain number (float() reads it as the
-# parser would), else in its "other" group, which goes through the parser's conversion.
-(_STAMP, _LEVEL, _STAGE, _STAGE_NUM, _STAGE_OTHER, _EVENT, _RID, _TEXT_LEN, _STATUS,
- _DURATION_NUM, _DURATION_OTHER, _CODE, _MODEL_STAGE, _RAW) = range(14)
-_GROUPS = 14
-_COMPLETE_FIELDS = (("status", _STATUS), ("duration_ms", _DURATION_OTHER), ("text_len", _TEXT_LEN),
-                    ("error_code", _CODE), ("model_stage", _MODEL_STAGE))
-
-
-def _alt(names: Iterable[str]) -> bytes:
-    return b"|".join(re.escape(name.encode()) for name in sorted(set(names), key=len,
-                                                                  reverse=True))
+# Keys of the JSON head the scanner requires; an alias that feeds a read field from one of
+# them would change what the head means
+_HEAD_KEYS = frozenset({"time", "level", "logger", "event"})
+# Labels of the scanner's length buckets: one per edge, then the one past the last edge
+_LENGTH_LABELS = (*map(length_bucket, LENGTH_EDGES), length_bucket(LENGTH_EDGES[-1] + 1))
 
 
 @dataclass(frozen=True)
-class _Patterns:
-    """The compiled shapes for one alias configuration."""
+class Window:
+    """``--since``/``--until``: records from ``since`` (inclusive) to ``until`` (exclusive)
+    count in full; outside it only synthesis_start records count, for the text lengths of
+    failures inside it."""
 
-    json: re.Pattern[bytes]
-    text: re.Pattern[bytes]
-    events: dict[bytes, str]          # start/complete event name as written -> canonical
+    since: float = -math.inf
+    until: float = math.inf
 
+    def keeps(self, when: float | None) -> bool:
+        return when is not None and self.since <= when < self.until
 
-def _names(parser: RecordParser, canonical: str) -> list[str]:
-    """Event names the parser maps to ``canonical`` (the name itself unless re-aliased)."""
-    names = [name for name, target in parser.event_names.items() if target == canonical]
-    if parser.event_names.get(canonical, canonical) == canonical:
-        names.append(canonical)
-    return names
-
-
-def build_patterns(parser: RecordParser) -> _Patterns:
-    """Compile the fast shapes for the parser's aliases (see the module docstring)."""
-    starts, completes, stages = (_names(parser, e) for e in (START, COMPLETE, STAGE))
-    read = [name for name, canonical in parser.field_names.items()
-            if canonical in _READ_FIELDS] + list(_READ_FIELDS)
-    ids = _alt(name for name, canonical in parser.field_names.items() if canonical == "id")
-    interesting = _alt(starts + completes + stages)
-    x_names = _alt(starts + completes)
-    stage_names = _alt(stages)
-    pairs = (b"text_len", b"status", b"duration_ms", b"error_code", b"model_stage")
-
-    # JSON: a key neither read by the report nor a second copy of a head key
-    json_other = (rb'"(?!(?:' + _alt([*read, "time", "level", "event"]) + rb')")' + _JCHARS
-                  + rb'": ' + _JVAL)
-    # the same for a line whose event the report does not read: only the head keys matter
-    json_plain = rb'"(?!(?:time|level|event)")' + _JCHARS + rb'": ' + _JVAL
-    json_number = rb"(" + _JNUM + rb")(?=[,}])|(" + _JVAL + rb")"
-    json_x_pairs = b"|".join(
-        rb'"' + key + rb'": ' + (rb"(?:" + json_number + rb")" if key == b"duration_ms"
-                                 else rb"(" + _JVAL + rb")") for key in pairs)
-    json = (
-        rb'\n(?:\{"time": "(' + _JCHARS + rb')", "level": "(?:INFO|([A-Z]+))", "logger": "'
-        + _JCHARS + rb'", "event": "(?:'
-        + rb"(?!(?:" + interesting + rb')")' + _JCHARS + rb'"(?:, ' + json_plain + rb")*\}"
-        + rb"|(?:" + stage_names + rb')", "(?:' + ids + rb')": "' + _JCHARS + rb'", "stage": ('
-        + _JVAL + rb'), "duration_ms": (?:' + json_number + rb")\}"
-        + rb"|(" + x_names + rb')", "(?:' + ids + rb')": "(' + _JCHARS + rb')"(?:, (?:'
-        + json_x_pairs + b"|" + json_other + rb"))*\}"
-        + rb")\r?(?=\n)|(\{.*))")
-    # text: quote-free values, so the parser's quote-free pair split applies unchanged
-    text_other = rb"(?!(?:" + _alt(read) + rb")=)" + _TKEY + rb"=" + _TVAL + rb"*"
-    text_number = rb"(-?\d+(?:\.\d+)?)(?=,|\r?\n)|(" + _TVAL + rb"+)"
-    text_x_pairs = b"|".join(
-        key + b"=" + (rb"(?:" + text_number + rb")" if key == b"duration_ms"
-                      else rb"(" + _TVAL + rb"+)") for key in pairs)
-    text = (
-        rb"\n(?:" + _TEXT_STAMP + rb" - [!-~]+ - (?:INFO|([A-Z]+)) - (?:"
-        + rb"(?!(?:" + interesting + rb"):)"
-        + rb"|(?:" + stage_names + rb"): (?:" + ids + rb")=" + _TVAL + rb"+, stage=(" + _TVAL
-        + rb"+), duration_ms=(?:" + text_number + rb")\r?(?=\n)"
-        + rb"|(" + x_names + rb"): (?:" + ids + rb")=(" + _TVAL + rb"+)(?:, (?:"
-        + text_x_pairs + b"|" + text_other + rb"))*\r?(?=\n)"
-        + rb")|(?!\{)(.+))")
-    patterns = _Patterns(
-        json=re.compile(json), text=re.compile(text),
-        events={name.encode(): START for name in starts}
-        | {name.encode(): COMPLETE for name in completes})
-    assert patterns.json.groups == patterns.text.groups == _GROUPS
-    return patterns
+    def verdict(self, record: Record) -> int:
+        """1: add the record; -1: note only its start; 0: skip it."""
+        if self.keeps(record.time):
+            return 1
+        return -1 if record.event == START else 0
 
 
-class _ValueCache:
-    """Raw value bytes -> the value the parser would produce, remembered for repeats
-    (status, error codes, stages and many durations recur); bounded."""
-
-    def __init__(self, convert: Callable[[bytes], object]) -> None:
-        self.convert = convert
-        self.cache: dict[bytes, object] = {}
-
-    def __call__(self, raw: bytes) -> object:
-        try:
-            return self.cache[raw]
-        except KeyError:
-            value = self.convert(raw)
-            if len(self.cache) >= _CACHE_CAP:
-                self.cache.clear()
-            self.cache[raw] = value
-            return value
-
-
-def _text_value(raw: bytes) -> object:
-    return convert_value(raw.decode("utf-8", "replace"))
+def scanner_tables(parser: RecordParser) -> tuple[dict[bytes, str], dict[bytes, str]] | None:
+    """Event and field names (with their aliases) for the compiled scanner, or None where
+    the alias configuration is one it cannot mirror (a read field's own name aliasing
+    another field, or an alias taken from the JSON head): then every line is parsed."""
+    fields = {name.encode(): name for name in _READ_FIELDS}
+    for name, canonical in parser.field_names.items():
+        if name in _READ_FIELDS and canonical != name:
+            return None
+        if canonical in _READ_FIELDS:
+            if name in _HEAD_KEYS:
+                return None
+            fields[name.encode()] = canonical
+    names = set(parser.event_names) | {START, COMPLETE, STAGE}
+    events = {name.encode(): parser.event_names.get(name, name) for name in names}
+    return events, fields
 
 
 @dataclass(slots=True)
@@ -189,95 +108,72 @@ def _count(stats: ReadStats, kind: str) -> None:
             stats.continuation += 1
 
 
-_Item = tuple[bytes, ...] | _Residue      # a fast start/complete row, or a parsed residue line
-
-
 class ChunkScanner:
     """Feeds line-aligned chunks into a :class:`Report` (see the module docstring)."""
 
     def __init__(self, parser: RecordParser, report: Report) -> None:
         self.parser = parser
         self.report = report
-        self.patterns = build_patterns(parser)
-        self._json = _ValueCache(json_loads)
-        self._text = _ValueCache(_text_value)
+        tables = scanner_tables(parser)
+        self._native = None if tables is None or _NativeScanner is None else \
+            _NativeScanner(*tables, LENGTH_EDGES, PENDING_CAP, parser.stamp)
         self._levels: dict[bytes, str] = {}
 
-    def scan(self, chunk: bytes, stats: ReadStats, starts_only: bool = False) -> None:
-        """Add one chunk (whole lines, each ending in ``\n``). With ``starts_only`` only
-        synthesis_start records count (a chunk before ``--since``: their text lengths serve
-        failures inside the window); its lines are counted either way."""
-        body = b"\n" + chunk
-        parts = []
-        for pattern, text in ((self.patterns.json, False), (self.patterns.text, True)):
-            rows = pattern.findall(body)
-            ordered: list[_Item] = [row if row[_EVENT] else self._read(row[_RAW])
-                                    for row in rows if row[_EVENT] or row[_RAW]]
-            parts.append((rows, ordered, text))
-        if not starts_only and all(ordered for _, ordered, _ in parts) \
-                and any(map(self._needs_start, (i for _, o, _ in parts for i in o))):
-            # a completion that needs its start's text length, with lines of both formats:
-            # the two passes lose their relative order, so keep the exact order instead
-            self.scan_slowly(chunk, stats)
+    def scan(self, chunk: bytes, stats: ReadStats, window: Window | None = None) -> None:
+        """Add one chunk (whole lines, each ending in ``\n``), only the records inside
+        ``window`` where one is given (see :class:`Window`); its lines count either way."""
+        if self._native is None:
+            self.scan_slowly(chunk, stats, None if window is None else window.verdict)
             return
-        for rows, ordered, text in parts:
-            self._add_rows(rows, ordered, text, stats, starts_only)
+        bounds = None if window is None else (window.since, window.until)
+        pos, end = 0, len(chunk)
+        while pos < end:
+            after, residue, segment = self._native.scan(chunk, pos, self.report.pending,
+                                                        bounds)
+            if after == pos and residue is None:
+                raise RuntimeError(f"analyze scanner made no progress at byte {pos}")
+            self._add_segment(segment, stats)
+            if residue is not None:
+                self._add_residue(residue, stats, window)
+            pos = after
 
-    def _needs_start(self, item: _Item) -> bool:
-        """A completion without its own integer text_len (it takes its start's)."""
-        if isinstance(item, _Residue):
-            if item.record is None or item.record.event != COMPLETE:
-                return False
-            text_len = item.record.fields.get("text_len")
-            return not isinstance(text_len, int) or isinstance(text_len, bool)
-        return self.patterns.events[item[_EVENT]] == COMPLETE and not item[_TEXT_LEN]
+    def _add_segment(self, segment: dict[str, Any], stats: ReadStats) -> None:
+        """One stretch of lines the scanner read (the keys are built in ``_scan.c``); its
+        starts are already in ``report.pending``."""
+        stats.lines += segment["lines"]
+        stats.records += segment["records"]
+        stats.continuation += segment["continuation"]
+        report = self.report
+        for level, n in segment["levels"].items():
+            report.levels[self._level(level)] += n
+        for text, low, high in segment["classes"]:
+            for stamp in (low, high):
+                when = self.parser.stamp(stamp.decode(), text)
+                if when is not None:
+                    report.note_time(when)
+        report.completions(segment["statuses"], segment["durations"], segment["rids"])
+        for (bucket, code), n in segment["lengths"].items():
+            report.count_length(_LENGTH_LABELS[bucket], code, n)
+        for rid, code in segment["orphans"]:
+            report.orphan(rid, code)
+        for code, model_stage, when, rid in segment["failed"]:
+            report.failure(code, model_stage, when, rid)
+        for stage, values in segment["stages"].items():
+            report.stage_values(stage, values)
 
-    def _add_rows(self, rows: list[tuple[bytes, ...]], ordered: list[_Item], text: bool,
-                  stats: ReadStats, starts_only: bool) -> None:
-        """One format's rows: levels and stage times in bulk, the rest in file order."""
-        residue = 0
-        for item in ordered:
-            if isinstance(item, _Residue):
-                residue += 1
-                _count(stats, item.kind)
-                record = item.record
-                if record is None:
-                    continue
-                if not starts_only:
-                    self.report.add(record)
-                elif record.event == START:
-                    self.report.note_start(record)
-            elif self.patterns.events[item[_EVENT]] == START:
-                self._start(item, text)
-            elif not starts_only:
-                self._complete(item, text)
-        stats.lines += len(rows) - residue
-        stats.records += len(rows) - residue
-        if starts_only:
-            return
-        levels = Counter(map(itemgetter(_LEVEL), rows))
-        levels[b""] -= residue                       # residue records were added above
-        for level, n in levels.items():
-            if n:
-                self.report.levels[self._level(level)] += n
-        self._add_stages(rows, text)
-        self._note_times(rows, text)
+    def _add_residue(self, line: bytes, stats: ReadStats, window: Window | None) -> None:
+        """A line the scanner left to the full parser."""
+        item = self._read(line)
+        _count(stats, item.kind)
+        if item.record is not None:
+            self._add_record(item.record, None if window is None else window.verdict)
 
-    def _add_stages(self, rows: list[tuple[bytes, ...]], text: bool) -> None:
-        numbers: dict[bytes, list[bytes]] = {}
-        others: list[tuple[bytes, bytes]] = []
-        for row in rows:
-            stage = row[_STAGE]
-            if stage:
-                if row[_STAGE_NUM]:
-                    numbers.setdefault(stage, []).append(row[_STAGE_NUM])
-                else:
-                    others.append((stage, row[_STAGE_OTHER]))
-        convert = self._text if text else self._json
-        for stage, values in numbers.items():
-            self.report.stage_values(convert(stage), list(map(float, values)))
-        for (stage, other), n in Counter(others).items():
-            self.report.stage(convert(stage), convert(other), n)
+    def _add_record(self, record: Record, keep: Callable[[Record], int] | None) -> None:
+        verdict = 1 if keep is None else keep(record)
+        if verdict > 0:
+            self.report.add(record)
+        elif verdict < 0 and record.event == START:
+            self.report.note_start(record)
 
     def scan_slowly(self, chunk: bytes, stats: ReadStats,
                     keep: Callable[[Record], int] | None = None) -> None:
@@ -286,14 +182,8 @@ class ChunkScanner:
         for line in chunk.split(b"\n")[:-1]:
             item = self._read(line)
             _count(stats, item.kind)
-            record = item.record
-            if record is None:
-                continue
-            verdict = 1 if keep is None else keep(record)
-            if verdict > 0:
-                self.report.add(record)
-            elif verdict < 0 and record.event == START:
-                self.report.note_start(record)
+            if item.record is not None:
+                self._add_record(item.record, keep)
 
     def bounds(self, chunk: bytes) -> tuple[float | None, float | None]:
         """Times of the chunk's first and last timestamped records (None where none is found
@@ -316,34 +206,3 @@ class ChunkScanner:
         if name is None:
             name = self._levels[level] = normalise_level(level.decode() or "INFO")
         return name
-
-    @staticmethod
-    def _rid(raw: bytes, text: bool) -> str:
-        if not text or (raw[:1].isalpha() and raw.lower() not in (b"true", b"false")):
-            return raw.decode("utf-8", "replace")      # convert_value leaves these as they are
-        return str(_text_value(raw))
-
-    def _start(self, row: tuple[bytes, ...], text: bool) -> None:
-        raw = row[_TEXT_LEN]
-        convert = self._text if text else self._json
-        self.report.start(self._rid(row[_RID], text), convert(raw) if raw else None)
-
-    def _complete(self, row: tuple[bytes, ...], text: bool) -> None:
-        convert = self._text if text else self._json
-        fields = {name: convert(row[index]) for name, index in _COMPLETE_FIELDS if row[index]}
-        if row[_DURATION_NUM]:
-            fields["duration_ms"] = float(row[_DURATION_NUM])
-        when = None
-        if str(fields.get("status", "unknown")) == "failed":
-            when = self.parser.stamp(row[_STAMP].decode("utf-8", "replace"), text)
-        self.report.complete(self._rid(row[_RID], text), fields, when)
-
-    def _note_times(self, rows: list[tuple[bytes, ...]], text: bool) -> None:
-        """The chunk's first and last stamped lines of this format bound its time range."""
-        for ordered in (rows, reversed(rows)):
-            stamp = next((row[_STAMP] for row in ordered if row[_STAMP]), None)
-            if stamp is None:
-                return
-            when = self.parser.stamp(stamp.decode("utf-8", "replace"), text)
-            if when is not None:
-                self.report.note_time(when)

@@ -1,7 +1,8 @@
 """config/docker/: the Dockerfiles, checked statically (no Docker daemon on CI machines).
 
 What a wrong Dockerfile would break in production: a root sidecar, torch dragged into the
-sidecar image, ports that disagree with the configs baked in, COPY of files that do not exist.
+sidecar image, ports that disagree with the configs baked in, COPY of files that do not exist,
+a build stage without the C compiler the package's scanner needs.
 """
 
 from __future__ import annotations
@@ -61,6 +62,21 @@ def test_every_copy_source_exists(name: str) -> None:
         *sources, _ = ins["value"].split()
         for source in sources:
             assert (REPO / source).exists(), f"{name}: COPY {source} not in the repository"
+
+
+@pytest.mark.parametrize("name", sorted(IMAGES))
+def test_the_stage_that_builds_the_package_has_a_c_compiler(name: str) -> None:
+    """pyproject.toml builds exporter/analyze/_scan.c: the build stage needs gcc and libc
+    headers before its `pip install`, and the final stage copies the built venv only."""
+    instructions = parse(name)
+    starts = [i for i, ins in enumerate(instructions) if ins["instruction"] == "FROM"]
+    build = instructions[starts[0]:starts[-1]]
+    runs = [ins["value"] for ins in build if ins["instruction"] == "RUN"]
+    compiler = next(i for i, run in enumerate(runs) if re.search(r"\bgcc\b", run))
+    install = next(i for i, run in enumerate(runs) if re.search(r'pip install[^&]*"?\.', run))
+    assert compiler < install and "libc6-dev" in runs[compiler]
+    assert not any("gcc" in ins["value"] for ins in final_stage(instructions)
+                   if ins["instruction"] == "RUN")
 
 
 def test_sidecar_image_has_no_torch_and_a_healthcheck() -> None:

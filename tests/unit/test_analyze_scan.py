@@ -9,6 +9,7 @@ corruptions of generated logs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
+from exporter.analyze.cli import parse_time
 from exporter.analyze.reader import ReadStats
 from exporter.analyze.report import LogHistogram, Report
-from exporter.analyze.scan import ChunkScanner
+from exporter.analyze.scan import ChunkScanner, Window
 from exporter.logs.parsers import RecordParser
 from tests.bench.make_logs import generate
 
@@ -203,8 +205,9 @@ def test_reused_request_ids_match_in_file_order(tmp_path: Path) -> None:
 def test_window_reads_inside_chunks_fast_and_bounds_exactly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """With --since/--until the scanner skips, scans or parses chunk by chunk; the result
-    is the full parser's, also when many small chunks straddle and surround the window."""
+    """With --since/--until the scanner keeps or drops each line by its own time; the
+    result is the full parser's, also when many small chunks straddle and surround the
+    window and reading stops at the first chunk past it."""
     import exporter.analyze.cli as cli
     from exporter.__main__ import main
 
@@ -284,3 +287,188 @@ def test_window_takes_lengths_from_starts_only_the_parser_reads(
     fast = json.loads(capsys.readouterr().out)
     assert fast["failures_by_text_length"] == full["failures_by_text_length"]
     assert [r["bucket"] for r in fast["failures_by_text_length"]] == ["2048"]
+
+
+# --- the compiled scanner's own risks, line by line against the parser ---------------------
+
+_JSON_VALUES = ['"ts_1"', '"ts_2"', '""', '12', '-0', '0', '1.5', '1e3', '-3', 'true', 'false',
+                'null', '"failed"', '"success"', '"a\\nb"', '"é"', '"86 chars"',
+                '123456789012345678', '1234567890123456789', '[1]', '01', '1e400', '-0.0',
+                '"x' + 'y' * 60 + '"', '2048', '65', '4097']
+_TEXT_VALUES = ['ts_1', 'ts_2', 'failed', 'success', '12', '-0', '86 chars', '523 ms', '1.5',
+                'true', 'False', '"quoted, x"', "'single'", '', 'é', '12abc', '-', 'x y',
+                'x ', '2048', '4097', '65 char', '7%', '-0.0', 'z' * 60, '1.5.2', '007',
+                '"esc\\"aped"', 'a=b']
+_KEYS = ['id', 'request_id', 'task_id', 'status', 'result', 'duration_ms', 'elapsed_ms',
+         'error_code', 'err_code', 'code', 'text_len', 'text_length', 'chars', 'model_stage',
+         'stage', 'lang', 'note', 'level', 'time', 'event', 'traceback']
+_EVENTS = ['synthesis_start', 'synthesis_complete', 'stage_time', 'http_request', 'infer_done',
+           'infer_start', 'audio_metrics', 'Synthesis_complete', '']
+_LEVELS = ['INFO', 'ERROR', 'WARN', 'warn', 'Info', 'CRITICAL', 'L' * 60]
+
+
+def _random_line(rnd: random.Random) -> str:
+    """A record line in either format, with keys, values, levels and stamps drawn to hit
+    every branch of the scanner: table overflow, odd values, aliases, repeats, stamps of
+    many classes out of order."""
+    kind = rnd.random()
+    if kind < 0.05:
+        return rnd.choice(["Traceback (most recent call last):", "   ", "", "\r", "  x"])
+    minute, second = rnd.randrange(3), rnd.randrange(60)
+    frac = rnd.choice(["", ".5", ".123", ".123456", ",250"])
+    level = rnd.choice([*_LEVELS, f"LEVEL{rnd.randrange(40)}"])
+    event = rnd.choice(_EVENTS)
+    keys = rnd.sample(_KEYS, rnd.randrange(0, 7))
+    if event in ("synthesis_start", "synthesis_complete", "stage_time") and rnd.random() < 0.8:
+        keys = ["request_id" if kind < 0.5 else "id"] + [k for k in keys if "id" not in k]
+        if rnd.random() < 0.6:
+            keys = [k for k in keys if k not in ("level", "time", "event")]
+    if kind < 0.5:
+        zone = rnd.choice(["+00:00", "Z", "+02:00", ""])
+        stamp = f"2026-11-22T10:{minute:02d}:{second:02d}{frac.replace(',', '.')}{zone}"
+        pairs = "".join(f', "{k}": {rnd.choice(_JSON_VALUES)}' for k in keys)
+        if rnd.random() < 0.3:         # plain values the report reads, as the app writes them
+            status = rnd.choice(["failed", "success", f"S{rnd.randrange(40)}"])
+            pairs += f', "status": "{status}"'
+        return (f'{{"time": "{stamp}", "level": "{level}", "logger": "a", '
+                f'"event": "{event}"{pairs}}}')
+    stamp = f"2026-11-22 10:{minute:02d}:{second:02d}{frac}"
+    pairs = ", ".join(f"{k}={rnd.choice(_TEXT_VALUES)}" for k in keys)
+    if rnd.random() < 0.3:
+        pairs += f"{', ' if pairs else ''}error_code=E{rnd.randrange(40)}, status=failed"
+    body = f"{event}: {pairs}" if event else f"free text {pairs}"
+    return f"{stamp} - app - {level} - {body}"
+
+
+# windows over the random lines' stamps (10:00-10:02 UTC, and 08:00-08:02 for +02:00)
+_WINDOWS = [None, (parse_time("2026-11-22T10:01:00+00:00"), parse_time("2026-11-22T10:02:00Z")),
+            (parse_time("2026-11-22T10:00:30.5+00:00"), math.inf),
+            (-math.inf, parse_time("2026-11-22T10:01:59.123+00:00"))]
+
+
+@pytest.mark.parametrize(("seed", "window"), [(seed, window) for seed in range(4)
+                                              for window in _WINDOWS])
+def test_compiled_scanner_matches_the_parser_line_by_line(
+        seed: int, window: tuple[float, float] | None) -> None:
+    rnd = random.Random(seed)
+    lines = [_random_line(rnd) for _ in range(3000)]
+    lines += list(generate(400, seed=seed))
+    rnd.shuffle(lines)
+    data = ("\n".join(lines) + "\n").encode()
+    parser = RecordParser()
+    fast, fast_stats = ChunkScanner(parser, Report()), ReadStats()
+    assert fast._native is not None
+    bounds = None if window is None else Window(*window)
+    pos = 0
+    while pos < len(data):                  # chunks of random sizes, cut at line ends
+        cut = data.find(b"\n", pos + rnd.randrange(1, 40_000))
+        end = len(data) if cut < 0 else cut + 1
+        fast.scan(data[pos:end], fast_stats, bounds)
+        pos = end
+    slow, slow_stats = ChunkScanner(parser, Report()), ReadStats()
+    slow.scan_slowly(data, slow_stats, None if bounds is None else bounds.verdict)
+    assert fast_stats == slow_stats
+    assert fast.report.to_dict() == slow.report.to_dict()
+    assert fast.report.pending == slow.report.pending
+    assert fast.report.orphans == slow.report.orphans
+    assert (fast.report.durations.total, fast.report.durations.buckets) == \
+        (slow.report.durations.total, slow.report.durations.buckets)
+    assert {k: v.total for k, v in fast.report.stages.items()} == \
+        {k: v.total for k, v in slow.report.stages.items()}
+    assert fast.report.to_dict()["syntheses"]["total"] > 50
+
+
+def _fast_and_slow(data: bytes, parser: RecordParser | None = None
+                   ) -> tuple[ChunkScanner, ChunkScanner]:
+    """The same chunk through the compiled scanner and line by line through the parser:
+    line counts and reports must agree."""
+    parser = parser or RecordParser()
+    fast, fast_stats = ChunkScanner(parser, Report()), ReadStats()
+    fast.scan(data, fast_stats)
+    slow, slow_stats = ChunkScanner(parser, Report()), ReadStats()
+    slow.scan_slowly(data, slow_stats)
+    assert fast_stats == slow_stats
+    assert fast.report.to_dict() == slow.report.to_dict()
+    return fast, slow
+
+
+def test_scanner_segments_end_when_its_tables_fill() -> None:
+    """Fifty levels, statuses, stages, error codes and minutes: more than any of the
+    scanner's tables holds, so it ends segments early and resumes; nothing is lost."""
+    lines = []
+    for i in range(50):
+        lines += [
+            f'{{"time": "2026-11-22T1{i % 10}:{i:02d}:00.000+00:00", "level": "LVL{i}", '
+            f'"logger": "a", "event": "synthesis_complete", "request_id": "r{i}", '
+            f'"status": "S{i}", "duration_ms": {i}, "text_len": {i * 97}}}',
+            f"2026-11-22 09:{i:02d}:30,000 - app - ERROR - synthesis_complete: id=f{i}, "
+            f"status=failed, duration_ms={i}.5, error_code=CODE{i}, model_stage=m{i}, "
+            f"text_len={i * 89}",
+            f"2026-11-22 09:{i:02d}:31,000 - app - INFO - stage_time: id=f{i}, "
+            f"stage=stage{i}, duration_ms={i}"]
+    fast, _ = _fast_and_slow(("\n".join(lines) + "\n").encode())
+    result = fast.report.to_dict()
+    assert len(result["levels"]) == 52 and len(result["stages"]) == 50
+    assert result["time_range"]["first"] < result["time_range"]["last"]
+
+
+def test_time_range_is_exact_when_lines_are_out_of_order() -> None:
+    """The largest stamp sits mid-chunk, in another zone and fraction layout."""
+    lines = [
+        '{"time": "2026-11-22T10:00:05.000+00:00", "level": "INFO", "logger": "a", '
+        '"event": "http_request"}',
+        '{"time": "2026-11-22T12:59:59.5+02:00", "level": "INFO", "logger": "a", '
+        '"event": "http_request"}',                                   # 10:59:59.5 UTC
+        "2026-11-22 09:59:58,999 - app - INFO - free text",
+        '{"time": "2026-11-22T10:00:01.000+00:00", "level": "INFO", "logger": "a", '
+        '"event": "http_request"}']
+    parser = RecordParser()
+    scanner = ChunkScanner(parser, Report())
+    scanner.scan(("\n".join(lines) + "\n").encode(), ReadStats())
+    first, last = (scanner.report.to_dict()["time_range"][k] for k in ("first", "last"))
+    assert last == parser.stamp("2026-11-22T12:59:59.5+02:00", False)
+    assert first == parser.stamp("2026-11-22 09:59:58,999", True)
+
+
+def test_alias_configurations_the_scanner_cannot_mirror_parse_every_line() -> None:
+    from exporter.analyze.scan import scanner_tables
+    from exporter.config import AliasConfig
+
+    assert scanner_tables(RecordParser()) is not None
+    odd = AliasConfig(fields={"status": ["status", "id"], "id": ["request_id"]})
+    assert scanner_tables(RecordParser(odd)) is None
+    from_head = AliasConfig(fields={"error_code": ["error_code", "logger"]})
+    assert scanner_tables(RecordParser(from_head)) is None
+    line = (b'{"time": "2026-11-22T10:00:00.000+00:00", "level": "INFO", "logger": "a", '
+            b'"event": "synthesis_complete", "id": "failed", "duration_ms": 5}\n')
+    fast, _ = _fast_and_slow(line, RecordParser(odd))
+    assert fast.report.to_dict()["syntheses"]["by_status"] == {"failed": 1}
+
+
+def test_many_minutes_and_long_codes_take_their_own_paths() -> None:
+    """Forty minutes of one level (more stamp classes than the scanner keeps at once) and an
+    error code too long for its tables (left to the parser)."""
+    lines = [f"2026-11-22 10:{m:02d}:00,000 - app - INFO - free text" for m in range(40)]
+    lines.append("2026-11-22 11:00:00,000 - app - ERROR - synthesis_complete: id=x1, "
+                 f"status=failed, duration_ms=5, error_code={'E' * 80}, text_len=3")
+    fast, _ = _fast_and_slow(("\n".join(lines) + "\n").encode())
+    assert fast.report.to_dict()["error_codes"][0]["code"] == "E" * 80
+
+
+def test_pending_starts_are_evicted_oldest_first_like_the_report(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import exporter.analyze.report as report_module
+    import exporter.analyze.scan as scan_module
+
+    monkeypatch.setattr(report_module, "PENDING_CAP", 5)
+    monkeypatch.setattr(scan_module, "PENDING_CAP", 5)
+    lines = [f"2026-11-22 10:00:00,000 - app - INFO - synthesis_start: id=p{i}, text_len={i}"
+             for i in range(12)]
+    lines += ["2026-11-22 10:00:01,000 - app - ERROR - synthesis_complete: id=p2, "
+              "status=failed, duration_ms=5, error_code=EVICTED, model_stage=llm",
+              "2026-11-22 10:00:01,000 - app - ERROR - synthesis_complete: id=p9, "
+              "status=failed, duration_ms=5, error_code=KEPT, model_stage=llm"]
+    fast, slow = _fast_and_slow(("\n".join(lines) + "\n").encode())
+    assert list(fast.report.pending) == list(slow.report.pending) == \
+        ["p7", "p8", "p10", "p11"]
+    assert fast.report.orphans == [("p2", "EVICTED")]

@@ -1,0 +1,1194 @@
+/* Compiled chunk scanner for `tts-exporter analyze` (module exporter.analyze._scan).
+ *
+ * Why C: Python's regex engine and interpreter cost 8-16 ns per byte of log; this walks a
+ * chunk at about 1 ns per byte, so analyze runs near the speed of reading the files.
+ *
+ * Contract (exporter/analyze/scan.py drives it): Scanner.scan() walks whole lines from a
+ * position in a chunk, in file order, and aggregates the lines whose meaning under
+ * exporter.logs.parsers.RecordParser is fixed by their shape: JSON lines in the contract's
+ * head order with flat values, IndexTTS text lines with a plain head, continuation and blank
+ * lines. It stops at the first line it cannot vouch for ("residue") and returns it, so Python
+ * parses that line in its exact place; it also stops, before a line, when one of its small
+ * tables is full. Every value the report reads is checked against the parser's conversion
+ * (orjson for JSON, convert_value for text); any doubt sends the line to Python. The result
+ * is the one the line-by-line parser gives (tests/unit/test_analyze_scan.py checks it).
+ *
+ * The time range is kept exactly without converting every stamp: stamps of one layout, one
+ * minute and one zone sort as text in time order, so each such class keeps its smallest and
+ * largest stamp and Python converts only those. Where a line's own time is needed (a
+ * --since/--until window, a failure's first/last seen), it is the minute's start as the
+ * parser converts it (asked once per minute) plus the seconds and fraction, which is the
+ * parser's own arithmetic.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ---- name tables (event names, field names and their aliases) ------------------------ */
+
+enum { EV_OTHER, EV_START, EV_COMPLETE, EV_STAGE };
+enum { F_OTHER, F_ID, F_STATUS, F_DURATION, F_CODE, F_TEXT_LEN, F_MODEL_STAGE, F_STAGE,
+       N_FIELDS };
+
+#define TABLE_SLOTS 512
+
+typedef struct {
+    char *name;
+    Py_ssize_t len;
+    int code;
+} Entry;
+
+typedef struct {
+    Entry slot[TABLE_SLOTS];
+    int used;
+} NameTable;
+
+static uint32_t hash_bytes(const char *p, Py_ssize_t n) {
+    uint32_t h = 2166136261u;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        h ^= (unsigned char)p[i];
+        h *= 16777619u;
+    }
+    return h;
+}
+
+static int table_get(const NameTable *t, const char *p, Py_ssize_t n, int missing) {
+    uint32_t i = hash_bytes(p, n) & (TABLE_SLOTS - 1);
+    while (t->slot[i].name != NULL) {
+        if (t->slot[i].len == n && memcmp(t->slot[i].name, p, (size_t)n) == 0)
+            return t->slot[i].code;
+        i = (i + 1) & (TABLE_SLOTS - 1);
+    }
+    return missing;
+}
+
+static int table_put(NameTable *t, const char *p, Py_ssize_t n, int code) {
+    if (t->used >= TABLE_SLOTS / 2) {
+        PyErr_SetString(PyExc_ValueError, "too many event or field names for the scanner");
+        return -1;
+    }
+    uint32_t i = hash_bytes(p, n) & (TABLE_SLOTS - 1);
+    while (t->slot[i].name != NULL) {
+        if (t->slot[i].len == n && memcmp(t->slot[i].name, p, (size_t)n) == 0) {
+            t->slot[i].code = code;
+            return 0;
+        }
+        i = (i + 1) & (TABLE_SLOTS - 1);
+    }
+    t->slot[i].name = PyMem_Malloc((size_t)n + 1);
+    if (t->slot[i].name == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    memcpy(t->slot[i].name, p, (size_t)n);
+    t->slot[i].len = n;
+    t->slot[i].code = code;
+    t->used++;
+    return 0;
+}
+
+static void table_free(NameTable *t) {
+    for (int i = 0; i < TABLE_SLOTS; i++) {
+        PyMem_Free(t->slot[i].name);
+        t->slot[i].name = NULL;
+    }
+    t->used = 0;
+}
+
+/* ---- small per-segment tables --------------------------------------------------------- */
+
+#define SMALL_CAP 32
+#define SMALL_KEY 48
+
+/* Counts per short byte key (levels, statuses, length buckets with error codes); a segment
+ * ends before a line that would need a slot when all are taken. */
+typedef struct {
+    int n;
+    Py_ssize_t len[SMALL_CAP];
+    char key[SMALL_CAP][SMALL_KEY];
+    long count[SMALL_CAP];
+    PyObject *values[SMALL_CAP];   /* stage tables only: the durations, in file order */
+} Small;
+
+static int small_find(const Small *s, const char *p, Py_ssize_t n) {
+    for (int i = 0; i < s->n; i++)
+        if (s->len[i] == n && memcmp(s->key[i], p, (size_t)n) == 0)
+            return i;
+    return -1;
+}
+
+/* The key's slot, a new one if there is room; -1 when the table cannot take it. */
+static int small_slot(Small *s, const char *p, Py_ssize_t n) {
+    int i = small_find(s, p, n);
+    if (i >= 0)
+        return i;
+    if (s->n == SMALL_CAP || n > SMALL_KEY)
+        return -1;
+    i = s->n++;
+    memcpy(s->key[i], p, (size_t)n);
+    s->len[i] = n;
+    s->count[i] = 0;
+    s->values[i] = NULL;
+    return i;
+}
+
+
+static void small_clear(Small *s) {
+    for (int i = 0; i < s->n; i++)
+        Py_CLEAR(s->values[i]);
+    s->n = 0;
+}
+
+#define CLASS_CAP 32
+
+/* Stamps that sort as text in time order: same format, length, minute, separators and zone. */
+typedef struct {
+    int is_text;
+    Py_ssize_t len, zone;          /* zone: where the zone suffix starts (len if none) */
+    const char *lo, *hi;
+} TimeClass;
+
+/* ---- the scanner object ------------------------------------------------------------- */
+
+#define MINUTE_CAP 16
+
+/* A minute's start as the parser converts it, per format, minute and zone. */
+typedef struct {
+    int is_text;
+    char key[16], zone[8];
+    Py_ssize_t zone_len;
+    double base;
+} Minute;
+
+typedef struct {
+    PyObject_HEAD
+    NameTable events, fields;
+    long long edges[16];
+    int n_edges;
+    Py_ssize_t pending_cap;
+    PyObject *stamp;               /* RecordParser.stamp(str, text_format) -> float | None */
+    Minute minutes[MINUTE_CAP];
+    int n_minutes, next_minute;
+    int windowed;
+    double since, until;
+    /* per segment */
+    long lines, records, continuation;
+    Small levels, statuses, lengths, stages;
+    TimeClass classes[CLASS_CAP];
+    int n_classes;
+    PyObject *durations, *rids, *failed, *orphans;
+} Scanner;
+
+/* ---- one parsed line ----------------------------------------------------------------- */
+
+enum { V_NONE, V_STRING, V_NUMBER, V_TRUE, V_FALSE, V_NULL, V_TOKEN };
+
+typedef struct {
+    const char *s;
+    Py_ssize_t n;
+    int kind;
+    int is_int;                    /* V_NUMBER: an integer literal */
+    int escaped;                   /* V_STRING: holds a backslash escape */
+} Value;
+
+typedef struct {
+    int is_text;
+    const char *stamp, *level;
+    Py_ssize_t stamp_len, level_len, zone;
+    int event;
+    Value field[N_FIELDS];
+} Line;
+
+static inline int is_digit(char c) { return c >= '0' && c <= '9'; }
+
+static inline int digits(const char *p, int n) {
+    for (int i = 0; i < n; i++)
+        if (!is_digit(p[i]))
+            return 0;
+    return 1;
+}
+
+static inline int two(const char *p) { return (p[0] - '0') * 10 + (p[1] - '0'); }
+
+static inline const char *skip_digits(const char *p, const char *e) {
+    while (p < e && is_digit(*p))
+        p++;
+    return p;
+}
+
+static int days_in_month(int year, int month) {
+    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    if (month == 2 && year % 4 == 0 && (year % 100 != 0 || year % 400 == 0))
+        return 29;
+    return days[month - 1];
+}
+
+/* "YYYY-MM-DD?HH:MM:SS" with every field in range (so no conversion can fail or wrap). */
+static int valid_datetime(const char *p, char sep1, char sep2) {
+    if (!(digits(p, 4) && p[4] == '-' && digits(p + 5, 2) && p[7] == '-' && digits(p + 8, 2)
+          && (p[10] == sep1 || p[10] == sep2) && digits(p + 11, 2) && p[13] == ':'
+          && digits(p + 14, 2) && p[16] == ':' && digits(p + 17, 2)))
+        return 0;
+    int year = (p[0] - '0') * 1000 + (p[1] - '0') * 100 + two(p + 2);
+    int month = two(p + 5), day = two(p + 8);
+    return year >= 1 && month >= 1 && month <= 12 && day >= 1
+           && day <= days_in_month(year, month) && two(p + 11) <= 23 && two(p + 14) <= 59
+           && two(p + 17) <= 59;
+}
+
+/* A text stamp as _TEXT_HEAD reads it: the datetime, then [.,] and digits or nothing. */
+static Py_ssize_t text_stamp(const char *p, const char *e) {
+    if (e - p < 19 || !valid_datetime(p, ' ', 'T'))
+        return 0;
+    const char *q = p + 19;
+    if (q < e && (*q == ',' || *q == '.') && q + 1 < e && is_digit(q[1])) {
+        q++;
+        q = skip_digits(q, e);
+        if (q - p > 40)
+            return 0;
+    }
+    return q - p;
+}
+
+/* A JSON time string fromisoformat reads: datetime, optional .digits, optional Z/+HH:MM. */
+static int json_stamp(const char *p, Py_ssize_t n, Py_ssize_t *zone) {
+    if (n < 19 || n > 40 || !valid_datetime(p, 'T', 'T'))
+        return 0;
+    const char *q = p + 19, *e = p + n;
+    if (q < e && *q == '.') {
+        q++;
+        const char *f = q;
+        q = skip_digits(q, e);
+        if (q == f)
+            return 0;
+    }
+    *zone = q - p;
+    if (q == e)
+        return 1;
+    if (*q == 'Z')
+        return q + 1 == e;
+    return (*q == '+' || *q == '-') && e - q == 6 && digits(q + 1, 2) && q[3] == ':'
+           && digits(q + 4, 2) && two(q + 1) <= 23 && two(q + 4) <= 59;
+}
+
+static inline int lit(const char **pp, const char *e, const char *text, Py_ssize_t n) {
+    if (e - *pp < n || memcmp(*pp, text, (size_t)n) != 0)
+        return 0;
+    *pp += n;
+    return 1;
+}
+
+/* A JSON string after its opening quote, without control characters; escapes only where
+ * `escapes` (and then only those that always decode). Leaves *pp after the closing quote. */
+static int json_string(const char **pp, const char *e, Value *v, int escapes) {
+    const char *p = *pp, *s = p;
+    v->escaped = 0;
+    while (p < e) {
+        unsigned char c = (unsigned char)*p;
+        if (c == '"') {
+            v->s = s;
+            v->n = p - s;
+            v->kind = V_STRING;
+            *pp = p + 1;
+            return 1;
+        }
+        if (c < 0x20)
+            return 0;
+        if (c == '\\') {
+            if (!escapes || p + 1 >= e || !strchr("\"\\/bfnrt", p[1]) || p[1] == '\0')
+                return 0;
+            v->escaped = 1;
+            p += 2;
+            continue;
+        }
+        p++;
+    }
+    return 0;
+}
+
+/* -?(0|[1-9]\d{0,17})(\.\d+)?([eE][+-]?\d{1,2})?: what orjson reads as a finite number. */
+static int json_number(const char **pp, const char *e, Value *v) {
+    const char *p = *pp, *s = p;
+    if (p < e && *p == '-')
+        p++;
+    if (p >= e || !is_digit(*p))
+        return 0;
+    if (*p == '0') {
+        p++;
+    } else {
+        const char *d = p;
+        p = skip_digits(p, e);
+        if (p - d > 18)
+            return 0;
+    }
+    v->is_int = 1;
+    if (p < e && *p == '.') {
+        p++;
+        const char *d = p;
+        p = skip_digits(p, e);
+        if (p == d || p - s > 60)
+            return 0;
+        v->is_int = 0;
+    }
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < e && (*p == '+' || *p == '-'))
+            p++;
+        const char *d = p;
+        p = skip_digits(p, e);
+        if (p == d || p - d > 2)
+            return 0;
+        v->is_int = 0;
+    }
+    v->s = s;
+    v->n = p - s;
+    v->kind = V_NUMBER;
+    *pp = p;
+    return 1;
+}
+
+static int json_value(const char **pp, const char *e, Value *v, int escapes) {
+    const char *p = *pp;
+    memset(v, 0, sizeof *v);
+    if (p >= e)
+        return 0;
+    switch (*p) {
+    case '"':
+        *pp = p + 1;
+        return json_string(pp, e, v, escapes);
+    case 't':
+        v->kind = V_TRUE;
+        return lit(pp, e, "true", 4);
+    case 'f':
+        v->kind = V_FALSE;
+        return lit(pp, e, "false", 5);
+    case 'n':
+        v->kind = V_NULL;
+        return lit(pp, e, "null", 4);
+    default:
+        return json_number(pp, e, v);
+    }
+}
+
+/* Record one read field; a second value for the same canonical field (a repeated key or
+ * two of its aliases) makes the line residue, since which one wins depends on the parser. */
+static inline int set_field(Line *line, int code, const Value *v) {
+    if (code == F_OTHER)
+        return 1;
+    if (line->field[code].kind != V_NONE)
+        return 0;
+    line->field[code] = *v;
+    return 1;
+}
+
+/* {"time": "…", "level": "…", "logger": "…", "event": "…"(, "key": scalar)*} */
+static int parse_json(Scanner *sc, const char *p, const char *e, Line *line) {
+    Value v;
+    line->is_text = 0;
+    if (!lit(&p, e, "{\"time\": \"", 10) || !json_string(&p, e, &v, 0)
+        || !json_stamp(v.s, v.n, &line->zone))
+        return 0;
+    line->stamp = v.s;
+    line->stamp_len = v.n;
+    if (!lit(&p, e, ", \"level\": \"", 12) || !json_string(&p, e, &v, 0) || v.n == 0)
+        return 0;
+    for (Py_ssize_t i = 0; i < v.n; i++)
+        if (v.s[i] < 'A' || v.s[i] > 'Z')
+            return 0;
+    line->level = v.s;
+    line->level_len = v.n;
+    if (!lit(&p, e, ", \"logger\": \"", 13) || !json_string(&p, e, &v, 0)
+        || !lit(&p, e, ", \"event\": \"", 12) || !json_string(&p, e, &v, 0))
+        return 0;
+    line->event = table_get(&sc->events, v.s, v.n, EV_OTHER);
+    for (;;) {
+        if (p < e && *p == '}') {
+            p++;
+            break;
+        }
+        Value key;
+        if (!lit(&p, e, ", \"", 3) || !json_string(&p, e, &key, 0) || !lit(&p, e, ": ", 2))
+            return 0;
+        /* a second time/level/event replaces the head's (orjson keeps the last) */
+        if ((key.n == 4 && memcmp(key.s, "time", 4) == 0)
+            || (key.n == 5 && memcmp(key.s, "level", 5) == 0)
+            || (key.n == 5 && memcmp(key.s, "event", 5) == 0))
+            return 0;
+        int code = table_get(&sc->fields, key.s, key.n, F_OTHER);
+        if (!json_value(&p, e, &v, code == F_OTHER) || !set_field(line, code, &v))
+            return 0;
+    }
+    return p == e;
+}
+
+/* A text value as convert_value sees it: starts like a string (not a number, quote, space
+ * or non-ASCII character, where the parser's Unicode rules apply) and is not a boolean. */
+static int text_string(const Value *v) {
+    if (v->n == 0)
+        return 1;
+    unsigned char c = (unsigned char)v->s[0];
+    if (c <= ' ' || c >= 0x7f || is_digit((char)c) || c == '-' || c == '"' || c == '\'')
+        return 0;
+    if (v->n == 4 && strncasecmp(v->s, "true", 4) == 0)
+        return 0;
+    if (v->n == 5 && strncasecmp(v->s, "false", 5) == 0)
+        return 0;
+    return 1;
+}
+
+/* _NUMBER_WITH_UNIT in ASCII: 1 number (is_int set, *len the number's bytes), 0 a plain
+ * string to the parser, -1 undecidable here (non-ASCII, too many digits). */
+static int text_number(const Value *v, Py_ssize_t *len, int *is_int) {
+    const char *p = v->s, *e = v->s + v->n;
+    for (const char *q = p; q < e; q++)
+        if ((unsigned char)*q >= 0x7f)
+            return -1;
+    if (p < e && *p == '-')
+        p++;
+    const char *d = p;
+    p = skip_digits(p, e);
+    if (p == d)
+        return 0;
+    if (p - d > 18)
+        return -1;
+    *is_int = 1;
+    if (p + 1 < e && *p == '.' && is_digit(p[1])) {
+        p++;
+        p = skip_digits(p, e);
+        *is_int = 0;
+        if (p - v->s > 60)
+            return -1;
+    }
+    *len = p - v->s;
+    while (p < e && *p == ' ')
+        p++;
+    Py_ssize_t rest = e - p;
+    static const char *units[] = {"", "char", "chars", "ms", "s", "kb", "KB", "B", "bytes", "%"};
+    for (size_t i = 0; i < sizeof units / sizeof *units; i++)
+        if ((Py_ssize_t)strlen(units[i]) == rest && memcmp(units[i], p, (size_t)rest) == 0)
+            return 1;
+    return 0;
+}
+
+/* key=value pairs after "event: " as _PAIR_FAST (or, with quotes, _PAIR_SPLIT) reads them:
+ * ", " between pairs, no value ending in a space, quoted values only for unread keys. */
+static int parse_pairs(Scanner *sc, const char *p, const char *e, Line *line) {
+    int quoted = memchr(p, '"', (size_t)(e - p)) != NULL
+                 || memchr(p, '\'', (size_t)(e - p)) != NULL;
+    for (;;) {
+        const char *k = p;
+        if (p >= e || !((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || *p == '_'))
+            return 0;
+        while (p < e && ((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || is_digit(*p)
+                         || *p == '_' || *p == '.'))
+            p++;
+        int code = table_get(&sc->fields, k, p - k, F_OTHER);
+        if (p >= e || *p != '=')
+            return 0;
+        p++;
+        Value v = {p, 0, V_TOKEN, 0, 0};
+        if (quoted && p < e && (*p == '"' || *p == '\'')) {
+            const char *close = memchr(p + 1, *p, (size_t)(e - p - 1));
+            if (code != F_OTHER || close == NULL || memchr(p, '\\', (size_t)(close - p)))
+                return 0;
+            p = close + 1;
+        } else {
+            while (p < e && *p != ',') {
+                unsigned char c = (unsigned char)*p;
+                if (c < 0x20 || (quoted && (c == '"' || c == '\'')))
+                    return 0;
+                p++;
+            }
+            if (p > v.s && p[-1] == ' ')
+                return 0;
+        }
+        v.n = p - v.s;
+        if (!set_field(line, code, &v))
+            return 0;
+        if (p == e)
+            return 1;
+        if (!lit(&p, e, ", ", 2))
+            return 0;
+    }
+}
+
+/* STAMP - logger - LEVEL - body; 1 a record, 0 residue. */
+static int parse_text(Scanner *sc, const char *p, const char *e, Line *line) {
+    line->is_text = 1;
+    Py_ssize_t n = text_stamp(p, e);
+    if (n == 0)
+        return 0;
+    line->stamp = p;
+    line->stamp_len = n;
+    line->zone = n;
+    p += n;
+    if (!lit(&p, e, " - ", 3))
+        return 0;
+    const char *logger = p;
+    while (p < e && *p > ' ' && *p < 0x7f)
+        p++;
+    if (p == logger || !lit(&p, e, " - ", 3))
+        return 0;
+    line->level = p;
+    while (p < e && *p >= 'A' && *p <= 'Z')
+        p++;
+    line->level_len = p - line->level;
+    if (line->level_len == 0 || !lit(&p, e, " - ", 3) || p >= e)
+        return 0;
+    line->event = EV_OTHER;
+    if (!((*p >= 'a' && *p <= 'z') || *p == '_'))
+        /* a free-form message (e.g. "ERROR: scipy.fft failed"): level and time only */
+        return (unsigned char)*p > ' ';
+    const char *name = p;
+    while (p < e && ((*p >= 'a' && *p <= 'z') || is_digit(*p) || *p == '_' || *p == '.'))
+        p++;
+    if (p == e || *p != ':')
+        return 1;                  /* free-form text that starts in lower case */
+    line->event = table_get(&sc->events, name, p - name, EV_OTHER);
+    if (line->event == EV_OTHER)
+        return 1;                  /* event or not, the report reads only its level and time */
+    p++;
+    if (!lit(&p, e, " ", 1))
+        return 0;
+    return parse_pairs(sc, p, e, line);
+}
+
+/* ---- values the report reads --------------------------------------------------------- */
+
+typedef struct {
+    const char *s;
+    Py_ssize_t n;
+    int present;
+} Bytes;
+
+/* A string-valued field: 1 ok (present or absent), 0 residue. Absent or falsy values take
+ * `fallback` when given (error_code, model_stage); `empty_ok` admits the empty string. */
+static int field_string(const Line *line, int code, Bytes *out, const char *fallback,
+                        int empty_ok) {
+    const Value *v = &line->field[code];
+    out->present = v->kind != V_NONE || fallback != NULL;
+    if (!out->present)
+        return 1;
+    if (fallback != NULL && (v->kind == V_NONE || v->kind == V_NULL || v->n == 0)) {
+        out->s = fallback;
+        out->n = (Py_ssize_t)strlen(fallback);
+        return 1;
+    }
+    out->s = v->s;
+    out->n = v->n;
+    if (v->n == 0 && !empty_ok)
+        return 0;
+    if (line->is_text)
+        return v->kind == V_TOKEN && text_string(v);
+    return v->kind == V_STRING && !v->escaped;
+}
+
+/* A number the report reads as float: 1 present (*out set), 0 absent, -1 residue. */
+static int field_number(const Line *line, int code, double *out) {
+    const Value *v = &line->field[code];
+    Py_ssize_t len = v->n;
+    int is_int = 0;
+    if (v->kind == V_NONE)
+        return 0;
+    if (line->is_text) {
+        if (v->kind != V_TOKEN || text_number(v, &len, &is_int) != 1)
+            return -1;
+    } else if (v->kind != V_NUMBER) {
+        return -1;
+    }
+    char buf[72];
+    memcpy(buf, v->s, (size_t)len);
+    buf[len] = '\0';
+    if (line->is_text ? is_int : v->is_int) {
+        *out = (double)strtoll(buf, NULL, 10);     /* int first, as the parser has it: -0 is 0 */
+        return 1;
+    }
+    *out = PyOS_string_to_double(buf, NULL, NULL);
+    if (*out == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return 1;
+}
+
+/* text_len: 1 an int (*out), 0 not an int to the report (absent, a string, a float),
+ * -1 residue (a boolean, which Python counts as an int, or an undecidable value). */
+static int field_int(const Line *line, int code, long long *out) {
+    const Value *v = &line->field[code];
+    Py_ssize_t len;
+    int is_int;
+    if (v->kind == V_NONE)
+        return 0;
+    if (line->is_text) {
+        if (v->n > 0 && (is_digit(v->s[0]) || v->s[0] == '-')) {
+            int r = text_number(v, &len, &is_int);
+            if (r != 1)
+                return r;          /* 0: a string such as "12abc" */
+            if (!is_int)
+                return 0;
+        } else {
+            return text_string(v) ? 0 : -1;
+        }
+    } else {
+        if (v->kind != V_NUMBER || !v->is_int)
+            return -1;
+        len = v->n;
+    }
+    char buf[32];
+    memcpy(buf, v->s, (size_t)len);
+    buf[len] = '\0';
+    *out = strtoll(buf, NULL, 10);
+    return 1;
+}
+
+static PyObject *decode(const char *s, Py_ssize_t n) {
+    return PyUnicode_DecodeUTF8(s, n, "replace");
+}
+
+/* ---- a line's time ------------------------------------------------------------------- */
+
+/* The line's time as RecordParser.stamp gives it: 1 set, 0 no time (residue), -1 error.
+ * Text: mktime(minute) + seconds + float("0." + fraction); JSON: timegm or mktime of the
+ * minute + seconds + microseconds / 1e6 (fromisoformat keeps six digits). */
+static int line_time(Scanner *sc, const Line *line, double *out) {
+    const char *s = line->stamp;
+    Py_ssize_t zone_len = line->stamp_len - line->zone;
+    Minute *m = NULL;
+    if (zone_len > 8)
+        return 0;
+    for (int i = 0; i < sc->n_minutes && m == NULL; i++) {
+        Minute *c = &sc->minutes[i];
+        if (c->is_text == line->is_text && c->zone_len == zone_len && memcmp(c->key, s, 16) == 0
+            && memcmp(c->zone, s + line->zone, (size_t)zone_len) == 0)
+            m = c;
+    }
+    if (m == NULL) {
+        char text[16 + 3 + 8];
+        memcpy(text, s, 16);
+        memcpy(text + 16, ":00", 3);
+        memcpy(text + 19, s + line->zone, (size_t)zone_len);
+        PyObject *when = PyObject_CallFunction(sc->stamp, "s#O", text, 19 + zone_len,
+                                               line->is_text ? Py_True : Py_False);
+        if (when == NULL)
+            return -1;
+        double base = when == Py_None ? 0.0 : PyFloat_AsDouble(when);
+        int none = when == Py_None;
+        Py_DECREF(when);
+        if (none)
+            return 0;
+        if (base == -1.0 && PyErr_Occurred())
+            return -1;
+        if (sc->n_minutes < MINUTE_CAP) {
+            m = &sc->minutes[sc->n_minutes++];
+        } else {
+            m = &sc->minutes[sc->next_minute];
+            sc->next_minute = (sc->next_minute + 1) % MINUTE_CAP;
+        }
+        m->is_text = line->is_text;
+        memcpy(m->key, s, 16);
+        memcpy(m->zone, s + line->zone, (size_t)zone_len);
+        m->zone_len = zone_len;
+        m->base = base;
+    }
+    double when = m->base + two(s + 17);
+    Py_ssize_t digits_len = line->zone - 20;      /* the fraction's digits, after [.,] */
+    if (digits_len <= 0) {
+        *out = when + 0.0;
+    } else if (line->is_text) {
+        char buf[48] = "0.";
+        memcpy(buf + 2, s + 20, (size_t)digits_len);
+        buf[2 + digits_len] = '\0';
+        *out = when + PyOS_string_to_double(buf, NULL, NULL);
+    } else {
+        long micro = 0;
+        for (int i = 0; i < 6; i++)
+            micro = micro * 10 + (i < digits_len ? s[20 + i] - '0' : 0);
+        *out = when + micro / 1e6;
+    }
+    return 1;
+}
+
+/* ---- applying a line ------------------------------------------------------------------ */
+
+enum { APPLIED, RESIDUE, FULL, FAILED };
+
+/* Whether a small table can count this key: a key no table could ever hold makes the line
+ * residue (ending the segment instead would stop at the same line for ever). */
+static int room(const Small *s, const char *p, Py_ssize_t n) {
+    if (n > SMALL_KEY)
+        return RESIDUE;
+    return small_find(s, p, n) >= 0 || s->n < SMALL_CAP ? APPLIED : FULL;
+}
+
+static int bucket_of(const Scanner *sc, long long text_len) {
+    for (int i = 0; i < sc->n_edges; i++)
+        if (text_len <= sc->edges[i])
+            return i;
+    return sc->n_edges;
+}
+
+/* The length table's key for a bucket and an error code ("" for a success). */
+static Py_ssize_t length_key(char *key, int bucket, const Bytes *code) {
+    key[0] = (char)bucket;
+    if (code->n >= SMALL_KEY)
+        return SMALL_KEY + 1;                 /* too long: room() refuses it */
+    memcpy(key + 1, code->s, (size_t)code->n);
+    return code->n + 1;
+}
+
+static int time_class(Scanner *sc, const Line *line, int add) {
+    for (int i = 0; i < sc->n_classes; i++) {
+        TimeClass *c = &sc->classes[i];
+        if (c->is_text != line->is_text || c->len != line->stamp_len || c->zone != line->zone
+            || memcmp(c->lo, line->stamp, 17) != 0
+            || (c->len > 19 && c->lo[19] != line->stamp[19])
+            || memcmp(c->lo + c->zone, line->stamp + c->zone, (size_t)(c->len - c->zone)) != 0)
+            continue;
+        if (add) {
+            if (memcmp(line->stamp, c->lo, (size_t)c->len) < 0)
+                c->lo = line->stamp;
+            if (memcmp(line->stamp, c->hi, (size_t)c->len) > 0)
+                c->hi = line->stamp;
+        }
+        return 1;
+    }
+    if (sc->n_classes == CLASS_CAP)
+        return 0;
+    if (add) {
+        TimeClass *c = &sc->classes[sc->n_classes++];
+        c->is_text = line->is_text;
+        c->len = line->stamp_len;
+        c->zone = line->zone;
+        c->lo = c->hi = line->stamp;
+    }
+    return 1;
+}
+
+static int push(PyObject *list, PyObject *item) {
+    if (item == NULL)
+        return -1;
+    int r = PyList_Append(list, item);
+    Py_DECREF(item);
+    return r;
+}
+
+static int apply_start(Scanner *sc, const Line *line, PyObject *pending) {
+    Bytes id;
+    long long text_len;
+    if (!field_string(line, F_ID, &id, NULL, 0))
+        return RESIDUE;
+    int has_len = field_int(line, F_TEXT_LEN, &text_len);
+    if (has_len < 0)
+        return RESIDUE;
+    if (!id.present || !has_len)
+        return APPLIED;
+    PyObject *rid = decode(id.s, id.n), *value = PyLong_FromLongLong(text_len);
+    int r = rid && value ? PyObject_SetItem(pending, rid, value) : -1;
+    Py_XDECREF(rid);
+    Py_XDECREF(value);
+    if (r < 0)
+        return FAILED;
+    if (PyObject_Length(pending) > sc->pending_cap) {
+        PyObject *old = PyObject_CallMethod(pending, "popitem", "O", Py_False);
+        if (old == NULL)
+            return FAILED;
+        Py_DECREF(old);
+    }
+    return APPLIED;
+}
+
+static int apply_stage(Scanner *sc, const Line *line) {
+    Bytes stage;
+    double value;
+    if (!field_string(line, F_STAGE, &stage, NULL, 1) || !stage.present
+        || field_number(line, F_DURATION, &value) != 1)
+        return RESIDUE;
+    int r = room(&sc->stages, stage.s, stage.n);
+    if (r != APPLIED)
+        return r;
+    int i = small_slot(&sc->stages, stage.s, stage.n);
+    if (sc->stages.values[i] == NULL && (sc->stages.values[i] = PyList_New(0)) == NULL)
+        return FAILED;
+    return push(sc->stages.values[i], PyFloat_FromDouble(value)) < 0 ? FAILED : APPLIED;
+}
+
+static int apply_complete(Scanner *sc, const Line *line, PyObject *pending,
+                          PyObject *pop) {
+    Bytes id, status, code, model_stage;
+    double duration;
+    long long own_len;
+    if (!field_string(line, F_ID, &id, NULL, 0) || !id.present
+        || !field_string(line, F_STATUS, &status, NULL, 0)
+        || !field_string(line, F_CODE, &code, "UNKNOWN", 1)
+        || !field_string(line, F_MODEL_STAGE, &model_stage, "unknown", 1))
+        return RESIDUE;
+    int has_duration = field_number(line, F_DURATION, &duration);
+    int has_len = field_int(line, F_TEXT_LEN, &own_len);
+    if (has_duration < 0 || has_len < 0)
+        return RESIDUE;
+    if (!status.present) {
+        status.s = "unknown";
+        status.n = 7;
+    }
+    int failed = status.n == 6 && memcmp(status.s, "failed", 6) == 0;
+    Bytes no_code = {"", 0, 1};
+    const Bytes *length_code = failed ? &code : &no_code;
+
+    PyObject *rid = decode(id.s, id.n);
+    if (rid == NULL)
+        return FAILED;
+    /* the length bucket: the line's own text_len, else its start's (looked up, not popped,
+     * until every table is known to have room) */
+    PyObject *start_len = NULL;
+    int bucket = -1;
+    if (has_len) {
+        bucket = bucket_of(sc, own_len);
+    } else {
+        start_len = PyDict_GetItemWithError(pending, rid);
+        if (start_len == NULL && PyErr_Occurred())
+            goto fail;
+        if (start_len != NULL) {
+            int overflow;
+            long long value = PyLong_AsLongLongAndOverflow(start_len, &overflow);
+            if (value == -1 && PyErr_Occurred())
+                goto fail;
+            bucket = overflow > 0 ? sc->n_edges : overflow < 0 ? 0 : bucket_of(sc, value);
+        }
+    }
+    double when = 0.0;
+    int r = failed ? line_time(sc, line, &when) : 1;
+    if (r <= 0) {
+        Py_DECREF(rid);
+        return r < 0 ? FAILED : RESIDUE;
+    }
+    char key[SMALL_KEY + 2];
+    Py_ssize_t key_len = length_key(key, bucket, length_code);
+    r = room(&sc->statuses, status.s, status.n);
+    if (r == APPLIED && bucket >= 0)
+        r = room(&sc->lengths, key, key_len);
+    if (r != APPLIED) {
+        Py_DECREF(rid);
+        return r;
+    }
+    sc->statuses.count[small_slot(&sc->statuses, status.s, status.n)]++;
+    if (has_duration) {
+        if (push(sc->durations, PyFloat_FromDouble(duration)) < 0
+            || PyList_Append(sc->rids, rid) < 0)
+            goto fail;
+    }
+    PyObject *popped = PyObject_CallFunctionObjArgs(pop, rid, Py_None, NULL);
+    if (popped == NULL)
+        goto fail;
+    Py_DECREF(popped);
+    if (bucket >= 0) {
+        sc->lengths.count[small_slot(&sc->lengths, key, key_len)]++;
+    } else if (push(sc->orphans, Py_BuildValue("(ON)", rid,
+                                               decode(length_code->s, length_code->n))) < 0) {
+        goto fail;
+    }
+    if (failed && push(sc->failed, Py_BuildValue(
+            "(NNdO)", decode(code.s, code.n), decode(model_stage.s, model_stage.n), when,
+            rid)) < 0)
+        goto fail;
+    Py_DECREF(rid);
+    return APPLIED;
+fail:
+    Py_DECREF(rid);
+    return FAILED;
+}
+
+/* Validate everything a line needs before changing anything, then add it. */
+static int apply_record(Scanner *sc, const Line *line, PyObject *pending, PyObject *pop) {
+    if (sc->windowed) {
+        double when;
+        int t = line_time(sc, line, &when);
+        if (t <= 0)
+            return t < 0 ? FAILED : RESIDUE;
+        if (!(when >= sc->since && when < sc->until))
+            /* outside --since/--until only starts count: their text lengths serve
+             * failures inside the window */
+            return line->event == EV_START ? apply_start(sc, line, pending) : APPLIED;
+    }
+    int r = room(&sc->levels, line->level, line->level_len);
+    if (r != APPLIED)
+        return r;
+    if (!time_class(sc, line, 0))
+        return FULL;
+    if (line->event == EV_START)
+        r = apply_start(sc, line, pending);
+    else if (line->event == EV_COMPLETE)
+        r = apply_complete(sc, line, pending, pop);
+    else if (line->event == EV_STAGE)
+        r = apply_stage(sc, line);
+    if (r != APPLIED)
+        return r;
+    sc->levels.count[small_slot(&sc->levels, line->level, line->level_len)]++;
+    time_class(sc, line, 1);
+    return APPLIED;
+}
+
+/* ---- the segment's result -------------------------------------------------------------- */
+
+static void segment_clear(Scanner *sc) {
+    sc->lines = sc->records = sc->continuation = 0;
+    small_clear(&sc->levels);
+    small_clear(&sc->statuses);
+    small_clear(&sc->lengths);
+    small_clear(&sc->stages);
+    sc->n_classes = 0;
+    Py_CLEAR(sc->durations);
+    Py_CLEAR(sc->rids);
+    Py_CLEAR(sc->failed);
+    Py_CLEAR(sc->orphans);
+}
+
+static int segment_start(Scanner *sc) {
+    segment_clear(sc);
+    sc->durations = PyList_New(0);
+    sc->rids = PyList_New(0);
+    sc->failed = PyList_New(0);
+    sc->orphans = PyList_New(0);
+    return sc->durations && sc->rids && sc->failed && sc->orphans ? 0 : -1;
+}
+
+/* dict of the table's keys (as bytes, str, or (bucket, str) for lengths) to counts, or to
+ * the value lists for stages */
+static PyObject *small_dict(const Small *s, int how) {
+    PyObject *d = PyDict_New();
+    for (int i = 0; d != NULL && i < s->n; i++) {
+        PyObject *key = how == 0 ? PyBytes_FromStringAndSize(s->key[i], s->len[i])
+                        : how == 2 ? Py_BuildValue("(iN)", (int)(unsigned char)s->key[i][0],
+                                                   decode(s->key[i] + 1, s->len[i] - 1))
+                        : decode(s->key[i], s->len[i]);
+        PyObject *value = how == 3 ? (Py_INCREF(s->values[i]), s->values[i])
+                                   : PyLong_FromLong(s->count[i]);
+        if (key == NULL || value == NULL || PyDict_SetItem(d, key, value) < 0)
+            Py_CLEAR(d);
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+    }
+    return d;
+}
+
+static PyObject *segment_result(Scanner *sc) {
+    PyObject *classes = PyList_New(0);
+    for (int i = 0; classes != NULL && i < sc->n_classes; i++) {
+        const TimeClass *c = &sc->classes[i];
+        if (push(classes, Py_BuildValue("(Oy#y#)", c->is_text ? Py_True : Py_False, c->lo,
+                                        c->len, c->hi, c->len)) < 0)
+            Py_CLEAR(classes);
+    }
+    if (classes == NULL)
+        return NULL;
+    return Py_BuildValue("{s:l,s:l,s:l,s:N,s:N,s:N,s:N,s:N,s:O,s:O,s:O,s:O}",
+                         "lines", sc->lines, "records", sc->records,
+                         "continuation", sc->continuation,
+                         "levels", small_dict(&sc->levels, 0),
+                         "statuses", small_dict(&sc->statuses, 1),
+                         "lengths", small_dict(&sc->lengths, 2),
+                         "stages", small_dict(&sc->stages, 3), "classes", classes,
+                         "durations", sc->durations, "rids", sc->rids, "failed", sc->failed,
+                         "orphans", sc->orphans);
+}
+
+static int blank(const char *p, const char *e) {
+    for (; p < e; p++)
+        if (!strchr(" \t\r\x0b\x0c", *p) || *p == '\0')
+            return 0;
+    return 1;
+}
+
+/* scan(chunk, pos, pending, window) -> (next_pos, residue line or None, segment) */
+static PyObject *Scanner_scan(Scanner *sc, PyObject *args) {
+    Py_buffer chunk;
+    Py_ssize_t pos;
+    PyObject *pending, *window;
+    if (!PyArg_ParseTuple(args, "y*nOO", &chunk, &pos, &pending, &window))
+        return NULL;
+    sc->windowed = window != Py_None;
+    if (!PyDict_Check(pending)
+        || (sc->windowed && !PyArg_ParseTuple(window, "dd", &sc->since, &sc->until))) {
+        PyBuffer_Release(&chunk);
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "pending must be a dict (an OrderedDict)");
+        return NULL;
+    }
+    PyObject *result = NULL, *residue = Py_None, *pop = NULL;
+    const char *base = chunk.buf, *end = base + chunk.len;
+    if (pos < 0 || pos > chunk.len) {
+        PyErr_SetString(PyExc_ValueError, "pos is outside the chunk");
+        goto done;
+    }
+    if (segment_start(sc) < 0 || (pop = PyObject_GetAttrString(pending, "pop")) == NULL)
+        goto done;
+    const char *p = base + pos;
+    while (p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        const char *next = eol ? eol + 1 : end;
+        const char *e = eol ? eol : end;
+        const char *stripped = e;
+        while (stripped > p && stripped[-1] == '\r')
+            stripped--;
+        if (stripped == p || (*p != '{' && !is_digit(*p))) {
+            if (!blank(p, e)) {
+                sc->lines++;
+                sc->continuation++;
+            }
+            p = next;
+            continue;
+        }
+        Line line;
+        memset(line.field, 0, sizeof line.field);
+        int parsed = *p == '{' ? parse_json(sc, p, stripped, &line)
+                               : parse_text(sc, p, stripped, &line);
+        int r = parsed ? apply_record(sc, &line, pending, pop) : RESIDUE;
+        if (r == FAILED)
+            goto done;
+        if (r == FULL)
+            break;
+        if (r == RESIDUE) {
+            residue = PyBytes_FromStringAndSize(p, e - p);
+            if (residue == NULL)
+                goto done;
+            p = next;
+            break;
+        }
+        sc->lines++;
+        sc->records++;
+        p = next;
+    }
+    PyObject *segment = segment_result(sc);
+    if (segment != NULL)
+        result = Py_BuildValue("(nON)", (Py_ssize_t)(p - base), residue, segment);
+done:
+    Py_XDECREF(pop);
+    if (residue != Py_None)
+        Py_DECREF(residue);
+    segment_clear(sc);
+    PyBuffer_Release(&chunk);
+    return result;
+}
+
+/* ---- construction --------------------------------------------------------------------- */
+
+static int code_of(PyObject *name, const char *const *names, int n) {
+    for (int i = 0; i < n; i++)
+        if (PyUnicode_CompareWithASCIIString(name, names[i]) == 0)
+            return i;
+    return 0;
+}
+
+static int fill(NameTable *t, PyObject *mapping, const char *const *names, int n) {
+    PyObject *key, *value;
+    Py_ssize_t i = 0;
+    if (!PyDict_Check(mapping)) {
+        PyErr_SetString(PyExc_TypeError, "names must be a dict of bytes to str");
+        return -1;
+    }
+    while (PyDict_Next(mapping, &i, &key, &value)) {
+        if (!PyBytes_Check(key) || !PyUnicode_Check(value)) {
+            PyErr_SetString(PyExc_TypeError, "names must be a dict of bytes to str");
+            return -1;
+        }
+        if (table_put(t, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key),
+                      code_of(value, names, n)) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static const char *const EVENT_NAMES[] = {"", "synthesis_start", "synthesis_complete",
+                                          "stage_time"};
+static const char *const FIELD_NAMES[] = {"", "id", "status", "duration_ms", "error_code",
+                                          "text_len", "model_stage", "stage"};
+
+static int Scanner_init(Scanner *sc, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"events", "fields", "length_edges", "pending_cap", "stamp", NULL};
+    PyObject *events, *fields, *edges, *stamp;
+    Py_ssize_t cap;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOnO", kwlist, &events, &fields, &edges,
+                                     &cap, &stamp))
+        return -1;
+    if (!PyCallable_Check(stamp)) {
+        PyErr_SetString(PyExc_TypeError, "stamp must be callable");
+        return -1;
+    }
+    Py_INCREF(stamp);
+    Py_XSETREF(sc->stamp, stamp);
+    sc->n_minutes = sc->next_minute = 0;
+    table_free(&sc->events);
+    table_free(&sc->fields);
+    if (fill(&sc->events, events, EVENT_NAMES, 4) < 0
+        || fill(&sc->fields, fields, FIELD_NAMES, N_FIELDS) < 0)
+        return -1;
+    PyObject *seq = PySequence_Fast(edges, "length_edges must be a sequence of ints");
+    if (seq == NULL)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > 16) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "at most 16 length edges");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        sc->edges[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (sc->edges[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    sc->n_edges = (int)n;
+    sc->pending_cap = cap;
+    return 0;
+}
+
+static void Scanner_dealloc(Scanner *sc) {
+    segment_clear(sc);
+    Py_CLEAR(sc->stamp);
+    table_free(&sc->events);
+    table_free(&sc->fields);
+    Py_TYPE(sc)->tp_free((PyObject *)sc);
+}
+
+static PyMethodDef Scanner_methods[] = {
+    {"scan", (PyCFunction)Scanner_scan, METH_VARARGS,
+     "scan(chunk, pos, pending, window) -> (next_pos, residue, segment)\n\n"
+     "Aggregate the lines from pos on until one only the full parser may read (returned "
+     "as residue, next_pos after it) or a table fills (residue None). window: None or "
+     "(since, until); records outside it count only as lines, starts also in pending."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ScannerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "exporter.analyze._scan.Scanner",
+    .tp_basicsize = sizeof(Scanner),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Line-shape scanner for analyze (see exporter/analyze/scan.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Scanner_init,
+    .tp_dealloc = (destructor)Scanner_dealloc,
+    .tp_methods = Scanner_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_scan", "Compiled line scanner for tts-exporter analyze.", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__scan(void) {
+    if (PyType_Ready(&ScannerType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&ScannerType);
+    if (PyModule_AddObject(m, "Scanner", (PyObject *)&ScannerType) < 0) {
+        Py_DECREF(&ScannerType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
