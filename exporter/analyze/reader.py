@@ -96,14 +96,6 @@ def iter_chunks(fh: BinaryIO, stats: ReadStats, limit: int | None = None,
         yield rest if rest.endswith(b"\n") else rest + b"\n"
 
 
-def iter_lines(fh: BinaryIO, stats: ReadStats, limit: int | None = None) -> Iterator[bytes]:
-    """The lines of :func:`iter_chunks`, without their line endings."""
-    for chunk in iter_chunks(fh, stats, limit):
-        lines = chunk.split(b"\n")
-        lines.pop()
-        yield from lines
-
-
 @contextmanager
 def open_range(path: Path, span: tuple[int, int | None], stats: ReadStats
                ) -> Iterator[tuple[BinaryIO, int | None]]:
@@ -146,38 +138,45 @@ def file_records(path: Path, parser: RecordParser, stats: ReadStats,
     """The records of one file in file order (see :func:`iter_records`).
     ``span`` (start, length) of a plain file: only the lines that start in that range.
     ``needle`` (``--id``): lines without it are not parsed, only kept as continuations of a
-    kept record when they cannot start one (stats then count only what was parsed)."""
+    kept record when they cannot start one (stats then count only what was parsed); a chunk
+    without it is skipped whole (one C-speed search) unless a kept record may go on into it."""
     with open_range(path, span, stats) as (fh, length):
         if length == 0:
             return
         pending: Record | None = None
-        for line in iter_lines(fh, stats, length):
-            stats.lines += 1
-            if needle is not None and needle not in line:
-                head = line[:1]
-                if pending is None or head == b"{" or head.isdigit() or not line.strip():
-                    if pending is not None and line.strip():
-                        yield pending
-                        pending = None
+        for chunk in iter_chunks(fh, stats, length, _CHUNK):
+            if needle is not None and pending is None and needle not in chunk:
+                stats.lines += chunk.count(b"\n")      # one C-speed search a chunk
+                continue
+            lines = chunk.split(b"\n")
+            lines.pop()
+            for line in lines:
+                stats.lines += 1
+                if needle is not None and needle not in line:
+                    head = line[:1]
+                    if pending is None or head == b"{" or head.isdigit() or not line.strip():
+                        if pending is not None and line.strip():
+                            yield pending
+                            pending = None
+                        continue
+                try:
+                    record = parser.parse(line)
+                except MalformedLine:
+                    stats.malformed += 1
                     continue
-            try:
-                record = parser.parse(line)
-            except MalformedLine:
-                stats.malformed += 1
-                continue
-            if record is None:
-                if line.strip():
-                    stats.continuation += 1
-                    if keep_continuations and pending is not None:
-                        tb = pending.fields.setdefault("traceback", [])
-                        assert isinstance(tb, list)
-                        tb.append(line.rstrip(b"\r").decode("utf-8", "replace"))
-                else:
-                    stats.lines -= 1
-                continue
-            stats.records += 1
-            if pending is not None:
-                yield pending
-            pending = record
+                if record is None:
+                    if line.strip():
+                        stats.continuation += 1
+                        if keep_continuations and pending is not None:
+                            tb = pending.fields.setdefault("traceback", [])
+                            assert isinstance(tb, list)
+                            tb.append(line.rstrip(b"\r").decode("utf-8", "replace"))
+                    else:
+                        stats.lines -= 1
+                    continue
+                stats.records += 1
+                if pending is not None:
+                    yield pending
+                pending = record
         if pending is not None:
             yield pending

@@ -237,3 +237,27 @@ def test_chunked_parallel_matches_golden(monkeypatch: pytest.MonkeyPatch,
     expected = _golden("expected_report.json")
     # time stamps are rendered only in the human form, so TZ does not matter here
     assert data == expected
+
+
+@pytest.mark.parametrize("chunk", [48, 300, 1 << 20])
+def test_timeline_reads_a_traceback_into_chunks_without_the_id(
+        chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--id skips chunks that lack the id, but not the traceback lines that continue a kept
+    record there: the record is the one a full read gives, whatever the chunk size, and
+    every line is still counted."""
+    import exporter.analyze.reader as reader
+
+    paths = [Path(f) for f in FILES]
+    parser = RecordParser()
+    full = [r for r in iter_records(paths, parser, ReadStats(), keep_continuations=True)
+            if r.request_id == "r2" or "r2" in r.raw]
+    monkeypatch.setattr(reader, "_CHUNK", chunk)
+    stats = ReadStats()
+    kept = [r for r in iter_records(paths, parser, stats, keep_continuations=True,
+                                    needle=b"r2")
+            if r.request_id == "r2" or "r2" in r.raw]
+    assert kept == full
+    assert any(len(r.fields.get("traceback", [])) == 4 for r in kept)
+    text = b"".join(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
+                    for p in paths)
+    assert stats.lines == text.count(b"\n")
