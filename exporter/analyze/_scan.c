@@ -22,6 +22,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <float.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -42,6 +43,9 @@ typedef struct {
 typedef struct {
     Entry slot[TABLE_SLOTS];
     int used;
+    /* names by (length, first byte): most keys in a line are no name here, and miss at once */
+    uint64_t starts[64][4];
+    int has_long;
 } NameTable;
 
 static uint32_t hash_bytes(const char *p, Py_ssize_t n) {
@@ -54,6 +58,9 @@ static uint32_t hash_bytes(const char *p, Py_ssize_t n) {
 }
 
 static int table_get(const NameTable *t, const char *p, Py_ssize_t n, int missing) {
+    unsigned char first = n > 0 ? (unsigned char)p[0] : 0;
+    if (n < 64 ? !((t->starts[n][first >> 6] >> (first & 63)) & 1) : !t->has_long)
+        return missing;
     uint32_t i = hash_bytes(p, n) & (TABLE_SLOTS - 1);
     while (t->slot[i].name != NULL) {
         if (t->slot[i].len == n && memcmp(t->slot[i].name, p, (size_t)n) == 0)
@@ -85,6 +92,11 @@ static int table_put(NameTable *t, const char *p, Py_ssize_t n, int code) {
     t->slot[i].len = n;
     t->slot[i].code = code;
     t->used++;
+    unsigned char first = n > 0 ? (unsigned char)p[0] : 0;
+    if (n < 64)
+        t->starts[n][first >> 6] |= (uint64_t)1 << (first & 63);
+    else
+        t->has_long = 1;
     return 0;
 }
 
@@ -94,6 +106,8 @@ static void table_free(NameTable *t) {
         t->slot[i].name = NULL;
     }
     t->used = 0;
+    memset(t->starts, 0, sizeof t->starts);
+    t->has_long = 0;
 }
 
 /* ---- small per-segment tables --------------------------------------------------------- */
@@ -554,6 +568,53 @@ static int parse_text(Scanner *sc, const char *p, const char *e, Line *line) {
     return parse_pairs(sc, p, e, line);
 }
 
+/* ---- decimal to double ------------------------------------------------------------------ */
+
+/* `digits[.digits][e[+-]digits]` (an optional '-' first) as the correctly rounded double that
+ * Python's float() gives. Clinger's fast path: a mantissa below 2^53 and a power of ten up to
+ * 1e22 are exact doubles, so one IEEE multiplication or division rounds correctly; anything
+ * else goes to CPython's own dtoa. (x87 double rounding would void the fast path.) */
+static double to_double(const char *s, Py_ssize_t n) {
+#if FLT_EVAL_METHOD == 0
+    static const double powers[] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10,
+                                    1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19,
+                                    1e20, 1e21, 1e22};
+    const char *p = s, *e = s + n;
+    int negative = p < e && *p == '-';
+    p += negative;
+    uint64_t mantissa = 0;
+    int digits = 0, scale = 0, exponent = 0, exp_negative = 0;
+    for (; p < e && is_digit(*p); p++, digits++)
+        mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+    if (p < e && *p == '.')
+        for (p++; p < e && is_digit(*p); p++, digits++, scale++)
+            mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+    if (p < e && (*p == 'e' || *p == 'E')) {
+        p++;
+        if (p < e && (*p == '+' || *p == '-'))
+            exp_negative = *p++ == '-';
+        for (; p < e && is_digit(*p) && exponent < 1000; p++)
+            exponent = exponent * 10 + (*p - '0');
+    }
+    int power = (exp_negative ? -exponent : exponent) - scale;
+    if (p == e && digits <= 19 && mantissa <= ((uint64_t)1 << 53) && power >= -22
+        && power <= 22) {
+        double value = power < 0 ? (double)mantissa / powers[-power]
+                                 : (double)mantissa * powers[power];
+        return negative ? -value : value;
+    }
+#endif
+    char buf[72];
+    if (n >= (Py_ssize_t)sizeof buf)
+        return Py_HUGE_VAL;                /* callers keep numbers far shorter */
+    memcpy(buf, s, (size_t)n);
+    buf[n] = '\0';
+    double value = PyOS_string_to_double(buf, NULL, NULL);
+    if (value == -1.0 && PyErr_Occurred())
+        PyErr_Clear();
+    return value;
+}
+
 /* ---- values the report reads --------------------------------------------------------- */
 
 typedef struct {
@@ -597,18 +658,14 @@ static int field_number(const Line *line, int code, double *out) {
     } else if (v->kind != V_NUMBER) {
         return -1;
     }
-    char buf[72];
-    memcpy(buf, v->s, (size_t)len);
-    buf[len] = '\0';
     if (line->is_text ? is_int : v->is_int) {
+        char buf[32];
+        memcpy(buf, v->s, (size_t)len);
+        buf[len] = '\0';
         *out = (double)strtoll(buf, NULL, 10);     /* int first, as the parser has it: -0 is 0 */
         return 1;
     }
-    *out = PyOS_string_to_double(buf, NULL, NULL);
-    if (*out == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return -1;
-    }
+    *out = to_double(v->s, len);
     return 1;
 }
 
@@ -698,8 +755,7 @@ static int line_time(Scanner *sc, const Line *line, double *out) {
     } else if (line->is_text) {
         char buf[48] = "0.";
         memcpy(buf + 2, s + 20, (size_t)digits_len);
-        buf[2 + digits_len] = '\0';
-        *out = when + PyOS_string_to_double(buf, NULL, NULL);
+        *out = when + to_double(buf, 2 + digits_len);
     } else {
         long micro = 0;
         for (int i = 0; i < 6; i++)

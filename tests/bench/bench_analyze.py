@@ -74,23 +74,29 @@ def main() -> None:
     print(f"uncompressed input: {int(raw) / 1e6:.0f} MB")
     base, count = timed(f"zcat -f {files} | grep -c synthesis_complete", shell=True)
     print(f"zcat -f | grep -c synthesis_complete: {base:.2f}s ({count.strip()} lines)")
-    def analyze(*options: str) -> list[str]:
-        return [sys.executable, "-m", "exporter", "analyze", "--json", "--jobs", str(args.jobs),
+    def analyze(*options: str, jobs: int = args.jobs) -> list[str]:
+        return [sys.executable, "-m", "exporter", "analyze", "--json", "--jobs", str(jobs),
                 *options, *map(str, paths)]
 
     wall, _ = timed(analyze())
     rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    print(f"analyze --jobs {args.jobs}: {wall:.2f}s = {wall / base:.1f}x the baseline, "
+    print(f"analyze --jobs {args.jobs}: {wall:.2f}s = {wall / base:.2f}x the baseline, "
           f"{int(raw) / 1e6 / wall:.0f} MB/s, peak RSS {rss_kb / 1024:.0f} MiB "
           f"(largest process)")
+    wall, _ = timed(analyze(jobs=1))
+    print(f"analyze --jobs 1 (one core): {wall:.2f}s = {wall / base:.2f}x the baseline, "
+          f"{int(raw) / 1e6 / wall:.0f} MB/s")
     window = ["--since", "2026-11-22T10:05:00+00:00", "--until", "2026-11-22T10:07:00+00:00"]
     wall, _ = timed(analyze(*window))
     print(f"analyze --jobs {args.jobs} over a 2-minute window: {wall:.2f}s = "
-          f"{wall / base:.1f}x the baseline")
+          f"{wall / base:.2f}x the baseline")
+    wall, _ = timed(analyze("--id", "ts_00086381"))
+    print(f"analyze --id (one request's timeline): {wall:.2f}s = {wall / base:.2f}x the "
+          "baseline")
     if args.full_parse:
         wall, _ = timed(analyze("--no-fast"))
         print(f"analyze --jobs {args.jobs} --no-fast (every line through the parser): "
-              f"{wall:.2f}s = {wall / base:.1f}x the baseline")
+              f"{wall:.2f}s = {wall / base:.2f}x the baseline")
 
 
 if __name__ == "__main__":

@@ -472,3 +472,32 @@ def test_pending_starts_are_evicted_oldest_first_like_the_report(
     assert list(fast.report.pending) == list(slow.report.pending) == \
         ["p7", "p8", "p10", "p11"]
     assert fast.report.orphans == [("p2", "EVICTED")]
+
+
+def test_decimal_durations_convert_exactly_as_float_does() -> None:
+    """Durations take the scanner's own decimal conversion where it is exact (Clinger's fast
+    path) and CPython's elsewhere: every value must be the double float() gives."""
+    rnd = random.Random(3)
+
+    def number(json: bool) -> str:
+        digits = "".join(rnd.choice("0123456789") for _ in range(rnd.randrange(1, 20)))
+        whole, fraction = digits[:rnd.randrange(1, len(digits) + 1)], digits
+        whole = whole.lstrip("0") or "0"
+        text = f"{'-' if rnd.random() < 0.2 else ''}{whole[:18]}.{fraction[:rnd.randrange(1, 25)]}"
+        if json and rnd.random() < 0.4:
+            text += f"e{rnd.choice(['', '+', '-'])}{rnd.randrange(0, 40)}"
+        return text
+
+    lines = []
+    for i in range(3000):
+        json_line = i % 2 == 0
+        value = number(json_line)
+        lines.append(
+            f'{{"time": "2026-11-22T10:00:00.000+00:00", "level": "INFO", "logger": "a", '
+            f'"event": "stage_time", "request_id": "d{i}", "stage": "s", "duration_ms": {value}}}'
+            if json_line else f"2026-11-22 10:00:00,000 - app - INFO - stage_time: id=d{i}, "
+                              f"stage=s, duration_ms={value}{rnd.choice(['', ' ms', 'ms'])}")
+    fast, slow = _fast_and_slow(("\n".join(lines) + "\n").encode())
+    values = fast.report.stages["s"].values
+    assert values is not None and len(values) == 3000
+    assert [v.hex() for v in values] == [v.hex() for v in slow.report.stages["s"].values or []]
