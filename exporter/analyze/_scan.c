@@ -514,7 +514,10 @@ static int parse_pairs(Scanner *sc, const char *p, const char *e, Line *line) {
                     return 0;
                 p++;
             }
-            if (p > v.s && p[-1] == ' ')
+            /* a trailing space, or (with quotes, where _PAIR_SPLIT strips \s) a trailing
+             * non-ASCII character that may be Unicode whitespace: the parser decides */
+            if (p > v.s && (p[-1] == ' ' || (quoted && code != F_OTHER
+                                               && (unsigned char)p[-1] >= 0x80)))
                 return 0;
         }
         v.n = p - v.s;
@@ -631,7 +634,9 @@ static int field_string(const Line *line, int code, Bytes *out, const char *fall
     out->present = v->kind != V_NONE || fallback != NULL;
     if (!out->present)
         return 1;
-    if (fallback != NULL && (v->kind == V_NONE || v->kind == V_NULL || v->n == 0)) {
+    /* `value or fallback`: absent, null, false and "" are falsy; true is not ("True") */
+    if (fallback != NULL && (v->kind == V_NONE || v->kind == V_NULL || v->kind == V_FALSE
+                             || ((v->kind == V_STRING || v->kind == V_TOKEN) && v->n == 0))) {
         out->s = fallback;
         out->n = (Py_ssize_t)strlen(fallback);
         return 1;

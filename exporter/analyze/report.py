@@ -43,24 +43,20 @@ class LogHistogram:
         self.min = math.inf
         self.max = -math.inf
 
-    def add(self, value: float, count: int = 1) -> None:
-        """Add ``value`` ``count`` times (the chunk scanner adds each distinct value once)."""
-        self.count += count
-        self.total += value * count
+    def add(self, value: float) -> None:
+        self.count += 1
+        self.total += value
         if value < self.min:
             self.min = value
         if value > self.max:
             self.max = value
         values = self.values
         if values is not None:
-            if count == 1:
-                values.append(value)
-            else:
-                values.extend([value] * count)
+            values.append(value)
             if len(values) > EXACT_CAP:
                 self.values = None
         index = int(_log(value) // _LOG_GROWTH) if value > 0 else -(1 << 30)
-        self.buckets[index] += count
+        self.buckets[index] += 1
 
     def extend(self, values: list[float]) -> None:
         """Add many values in order: the same state as :meth:`add` one by one, with the
@@ -123,6 +119,18 @@ class LogHistogram:
                 "mean": round(self.total / self.count, 3) if self.count else None,
                 "p50": self.quantile(0.5), "p95": self.quantile(0.95),
                 "p99": self.quantile(0.99)}
+
+
+def as_duration(value: object) -> float | None:
+    """A parser-typed duration as the report counts it: an int or float (not a bool) with a
+    finite float value; anything else (text, a 400-digit int, inf) is not a duration."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 @lru_cache(maxsize=65536)
@@ -202,10 +210,11 @@ class Report:
             if len(self.pending) > PENDING_CAP:
                 self.pending.popitem(last=False)
 
-    def stage(self, stage: object, value: object, count: int = 1) -> None:
-        """``count`` stage_time records with these (parser-typed) stage and duration_ms."""
-        if isinstance(stage, str) and isinstance(value, (int, float)):
-            self._stage_hist(stage).add(float(value), count)
+    def stage(self, stage: object, value: object) -> None:
+        """A stage_time record's (parser-typed) stage and duration_ms."""
+        duration = as_duration(value)
+        if isinstance(stage, str) and duration is not None:
+            self._stage_hist(stage).add(duration)
 
     def stage_values(self, stage: object, values: list[float]) -> None:
         """Many stage_time durations of one (parser-typed) stage, in file order."""
@@ -224,10 +233,10 @@ class Report:
         duration_ms, text_len, error_code and model_stage are read), ``when`` its time."""
         status = str(fields.get("status", "unknown"))
         self.statuses[status] += 1
-        value = fields.get("duration_ms")
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            self.durations.add(float(value))
-            self._offer_slow((float(value), rid or ""))
+        duration = as_duration(fields.get("duration_ms"))
+        if duration is not None:
+            self.durations.add(duration)
+            self._offer_slow((duration, rid or ""))
         text_len = fields.get("text_len")
         start_len = self.pending.pop(rid, None) if rid is not None else None
         if not isinstance(text_len, int) or isinstance(text_len, bool):

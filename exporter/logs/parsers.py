@@ -87,7 +87,10 @@ def convert_value(raw: str) -> object:
         match = _NUMBER_WITH_UNIT.fullmatch(raw)
         if match:
             number = match.group(1)
-            return float(number) if "." in number else int(number)
+            try:
+                return float(number) if "." in number else int(number)
+            except ValueError:          # more digits than int() converts: not a number
+                return raw
         return raw
     lowered = raw.lower()
     if lowered == "true":
@@ -147,9 +150,12 @@ class _TimeParser:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace(",", "."))
         except ValueError:
             return None
-        if parsed.tzinfo is None:
-            return time.mktime(parsed.timetuple()) + parsed.microsecond / 1e6
-        return calendar.timegm(parsed.utctimetuple()) + parsed.microsecond / 1e6
+        try:
+            if parsed.tzinfo is None:
+                return time.mktime(parsed.timetuple()) + parsed.microsecond / 1e6
+            return calendar.timegm(parsed.utctimetuple()) + parsed.microsecond / 1e6
+        except (OverflowError, ValueError):     # e.g. year 1 with a zone east of UTC
+            return None
 
 
 class RecordParser:
