@@ -31,6 +31,7 @@ tracebacks) with their id, event and status; ``RecordParser`` parses them again 
 from __future__ import annotations
 
 from collections.abc import Callable
+from math import isfinite
 from typing import Any
 
 from exporter.config import LogsConfig, MetricsConfig
@@ -60,15 +61,17 @@ def _number(fields: dict[str, Any], name: str) -> float | None:
         return value
     if value is None:
         return None
-    if kind is str:
-        try:
-            return float(value)  # text format: "523"
-        except ValueError:
-            pass
+    text = value if kind is str else str(value)
     try:
-        return float(str(value).split()[0])  # "86 chars"
-    except (ValueError, IndexError):
-        raise InvalidField(name) from None
+        number = float(text)  # text format: "523"
+    except ValueError:
+        try:
+            number = float(text.split()[0])  # "86 chars"
+        except (ValueError, IndexError):
+            raise InvalidField(name) from None
+    if not isfinite(number):   # "nan", "inf", 400 digits: one line must not poison a _sum
+        raise InvalidField(name)
+    return number
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:

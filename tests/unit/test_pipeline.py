@@ -99,6 +99,18 @@ def test_every_line_gets_exactly_one_outcome() -> None:
     assert m.stage_duration.count(("x",)) == 0
 
 
+def test_non_finite_numbers_are_invalid_fields_not_observations() -> None:
+    """A text value "nan", "inf" or a 400-digit number would make a histogram's _sum NaN or
+    inf for good (the totals are checkpointed): such a line is an invalid field instead."""
+    p, m = pipeline()
+    data = b"".join(
+        b"2026-11-22 10:00:00,000 - eng - INFO - stage_time: id=r1, stage=x, duration_ms="
+        + value + b"\n" for value in (b"nan", b"inf", b"-Infinity", b"9" * 400, b"5"))
+    p.process("a", data)
+    assert outcomes(m) == {"parsed": 1, "invalid_field": 4}
+    assert m.stage_duration.count(("x",)) == 1
+
+
 @given(st.lists(st.binary(max_size=80).map(lambda b: b.replace(b"\n", b"")), max_size=30))
 def test_outcomes_sum_to_lines_for_any_bytes(lines: list[bytes]) -> None:
     p, m = pipeline()
