@@ -503,10 +503,13 @@ static int parse_pairs(Scanner *sc, const char *p, const char *e, Line *line) {
         p++;
         Value v = {p, 0, V_TOKEN, 0, 0};
         if (quoted && p < e && (*p == '"' || *p == '\'')) {
-            const char *close = memchr(p + 1, *p, (size_t)(e - p - 1));
-            if (code != F_OTHER || close == NULL || memchr(p, '\\', (size_t)(close - p)))
+            /* "(?:[^"\\]|\\.)*" as _PAIR_SPLIT reads it; only for keys the report skips */
+            const char quote = *p++;
+            while (p < e && *p != quote)
+                p += *p == '\\' && p + 1 < e ? 2 : 1;
+            if (code != F_OTHER || p >= e)
                 return 0;
-            p = close + 1;
+            p++;
         } else {
             while (p < e && *p != ',') {
                 unsigned char c = (unsigned char)*p;

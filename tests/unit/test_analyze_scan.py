@@ -111,6 +111,15 @@ TRICKY_TEXT = [
     "%s - app - INFO - stage_time: id=u2, stage=llm, duration_ms=" + "9" * 400 + ".5",
     '{"time": "0001-01-01T00:00:30+01:00", "level": "INFO", "logger": "a", '
     '"event": "http_request"}',
+    # quoted values with escapes, as the app writes a failure's message
+    '%s - app - ERROR - synthesis_complete: id=m5, status=failed, duration_ms=1.5, '
+    'error_code=ESCAPED, text_len=2048, model_stage=audio_render, '
+    'message="scipy.fft failed: invalid value, \\"len\\"=2048"',
+    '%s - app - ERROR - synthesis_complete: id=m6, status=failed, duration_ms=2, '
+    'error_code=BACKSLASH_LAST, note="ends in \\\\", text_len=9',
+    '%s - app - ERROR - synthesis_complete: id=m7, status=failed, duration_ms=2, '
+    'error_code=OPEN_ESCAPE, text_len=9, note="a\\',
+    "%s - app - INFO - synthesis_start: id=m8, text_len=3, note='it\\'s', voice=x",
     "Traceback (most recent call last):",
     "   ",
     "",
@@ -153,7 +162,7 @@ def test_tricky_lines_get_the_full_parsers_verdict(tmp_path: Path) -> None:
     codes = {e["code"] for e in full["error_codes"]}
     # the parser's own verdicts, which the fast path had to reproduce
     assert {"DUP", "ALIASED", "ESC", "QUOTED", "ALIAS_AFTER", "ALIASED_EVENT",
-            "LEN_FROM_START"} <= codes
+            "LEN_FROM_START", "ESCAPED", "BACKSLASH_LAST"} <= codes
     assert full["input"]["malformed"] >= 5
 
 
