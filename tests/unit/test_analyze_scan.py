@@ -529,3 +529,48 @@ def test_decimal_durations_convert_exactly_as_float_does() -> None:
     values = fast.report.stages["s"].values
     assert values is not None and len(values) == 3000
     assert [v.hex() for v in values] == [v.hex() for v in slow.report.stages["s"].values or []]
+
+
+@pytest.mark.parametrize("fmt", ["json", "text"])
+def test_the_apps_own_lines_all_take_the_compiled_path(fmt: str, tmp_path: Path) -> None:
+    """What tts_app writes (tracebacks, quoted messages with escapes, decimals) is read by
+    the scanner itself, with the parser's result: none of it falls back line by line."""
+    from tts_app.logging import StructuredLog
+
+    clock = iter(1_795_000_000 + i * 0.0007 for i in range(100_000))
+    log = StructuredLog(tmp_path / "app.log", fmt=fmt, clock=lambda: next(clock))
+    for i in range(300):
+        rid = f"req-{i:06x}"
+        log.event("synthesis_start", rid, text_len=[12, 2048][i % 2], lang="zh",
+                  voice="default", cache_hit=False)
+        for stage in ("text_normalize", "llm_inference", "audio_render"):
+            log.event("stage_time", rid, stage=stage, duration_ms=round(i * 1.37 % 900, 3))
+        if i % 2:
+            log.event("backend_exception", rid, level="ERROR", error_code="MODEL_ERROR",
+                      exception_type="RuntimeError", exception_msg="invalid value, len=2048",
+                      traceback='Traceback (most recent call last):\n  File "x.py", line 1\n'
+                                "RuntimeError: invalid value")
+            log.event("synthesis_complete", rid, level="ERROR", status="failed",
+                      duration_ms=12.5, error_code="SCIPY_FFT_INVALID", cache_hit=False,
+                      text_len=2048, model_stage="audio_render",
+                      message='scipy.fft failed: "len"=2048, \\ rest')
+        else:
+            log.event("audio_metrics", rid, rms=0.12, spectral_centroid=1800.5)
+            log.event("synthesis_complete", rid, status="success", duration_ms=0.0,
+                      error_code="none", cache_hit=True, audio_size_kb=12.5, text_len=12,
+                      model_stage="audio_render")
+        log.event("http_request", rid, method="POST", route="/v1/tts", status=200,
+                  duration_ms=5.25)
+    log.close()
+    data = (tmp_path / "app.log").read_bytes()
+    fast, _ = _fast_and_slow(data)
+    codes = fast.report.to_dict()["error_codes"]
+    assert [(c["code"], c["count"]) for c in codes] == [("SCIPY_FFT_INVALID", 150)]
+    fallbacks: list[bytes] = []
+
+    class Counting(ChunkScanner):
+        def _add_residue(self, line: bytes, *rest: object) -> None:
+            fallbacks.append(line)
+
+    Counting(RecordParser(), Report()).scan(data, ReadStats())
+    assert fallbacks == []
