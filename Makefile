@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml exporter/analyze/_scan.c | compiler
 	$(PIP) install -e '.[dev,app,chattts]'
 	@$(MAKE) --no-print-directory cpu-torchaudio
 	$(PY) -c "import ChatTTS"
+	$(PY) -c "import exporter.analyze._scan"   # optional to pip (see pyproject), not to us
 	touch $@
 
 # ChatTTS imports torchaudio, whose PyPI wheels are CUDA builds: next to a CPU-only torch their
