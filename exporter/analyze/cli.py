@@ -47,6 +47,16 @@ def parse_time(text: str, now: float | None = None) -> float:
     return stamp.timestamp()
 
 
+def _default_jobs() -> int:
+    """The CPUs this process may run on (its affinity, as taskset and cpusets set it), at
+    most 8: each worker holds a 4 MB chunk and a bounded report, about 50 MB."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:                      # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(8, usable))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="log files (plain or .gz)")
     parser.add_argument("--since", type=parse_time, help="only records at/after this time")
@@ -54,8 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", dest="request_id", help="show one request's full timeline")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--top", type=int, default=10, help="rows in top-N tables")
-    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                        help="files analysed in parallel processes (1 = sequential)")
+    parser.add_argument("--jobs", type=int, default=_default_jobs(),
+                        help="processes reading file ranges in parallel (1 = sequential; "
+                             "default: the CPUs this process may use, at most 8)")
     parser.add_argument("--no-fast", action="store_true",
                         help="parse every line fully (slower; for checking the fast path)")
     parser.add_argument("--progress", action="store_true",
