@@ -1,7 +1,8 @@
 /* Compiled chunk scanner for `tts-exporter analyze` (module exporter.analyze._scan).
  *
  * Why C: Python's regex engine and interpreter cost 8-16 ns per byte of log; this walks a
- * chunk at about 1 ns per byte, so analyze runs near the speed of reading the files.
+ * chunk and does the report's bookkeeping in a few ns per byte (README: Figures), so analyze
+ * runs near the speed of reading the files.
  *
  * Contract (exporter/analyze/scan.py drives it): Scanner.scan() walks whole lines from a
  * position in a chunk, in file order, and aggregates the lines whose meaning under
@@ -17,8 +18,11 @@
  * minute and one zone sort as text in time order, so each such class keeps its smallest and
  * largest stamp and Python converts only those. Where a line's own time is needed (a
  * --since/--until window, a failure's first/last seen), it is the minute's start as the
- * parser converts it (asked once per minute) plus the seconds and fraction, which is the
- * parser's own arithmetic.
+ * parser converts it (asked once per minute, the last 16 kept) plus the seconds and fraction,
+ * which is the parser's own arithmetic.
+ *
+ * A Scanner keeps a reference to the parser's stamp method, which must not refer back to the
+ * scanner (the type takes no part in garbage collection); scan() is not reentrant.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -28,7 +32,7 @@
 
 /* ---- name tables (event names, field names and their aliases) ------------------------ */
 
-enum { EV_OTHER, EV_START, EV_COMPLETE, EV_STAGE };
+enum { EV_OTHER, EV_START, EV_COMPLETE, EV_STAGE, N_EVENTS };
 enum { F_OTHER, F_ID, F_STATUS, F_DURATION, F_CODE, F_TEXT_LEN, F_MODEL_STAGE, F_STAGE,
        N_FIELDS };
 
@@ -83,7 +87,7 @@ static int table_put(NameTable *t, const char *p, Py_ssize_t n, int code) {
         }
         i = (i + 1) & (TABLE_SLOTS - 1);
     }
-    t->slot[i].name = PyMem_Malloc((size_t)n + 1);
+    t->slot[i].name = PyMem_Malloc((size_t)n + 1);     /* +1: never a zero-size request */
     if (t->slot[i].name == NULL) {
         PyErr_NoMemory();
         return -1;
@@ -121,7 +125,7 @@ typedef struct {
     int n;
     Py_ssize_t len[SMALL_CAP];
     char key[SMALL_CAP][SMALL_KEY];
-    long count[SMALL_CAP];
+    Py_ssize_t count[SMALL_CAP];
     PyObject *values[SMALL_CAP];   /* stage tables only: the durations, in file order */
 } Small;
 
@@ -148,6 +152,13 @@ static int small_slot(Small *s, const char *p, Py_ssize_t n) {
 }
 
 
+/* Count one more for a key that room() (below) has accepted. */
+static void small_count(Small *s, const char *p, Py_ssize_t n) {
+    int i = small_slot(s, p, n);
+    assert(i >= 0);
+    s->count[i]++;
+}
+
 static void small_clear(Small *s) {
     for (int i = 0; i < s->n; i++)
         Py_CLEAR(s->values[i]);
@@ -156,7 +167,8 @@ static void small_clear(Small *s) {
 
 #define CLASS_CAP 32
 
-/* Stamps that sort as text in time order: same format, length, minute, separators and zone. */
+/* Stamps that sort as text in time order: same format, length, minute, separators and zone.
+ * lo and hi point into the chunk, so a class lives for one scan() call. */
 typedef struct {
     int is_text;
     Py_ssize_t len, zone;          /* zone: where the zone suffix starts (len if none) */
@@ -175,19 +187,22 @@ typedef struct {
     double base;
 } Minute;
 
+#define MAX_EDGES 16
+
 typedef struct {
     PyObject_HEAD
     NameTable events, fields;
-    long long edges[16];
+    long long edges[MAX_EDGES];
     int n_edges;
     Py_ssize_t pending_cap;
     PyObject *stamp;               /* RecordParser.stamp(str, text_format) -> float | None */
     Minute minutes[MINUTE_CAP];
     int n_minutes, next_minute;
+    int busy;                      /* inside scan(): the per-segment state below is in use */
     int windowed;
     double since, until;
     /* per segment */
-    long lines, records, continuation;
+    Py_ssize_t lines, records, continuation;
     Small levels, statuses, lengths, stages;
     TimeClass classes[CLASS_CAP];
     int n_classes;
@@ -265,7 +280,8 @@ static Py_ssize_t text_stamp(const char *p, const char *e) {
     return q - p;
 }
 
-/* A JSON time string fromisoformat reads: datetime, optional .digits, optional Z/+HH:MM. */
+/* A JSON time string fromisoformat reads: datetime, optional .digits, optional Z/+HH:MM.
+ * Before Python 3.11 fromisoformat reads only 3 or 6 fraction digits and no Z. */
 static int json_stamp(const char *p, Py_ssize_t n, Py_ssize_t *zone) {
     if (n < 19 || n > 40 || !valid_datetime(p, 'T', 'T'))
         return 0;
@@ -276,12 +292,18 @@ static int json_stamp(const char *p, Py_ssize_t n, Py_ssize_t *zone) {
         q = skip_digits(q, e);
         if (q == f)
             return 0;
+#if PY_VERSION_HEX < 0x030B0000
+        if (q - f != 3 && q - f != 6)
+            return 0;
+#endif
     }
     *zone = q - p;
     if (q == e)
         return 1;
+#if PY_VERSION_HEX >= 0x030B0000
     if (*q == 'Z')
         return q + 1 == e;
+#endif
     return (*q == '+' || *q == '-') && e - q == 6 && digits(q + 1, 2) && q[3] == ':'
            && digits(q + 4, 2) && two(q + 1) <= 23 && two(q + 4) <= 59;
 }
@@ -444,9 +466,9 @@ static int text_string(const Value *v) {
     unsigned char c = (unsigned char)v->s[0];
     if (c <= ' ' || c >= 0x7f || is_digit((char)c) || c == '-' || c == '"' || c == '\'')
         return 0;
-    if (v->n == 4 && strncasecmp(v->s, "true", 4) == 0)
+    if (v->n == 4 && PyOS_strnicmp(v->s, "true", 4) == 0)
         return 0;
-    if (v->n == 5 && strncasecmp(v->s, "false", 5) == 0)
+    if (v->n == 5 && PyOS_strnicmp(v->s, "false", 5) == 0)
         return 0;
     return 1;
 }
@@ -577,10 +599,11 @@ static int parse_text(Scanner *sc, const char *p, const char *e, Line *line) {
 /* ---- decimal to double ------------------------------------------------------------------ */
 
 /* `digits[.digits][e[+-]digits]` (an optional '-' first) as the correctly rounded double that
- * Python's float() gives. Clinger's fast path: a mantissa below 2^53 and a power of ten up to
+ * Python's float() gives: 1 and *out set, or 0 where it cannot say (the line goes to the
+ * parser). Clinger's fast path: a mantissa below 2^53 and a power of ten up to
  * 1e22 are exact doubles, so one IEEE multiplication or division rounds correctly; anything
  * else goes to CPython's own dtoa. (x87 double rounding would void the fast path.) */
-static double to_double(const char *s, Py_ssize_t n) {
+static int to_double(const char *s, Py_ssize_t n, double *out) {
 #if FLT_EVAL_METHOD == 0
     static const double powers[] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10,
                                     1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19,
@@ -607,18 +630,21 @@ static double to_double(const char *s, Py_ssize_t n) {
         && power <= 22) {
         double value = power < 0 ? (double)mantissa / powers[-power]
                                  : (double)mantissa * powers[power];
-        return negative ? -value : value;
+        *out = negative ? -value : value;
+        return 1;
     }
 #endif
     char buf[72];
     if (n >= (Py_ssize_t)sizeof buf)
-        return Py_HUGE_VAL;                /* callers keep numbers far shorter */
+        return 0;                          /* callers keep numbers far shorter */
     memcpy(buf, s, (size_t)n);
     buf[n] = '\0';
-    double value = PyOS_string_to_double(buf, NULL, NULL);
-    if (value == -1.0 && PyErr_Occurred())
+    *out = PyOS_string_to_double(buf, NULL, NULL);
+    if (*out == -1.0 && PyErr_Occurred()) {
         PyErr_Clear();
-    return value;
+        return 0;
+    }
+    return 1;
 }
 
 /* ---- values the report reads --------------------------------------------------------- */
@@ -667,14 +693,13 @@ static int field_number(const Line *line, int code, double *out) {
         return -1;
     }
     if (line->is_text ? is_int : v->is_int) {
-        char buf[32];
+        char buf[32];                  /* integer literals are at most 18 digits and a sign */
         memcpy(buf, v->s, (size_t)len);
         buf[len] = '\0';
         *out = (double)strtoll(buf, NULL, 10);     /* int first, as the parser has it: -0 is 0 */
         return 1;
     }
-    *out = to_double(v->s, len);
-    return 1;
+    return to_double(v->s, len, out) ? 1 : -1;
 }
 
 /* text_len: 1 an int (*out), 0 not an int to the report (absent, a string, a float),
@@ -700,7 +725,7 @@ static int field_int(const Line *line, int code, long long *out) {
             return -1;
         len = v->n;
     }
-    char buf[32];
+    char buf[32];                      /* at most 18 digits and a sign (text_number, json_number) */
     memcpy(buf, v->s, (size_t)len);
     buf[len] = '\0';
     *out = strtoll(buf, NULL, 10);
@@ -762,8 +787,11 @@ static int line_time(Scanner *sc, const Line *line, double *out) {
         *out = when + 0.0;
     } else if (line->is_text) {
         char buf[48] = "0.";
+        double fraction;
         memcpy(buf + 2, s + 20, (size_t)digits_len);
-        *out = when + to_double(buf, 2 + digits_len);
+        if (!to_double(buf, 2 + digits_len, &fraction))
+            return 0;
+        *out = when + fraction;
     } else {
         long micro = 0;
         for (int i = 0; i < 6; i++)
@@ -801,32 +829,38 @@ static Py_ssize_t length_key(char *key, int bucket, const Bytes *code) {
     return code->n + 1;
 }
 
-static int time_class(Scanner *sc, const Line *line, int add) {
+/* The line's stamp class, or NULL. */
+static TimeClass *find_class(Scanner *sc, const Line *line) {
     for (int i = 0; i < sc->n_classes; i++) {
         TimeClass *c = &sc->classes[i];
-        if (c->is_text != line->is_text || c->len != line->stamp_len || c->zone != line->zone
-            || memcmp(c->lo, line->stamp, 17) != 0
-            || (c->len > 19 && c->lo[19] != line->stamp[19])
-            || memcmp(c->lo + c->zone, line->stamp + c->zone, (size_t)(c->len - c->zone)) != 0)
-            continue;
-        if (add) {
-            if (memcmp(line->stamp, c->lo, (size_t)c->len) < 0)
-                c->lo = line->stamp;
-            if (memcmp(line->stamp, c->hi, (size_t)c->len) > 0)
-                c->hi = line->stamp;
-        }
-        return 1;
+        if (c->is_text == line->is_text && c->len == line->stamp_len && c->zone == line->zone
+            && memcmp(c->lo, line->stamp, 17) == 0
+            && (c->len <= 19 || c->lo[19] == line->stamp[19])
+            && memcmp(c->lo + c->zone, line->stamp + c->zone, (size_t)(c->len - c->zone)) == 0)
+            return c;
     }
-    if (sc->n_classes == CLASS_CAP)
-        return 0;
-    if (add) {
-        TimeClass *c = &sc->classes[sc->n_classes++];
+    return NULL;
+}
+
+static int class_has_room(Scanner *sc, const Line *line) {
+    return sc->n_classes < CLASS_CAP || find_class(sc, line) != NULL;
+}
+
+/* Widen the line's class to its stamp (class_has_room said there is a place). */
+static void class_add(Scanner *sc, const Line *line) {
+    TimeClass *c = find_class(sc, line);
+    if (c == NULL) {
+        c = &sc->classes[sc->n_classes++];
         c->is_text = line->is_text;
         c->len = line->stamp_len;
         c->zone = line->zone;
         c->lo = c->hi = line->stamp;
+        return;
     }
-    return 1;
+    if (memcmp(line->stamp, c->lo, (size_t)c->len) < 0)
+        c->lo = line->stamp;
+    if (memcmp(line->stamp, c->hi, (size_t)c->len) > 0)
+        c->hi = line->stamp;
 }
 
 static int push(PyObject *list, PyObject *item) {
@@ -838,8 +872,8 @@ static int push(PyObject *list, PyObject *item) {
 }
 
 static int apply_start(Scanner *sc, const Line *line, PyObject *pending) {
-    Bytes id;
-    long long text_len;
+    Bytes id = {0};
+    long long text_len = 0;
     if (!field_string(line, F_ID, &id, NULL, 0))
         return RESIDUE;
     int has_len = field_int(line, F_TEXT_LEN, &text_len);
@@ -853,6 +887,7 @@ static int apply_start(Scanner *sc, const Line *line, PyObject *pending) {
     Py_XDECREF(value);
     if (r < 0)
         return FAILED;
+    /* the same cap and oldest-first eviction as Report.start */
     if (PyObject_Length(pending) > sc->pending_cap) {
         PyObject *old = PyObject_CallMethod(pending, "popitem", "O", Py_False);
         if (old == NULL)
@@ -872,16 +907,19 @@ static int apply_stage(Scanner *sc, const Line *line) {
     if (r != APPLIED)
         return r;
     int i = small_slot(&sc->stages, stage.s, stage.n);
+    assert(i >= 0);
     if (sc->stages.values[i] == NULL && (sc->stages.values[i] = PyList_New(0)) == NULL)
         return FAILED;
     return push(sc->stages.values[i], PyFloat_FromDouble(value)) < 0 ? FAILED : APPLIED;
 }
 
-static int apply_complete(Scanner *sc, const Line *line, PyObject *pending,
-                          PyObject *pop) {
-    Bytes id, status, code, model_stage;
-    double duration;
-    long long own_len;
+/* A synthesis_complete; `when` is the line's time where the caller already has it (NULL:
+ * computed here, for failures only). */
+static int apply_complete(Scanner *sc, const Line *line, PyObject *pending, PyObject *pop,
+                          const double *when_known) {
+    Bytes id = {0}, status = {0}, code = {0}, model_stage = {0};
+    double duration = 0.0;
+    long long own_len = 0;
     if (!field_string(line, F_ID, &id, NULL, 0) || !id.present
         || !field_string(line, F_STATUS, &status, NULL, 0)
         || !field_string(line, F_CODE, &code, "UNKNOWN", 1)
@@ -920,8 +958,8 @@ static int apply_complete(Scanner *sc, const Line *line, PyObject *pending,
             bucket = overflow > 0 ? sc->n_edges : overflow < 0 ? 0 : bucket_of(sc, value);
         }
     }
-    double when = 0.0;
-    int r = failed ? line_time(sc, line, &when) : 1;
+    double when = when_known != NULL ? *when_known : 0.0;
+    int r = failed && when_known == NULL ? line_time(sc, line, &when) : 1;
     if (r <= 0) {
         Py_DECREF(rid);
         return r < 0 ? FAILED : RESIDUE;
@@ -935,7 +973,7 @@ static int apply_complete(Scanner *sc, const Line *line, PyObject *pending,
         Py_DECREF(rid);
         return r;
     }
-    sc->statuses.count[small_slot(&sc->statuses, status.s, status.n)]++;
+    small_count(&sc->statuses, status.s, status.n);
     if (has_duration) {
         if (push(sc->durations, PyFloat_FromDouble(duration)) < 0
             || PyList_Append(sc->rids, rid) < 0)
@@ -946,7 +984,7 @@ static int apply_complete(Scanner *sc, const Line *line, PyObject *pending,
         goto fail;
     Py_DECREF(popped);
     if (bucket >= 0) {
-        sc->lengths.count[small_slot(&sc->lengths, key, key_len)]++;
+        small_count(&sc->lengths, key, key_len);
     } else if (push(sc->orphans, Py_BuildValue("(ON)", rid,
                                                decode(length_code->s, length_code->n))) < 0) {
         goto fail;
@@ -964,8 +1002,8 @@ fail:
 
 /* Validate everything a line needs before changing anything, then add it. */
 static int apply_record(Scanner *sc, const Line *line, PyObject *pending, PyObject *pop) {
+    double when = 0.0;
     if (sc->windowed) {
-        double when;
         int t = line_time(sc, line, &when);
         if (t <= 0)
             return t < 0 ? FAILED : RESIDUE;
@@ -977,18 +1015,18 @@ static int apply_record(Scanner *sc, const Line *line, PyObject *pending, PyObje
     int r = room(&sc->levels, line->level, line->level_len);
     if (r != APPLIED)
         return r;
-    if (!time_class(sc, line, 0))
+    if (!class_has_room(sc, line))
         return FULL;
     if (line->event == EV_START)
         r = apply_start(sc, line, pending);
     else if (line->event == EV_COMPLETE)
-        r = apply_complete(sc, line, pending, pop);
+        r = apply_complete(sc, line, pending, pop, sc->windowed ? &when : NULL);
     else if (line->event == EV_STAGE)
         r = apply_stage(sc, line);
     if (r != APPLIED)
         return r;
-    sc->levels.count[small_slot(&sc->levels, line->level, line->level_len)]++;
-    time_class(sc, line, 1);
+    small_count(&sc->levels, line->level, line->level_len);
+    class_add(sc, line);
     return APPLIED;
 }
 
@@ -1016,17 +1054,20 @@ static int segment_start(Scanner *sc) {
     return sc->durations && sc->rids && sc->failed && sc->orphans ? 0 : -1;
 }
 
-/* dict of the table's keys (as bytes, str, or (bucket, str) for lengths) to counts, or to
- * the value lists for stages */
-static PyObject *small_dict(const Small *s, int how) {
+enum { BYTES_COUNTS, STR_COUNTS, BUCKET_COUNTS, STR_LISTS };
+
+/* The table as a dict: keys as bytes, str or (bucket, str); values the counts, or (stages)
+ * the duration lists. */
+static PyObject *small_dict(const Small *s, int shape) {
     PyObject *d = PyDict_New();
     for (int i = 0; d != NULL && i < s->n; i++) {
-        PyObject *key = how == 0 ? PyBytes_FromStringAndSize(s->key[i], s->len[i])
-                        : how == 2 ? Py_BuildValue("(iN)", (int)(unsigned char)s->key[i][0],
-                                                   decode(s->key[i] + 1, s->len[i] - 1))
-                        : decode(s->key[i], s->len[i]);
-        PyObject *value = how == 3 ? (Py_INCREF(s->values[i]), s->values[i])
-                                   : PyLong_FromLong(s->count[i]);
+        PyObject *key = shape == BYTES_COUNTS ? PyBytes_FromStringAndSize(s->key[i], s->len[i])
+                        : shape == BUCKET_COUNTS
+                            ? Py_BuildValue("(iN)", (int)(unsigned char)s->key[i][0],
+                                            decode(s->key[i] + 1, s->len[i] - 1))
+                            : decode(s->key[i], s->len[i]);
+        PyObject *value = shape == STR_LISTS ? Py_NewRef(s->values[i])
+                                             : PyLong_FromSsize_t(s->count[i]);
         if (key == NULL || value == NULL || PyDict_SetItem(d, key, value) < 0)
             Py_CLEAR(d);
         Py_XDECREF(key);
@@ -1045,13 +1086,13 @@ static PyObject *segment_result(Scanner *sc) {
     }
     if (classes == NULL)
         return NULL;
-    return Py_BuildValue("{s:l,s:l,s:l,s:N,s:N,s:N,s:N,s:N,s:O,s:O,s:O,s:O}",
+    return Py_BuildValue("{s:n,s:n,s:n,s:N,s:N,s:N,s:N,s:N,s:O,s:O,s:O,s:O}",
                          "lines", sc->lines, "records", sc->records,
                          "continuation", sc->continuation,
-                         "levels", small_dict(&sc->levels, 0),
-                         "statuses", small_dict(&sc->statuses, 1),
-                         "lengths", small_dict(&sc->lengths, 2),
-                         "stages", small_dict(&sc->stages, 3), "classes", classes,
+                         "levels", small_dict(&sc->levels, BYTES_COUNTS),
+                         "statuses", small_dict(&sc->statuses, STR_COUNTS),
+                         "lengths", small_dict(&sc->lengths, BUCKET_COUNTS),
+                         "stages", small_dict(&sc->stages, STR_LISTS), "classes", classes,
                          "durations", sc->durations, "rids", sc->rids, "failed", sc->failed,
                          "orphans", sc->orphans);
 }
@@ -1070,14 +1111,21 @@ static PyObject *Scanner_scan(Scanner *sc, PyObject *args) {
     PyObject *pending, *window;
     if (!PyArg_ParseTuple(args, "y*nOO", &chunk, &pos, &pending, &window))
         return NULL;
-    sc->windowed = window != Py_None;
-    if (!PyDict_Check(pending)
-        || (sc->windowed && !PyArg_ParseTuple(window, "dd", &sc->since, &sc->until))) {
+    const char *problem = sc->busy ? "scan() is not reentrant"
+                          : !PyODict_Check(pending) ? "pending must be an OrderedDict"
+                          : window != Py_None && !PyTuple_Check(window)
+                              ? "window must be None or (since, until)" : NULL;
+    if (problem != NULL) {
         PyBuffer_Release(&chunk);
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "pending must be a dict (an OrderedDict)");
+        PyErr_SetString(sc->busy ? PyExc_RuntimeError : PyExc_TypeError, problem);
         return NULL;
     }
+    sc->windowed = window != Py_None;
+    if (sc->windowed && !PyArg_ParseTuple(window, "dd", &sc->since, &sc->until)) {
+        PyBuffer_Release(&chunk);
+        return NULL;
+    }
+    sc->busy = 1;
     PyObject *result = NULL, *residue = Py_None, *pop = NULL;
     const char *base = chunk.buf, *end = base + chunk.len;
     if (pos < 0 || pos > chunk.len) {
@@ -1130,6 +1178,7 @@ done:
     if (residue != Py_None)
         Py_DECREF(residue);
     segment_clear(sc);
+    sc->busy = 0;
     PyBuffer_Release(&chunk);
     return result;
 }
@@ -1183,16 +1232,16 @@ static int Scanner_init(Scanner *sc, PyObject *args, PyObject *kwargs) {
     sc->n_minutes = sc->next_minute = 0;
     table_free(&sc->events);
     table_free(&sc->fields);
-    if (fill(&sc->events, events, EVENT_NAMES, 4) < 0
+    if (fill(&sc->events, events, EVENT_NAMES, N_EVENTS) < 0
         || fill(&sc->fields, fields, FIELD_NAMES, N_FIELDS) < 0)
         return -1;
     PyObject *seq = PySequence_Fast(edges, "length_edges must be a sequence of ints");
     if (seq == NULL)
         return -1;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n > 16) {
+    if (n > MAX_EDGES) {
         Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "at most 16 length edges");
+        PyErr_SetString(PyExc_ValueError, "too many length edges");
         return -1;
     }
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -1230,7 +1279,8 @@ static PyTypeObject ScannerType = {
     .tp_name = "exporter.analyze._scan.Scanner",
     .tp_basicsize = sizeof(Scanner),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Line-shape scanner for analyze (see exporter/analyze/scan.py).",
+    .tp_doc = "Line-shape scanner for analyze (see exporter/analyze/scan.py). Holds the "
+              "parser's stamp method, which must not refer back to the scanner.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Scanner_init,
     .tp_dealloc = (destructor)Scanner_dealloc,
@@ -1248,9 +1298,7 @@ PyMODINIT_FUNC PyInit__scan(void) {
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    Py_INCREF(&ScannerType);
-    if (PyModule_AddObject(m, "Scanner", (PyObject *)&ScannerType) < 0) {
-        Py_DECREF(&ScannerType);
+    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

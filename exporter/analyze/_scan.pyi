@@ -2,11 +2,27 @@
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypedDict
+
+class Segment(TypedDict):
+    """What scan() aggregated from one stretch of lines (built by segment_result in C)."""
+
+    lines: int
+    records: int
+    continuation: int
+    levels: dict[bytes, int]                       # raw level -> records
+    statuses: dict[str, int]                       # synthesis_complete status -> count
+    lengths: dict[tuple[int, str], int]            # (length bucket, error code or "") -> count
+    stages: dict[str, list[float]]                 # stage -> durations in file order
+    classes: list[tuple[bool, bytes, bytes]]       # (text format, lowest, highest stamp)
+    durations: list[float]                         # completions' durations in file order
+    rids: list[str]                                # their request ids
+    failed: list[tuple[str, str, float, str]]      # (error code, model stage, time, id)
+    orphans: list[tuple[str, str]]                 # (id, error code or "") without a length
 
 class Scanner:
     def __init__(self, events: dict[bytes, str], fields: dict[bytes, str],
                  length_edges: Sequence[int], pending_cap: int,
                  stamp: Callable[[str, bool], float | None]) -> None: ...
     def scan(self, chunk: bytes, pos: int, pending: OrderedDict[str, Any],
-             window: tuple[float, float] | None) -> tuple[int, bytes | None, dict[str, Any]]: ...
+             window: tuple[float, float] | None) -> tuple[int, bytes | None, Segment]: ...

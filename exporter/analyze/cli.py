@@ -144,11 +144,10 @@ def _analyze_files(task: _Task, progress: _Progress | None = None) -> tuple[Repo
     add = report.add
     for n, record in enumerate(r for path, span in paths
                                for r in file_records(path, parser, stats, span=span)):
-        verdict = 1 if window is None else window.verdict(record)
-        if verdict > 0:
+        if window is None:
             add(record)
-        elif verdict < 0:
-            report.note_start(record)
+        else:
+            window.add(report, record)
         if progress is not None and not n & 0xFFFF:
             progress.tick()
     return report, stats
@@ -209,7 +208,8 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
         report, stats = _analyze_files(([(p, whole) for p in ordered], since, until, args.top,
                                         fast), progress)
     else:
-        # one process per file; the merge (in time order) joins requests split by rotation
+        # one process per file range; the merge (in time order) joins requests split by
+        # rotation or by a range boundary
         report, stats = Report(top=args.top), ReadStats()
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
             for part, part_stats in pool.imap(_analyze_files, tasks):

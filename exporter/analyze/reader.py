@@ -33,6 +33,18 @@ class ReadStats:
     bytes_read: int = 0
     files: list[str] = field(default_factory=list)
 
+    def count(self, kind: str) -> None:
+        """One line of ``kind`` ("record", "continuation", "malformed" or "blank"), counted as
+        :func:`file_records` counts it: blank lines are not lines."""
+        if kind != "blank":
+            self.lines += 1
+            if kind == "record":
+                self.records += 1
+            elif kind == "malformed":
+                self.malformed += 1
+            else:
+                self.continuation += 1
+
 
 def open_log(path: Path) -> BinaryIO:
     """Open a log as bytes, transparently decompressing gzip (detected by magic, not name)."""
@@ -138,13 +150,14 @@ def file_records(path: Path, parser: RecordParser, stats: ReadStats,
     """The records of one file in file order (see :func:`iter_records`).
     ``span`` (start, length) of a plain file: only the lines that start in that range.
     ``needle`` (``--id``): lines without it are not parsed, only kept as continuations of a
-    kept record when they cannot start one (stats then count only what was parsed); a chunk
-    without it is skipped whole (one C-speed search) unless a kept record may go on into it."""
+    kept record when they cannot start one (``stats.lines`` still counts every line, records
+    and the rest only what was parsed); a chunk without it is skipped whole (one C-speed
+    search) unless a kept record may go on into it."""
     with open_range(path, span, stats) as (fh, length):
         if length == 0:
             return
         pending: Record | None = None
-        for chunk in iter_chunks(fh, stats, length, _CHUNK):
+        for chunk in iter_chunks(fh, stats, length, _CHUNK):   # _CHUNK read now: tests set it
             if needle is not None and pending is None and needle not in chunk:
                 stats.lines += chunk.count(b"\n")      # one C-speed search a chunk
                 continue

@@ -205,6 +205,7 @@ class Report:
 
     def start(self, rid: str | None, text_len: object) -> None:
         """A synthesis_start's id and text_len, as the parser typed them."""
+        # the compiled scanner (_scan.c, apply_start) keeps the same map with the same rule
         if rid is not None and isinstance(text_len, int):
             self.pending[rid] = text_len
             if len(self.pending) > PENDING_CAP:
@@ -216,10 +217,9 @@ class Report:
         if isinstance(stage, str) and duration is not None:
             self._stage_hist(stage).add(duration)
 
-    def stage_values(self, stage: object, values: list[float]) -> None:
-        """Many stage_time durations of one (parser-typed) stage, in file order."""
-        if isinstance(stage, str):
-            self._stage_hist(stage).extend(values)
+    def stage_values(self, stage: str, values: list[float]) -> None:
+        """Many stage_time durations of one stage, in file order."""
+        self._stage_hist(stage).extend(values)
 
     def _stage_hist(self, stage: str) -> LogHistogram:
         hist = self.stages.get(stage)

@@ -16,7 +16,14 @@ import pytest
 from exporter.__main__ import main
 from exporter.analyze.cli import parse_time
 from exporter.analyze.reader import ReadStats, file_records, iter_records, order_files, split_ranges
-from exporter.analyze.report import EXACT_CAP, PENDING_CAP, LogHistogram, Report, length_bucket
+from exporter.analyze.report import (
+    EXACT_CAP,
+    PENDING_CAP,
+    LogHistogram,
+    Report,
+    as_duration,
+    length_bucket,
+)
 from exporter.logs.parsers import Record, RecordParser
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "analyze"
@@ -261,3 +268,22 @@ def test_timeline_reads_a_traceback_into_chunks_without_the_id(
     text = b"".join(gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
                     for p in paths)
     assert stats.lines == text.count(b"\n")
+
+
+def test_histogram_extend_equals_adding_one_by_one() -> None:
+    rnd = random.Random(5)
+    for values in ([rnd.lognormvariate(5, 1) for _ in range(6000)], [3.0, 0.0, -1.0, 7.5]):
+        one, many = LogHistogram(), LogHistogram()
+        for value in values:
+            one.add(value)
+        many.extend(values)
+        assert (one.count, one.total, one.min, one.max, one.buckets, one.values) == \
+            (many.count, many.total, many.min, many.max, many.buckets, many.values)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (5, 5.0), (2.5, 2.5), (-1, -1.0), (True, None), ("5", None), (None, None),
+    (math.inf, None), (math.nan, None), (10**400, None)])
+def test_only_finite_numbers_are_durations(value: object, expected: float | None) -> None:
+    assert as_duration(value) == expected
+

@@ -1,9 +1,11 @@
-"""The chunk scanner (``analyze``'s fast path) gives the report the full parser gives.
+"""The compiled chunk scanner (``analyze``'s fast path) gives the report the parser gives.
 
-Every test compares ``analyze --json`` against ``analyze --json --no-fast`` (every line
-through :class:`RecordParser`) on real files: lines the contract writes, lines a fast shape
-must refuse (duplicate keys, aliases, escapes, broken JSON, other key orders) and random
-corruptions of generated logs.
+Each test compares the scanner with every line through :class:`RecordParser`: in process
+(``ChunkScanner.scan`` against ``scan_slowly``: stats, report, pending starts, orphans, exact
+histogram totals) or through the CLI (``analyze --json`` against ``--no-fast``), on lines the
+contract and the app write, lines a fast shape must leave to the parser (repeated keys,
+escapes, broken JSON, other key orders), random corruptions, randomly generated lines with
+and without a window, full tables, out-of-order stamps and random decimals.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import pytest
 
 from exporter.analyze.cli import parse_time
 from exporter.analyze.reader import ReadStats
-from exporter.analyze.report import LogHistogram, Report
-from exporter.analyze.scan import ChunkScanner, Window
+from exporter.analyze.report import Report
+from exporter.analyze.scan import NATIVE, ChunkScanner, Window, scanner_tables
 from exporter.logs.parsers import RecordParser
 from tests.bench.make_logs import generate
 
@@ -150,8 +152,35 @@ def _assert_fast_equals_full(path: Path) -> dict:
     top = ("--top", "40")           # every error code the tricky lines make, not the top 10
     full = _analyze("--no-fast", "--jobs", "1", *top, str(path))
     assert _analyze("--jobs", "1", *top, str(path)) == full
-    assert _analyze("--jobs", "2", *top, str(path)) == full
     return full
+
+
+def _fast_and_slow(data: bytes, parser: RecordParser | None = None
+                   ) -> tuple[ChunkScanner, ChunkScanner]:
+    """The same chunk through the compiled scanner (where the aliases allow it) and line by
+    line through the parser: line counts, reports, pending starts, orphans and the exact
+    histogram totals must agree."""
+    parser = parser or RecordParser()
+    fast, fast_stats = ChunkScanner(parser, Report()), ReadStats()
+    assert (fast._native is None) == (scanner_tables(parser) is None)
+    fast.scan(data, fast_stats)
+    slow, slow_stats = ChunkScanner(parser, Report()), ReadStats()
+    slow.scan_slowly(data, slow_stats)
+    assert fast_stats == slow_stats
+    assert fast.report.to_dict() == slow.report.to_dict()
+    assert list(fast.report.pending.items()) == list(slow.report.pending.items())
+    assert fast.report.orphans == slow.report.orphans
+    assert fast.report.durations.total == slow.report.durations.total
+    assert {k: h.total for k, h in fast.report.stages.items()} == \
+        {k: h.total for k, h in slow.report.stages.items()}
+    return fast, slow
+
+
+@pytest.fixture(autouse=True)
+def _compiled_scanner_built() -> None:
+    """Without the extension every comparison here would pit the parser against itself:
+    make builds _scan.c, so its absence fails these tests rather than skipping them."""
+    assert NATIVE, "exporter/analyze/_scan.c is not built (make builds it)"
 
 
 def test_tricky_lines_get_the_full_parsers_verdict(tmp_path: Path) -> None:
@@ -199,9 +228,9 @@ def test_random_corruption_of_generated_logs(tmp_path: Path) -> None:
     _assert_fast_equals_full(path)
 
 
-def test_mixed_formats_keep_file_order_for_lengths(tmp_path: Path) -> None:
-    """A JSON start and a text completion without text_len: the join needs file order,
-    which two per-format passes would lose, so such a chunk is read line by line."""
+def test_mixed_formats_keep_file_order_for_lengths() -> None:
+    """A JSON start and a text completion without text_len: the join needs file order
+    across the formats, which the scanner keeps by reading both in one pass."""
     lines = [
         '{%s, "level": "INFO", "logger": "a", "event": "synthesis_start", "request_id": "m1", '
         '"text_len": 2048}',
@@ -210,27 +239,23 @@ def test_mixed_formats_keep_file_order_for_lengths(tmp_path: Path) -> None:
         "%s - app - INFO - synthesis_start: id=m2, text_len=12",
         '{%s, "level": "INFO", "logger": "a", "event": "synthesis_complete", '
         '"request_id": "m2", "status": "success", "duration_ms": 3, "model_stage": "x"}']
-    path = tmp_path / "app.log"
-    path.write_text("\n".join(map(_stamped, lines)) + "\n")
-    full = _assert_fast_equals_full(path)
-    rows = {row["bucket"]: row for row in full["failures_by_text_length"]}
+    fast, _ = _fast_and_slow(("\n".join(map(_stamped, lines)) + "\n").encode())
+    rows = {row["bucket"]: row for row in fast.report.to_dict()["failures_by_text_length"]}
     assert rows["2048"]["failed"] == 1 and rows["0-64"]["total"] == 1
 
 
-def test_reused_request_ids_match_in_file_order(tmp_path: Path) -> None:
+def test_reused_request_ids_match_in_file_order() -> None:
     lines = []
     for length in (12, 2048, 12):
         lines += [f"{STAMP_TEXT} - app - INFO - synthesis_start: id=retry, text_len={length}",
                   f"{STAMP_TEXT} - app - ERROR - synthesis_complete: id=retry, status=failed, "
                   "duration_ms=5, error_code=X, model_stage=llm"]
-    path = tmp_path / "app.log"
-    path.write_text("\n".join(lines) + "\n")
-    full = _assert_fast_equals_full(path)
-    assert {r["bucket"]: r["total"] for r in full["failures_by_text_length"]} == \
-        {"0-64": 2, "2048": 1}
+    fast, _ = _fast_and_slow(("\n".join(lines) + "\n").encode())
+    lengths = fast.report.to_dict()["failures_by_text_length"]
+    assert {r["bucket"]: r["total"] for r in lengths} == {"0-64": 2, "2048": 1}
 
 
-def test_window_reads_inside_chunks_fast_and_bounds_exactly(
+def test_window_verdicts_per_line_match_the_parser_through_the_cli(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """With --since/--until the scanner keeps or drops each line by its own time; the
@@ -255,28 +280,13 @@ def test_window_reads_inside_chunks_fast_and_bounds_exactly(
         assert fast[key] == full[key], key
 
 
-def test_scanner_counts_lines_like_the_reader() -> None:
-    parser = RecordParser()
-    scanner, stats = ChunkScanner(parser, Report()), ReadStats()
-    scanner.scan(("\n".join(_tricky_lines()) + "\n").encode(), stats)
-    slow, slow_stats = ChunkScanner(parser, Report()), ReadStats()
-    slow.scan_slowly(("\n".join(_tricky_lines()) + "\n").encode(), slow_stats)
-    assert stats == slow_stats
-    assert scanner.report.to_dict() == slow.report.to_dict()
+def test_tricky_lines_counted_and_reported_like_the_parser_in_process() -> None:
+    """The same lines as through the CLI, here also comparing the pending starts, orphans
+    and exact histogram totals."""
+    _fast_and_slow(("\n".join(_tricky_lines()) + "\n").encode())
 
 
-def test_histogram_extend_equals_adding_one_by_one() -> None:
-    rnd = random.Random(5)
-    for values in ([rnd.lognormvariate(5, 1) for _ in range(6000)], [3.0, 0.0, -1.0, 7.5]):
-        one, many = LogHistogram(), LogHistogram()
-        for value in values:
-            one.add(value)
-        many.extend(values)
-        assert (one.count, one.total, one.min, one.max, one.buckets, one.values) == \
-            (many.count, many.total, many.min, many.max, many.buckets, many.values)
-
-
-def test_residue_lines_keep_their_place_in_joins(tmp_path: Path) -> None:
+def test_residue_lines_keep_their_place_in_joins() -> None:
     """A text start then a JSON completion that only the full parser reads (keys in another
     order) and that takes its text length from the start: file order must hold."""
     lines = [
@@ -284,10 +294,8 @@ def test_residue_lines_keep_their_place_in_joins(tmp_path: Path) -> None:
         '{"level": "ERROR", %s, "logger": "a", "event": "synthesis_complete", '
         '"request_id": "k1", "status": "failed", "duration_ms": 9, "error_code": "LATE_JSON", '
         '"model_stage": "llm"}']
-    path = tmp_path / "app.log"
-    path.write_text("\n".join(map(_stamped, lines)) + "\n")
-    full = _assert_fast_equals_full(path)
-    assert [r["bucket"] for r in full["failures_by_text_length"]] == ["2048"]
+    fast, _ = _fast_and_slow(("\n".join(map(_stamped, lines)) + "\n").encode())
+    assert [r["bucket"] for r in fast.report.to_dict()["failures_by_text_length"]] == ["2048"]
 
 
 def test_window_takes_lengths_from_starts_only_the_parser_reads(
@@ -394,7 +402,7 @@ def test_compiled_scanner_matches_the_parser_line_by_line(
         fast.scan(data[pos:end], fast_stats, bounds)
         pos = end
     slow, slow_stats = ChunkScanner(parser, Report()), ReadStats()
-    slow.scan_slowly(data, slow_stats, None if bounds is None else bounds.verdict)
+    slow.scan_slowly(data, slow_stats, bounds)
     assert fast_stats == slow_stats
     assert fast.report.to_dict() == slow.report.to_dict()
     assert fast.report.pending == slow.report.pending
@@ -404,20 +412,6 @@ def test_compiled_scanner_matches_the_parser_line_by_line(
     assert {k: v.total for k, v in fast.report.stages.items()} == \
         {k: v.total for k, v in slow.report.stages.items()}
     assert fast.report.to_dict()["syntheses"]["total"] > 50
-
-
-def _fast_and_slow(data: bytes, parser: RecordParser | None = None
-                   ) -> tuple[ChunkScanner, ChunkScanner]:
-    """The same chunk through the compiled scanner and line by line through the parser:
-    line counts and reports must agree."""
-    parser = parser or RecordParser()
-    fast, fast_stats = ChunkScanner(parser, Report()), ReadStats()
-    fast.scan(data, fast_stats)
-    slow, slow_stats = ChunkScanner(parser, Report()), ReadStats()
-    slow.scan_slowly(data, slow_stats)
-    assert fast_stats == slow_stats
-    assert fast.report.to_dict() == slow.report.to_dict()
-    return fast, slow
 
 
 def test_scanner_segments_end_when_its_tables_fill() -> None:

@@ -50,6 +50,20 @@ def test_units_are_dropped_from_numbers(raw: str, value: float) -> None:
     assert parse(line.encode()).fields["text_len"] == value
 
 
+def test_a_number_longer_than_int_reads_stays_text() -> None:
+    """Python's int() refuses more than 4,300 digits; the value is kept as written."""
+    digits = "1" * 4301
+    line = f"2024-06-12 14:22:38,415 - app - INFO - http_request: n={digits}"
+    assert parse(line.encode()).fields["n"] == digits
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:30+01:00", "2026-13-01T00:00:00",
+                                   "not a time"])
+def test_json_times_that_do_not_convert_have_no_time(stamp: str) -> None:
+    line = f'{{"time": "{stamp}", "level": "INFO", "event": "http_request"}}'
+    assert parse(line.encode()).time is None
+
+
 def test_free_form_error_line_is_a_record_without_event() -> None:
     line = (b"2024-06-12 14:22:39,001 - app.tts_engine - ERROR - ERROR: scipy.fft failed on "
             b"input len=1024, exc=RuntimeWarning: invalid value")
