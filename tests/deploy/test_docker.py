@@ -66,15 +66,21 @@ def test_every_copy_source_exists(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_the_stage_that_builds_the_package_has_a_c_compiler(name: str) -> None:
-    """pyproject.toml builds exporter/analyze/_scan.c: the build stage needs gcc and libc
-    headers before its `pip install`, and the final stage copies the built venv only."""
+    """pyproject.toml builds exporter/analyze/_scan.c, optionally: the build stage needs gcc,
+    libc and Python headers before its `pip install` of the project, must check that the
+    scanner imports after it, and the final stage copies the built venv only."""
     instructions = parse(name)
     starts = [i for i, ins in enumerate(instructions) if ins["instruction"] == "FROM"]
     build = instructions[starts[0]:starts[-1]]
     runs = [ins["value"] for ins in build if ins["instruction"] == "RUN"]
     compiler = next(i for i, run in enumerate(runs) if re.search(r"\bgcc\b", run))
-    install = next(i for i, run in enumerate(runs) if re.search(r'pip install[^&]*"?\.', run))
-    assert compiler < install and "libc6-dev" in runs[compiler]
+    project = re.compile(r'pip install [^&]*\s"?\.(\[[\w,]+\])?"?(\s|$)')
+    install = next(i for i, run in enumerate(runs) if project.search(run))
+    imports = next(i for i, run in enumerate(runs) if "import exporter.analyze._scan" in run)
+    assert compiler < install < imports and "libc6-dev" in runs[compiler]
+    base = build[0]["value"]
+    assert base.startswith("python:") or re.search(r"python3\.\d+-dev", runs[compiler]), \
+        "a distro Python needs its -dev package for the headers"
     assert not any("gcc" in ins["value"] for ins in final_stage(instructions)
                    if ins["instruction"] == "RUN")
 
