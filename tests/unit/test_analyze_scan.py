@@ -29,7 +29,8 @@ from tests.bench.make_logs import generate
 
 STAMP_JSON = '"time": "2026-11-22T10:00:01.000+00:00"'
 STAMP_TEXT = "2026-11-22 10:00:01,000"
-# Lines no fast shape may take at face value; the full parser decides what each one is.
+# Lines at the edges of the scanner's shapes: the parser decides what each one is, and the
+# scanner must agree (reading it itself, or leaving it to the parser).
 TRICKY = [
     # JSON: duplicates, aliases, escapes, types, broken lines, other orders and separators
     '{%s, "level": "INFO", "logger": "a", "event": "http_request", "event": '
