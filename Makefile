@@ -41,7 +41,8 @@ cpu-torchaudio:
 
 venv: $(VENV)/.installed
 
-# analyze's scanner is C: the install needs a compiler and the headers of $(PYTHON).
+# analyze's scanner is C: the install needs a compiler and the headers of $(PYTHON) (Debian's
+# python3-dev has those of its python3; another $(PYTHON) brings its own, as pyenv's do).
 compiler:
 	@if ! command -v cc >/dev/null || ! $(PYTHON) -c "import os, sys, sysconfig; \
 	    sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then \
