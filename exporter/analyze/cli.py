@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -141,13 +142,10 @@ def _analyze_files(task: _Task, progress: _Progress | None = None) -> tuple[Repo
             _scan_file(path, span, scanner, stats, window,
                        progress.tick if progress is not None else lambda: None)
         return report, stats
-    add = report.add
+    add = report.add if window is None else partial(window.add, report)
     for n, record in enumerate(r for path, span in paths
                                for r in file_records(path, parser, stats, span=span)):
-        if window is None:
-            add(record)
-        else:
-            window.add(report, record)
+        add(record)
         if progress is not None and not n & 0xFFFF:
             progress.tick()
     return report, stats

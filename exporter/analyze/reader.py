@@ -34,8 +34,8 @@ class ReadStats:
     files: list[str] = field(default_factory=list)
 
     def count(self, kind: str) -> None:
-        """One line of ``kind`` ("record", "continuation", "malformed" or "blank"), counted as
-        :func:`file_records` counts it: blank lines are not lines."""
+        """One parsed line of ``kind`` ("record", "continuation", "malformed" or "blank"):
+        blank lines are not lines."""
         if kind != "blank":
             self.lines += 1
             if kind == "record":
@@ -164,10 +164,10 @@ def file_records(path: Path, parser: RecordParser, stats: ReadStats,
             lines = chunk.split(b"\n")
             lines.pop()
             for line in lines:
-                stats.lines += 1
                 if needle is not None and needle not in line:
                     head = line[:1]
                     if pending is None or head == b"{" or head.isdigit() or not line.strip():
+                        stats.lines += 1            # counted, not parsed
                         if pending is not None and line.strip():
                             yield pending
                             pending = None
@@ -175,19 +175,17 @@ def file_records(path: Path, parser: RecordParser, stats: ReadStats,
                 try:
                     record = parser.parse(line)
                 except MalformedLine:
-                    stats.malformed += 1
+                    stats.count("malformed")
                     continue
                 if record is None:
-                    if line.strip():
-                        stats.continuation += 1
-                        if keep_continuations and pending is not None:
-                            tb = pending.fields.setdefault("traceback", [])
-                            assert isinstance(tb, list)
-                            tb.append(line.rstrip(b"\r").decode("utf-8", "replace"))
-                    else:
-                        stats.lines -= 1
+                    blank = not line.strip()
+                    stats.count("blank" if blank else "continuation")
+                    if not blank and keep_continuations and pending is not None:
+                        tb = pending.fields.setdefault("traceback", [])
+                        assert isinstance(tb, list)
+                        tb.append(line.rstrip(b"\r").decode("utf-8", "replace"))
                     continue
-                stats.records += 1
+                stats.count("record")
                 if pending is not None:
                     yield pending
                 pending = record

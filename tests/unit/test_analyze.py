@@ -286,4 +286,3 @@ def test_histogram_extend_equals_adding_one_by_one() -> None:
     (math.inf, None), (math.nan, None), (10**400, None)])
 def test_only_finite_numbers_are_durations(value: object, expected: float | None) -> None:
     assert as_duration(value) == expected
-
