@@ -486,7 +486,8 @@ def test_copytruncate_and_delaycompress_stay_exact_across_kill_9_at_any_step(
     """Killed after any step, resumed from the checkpoint of that step, of two steps before,
     or from none: every written line counted exactly once. (A checkpoint older than a
     truncate is left out: lines counted after it and truncated away are gone from disk.)"""
-    stale = [at for at in (kill_at - 2, -1) if "truncate" not in COPYTRUNCATE_STEPS[at + 1:kill_at + 1]]
+    stale = [at for at in (kill_at - 2, -1)
+             if "truncate" not in COPYTRUNCATE_STEPS[at + 1:kill_at + 1]]
     for checkpoint_at in sorted({kill_at, *stale}):
         for leftover in tmp_path.iterdir():
             leftover.unlink()
