@@ -39,6 +39,10 @@ def render_report(data: dict[str, Any], stats: dict[str, Any]) -> str:
     lines.append(f"Files: {len(stats['files'])}  lines: {stats['lines']}  records: "
                  f"{stats['records']}  malformed lines: {stats['malformed']}  "
                  f"continuation lines: {stats['continuation']}")
+    for damage in stats["damaged"]:
+        where = f"line {damage['line']}, " if damage["line"] is not None else ""
+        lines.append(f"NOT READ WHOLE: {damage['file']}: {damage['reason']} (read up to "
+                     f"{where}byte {damage['offset']})")
     lines.append("Records by level: " + ", ".join(f"{k}={v}" for k, v in data["levels"].items()))
     syn = data["syntheses"]
     ratio = syn["failure_ratio"]
