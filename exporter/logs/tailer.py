@@ -61,7 +61,7 @@ FINGERPRINT_BYTES = 256
 LOCK_BATCH_BYTES = 256 * 1024
 # Files no longer followed whose identity and offset are kept (and checkpointed), so that one
 # coming back or a copy of one turning up continues where reading stopped.
-KNOWN_FILES = 64
+KNOWN_FILES = 256
 Key = tuple[int, int]
 
 
@@ -402,7 +402,8 @@ class Tailer:
         f = _File(path, fd, key, head)
         kind = self._left.pop(path, None)
         mine = [k for k in self._known if k.entry.key == key and k is not same]
-        copied = next((k for k in reversed(self._known) if k.starts(head)), None)
+        copied = next((k for k in reversed(self._known)
+                       if k.entry.key != key and k.starts(head)), None)
         if same is not None:  # the file we knew, back under the globs: not a rotation
             self._forget(same)
             f.seek(same.entry.offset)
