@@ -43,6 +43,8 @@ class Damage:
     line: int | None
 
     def __str__(self) -> str:
+        if self.offset == 0:
+            return f"{self.file}: {self.reason}; nothing read from it"
         where = f"line {self.line:,}, byte {self.offset:,}" if self.line is not None \
             else f"byte {self.offset:,}"
         return f"{self.file}: {self.reason}; read up to {where} of its text"
