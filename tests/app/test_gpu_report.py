@@ -79,3 +79,27 @@ def test_when_cuda_cannot_tell_the_field_is_left_out_not_emptied(problem: str) -
     cuda = FakeCuda(uuid=None if problem == "no uuid" else "8f3a")
     cuda.fail = problem == "cuda fault"
     assert gpu_status(loaded_on("cuda", 0, cuda)) == {}
+
+
+def test_a_cuda_oom_counts_on_its_device_for_status() -> None:
+    pytest.importorskip("ChatTTS")
+    import torch
+
+    from tts_app.backends.base import SynthesisParams, SynthesisRequest
+    from tts_app.backends.chattts import _Instance
+    from tts_app.errors import SynthesisError
+
+    class OomChat:
+        def infer(self, *args: Any, **kwargs: Any) -> Any:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    backend = ChatTTSBackend(model_dir="unused")
+    backend._torch = torch
+    backend._device = types.SimpleNamespace(type="cuda", index=0)
+    instance = _Instance(OomChat())
+    instance.speakers[7] = "speaker"
+    backend._pool.put(instance)
+    request = SynthesisRequest("r", "hello.", "default", "en", SynthesisParams(seed=7))
+    with pytest.raises(SynthesisError, match="CUDA out of memory"):
+        list(backend.synthesize(request, lambda stage, ms: None))
+    assert backend.gpu_oom_total == {0: 1}

@@ -181,7 +181,8 @@ class ChatTTSBackend:
         except SynthesisError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
-            self.gpu_oom_total[self._cuda_index()] += 1
+            if self._device.type == "cuda":  # an OOM raised on a CPU load has no device
+                self.gpu_oom_total[self._cuda_index()] += 1
             torch.cuda.empty_cache()
             raise SynthesisError("GPU_OOM", f"CUDA out of memory: {exc}", stage=stage) from exc
         except Exception as exc:   # any model fault -> MODEL_ERROR (503), never a bare 500
