@@ -875,3 +875,38 @@ async def test_on_a_shared_node_only_this_pods_gpu_closes_its_gate(
             assert json.loads((tmp_path / "ingress.json").read_text())["open"] is False
     finally:
         await sidecar.stop()
+
+
+# --- gpu.devices in the config ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("devices", "expected"), [
+    ("auto", "auto"), ("all", "all"),
+    ([0, "GPU-8f3a", "MIG-1c2d", "0/mig1"], ["0", "GPU-8f3a", "MIG-1c2d", "0/mig1"]),
+])
+def test_gpu_devices_accepts_all_auto_and_a_list(tmp_path: Path, devices: Any,
+                                                 expected: Any) -> None:
+    from exporter.config import load_config
+
+    path = tmp_path / "exporter.yaml"
+    path.write_text(json.dumps({"gpu": {"devices": devices}}))
+    assert load_config(path).gpu.device_list() == expected
+
+
+@pytest.mark.parametrize(("devices", "problem"), [
+    ("some", "expected one of 'auto', 'all', got 'some'; or expected a list"),
+    ([], "a non-empty list"),
+    ([-1], "indices >= 0"),
+    ([" "], "GPU UUIDs"),
+    ([0, "0"], "each GPU once"),
+    ([True], r"gpu.devices\[0\]: expected a string, got True; or expected an integer"),
+])
+def test_a_bad_gpu_devices_stops_start_up_naming_file_and_key(tmp_path: Path, devices: Any,
+                                                              problem: str) -> None:
+    from exporter.config import ConfigError, load_config
+
+    path = tmp_path / "exporter.yaml"
+    path.write_text(json.dumps({"gpu": {"devices": devices}}))
+    with pytest.raises(ConfigError, match=problem) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: gpu.devices")
