@@ -155,8 +155,13 @@ class NvmlSource:
         return devices
 
     def _mig_devices(self, nvml: ModuleType, parent: _Device) -> list[_Device]:
-        mode = self._optional(nvml, parent, "mig", _find(nvml, "nvmlDeviceGetMigMode"),
-                              parent.handle)
+        get_mode = _find(nvml, "nvmlDeviceGetMigMode")
+        try:
+            mode = get_mode(parent.handle) if get_mode is not None else None
+        except nvml.NVMLError as exc:  # most GPUs have no MIG: nothing to note
+            if _code(exc) not in _codes(nvml, *_UNSUPPORTED):
+                raise
+            return []
         if mode is None or mode[0] != getattr(nvml, "NVML_DEVICE_MIG_ENABLE", 1):
             return []
         found = []
