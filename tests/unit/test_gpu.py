@@ -437,10 +437,10 @@ def test_make_source_picks_the_configured_source(tmp_path: Path) -> None:
 # --- GpuCollector ----------------------------------------------------------------------------
 
 
-def make_collector(source: Any, gate: Gate | None = None, stale_after_s: float = 2.0) \
-        -> tuple[GpuCollector, SidecarMetrics]:
+def make_collector(source: Any, gate: Gate | None = None, stale_after_s: float = 2.0,
+                   watch: DeviceWatch | None = None) -> tuple[GpuCollector, SidecarMetrics]:
     metrics = SidecarMetrics()
-    return GpuCollector(source, metrics, gate, 0.25, stale_after_s), metrics
+    return GpuCollector(source, metrics, gate, 0.25, stale_after_s, watch), metrics
 
 
 def gpu_errors(metrics: SidecarMetrics) -> float:
@@ -684,6 +684,21 @@ async def test_xid_events_are_counted_by_gpu_and_code_with_the_time_read(
     fake.fail["nvmlDeviceGetMemoryInfo"] = CODES["GPU_IS_LOST"]
     await collector.poll_once()
     assert m.gpu_xid_errors.get(("1", "GPU-0001", "79")) == 2
+    await collector.stop()
+
+
+async def test_the_xid_of_a_gpu_falling_off_the_bus_is_counted_though_its_poll_fails(
+        proc_root: Path) -> None:
+    fake = FakeNvml(gpus=2)
+    collector, m = make_collector(nvml_source(fake, proc_root),
+                                  watch=DeviceWatch(["GPU-0001"]))
+    await collector.poll_once()
+    fake.push_xid(1, 79)
+    fake.push_xid(0, 79)  # another pod's GPU: not this sidecar's to count
+    fake.fail["nvmlDeviceGetMemoryInfo"] = CODES["GPU_IS_LOST"]
+    await collector.poll_once()
+    assert m.gpu_up.get() == 0.0
+    assert m.gpu_xid_errors.values == {("1", "GPU-0001", "79"): 1.0}
     await collector.stop()
 
 

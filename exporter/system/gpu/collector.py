@@ -32,14 +32,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from exporter.metrics import SidecarMetrics
 from exporter.system.gpu.devices import DeviceWatch
-from exporter.system.gpu.readings import CLOCK_EVENT_REASONS, GpuError, GpuReading, GpuSource
+from exporter.system.gpu.readings import (
+    CLOCK_EVENT_REASONS,
+    GpuError,
+    GpuReading,
+    GpuSource,
+    XidEvent,
+)
 from exporter.system.gpu.worker import DaemonWorker
 from exporter.system.periodic import every
 
@@ -126,6 +132,7 @@ class GpuCollector:
             return
         except GpuError as exc:
             self._pending = None
+            self._count_xids(e for e in exc.xid_events if self.watch.follows(e.uuid, e.gpu))
             self._failed(str(exc))
             return
         except Exception as exc:  # a bug in a source must not stop the gate's input
@@ -136,8 +143,11 @@ class GpuCollector:
         try:
             followed = self.watch.select(readings)
         except GpuError as exc:
+            self._count_xids(e for r in readings for e in r.xid_events
+                             if self.watch.follows(e.uuid, e.gpu))
             self._failed(str(exc))
             return
+        self._count_xids(e for r in followed for e in r.xid_events)
         self._succeeded(followed)
 
     def _publish_mode(self) -> None:
@@ -187,10 +197,15 @@ class GpuCollector:
         if r.clock_events is not None:
             for reason in CLOCK_EVENT_REASONS.values():
                 m.gpu_clock_event_active.set((*key, reason), float(reason in r.clock_events))
-        for event in r.xid_events:
-            xid = str(event.xid) if 0 <= event.xid <= MAX_XID else "other"
-            m.gpu_xid_errors.inc((*key, xid))
-            m.gpu_xid_last_event.set((*key, xid), event.timestamp)
+
+    def _count_xids(self, events: Iterable[XidEvent]) -> None:
+        m = self.metrics
+        with m.registry.lock:
+            for event in events:
+                xid = str(event.xid) if 0 <= event.xid <= MAX_XID else "other"
+                labels = (event.gpu, event.uuid, xid)
+                m.gpu_xid_errors.inc(labels)
+                m.gpu_xid_last_event.set(labels, event.timestamp)
 
     def _failed(self, message: str) -> None:
         if not self._failures:

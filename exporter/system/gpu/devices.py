@@ -75,6 +75,12 @@ class DeviceWatch:
         self.mode, self._wanted = mode, wanted
         return True
 
+    def follows(self, uuid: str, label: str) -> bool:
+        """Whether the GPU ``uuid`` (``gpu`` label ``label``) is followed now."""
+        if self.mode in ("all", "none"):
+            return self.mode == "all"
+        return any(_matches(entry, uuid, label) for entry in self._wanted)
+
     def select(self, readings: Sequence[GpuReading]) -> list[GpuReading]:
         """The followed readings; GpuError if a followed (or, under ``all``, seen) GPU is
         missing."""
@@ -91,8 +97,8 @@ class DeviceWatch:
         chosen: dict[str, GpuReading] = {}
         missing = []
         for entry in self._wanted:
-            match = next((r for r in readings if entry == r.label
-                          or canonical_uuid(entry) == canonical_uuid(r.uuid)), None)
+            match = next((r for r in readings
+                          if _matches(entry, r.uuid, r.label)), None)
             if match is None:
                 missing.append(entry)
             else:
@@ -101,3 +107,8 @@ class DeviceWatch:
             raise GpuError(f"followed GPU not reported by the source: {', '.join(missing)} "
                            f"(the source reports {len(readings)} GPU(s))")
         return list(chosen.values())
+
+
+def _matches(entry: str, uuid: str, label: str) -> bool:
+    """A ``gpu.devices`` entry names a GPU by its index label or its UUID (either form)."""
+    return entry == label or canonical_uuid(entry) == canonical_uuid(uuid)

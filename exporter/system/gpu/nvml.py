@@ -103,12 +103,14 @@ class NvmlSource:
         if nvml is None:
             raise GpuError("NVML unavailable: pynvml (nvidia-ml-py) is not installed")
         devices = self._devices if self._devices is not None else self._init(nvml)
+        xids: list[XidEvent] = []
         try:
-            xids = self._drain_events(nvml, devices)
-            return [self._read_device(nvml, device, xids.get(device.uuid, ()))
+            self._drain_events(nvml, devices, xids)
+            return [self._read_device(nvml, device,
+                                      tuple(e for e in xids if e.uuid == device.uuid))
                     for device in devices]
         except Exception as exc:  # NVMLError, or ctypes trouble from a driver going away
-            self._fail(f"NVML call failed: {_describe(exc)}")
+            self._fail(f"NVML call failed: {_describe(exc)}", tuple(xids))
 
     def close(self) -> None:
         if self.nvml is not None and self._devices is not None:
@@ -200,25 +202,25 @@ class NvmlSource:
         if all("xid" in device.unsupported for device in physical):
             self._free_events()  # nothing registered: no need to ask for events each poll
 
-    def _fail(self, message: str) -> NoReturn:
+    def _fail(self, message: str, xid_events: tuple[XidEvent, ...] = ()) -> NoReturn:
         """Forget the session, schedule the next init with backoff, raise GpuError."""
         self.close()
         self._delay = min(self.max_backoff_s, self._delay * 2 if self._delay else self.backoff_s)
         self._next_attempt = self.clock() + self._delay
         self._last_error = message
-        raise GpuError(message)
+        raise GpuError(message, xid_events)
 
     # --- Reading ----------------------------------------------------------------------------
 
-    def _drain_events(self, nvml: ModuleType, devices: list[_Device]) \
-            -> dict[str, tuple[XidEvent, ...]]:
-        """XID events queued since the last read, by GPU uuid; never waits."""
+    def _drain_events(self, nvml: ModuleType, devices: list[_Device],
+                      into: list[XidEvent]) -> None:
+        """Append the XID events queued since the last read to ``into``; never waits."""
         if self._events is None:
-            return {}
+            return
         wait = _find(nvml, "nvmlEventSetWait_v2", "nvmlEventSetWait")
         if wait is None:
-            return {}
-        by_uuid: dict[str, list[XidEvent]] = {}
+            return
+        labels = {d.uuid: str(d.index) for d in devices if d.mig_index is None}
         for _ in range(MAX_EVENTS_PER_POLL):
             try:
                 event = wait(self._events, 0)
@@ -228,9 +230,8 @@ class NvmlSource:
                 raise
             if event.eventType & XID_EVENT:
                 uuid = _text(nvml.nvmlDeviceGetUUID(event.device))
-                by_uuid.setdefault(uuid, []).append(XidEvent(int(event.eventData),
-                                                             self.wall_clock()))
-        return {uuid: tuple(events) for uuid, events in by_uuid.items()}
+                into.append(XidEvent(labels.get(uuid, "unknown"), uuid, int(event.eventData),
+                                     self.wall_clock()))
 
     def _read_device(self, nvml: ModuleType, device: _Device,
                      xids: tuple[XidEvent, ...]) -> GpuReading:

@@ -7,7 +7,15 @@ from typing import Protocol
 
 
 class GpuError(Exception):
-    """A GPU poll that produced no trustworthy reading; the message says why, for the log."""
+    """A GPU poll that produced no trustworthy reading; the message says why, for the log.
+
+    ``xid_events`` carries the XID errors read before the poll failed: the XID that comes
+    with a GPU falling off the bus must be counted although its reading fails.
+    """
+
+    def __init__(self, message: str, xid_events: tuple[XidEvent, ...] = ()) -> None:
+        super().__init__(message)
+        self.xid_events = xid_events
 
 
 @dataclass(frozen=True)
@@ -23,6 +31,8 @@ class GpuProcess:
 class XidEvent:
     """One XID error the driver reported for a GPU (an NVML critical-error event)."""
 
+    gpu: str            # the GPU's ``gpu`` label
+    uuid: str
     xid: int
     timestamp: float
 
