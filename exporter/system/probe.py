@@ -53,6 +53,7 @@ class ProbeError(Exception):
 
 # Bounds on what one answer may list: a GPU node has at most a few dozen devices.
 MAX_APP_GPU_DEVICES = 64
+MAX_DEVICE_INDEX = 1023      # a CUDA ordinal; it becomes a label, so it is bounded too
 MAX_UUID_CHARS = 128
 
 
@@ -127,6 +128,8 @@ def _gpu_devices(devices: Any) -> tuple[AppGpu, ...]:
             raise ProbeError(f"{where}.uuid: expected a string of 1 to {MAX_UUID_CHARS} "
                              "characters")
         index = _number(f"{where}.index", device.get("index", i), real=False)
+        if not 0 <= index <= MAX_DEVICE_INDEX:
+            raise ProbeError(f"{where}.index: expected 0 to {MAX_DEVICE_INDEX}")
         memory: dict[str, Any] = {}
         for key in ("memory_allocated_bytes", "memory_reserved_bytes", "gpu_oom_total"):
             if device.get(key) is not None:

@@ -203,6 +203,7 @@ async def test_the_apps_gpu_memory_is_exported_and_handed_on(
     ([{"uuid": ""}], r"gpu_devices\[0\]\.uuid: expected a string of 1 to 128"),
     ([{"uuid": "x" * 129}], r"\.uuid: expected a string"),
     ([{"uuid": "a", "index": True}], r"\.index: expected an integer"),
+    ([{"uuid": "a", "index": 10 ** 400}], r"\.index: expected 0 to 1023"),
     ([{"uuid": "a", "memory_reserved_bytes": float("nan")}], "memory_reserved_bytes: expected"),
     ([{"uuid": "a", "memory_reserved_bytes": 10 ** 400}], r"expected a number, got \d+\.\.\."),
     ([{"uuid": "a", "gpu_oom_total": -1}], r"gpu_oom_total: expected a number >= 0"),
