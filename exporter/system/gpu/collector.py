@@ -117,7 +117,7 @@ class GpuCollector:
         if status.gpu_devices is None:
             return
         if self.watch.follow_app([d.uuid for d in status.gpu_devices], status.ready):
-            log.warning("GPU watch (gpu.devices: auto): now following %s",
+            log.info("GPU watch (gpu.devices: auto): now following %s",
                         self.watch.describe())
             self._publish_mode()
 
