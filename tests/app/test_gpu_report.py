@@ -78,7 +78,24 @@ def test_when_cuda_cannot_tell_the_field_is_left_out_not_emptied(problem: str) -
     """An empty list would tell the sidecar "no GPU here" and stop the gate watching VRAM."""
     cuda = FakeCuda(uuid=None if problem == "no uuid" else "8f3a")
     cuda.fail = problem == "cuda fault"
-    assert gpu_status(loaded_on("cuda", 0, cuda)) == {}
+    backend = loaded_on("cuda", 0, cuda)
+    assert gpu_status(backend) == {}
+    assert gpu_status(backend) == {}
+
+
+def test_a_cuda_fault_on_status_is_logged_once_per_episode(
+        caplog: pytest.LogCaptureFixture) -> None:
+    cuda = FakeCuda()
+    backend = loaded_on("cuda", 0, cuda)
+    cuda.fail = True
+    for _ in range(3):
+        gpu_status(backend)
+    cuda.fail = False
+    assert gpu_status(backend)["gpu_devices"][0]["uuid"].startswith("GPU-")
+    cuda.fail = True
+    gpu_status(backend)
+    faults = [r for r in caplog.records if "cannot read the CUDA device" in r.getMessage()]
+    assert len(faults) == 2
 
 
 def test_a_cuda_oom_counts_on_its_device_for_status() -> None:

@@ -94,6 +94,7 @@ class ChatTTSBackend:
         self._device: Any = None
         # CUDA out-of-memory errors by device index, reported on /status as gpu_oom_total.
         self.gpu_oom_total: Counter[int] = Counter()
+        self._gpu_report_failing = False
 
     def load(self) -> None:
         import ChatTTS
@@ -211,13 +212,17 @@ class ChatTTSBackend:
             uuid = getattr(cuda.get_device_properties(index), "uuid", None)
             if uuid is None:  # a torch too old to report it
                 return None
-            return [GpuDevice(index, _nvml_uuid(index, str(uuid)),
-                              int(cuda.memory_allocated(index)), int(cuda.memory_reserved(index)),
-                              self.gpu_oom_total[index])]
+            devices = [GpuDevice(index, _nvml_uuid(index, str(uuid)),
+                                 int(cuda.memory_allocated(index)),
+                                 int(cuda.memory_reserved(index)), self.gpu_oom_total[index])]
         except Exception as exc:  # a CUDA fault must not turn /status into a 500
-            log.warning("cannot read the CUDA device for /status: %s: %s",
-                        type(exc).__name__, exc)
+            if not self._gpu_report_failing:  # once per episode: /status is polled every second
+                log.warning("cannot read the CUDA device for /status: %s: %s",
+                            type(exc).__name__, exc)
+            self._gpu_report_failing = True
             return None
+        self._gpu_report_failing = False
+        return devices
 
 
 def _nvml_uuid(index: int, cuda_uuid: str) -> str:
