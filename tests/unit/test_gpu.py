@@ -836,11 +836,14 @@ def write_node(path: Path, mine: float, other: float) -> None:
     os.replace(tmp, path)
 
 
+@pytest.mark.parametrize(("devices", "mode"), [("auto", ("auto", "app")),
+                                               (["1"], ("list", "list"))])
 async def test_on_a_shared_node_only_this_pods_gpu_closes_its_gate(
-        tmp_path: Path, aiohttp_server: Any, unused_tcp_port: int) -> None:
-    """``gpu.devices: auto`` through real HTTP: the app's /status names its CUDA device (the
-    bare UUID, as torch gives it); another GPU at 95 % leaves /ingress open, this pod's GPU at
-    90 % closes it within a second."""
+        tmp_path: Path, aiohttp_server: Any, unused_tcp_port: int, devices: Any,
+        mode: tuple[str, str]) -> None:
+    """Through real HTTP, with ``gpu.devices: auto`` (the app's /status names its CUDA device,
+    the bare UUID as torch gives it) or the GPU's index: another GPU at 95 % leaves /ingress
+    open, this pod's GPU at 90 % closes it within a second."""
     import aiohttp
     from aiohttp import web
 
@@ -862,7 +865,7 @@ async def test_on_a_shared_node_only_this_pods_gpu_closes_its_gate(
     sidecar = Sidecar(config_from_mapping({
         "server": {"listen": f"127.0.0.1:{unused_tcp_port}"},
         "logs": {"paths": []},
-        "gpu": {"source": f"file:{gpu_file}", "poll_interval_s": 0.25},
+        "gpu": {"source": f"file:{gpu_file}", "poll_interval_s": 0.25, "devices": devices},
         "gate": {"gate_file": str(tmp_path / "ingress.json"), "reopen_after_s": 0.3},
         "probe": {"url": str(app_server.make_url("/status")), "interval_s": 0.25},
     }))
@@ -878,7 +881,7 @@ async def test_on_a_shared_node_only_this_pods_gpu_closes_its_gate(
                 await asyncio.sleep(0.25)
             m = sidecar.metrics
             assert set(m.gpu_memory_used.values) == {("1", "GPU-mine-1")}
-            assert m.gpu_watch_mode.values == {("auto", "app"): 1.0}
+            assert m.gpu_watch_mode.values == {mode: 1.0}
             assert m.app_gpu_reserved.get(("0", "mine-1")) == 3 * GIB
             assert m.app_gpu_oom.get(("0", "mine-1")) == 1
 
