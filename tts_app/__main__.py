@@ -76,9 +76,16 @@ async def serve(config: AppConfig, config_file: str) -> int:
         raise StartupError(f"{config_file}: server.listen: cannot listen on "
                            f"{config.server.listen} ({exc.strerror})") from None
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        # the clock starts at the signal, so a model still loading is inside the bound too
+        if not stop.is_set():
+            stop.set()
+            _exit_by(config.server.drain_timeout_s + SHUTDOWN_MARGIN_S)
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     print(f"tts-app: listening on http://{config.server.listen} (backend {backend.name})",
           file=sys.stderr, flush=True)
     await state.settled.wait()
@@ -87,7 +94,6 @@ async def serve(config: AppConfig, config_file: str) -> int:
         log.close()
         raise StartupError(f"backend {backend.name} failed to load: {state.failed}")
     await stop.wait()
-    _exit_by(config.server.drain_timeout_s + SHUTDOWN_MARGIN_S)
     await state.drain()
     await runner.cleanup()
     log.event("service_stop")
