@@ -144,13 +144,12 @@ BAD_GATE_FILES = [
     GOOD_CLOSED.replace("7}", "-3}"),
     GOOD_CLOSED.replace("7}", "7.5}"),
     GOOD_CLOSED.replace("7}", "NaN}"),
-    GOOD_CLOSED.replace("7}", "99999999}"),
     GOOD_CLOSED.replace("7}", "true}"),
     '{"open": ' + "[" * 60000 + "]" * 60000 + "}",
     "[" * 60000,
     '{"open": "no"}',
     '{"open": true, "reasons": "vram"}',
-    '{"open": true, "reasons": [' + ", ".join(['"r"'] * 1000) + "]}",
+    '{"open": true, "reasons": ["vram", 7]}',
     "",
     "\xff\xfe",
 ]
@@ -179,3 +178,17 @@ async def test_bad_gate_file_keeps_the_last_good_state_and_is_logged_once(
     assert (await app.client.post("/v1/tts", json={"text": "Still open."})).status == 200
     assert len(app.records("gate_file_invalid")) == 2
     assert app.records("unhandled_exception") == []
+
+
+async def test_gate_file_values_beyond_their_bounds_are_cut_down(start_app: StartApp) -> None:
+    app = await start_app()
+    write_raw(app.gate_file, json.dumps({
+        "open": False, "since": 1.0, "retry_after_s": 10**12,
+        "reasons": [f"alert_{i}_" + "x" * 300 for i in range(100)]}))
+    closed = await app.client.post("/v1/tts", json={"text": "Blocked."})
+    body = await expect_error(closed, "INGRESS_CLOSED")
+    assert closed.headers["Retry-After"] == "3600"
+    assert app.state.gate.current().reasons[:2] == ("alert_0_" + "x" * 192,
+                                                     "alert_1_" + "x" * 192)
+    assert len(app.state.gate.current().reasons) == 32 and len(body["error"]["message"]) < 8000
+    assert app.records("gate_file_invalid") == []
