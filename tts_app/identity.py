@@ -29,23 +29,29 @@ def parse_network(text: str) -> Network:
     return ipaddress.ip_network(text.strip(), strict=False)
 
 
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(text.strip())
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped        # a dual-stack socket's view of an IPv4 peer
+    return ip
+
+
 class ClientIdentity:
+    """The rules above, for one ``trusted_proxies`` list and identity header name."""
+
     def __init__(self, trusted_proxies: Iterable[str], client_header: str) -> None:
         self._trusted = tuple(parse_network(text) for text in trusted_proxies)
         self._header = client_header
 
-    def _is_trusted(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address.strip())
-        except ValueError:
-            return False
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in network for network in self._trusted)
+    def _is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        return ip is not None and any(ip in network for network in self._trusted)
 
     def of(self, peer: str | None, headers: MultiMapping[str]) -> str:
         """The identity of a request from ``peer`` (the socket's remote address)."""
-        if peer is None or not self._is_trusted(peer):
+        if peer is None or not self._is_trusted(_address(peer)):
             return peer or "unknown"
         given = headers.get(self._header, "") if self._header else ""
         if 0 < len(given) <= MAX_HEADER_CHARS and given.isascii() and given.isprintable():
@@ -54,6 +60,9 @@ class ClientIdentity:
         hops = [hop.strip() for line in headers.getall("X-Forwarded-For", ())
                 for hop in line.split(",") if hop.strip()]
         for hop in reversed(hops):
-            if not self._is_trusted(hop):
-                return hop[:64]
+            ip = _address(hop)
+            if not self._is_trusted(ip):
+                # one spelling per address; a proxy only appends addresses, so a non-address
+                # here is a misbehaving hop, kept short
+                return str(ip) if ip is not None else hop[:64]
         return hops[0] if hops else peer
