@@ -45,7 +45,8 @@ class TtsSpec:
 # raises RecursionError near 1000, so deeper bodies are refused before it runs.
 MAX_DEPTH = 8
 _NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
-_OPENERS_IN_A_ROW = re.compile(rb"[\[{]{%d}" % (MAX_DEPTH + 1))
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_TOO_MANY_OPENERS = b"[" * (MAX_DEPTH + 1)
 
 
 def _nesting_problem(raw: bytes) -> str | None:
@@ -57,7 +58,7 @@ def _nesting_problem(raw: bytes) -> str | None:
         return None
     unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
     brackets = b"".join(unescaped.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
-    if _OPENERS_IN_A_ROW.search(brackets):
+    if _TOO_MANY_OPENERS in brackets.translate(_AS_SQUARE):
         return f"it nests deeper than {MAX_DEPTH} levels"
     for _ in range(MAX_DEPTH):
         if not brackets:
