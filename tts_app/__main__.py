@@ -2,16 +2,21 @@
 
 SIGTERM (or SIGINT) stops admission first (``/readyz`` 503, new synthesis 503 SHUTTING_DOWN,
 so a load balancer moves away), lets in-flight work finish within ``server.drain_timeout_s``,
-then exits 0. A bad config, an unusable log path, a busy port or a model that fails to load
-exit 1 with a message naming what is wrong.
+closes connections within ``2 x CLOSE_GRACE_S`` more, then exits 0. Whatever still holds the
+process after ``drain_timeout_s + SHUTDOWN_MARGIN_S`` (a synthesis thread that does not
+return) is cut short with exit 1, so the whole shutdown fits a known grace period. A bad
+config, an unusable log path, a busy port or a model that fails to load exit 1 with a message
+naming what is wrong.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
+import threading
 
 from aiohttp import web
 
@@ -20,9 +25,27 @@ from tts_app.config import AppConfig, ConfigError, load_config
 from tts_app.logging import StructuredLog
 from tts_app.server import STATE, build_app
 
+# aiohttp waits up to this for each open request once the drain is over, then as long again
+# for the cancelled handler: connections close within 2 x CLOSE_GRACE_S after the drain.
+CLOSE_GRACE_S = 1.0
+SHUTDOWN_MARGIN_S = 5.0
+
 
 class StartupError(Exception):
     """Start-up cannot continue; the message is for the operator."""
+
+
+def _exit_by(deadline_s: float) -> None:
+    """Exit the process after ``deadline_s`` even if threads still run: a synthesis thread
+    cannot be cancelled, and the interpreter joins executor threads before exiting."""
+    def cut_short() -> None:
+        print(f"tts-app: shutdown took over {deadline_s:g} s; exiting without waiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    timer = threading.Timer(deadline_s, cut_short)
+    timer.daemon = True
+    timer.start()
 
 
 async def serve(config: AppConfig, config_file: str) -> int:
@@ -42,7 +65,9 @@ async def serve(config: AppConfig, config_file: str) -> int:
                            f"({exc.strerror})") from None
     app = build_app(config, backend, log)
     state = app[STATE]
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           shutdown_timeout=CLOSE_GRACE_S,
+                           keepalive_timeout=config.server.header_timeout_s)
     await runner.setup()
     try:
         await web.TCPSite(runner, config.server.host, config.server.port).start()
@@ -51,9 +76,16 @@ async def serve(config: AppConfig, config_file: str) -> int:
         raise StartupError(f"{config_file}: server.listen: cannot listen on "
                            f"{config.server.listen} ({exc.strerror})") from None
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        # the clock starts at the signal, so a model still loading is inside the bound too
+        if not stop.is_set():
+            stop.set()
+            _exit_by(config.server.drain_timeout_s + SHUTDOWN_MARGIN_S)
+
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, on_signal)
     print(f"tts-app: listening on http://{config.server.listen} (backend {backend.name})",
           file=sys.stderr, flush=True)
     await state.settled.wait()

@@ -2,7 +2,7 @@
 
 Three independent checks, all answering with a Retry-After rather than an error or a hang:
 - :class:`GateWatcher`: the sidecar's ingress gate file (VRAM pressure) -> 503 INGRESS_CLOSED.
-- :class:`RateLimiter`: a token bucket per client -> 429 RATE_LIMITED.
+- :class:`RateLimiter`: a token bucket per client, and one for all -> 429 RATE_LIMITED.
 - :class:`Admission`: a semaphore sized to the backend's model instances (the "GPU
   semaphore") plus a bounded waiting line -> 429 QUEUE_FULL instead of pool exhaustion.
 Clocks are injected so the bucket and the gate are tested without sleeping.
@@ -11,13 +11,14 @@ Clocks are injected so the bucket and the gate are tested without sleeping.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import orjson
 
 from tts_app.errors import AppError
 
@@ -43,17 +44,24 @@ class TokenBucket:
             return 0.0
         return (cost - self._tokens) / self.rate
 
+    def refund(self, cost: float = 1.0) -> None:
+        """Give back what :meth:`take` took for a request that was refused elsewhere."""
+        self._tokens = min(self.burst, self._tokens + cost)
+
 
 class RateLimiter:
-    """Token buckets per client id, bounded: the least recently seen client is forgotten."""
+    """Token buckets per client identity, bounded (the least recently seen client is
+    forgotten), plus one bucket for all clients together."""
 
-    def __init__(self, rate: float, burst: float, max_clients: int,
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(self, rate: float, burst: float, max_clients: int, global_rate: float,
+                 global_burst: float, clock: Clock = time.monotonic) -> None:
         self.rate, self.burst, self.max_clients, self._clock = rate, burst, max_clients, clock
         self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._global = TokenBucket(global_rate, global_burst, clock)
 
     def check(self, client: str) -> None:
-        """Raise RATE_LIMITED with a Retry-After when ``client`` is over its rate."""
+        """Raise RATE_LIMITED with a Retry-After when ``client``, or everyone together, is
+        over the rate."""
         bucket = self._buckets.get(client)
         if bucket is None:
             bucket = self._buckets[client] = TokenBucket(self.rate, self.burst, self._clock)
@@ -64,6 +72,12 @@ class RateLimiter:
         wait = bucket.take()
         if wait > 0:
             raise AppError("RATE_LIMITED", retry_after_s=max(1, math.ceil(wait)))
+        wait = self._global.take()
+        if wait > 0:
+            # the client did nothing wrong: its own allowance is not spent on a refusal
+            bucket.refund()
+            raise AppError("RATE_LIMITED", "service-wide rate limit exceeded",
+                           retry_after_s=max(1, math.ceil(wait)))
 
 
 class Admission:
@@ -106,22 +120,58 @@ class GateState:
     reasons: tuple[str, ...] = ()
 
 
+# The sidecar writes a few hundred bytes; a bigger file is not its gate file.
+GATE_FILE_MAX_BYTES = 65536
+# Bounds on what the file says. Beyond them a value is cut down rather than refused: the
+# open/closed decision must not be lost over a long hint or a long list of alert names.
+MAX_GATE_RETRY_AFTER_S = 3600
+MAX_GATE_REASONS = 32
+MAX_GATE_REASON_CHARS = 200
+
+
+def parse_gate(raw: bytes, default_retry_after_s: int) -> GateState:
+    """The sidecar's ``{"open", "reasons", "since", "retry_after_s"}``, checked field by
+    field; ValueError names what is wrong. orjson refuses NaN, infinities and nesting
+    deeper than 1024, so no file can make parsing itself fail in another way."""
+    if len(raw) > GATE_FILE_MAX_BYTES:
+        raise ValueError(f"larger than {GATE_FILE_MAX_BYTES} bytes")
+    data = orjson.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    is_open = data.get("open")
+    if not isinstance(is_open, bool):
+        raise ValueError("open: expected true or false")
+    retry = data.get("retry_after_s", default_retry_after_s)
+    if isinstance(retry, bool) or not isinstance(retry, int) or retry < 1:
+        raise ValueError("retry_after_s: expected a positive integer")
+    reasons = data.get("reasons") or []
+    if not isinstance(reasons, list) or not all(isinstance(r, str) for r in reasons):
+        raise ValueError("reasons: expected a list of strings")
+    return GateState(open=is_open, retry_after_s=min(retry, MAX_GATE_RETRY_AFTER_S),
+                     reasons=tuple(r[:MAX_GATE_REASON_CHARS]
+                                   for r in reasons[:MAX_GATE_REASONS]))
+
+
 class GateWatcher:
     """Reads the sidecar's gate file only when its stat changes, at most every interval.
 
-    A missing file means open (no sidecar, or it never closed); an unreadable or half-valid
-    file keeps the last known state, because the sidecar writes atomically and a transient
-    read problem is not a reason to flip the gate.
+    A missing file means open (no sidecar, or it never closed). A file that cannot be read,
+    parsed or validated keeps the last good state - the sidecar writes atomically, so a
+    transient problem is not a reason to flip the gate - and is reported to ``on_invalid``
+    once until a good file (or none) is seen again.
     """
 
     def __init__(self, path: str | os.PathLike[str], interval_s: float,
-                 default_retry_after_s: int, clock: Clock = time.monotonic) -> None:
+                 default_retry_after_s: int, clock: Clock = time.monotonic,
+                 on_invalid: Callable[[str], None] = lambda _problem: None) -> None:
         self.path = os.fspath(path)
         self.interval_s = interval_s
         self.default_retry_after_s = default_retry_after_s
         self._clock = clock
+        self._on_invalid = on_invalid
         self._next_check = -math.inf
         self._signature: tuple[int, int, int] | None = None
+        self._reported = False
         self.state = GateState(retry_after_s=default_retry_after_s)
 
     def current(self) -> GateState:
@@ -134,24 +184,32 @@ class GateWatcher:
     def _refresh(self) -> None:
         try:
             stat = os.stat(self.path)
-        except OSError:
-            self._signature = None
+        except FileNotFoundError:
+            self._signature, self._reported = None, False
             self.state = GateState(retry_after_s=self.default_retry_after_s)
+            return
+        except OSError as exc:
+            self._invalid(f"cannot stat: {exc.strerror}")
             return
         signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
         if signature == self._signature:
             return
         try:
             with open(self.path, "rb") as handle:
-                data = json.loads(handle.read())
-            is_open = data["open"]
-            if not isinstance(is_open, bool):
-                return
-            retry = data.get("retry_after_s", self.default_retry_after_s)
-            retry = int(retry) if isinstance(retry, (int, float)) and retry >= 1 \
-                else self.default_retry_after_s
-            reasons = tuple(str(r) for r in data.get("reasons") or ())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                raw = handle.read(GATE_FILE_MAX_BYTES + 1)
+        except OSError as exc:
+            self._invalid(f"cannot read: {exc.strerror}")    # retried at the next check
             return
+        # A bad content is not re-parsed until the file changes.
         self._signature = signature
-        self.state = GateState(open=is_open, retry_after_s=retry, reasons=reasons)
+        try:
+            self.state = parse_gate(raw, self.default_retry_after_s)
+        except ValueError as exc:       # orjson.JSONDecodeError is a ValueError
+            self._invalid(str(exc))
+            return
+        self._reported = False
+
+    def _invalid(self, problem: str) -> None:
+        if not self._reported:
+            self._reported = True
+            self._on_invalid(problem)

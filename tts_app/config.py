@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from tts_app.identity import parse_network
+
 
 class ConfigError(Exception):
     """A configuration that cannot be used; the message says where and what was expected."""
@@ -42,12 +44,28 @@ def _host_port(value: str) -> str | None:
     return None
 
 
+def _networks(value: list[str]) -> str | None:
+    for text in value:
+        try:
+            parse_network(text)
+        except ValueError:
+            return f"expected IP addresses or CIDR networks (e.g. 10.0.0.0/8); {text!r} is not one"
+    return None
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = field(default="127.0.0.1:8080", metadata={"check": _host_port})
     max_body_bytes: int = field(default=65536, metadata=_at_least(1024))
     # SIGTERM: how long in-flight work may take before the process exits anyway.
     drain_timeout_s: float = field(default=30.0, metadata=_at_least(0))
+    # A connection that has not sent a complete request head within this closes (idle
+    # keep-alive connections too); above nginx's upstream keepalive_timeout (60 s), so a
+    # pooled connection is never closed under the proxy.
+    header_timeout_s: float = field(default=75.0, metadata=_at_least(0.1))
+    # A request body not received in full within this is 408 REQUEST_TIMEOUT: a slow upload
+    # holds no handler, and no shutdown, for longer.
+    body_timeout_s: float = field(default=10.0, metadata=_at_least(0.1))
 
     @property
     def host(self) -> str:
@@ -91,9 +109,20 @@ class RateLimitConfig:
     enabled: bool = True
     rate_per_s: float = field(default=50.0, metadata=_at_least(0.001))
     burst: float = field(default=100.0, metadata=_at_least(1))
-    # Header naming the client (API key, tenant); the peer address when absent.
-    client_header: str = "X-Client-ID"
     max_clients: int = field(default=10000, metadata=_at_least(1))
+    # One bucket for all clients together, checked after the client's own: the ceiling that
+    # many addresses cannot get around.
+    global_rate_per_s: float = field(default=600.0, metadata=_at_least(0.001))
+    global_burst: float = field(default=600.0, metadata=_at_least(1))
+
+
+@dataclass(frozen=True)
+class IdentityConfig:
+    # Peers whose X-Forwarded-For and client_header are believed (the shipped nginx).
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"],
+                                       metadata={"check": _networks})
+    # Set by a trusted proxy that authenticated the caller (API key, tenant).
+    client_header: str = "X-Client-ID"
 
 
 @dataclass(frozen=True)
@@ -136,6 +165,7 @@ class AppConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)

@@ -20,6 +20,8 @@ ERRORS: dict[str, ErrorSpec] = {
     "BAD_REQUEST": ErrorSpec(400, "request body is not a valid TTS request"),
     "TEXT_EMPTY": ErrorSpec(400, "text is empty"),
     "TEXT_TOO_LONG": ErrorSpec(413, "text is longer than the configured maximum"),
+    "BODY_TOO_LARGE": ErrorSpec(413, "request body is larger than the configured maximum"),
+    "REQUEST_TIMEOUT": ErrorSpec(408, "request body was not received in time"),
     "TEXT_INVALID_CHARS": ErrorSpec(422, "text contains control or invalid characters"),
     "VOICE_UNKNOWN": ErrorSpec(422, "voice is not offered by this backend"),
     "LANG_UNSUPPORTED": ErrorSpec(422, "language is not supported"),

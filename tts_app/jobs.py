@@ -2,9 +2,10 @@
 
 A client that times out and retries must not pay for a second synthesis: the same key with the
 same request returns the same job; the same key with a different request is a client bug and
-gets 409. Finished jobs are kept for ``ttl_s`` (and at most ``max_kept`` jobs and
-``max_bytes`` of audio, oldest forgotten first, so a burst of long texts cannot exhaust memory)
-so the audio can be fetched later.
+gets 409. A key is scoped to the client identity (:mod:`tts_app.identity`): another client's
+same key is another job, never a replay of someone else's audio. Finished jobs are kept for
+``ttl_s`` (and at most ``max_kept`` jobs and ``max_bytes`` of audio, oldest forgotten first, so
+a burst of long texts cannot exhaust memory) so the audio can be fetched later.
 """
 
 from __future__ import annotations
@@ -21,6 +22,18 @@ from tts_app.errors import AppError
 from tts_app.validation import TtsSpec
 
 Clock = Callable[[], float]
+MAX_KEY_CHARS = 255
+
+
+def idempotency_key(raw: str | None) -> str | None:
+    """The Idempotency-Key header's value, or BAD_REQUEST: present means 1-255 printable
+    ASCII characters (an empty key would be one key shared by every careless client)."""
+    if raw is None:
+        return None
+    if not 0 < len(raw) <= MAX_KEY_CHARS or not (raw.isascii() and raw.isprintable()):
+        raise AppError("BAD_REQUEST", f"Idempotency-Key must be 1-{MAX_KEY_CHARS} printable "
+                                      "ASCII characters")
+    return raw
 
 
 @dataclass(eq=False)
@@ -33,7 +46,7 @@ class Job:
     body: bytes | None = None
     error: AppError | None = None
     finished: float | None = None
-    idempotency_key: str | None = None
+    idempotency_key: tuple[str, str] | None = None     # (client identity, key)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def describe(self) -> dict[str, Any]:
@@ -59,16 +72,17 @@ class JobStore:
         self.retry_after_s = retry_after_s
         self._clock = clock
         self.jobs: OrderedDict[str, Job] = OrderedDict()
-        self._by_key: dict[str, str] = {}
+        self._by_key: dict[tuple[str, str], str] = {}
 
     @property
     def pending(self) -> int:
         return sum(1 for job in self.jobs.values() if job.status in ("queued", "running"))
 
-    def submit(self, spec: TtsSpec, request_id: str,
-               idempotency_key: str | None) -> tuple[Job, bool]:
+    def submit(self, spec: TtsSpec, request_id: str, client: str,
+               key: str | None) -> tuple[Job, bool]:
         """Return (job, created). Raises IDEMPOTENCY_CONFLICT or QUEUE_FULL."""
         self._expire()
+        idempotency_key = None if key is None else (client, key)
         if idempotency_key is not None:
             job_id = self._by_key.get(idempotency_key)
             existing = self.jobs.get(job_id) if job_id else None

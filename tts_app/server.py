@@ -36,13 +36,14 @@ from tts_app.cache import DiskCache
 from tts_app.config import AppConfig
 from tts_app.engine import Flight, Hit, SynthesisService
 from tts_app.errors import ERRORS, AppError
-from tts_app.jobs import JobStore
+from tts_app.identity import ClientIdentity
+from tts_app.jobs import JobStore, idempotency_key
 from tts_app.logging import StructuredLog
 from tts_app.validation import TtsSpec, parse_body, validate
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SYNTHESIS_ERRORS = frozenset(("GPU_OOM", "MODEL_ERROR"))   # logged by synthesis_complete
-_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "TEXT_TOO_LONG"}
+_HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BODY_TOO_LARGE"}
 
 
 class AppState:
@@ -58,11 +59,17 @@ class AppState:
         self.cache = self._open_cache(config)
         self.service = SynthesisService(backend, self.cache, self.admission, log,
                                         config.backend.timeout_s)
-        self.gate = GateWatcher(config.gate.file, config.gate.check_interval_s,
-                                config.gate.default_retry_after_s, clock)
+        self.gate = GateWatcher(
+            config.gate.file, config.gate.check_interval_s, config.gate.default_retry_after_s,
+            clock, on_invalid=lambda problem: log.event(
+                "gate_file_invalid", level="WARNING", warning_code="GATE_FILE_INVALID",
+                path=config.gate.file, message=f"{problem}; keeping the last good state"))
         rate = config.admission.rate_limit
-        self.limiter = RateLimiter(rate.rate_per_s, rate.burst, rate.max_clients, clock) \
+        self.limiter = RateLimiter(rate.rate_per_s, rate.burst, rate.max_clients,
+                                   rate.global_rate_per_s, rate.global_burst, clock) \
             if rate.enabled else None
+        self.identity = ClientIdentity(config.identity.trusted_proxies,
+                                       config.identity.client_header)
         self.jobs = JobStore(lambda spec, rid: self.service.render(spec, rid, bounded=False),
                              config.jobs.max_pending, config.jobs.max_kept, config.jobs.ttl_s,
                              config.admission.retry_after_s, config.jobs.max_bytes)
@@ -128,8 +135,8 @@ class AppState:
         await self.jobs.drain(max(0.0, deadline - time.monotonic()))
         self.log.event("drain_complete", active=self.active)
 
-    def admit(self, request: web.Request) -> None:
-        """Checks every synthesis route makes before reading the body."""
+    def admit(self, request: web.Request) -> str:
+        """Checks every synthesis route makes before reading the body; the client identity."""
         if self.draining:
             raise AppError("SHUTTING_DOWN", retry_after_s=self.config.admission.retry_after_s)
         if not self.ready:
@@ -139,12 +146,21 @@ class AppState:
             reasons = ", ".join(gate.reasons) or "unspecified"
             raise AppError("INGRESS_CLOSED", f"ingress closed by the resource gate ({reasons})",
                            retry_after_s=gate.retry_after_s)
+        client = self.identity.of(request.remote, request.headers)
         if self.limiter is not None:
-            rate = self.config.admission.rate_limit
-            self.limiter.check(request.headers.get(rate.client_header) or request.remote or "?")
+            self.limiter.check(client)
+        return client
 
     async def read_spec(self, request: web.Request) -> TtsSpec:
-        return validate(parse_body(await request.read()), self.config.limits.text_max_chars,
+        try:
+            raw = await asyncio.wait_for(request.read(), self.config.server.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise AppError("REQUEST_TIMEOUT", f"request body was not received within "
+                                              f"{self.config.server.body_timeout_s:g} s") from None
+        except web.RequestPayloadError as exc:     # broken chunking or content encoding
+            message = " ".join(str(exc).split())
+            raise AppError("BAD_REQUEST", f"request body cannot be read ({message})") from None
+        return validate(parse_body(raw), self.config.limits.text_max_chars,
                         self.backend.voices, self.languages)
 
 
@@ -289,10 +305,10 @@ async def _stream(request: web.Request, state: AppState, spec: TtsSpec,
 
 async def submit_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    state.admit(request)
+    client = state.admit(request)
+    key = idempotency_key(request.headers.get("Idempotency-Key"))
     spec = await state.read_spec(request)
-    job, created = state.jobs.submit(spec, request[REQUEST_ID],
-                                     request.headers.get("Idempotency-Key"))
+    job, created = state.jobs.submit(spec, request[REQUEST_ID], client, key)
     location = f"/v1/tts/jobs/{job.id}"
     headers = {"Location": location}
     if not created:

@@ -7,6 +7,7 @@ characters, voice/language, parameters.
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from collections.abc import Collection
@@ -40,9 +41,52 @@ class TtsSpec:
     canonical: str          # normalized request, for Idempotency-Key comparison
 
 
+# A TTS request nests two levels ({"params": {...}}); json's parser recurses per level and
+# raises RecursionError near 1000, so deeper bodies are refused before it runs.
+MAX_DEPTH = 8
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")
+_TOO_MANY_OPENERS = b"[" * (MAX_DEPTH + 1)
+
+
+def _nesting_problem(raw: bytes) -> str | None:
+    """Why ``raw`` is refused before parsing, if it is. Only bytes operations, linear in the
+    (size-capped) body: drop escaped backslashes and quotes, keep what lies outside strings,
+    keep its brackets; then any run of MAX_DEPTH + 1 openers, or innermost pairs deleted once
+    per level more than MAX_DEPTH times, is too deep."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_DEPTH:
+        return None
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(unescaped.split(b'"')[::2]).translate(None, _NOT_BRACKETS)
+    if _TOO_MANY_OPENERS in brackets.translate(_AS_SQUARE):
+        return f"it nests deeper than {MAX_DEPTH} levels"
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return None
+        inner = brackets.replace(b"[]", b"").replace(b"{}", b"")
+        if inner == brackets:
+            return "its brackets do not match"
+        brackets = inner
+    return f"it nests deeper than {MAX_DEPTH} levels" if brackets else None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise AppError("BAD_REQUEST", f"body is not valid JSON: {name} is not a number JSON allows")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise AppError("BAD_REQUEST", f"body is not valid JSON: {text[:20]} is out of range")
+    return value
+
+
 def parse_body(raw: bytes) -> dict[str, Any]:
+    problem = _nesting_problem(raw)
+    if problem:
+        raise AppError("BAD_REQUEST", f"body is not valid JSON: {problem}")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite)
     except (ValueError, UnicodeDecodeError):
         raise AppError("BAD_REQUEST", "body is not valid JSON") from None
     if not isinstance(data, dict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -15,10 +16,66 @@ from tests.e2e.conftest import load_local_stack
 from tts_app.backends.base import Backend
 from tts_app.backends.espeak import EspeakBackend
 from tts_app.config import AppConfig, config_from_mapping
+from tts_app.errors import ERRORS
 from tts_app.logging import StructuredLog
 from tts_app.server import STATE, AppState, build_app
 
 deep_merge = load_local_stack().deep_merge
+
+
+async def expect_error(response: Any, code: str) -> dict[str, Any]:
+    """``response`` is the JSON error body of ``code``, with its status and Retry-After."""
+    body = await response.json()
+    assert response.status == ERRORS[code].status, body
+    assert body["error"]["code"] == code, body
+    assert body["error"]["request_id"] == response.headers["X-Request-ID"]
+    assert body["error"]["message"]
+    assert ("Retry-After" in response.headers) == ERRORS[code].retryable
+    return dict(body)
+
+
+@dataclass
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def raw_http(port: int, *parts: bytes, pause_s: float = 0.0,
+                   timeout_s: float = 10.0) -> RawResponse | None:
+    """Send ``parts`` over one connection (``pause_s`` apart: a slow or broken client no
+    HTTP library would be), then read one response; None when the server closed without one."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for index, part in enumerate(parts):
+            if index and pause_s:
+                await asyncio.sleep(pause_s)
+            writer.write(part)
+            try:
+                await writer.drain()
+            except ConnectionError:
+                break
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout_s)
+        except asyncio.IncompleteReadError:
+            return None
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines if line)
+        body = await asyncio.wait_for(reader.readexactly(int(headers.get("Content-Length", 0))),
+                                      timeout_s)
+        return RawResponse(int(status_line.split()[1]), headers, body)
+    finally:
+        writer.close()
+
+
+def post_head(path: str, length: int | None = None, extra: str = "") -> bytes:
+    """A POST request head; chunked when ``length`` is None."""
+    framing = "Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}"
+    return (f"POST {path} HTTP/1.1\r\nHost: tts\r\nContent-Type: application/json\r\n"
+            f"{extra}{framing}\r\n\r\n").encode()
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -33,7 +33,8 @@ def test_token_bucket_refills_at_rate_up_to_burst() -> None:
 
 def test_rate_limiter_separates_clients_and_sets_retry_after() -> None:
     clock = Clock()
-    limiter = RateLimiter(rate=0.5, burst=1, max_clients=2, clock=clock)
+    limiter = RateLimiter(rate=0.5, burst=1, max_clients=2, global_rate=100, global_burst=100,
+                          clock=clock)
     limiter.check("a")
     with pytest.raises(AppError) as caught:
         limiter.check("a")
@@ -44,13 +45,29 @@ def test_rate_limiter_separates_clients_and_sets_retry_after() -> None:
 
 
 def test_rate_limiter_forgets_least_recent_client_when_full() -> None:
-    limiter = RateLimiter(rate=0.001, burst=1, max_clients=2, clock=Clock())
+    limiter = RateLimiter(rate=0.001, burst=1, max_clients=2, global_rate=100, global_burst=100,
+                          clock=Clock())
     limiter.check("a")
     limiter.check("b")
     limiter.check("c")              # evicts a
     limiter.check("a")              # fresh bucket again
     with pytest.raises(AppError):
         limiter.check("c")
+
+
+def test_global_bucket_refuses_everyone_and_refunds_the_client() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate=0.001, burst=2, max_clients=10, global_rate=1, global_burst=2,
+                          clock=clock)
+    limiter.check("a")
+    limiter.check("b")
+    with pytest.raises(AppError) as caught:
+        limiter.check("c")
+    assert caught.value.code == "RATE_LIMITED" and "service-wide" in caught.value.message
+    assert caught.value.retry_after_s == 1
+    clock.now += 2
+    limiter.check("c")
+    limiter.check("c")      # c's refused request did not spend its own allowance
 
 
 async def test_admission_counts_running_and_waiting() -> None:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from multidict import CIMultiDict
 
 from tts_app.config import AppConfig, ConfigError, config_from_mapping, load_config
+from tts_app.identity import ClientIdentity
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,6 +34,19 @@ def test_shipped_config_has_the_keys_local_stack_rewrites() -> None:
     assert data["limits"]["text_max_chars"] == 2000
 
 
+def test_shipped_nginx_is_a_trusted_proxy_that_drops_client_identity_claims() -> None:
+    shipped = load_config(REPO / "config" / "app.yaml")
+    nginx = (REPO / "config" / "nginx" / "tts.conf").read_text()
+    upstream = re.search(r"upstream tts_app \{\s*server ([\d.]+):\d+;", nginx)
+    assert upstream is not None
+    identity = ClientIdentity(shipped.identity.trusted_proxies, shipped.identity.client_header)
+    # nginx connects from the loopback address it proxies to
+    assert identity.of(upstream.group(1), CIMultiDict({"X-Forwarded-For": "203.0.113.9"})) \
+        == "203.0.113.9"
+    assert f'proxy_set_header {shipped.identity.client_header} "";' in nginx
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in nginx
+
+
 @pytest.mark.parametrize(("data", "key", "expected"), [
     ({"server": {"listen": "8080"}}, "server.listen", "HOST:PORT"),
     ({"log": {"format": "xml"}}, "log.format", "one of 'json', 'text'"),
@@ -40,6 +56,15 @@ def test_shipped_config_has_the_keys_local_stack_rewrites() -> None:
      "a number"),
     ({"cache": {"max_byte": 5}}, "cache.max_byte", "unknown key"),
     ({"gate": []}, "gate", "a mapping"),
+    ({"identity": {"trusted_proxies": ["127.0.0.1", "10.0.0.300/8"]}},
+     "identity.trusted_proxies", "'10.0.0.300/8' is not one"),
+    ({"identity": {"trusted_proxies": "127.0.0.1"}}, "identity.trusted_proxies", "a list"),
+    ({"server": {"body_timeout_s": 0}}, "server.body_timeout_s", ">= 0.1"),
+    ({"server": {"header_timeout_s": "soon"}}, "server.header_timeout_s", "a number"),
+    ({"admission": {"rate_limit": {"global_rate_per_s": 0}}},
+     "admission.rate_limit.global_rate_per_s", ">= 0.001"),
+    ({"admission": {"rate_limit": {"client_header": "X-Client-ID"}}},
+     "admission.rate_limit.client_header", "unknown key"),
 ])
 def test_bad_values_name_key_and_expectation(data: dict, key: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:

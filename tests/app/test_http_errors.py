@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from tests.app.conftest import Running, StartApp, write_gate
+from tests.app import conftest
+from tests.app.conftest import Running, StartApp, post_head, raw_http, write_gate
 from tests.app.fakes import FailingBackend, GatedBackend
 from tts_app.backends.espeak import EspeakBackend
 from tts_app.errors import ERRORS
@@ -17,12 +18,7 @@ REACHED: set[str] = set()
 
 
 async def expect_error(response: Any, code: str) -> dict[str, Any]:
-    body = await response.json()
-    assert response.status == ERRORS[code].status, body
-    assert body["error"]["code"] == code
-    assert body["error"]["request_id"] == response.headers["X-Request-ID"]
-    assert body["error"]["message"]
-    assert ("Retry-After" in response.headers) == ERRORS[code].retryable
+    body = await conftest.expect_error(response, code)
     REACHED.add(code)
     return body
 
@@ -58,7 +54,22 @@ async def test_malformed_json_and_oversized_body(start_app: StartApp) -> None:
     app = await start_app()
     await expect_error(await app.client.post("/v1/tts", data=b"{not json"), "BAD_REQUEST")
     await expect_error(await app.client.post("/v1/tts", data=b"[1, 2]"), "BAD_REQUEST")
-    await expect_error(await app.client.post("/v1/tts", data=b"x" * 70000), "TEXT_TOO_LONG")
+    await expect_error(await app.client.post("/v1/tts", data=b"x" * 70000), "BODY_TOO_LARGE")
+
+
+async def test_slow_body_is_408_at_the_body_deadline(start_app: StartApp) -> None:
+    app = await start_app({"server": {"body_timeout_s": 0.5}})
+    body = b'{"text": "Too slow."}'
+    response = await raw_http(app.client.port, post_head("/v1/tts", len(body)), body[:5],
+                              body[5:], pause_s=3)
+    assert response is not None and response.status == ERRORS["REQUEST_TIMEOUT"].status
+    error = response.json()["error"]
+    assert error["code"] == "REQUEST_TIMEOUT" and "0.5 s" in error["message"]
+    assert error["request_id"] == response.headers["X-Request-ID"]
+    assert "Retry-After" not in response.headers
+    REACHED.add("REQUEST_TIMEOUT")
+    assert [r["warning_code"] for r in app.records("request_rejected")] == ["REQUEST_TIMEOUT"]
+    assert app.state.active == 0
 
 
 async def test_unknown_route_and_method(start_app: StartApp) -> None:

@@ -1,11 +1,16 @@
-"""Async jobs: 202 + id, polling, audio when done, Idempotency-Key replay and conflict."""
+"""Async jobs: 202 + id, polling, audio when done, Idempotency-Key replay and conflict, keys
+checked and scoped per client identity."""
 
 from __future__ import annotations
 
 import asyncio
 
-from tests.app.conftest import StartApp
+import pytest
+
+from tests.app.conftest import StartApp, post_head, raw_http
 from tests.app.fakes import FailingBackend, GatedBackend
+
+BODY = b'{"text": "Keyed."}'
 
 
 async def poll_done(client, job_id: str) -> dict:   # type: ignore[no-untyped-def]
@@ -85,3 +90,41 @@ async def test_finished_jobs_are_bounded_by_audio_bytes(start_app: StartApp) -> 
     assert (await poll_done(app.client, second["id"]))["status"] == "done"
     gone = await app.client.get(f"/v1/tts/jobs/{first['id']}")
     assert gone.status == 404 and (await gone.json())["error"]["code"] == "JOB_NOT_FOUND"
+
+
+@pytest.mark.parametrize("key", ["", "k" * 256, "tab\there", "caf\u00e9"])
+async def test_empty_overlong_or_unprintable_idempotency_key_is_400(start_app: StartApp,
+                                                                    key: str) -> None:
+    app = await start_app()
+    head = post_head("/v1/tts/jobs", len(BODY), f"Idempotency-Key: {key}\r\n")
+    response = await raw_http(app.client.port, head + BODY)
+    assert response is not None and response.status == 400, response
+    error = response.json()["error"]
+    assert error["code"] == "BAD_REQUEST" and "Idempotency-Key" in error["message"]
+    assert app.state.jobs.jobs == {}
+    longest = await app.client.post("/v1/tts/jobs", data=BODY,
+                                    headers={"Idempotency-Key": "k" * 255})
+    assert longest.status == 202
+
+
+async def test_idempotency_keys_are_scoped_per_client(start_app: StartApp) -> None:
+    backend = GatedBackend()
+    app = await start_app(backend=backend)
+    backend.release.clear()
+
+    async def submit(client: str, text: str = "Mine.") -> tuple[int, dict, bool]:
+        response = await app.client.post("/v1/tts/jobs", json={"text": text}, headers={
+            "Idempotency-Key": "order-1", "X-Forwarded-For": client})
+        return (response.status, await response.json(),
+                "Idempotent-Replayed" in response.headers)
+
+    status_a, job_a, _ = await submit("198.51.100.1")
+    status_b, job_b, replayed_b = await submit("198.51.100.2")
+    assert (status_a, status_b, replayed_b) == (202, 202, False)
+    assert job_b["id"] != job_a["id"]              # another client's key is another job
+    status_c, job_c, _ = await submit("198.51.100.3", "Something else.")
+    assert status_c == 202 and job_c["id"] not in (job_a["id"], job_b["id"])   # not a 409
+    status_a2, job_a2, replayed_a2 = await submit("198.51.100.1")
+    assert (status_a2, job_a2["id"], replayed_a2) == (202, job_a["id"], True)
+    assert (await submit("198.51.100.1", "Changed my mind."))[0] == 409
+    backend.release.set()

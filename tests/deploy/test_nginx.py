@@ -8,11 +8,13 @@ back down -> 200 again.
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import shutil
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,10 +59,11 @@ def post_tts(url: str, text: str) -> tuple[int, dict[str, str], bytes]:
 
 
 @pytest.fixture
-def gated(tmp_path: Path) -> Iterator[tuple[Stack, str]]:
+def gated(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Stack, str]]:
     options = StackOptions(prometheus=False, alertmanager=False, gate_reopen_after_s=0.5,
                            exporter_overrides={"gate": {"mode": "auth_request"},
-                                               "gpu": {"poll_interval_s": 0.1}})
+                                               "gpu": {"poll_interval_s": 0.1}},
+                           app_overrides=getattr(request, "param", {}))
     with Stack(tmp_path / "stack", options) as stack:
         prefix = tmp_path / "nginx"
         prefix.mkdir()
@@ -98,3 +101,31 @@ def test_gate_closes_and_reopens_through_nginx(gated: tuple[Stack, str]) -> None
                what="sidecar gate reopened")
     status, _, body = post_tts(base + "/v1/tts", "Welcome back.")
     assert status == 200, body[:200]
+
+
+def post_from(source: str, url: str, headers: dict[str, str]) -> int:
+    """POST /v1/tts from the local address ``source`` (a distinct client on one host)."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30,
+                                            source_address=(source, 0))
+    try:
+        connection.request("POST", "/v1/tts", body=json.dumps({"text": "Who?"}),
+                           headers={"Content-Type": "application/json", **headers})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("gated", [{"admission": {"rate_limit": {"rate_per_s": 0.01,
+                                                                  "burst": 2}}}], indirect=True)
+def test_behind_nginx_the_client_address_is_the_identity(gated: tuple[Stack, str]) -> None:
+    _stack, base = gated
+    # fresh identity claims per request: nginx drops X-Client-ID, the app takes the address
+    # nginx appended to X-Forwarded-For, so they are one client
+    statuses = [post_from("127.0.0.2", base, {"X-Client-ID": f"fresh-{i}",
+                                              "X-Forwarded-For": f"198.51.100.{i}"})
+                for i in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    assert post_from("127.0.0.3", base, {}) == 200      # another address, another client
