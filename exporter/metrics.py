@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import jsonschema
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -358,8 +359,48 @@ class MetricSet(Collector):
                     [list(k), s.counts, s.sum] for k, s in family.series.items()]}
         return state
 
+    def check_state(self, state: object) -> None:
+        """Raise ValueError, naming the JSON path, unless ``state`` is something
+        :meth:`load_state` restores completely: every sample of a known family shaped as
+        :meth:`dump_state` writes it, with its labels, finite non-negative values, and (for a
+        histogram whose bounds are today's) one count per bucket."""
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(self._state_schema()).iter_errors(state))
+        if error is not None:
+            where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(top level)"
+            raise ValueError(f"metrics{where}: {error.message[:200]}")
+
+    def _state_schema(self) -> dict[str, Any]:
+        amount = {"type": "number", "minimum": 0, "maximum": sys.float_info.max}
+        count = {"type": "integer", "minimum": 0, "maximum": 2**63}
+        properties: dict[str, Any] = {}
+        for family in self._families.values():
+            n = len(family.labelnames)
+            labels = {"type": "array", "items": {"type": "string"}, "minItems": n, "maxItems": n}
+            if isinstance(family, CounterFamily):
+                properties[family.name] = {"type": "array", "items": {
+                    "type": "array", "prefixItems": [labels, amount], "items": False,
+                    "minItems": 2}}
+            elif isinstance(family, HistogramFamily):
+                buckets = len(family.bounds) + 1
+                properties[family.name] = {
+                    "type": "object", "required": ["bounds", "series"],
+                    "properties": {
+                        "bounds": {"type": "array", "items": {
+                            "type": "number", "minimum": -sys.float_info.max,
+                            "maximum": sys.float_info.max}},
+                        "series": {"type": "array", "items": {
+                            "type": "array", "items": False, "minItems": 3, "prefixItems": [
+                                labels, {"type": "array", "items": count}, amount]}}},
+                    # Other bounds are dropped whole (a config change), so only today's must
+                    # have one count per bucket.
+                    "if": {"properties": {"bounds": {"const": family.bounds}}},
+                    "then": {"properties": {"series": {"items": {"prefixItems": [
+                        True, {"minItems": buckets, "maxItems": buckets}]}}}}}
+        return {"type": "object", "properties": properties}
+
     def load_state(self, state: dict[str, Any]) -> list[str]:
-        """Restore what :meth:`dump_state` wrote (validated by the caller); returns
+        """Restore what :meth:`dump_state` wrote and :meth:`check_state` accepted; returns
         names it had to drop (unknown metric or changed histogram buckets), which the caller
         logs. Series pass through today's bounds: past them they fold into ``other``."""
         dropped = []
