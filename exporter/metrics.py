@@ -45,8 +45,8 @@ SERIES_OVERFLOW_LABEL = "*"
 """``label`` of ``tts_exporter_label_overflow_total`` when a family's series budget, not one
 label's cap, folded an observation into the all-``other`` series."""
 MAX_EXEMPLAR_ID_CHARS = 64
-"""Longer (or non-ASCII) request ids get no exemplar: OpenMetrics allows 128 characters for an
-exemplar's labels, and the bound keeps exemplars out of the size budget's worst case."""
+"""Longer request ids get no exemplar: OpenMetrics allows 128 characters for an exemplar's
+labels, and the bound keeps exemplars small in the size budget's worst case."""
 
 Labels = tuple[str, ...]
 Overflow = Callable[[str, str], None]
@@ -257,8 +257,7 @@ class HistogramFamily(_Family):
         index = bisect_left(self.bounds, value)
         series.counts[index] += 1
         series.sum += value
-        if (type(exemplar_id) is str and exemplar_id and len(exemplar_id) <= MAX_EXEMPLAR_ID_CHARS
-                and exemplar_id.isascii()):
+        if type(exemplar_id) is str and 0 < len(exemplar_id) <= MAX_EXEMPLAR_ID_CHARS:
             series.exemplars[index] = (exemplar_id, value, time.time())
 
     def _new_series(self, labels: Labels) -> _HistogramSeries:
@@ -630,6 +629,7 @@ class SidecarMetrics:
 
 _NUMBER_BYTES = 24
 """The longest sample value Python writes, e.g. ``-1.7976931348623157e+308``."""
-_EXEMPLAR_BYTES = len(' # {request_id=""} ') + 2 * MAX_EXEMPLAR_ID_CHARS + 2 * _NUMBER_BYTES
+_EXEMPLAR_BYTES = len(' # {request_id=""} ') + 4 * MAX_EXEMPLAR_ID_CHARS + 2 * _NUMBER_BYTES
+"""An exemplar at its longest: each character of the id 4 bytes of UTF-8 (or 2, escaped)."""
 _FAMILY_HEADER_BYTES = 200
 """# HELP and # TYPE lines (two names, the help text counted apart) and # EOF."""

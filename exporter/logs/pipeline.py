@@ -53,7 +53,7 @@ kept, not the parsed fields: holding a chunk's dicts until its end costs the tai
 parsing a request's few lines again when its timeline is read."""
 
 _COUNTED_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
-_TRUE_TEXT = frozenset({"true", "True", "1", "yes"})
+_TRUE = frozenset({True, "true", "True", "1", "yes"})
 _LABEL_TYPES = frozenset({str, int, float, bool})
 MAX_NUMBER = 1e15
 """Largest number a field may hold, in its own unit (ms, chars, Hz): far beyond anything real,
@@ -107,9 +107,10 @@ def _label(cap: LabelCap, raw: object) -> str:
 
 
 def _flag(fields: dict[str, Any], name: str) -> bool:
-    value = fields.get(name)
-    return value is True or (type(value) is str and value in _TRUE_TEXT) or (
-        type(value) is int and value == 1)
+    try:
+        return fields.get(name) in _TRUE
+    except TypeError:  # a list or object is not a flag
+        return False
 
 
 class LogPipeline:
