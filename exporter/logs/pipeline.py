@@ -88,8 +88,11 @@ def _number(fields: dict[str, Any], name: str) -> float | None:
     return number
 
 
-def _raw_label(value: Any, name: str) -> Any:
-    """A label's raw value, checked to be one a label can be made of (not a list or object)."""
+def _raw_label(value: Any, name: str, missing: str) -> Any:
+    """A label's raw value, checked to be one a label can be made of (not a list or object);
+    ``missing`` for None (absent, or JSON null)."""
+    if value is None:
+        return missing
     if type(value) not in _LABEL_TYPES:
         raise InvalidField(name)
     return value
@@ -213,8 +216,8 @@ class LogPipeline:
     @staticmethod
     def _level_code(fields: dict[str, Any]) -> object:
         if fields.get("warning_code"):
-            return _raw_label(fields["warning_code"], "warning_code")
-        return _raw_label(fields.get("error_code") or "none", "error_code")
+            return _raw_label(fields["warning_code"], "warning_code", "none")
+        return _raw_label(fields.get("error_code") or None, "error_code", "none")
 
     # --- event handlers: every check (which may raise InvalidField) before any update --------
 
@@ -223,9 +226,10 @@ class LogPipeline:
 
     def _http_request(self, fields: dict[str, Any], request_id: object) -> None:
         duration = _number(fields, "duration_ms")
-        method = _raw_label(fields.get("method", ""), "method")
-        route = _raw_label(fields.get("route") or fields.get("endpoint") or "unknown", "route")
-        status = _raw_label(fields.get("status", ""), "status")
+        method = _raw_label(fields.get("method"), "method", "")
+        route = _raw_label(fields.get("route") or fields.get("endpoint") or None, "route",
+                           "unknown")
+        status = _raw_label(fields.get("status"), "status", "")
         m = self.metrics
         m.http_requests.inc((_label(self._method, method), _label(self._route, route),
                              _label(self._code, status)))
@@ -238,10 +242,10 @@ class LogPipeline:
         text_len = _number(fields, "text_len")
         audio_ms = _number(fields, "audio_duration_ms")
         queue_ms = _number(fields, "queue_ms")
-        status = _raw_label(fields.get("status", "unknown"), "status")
+        status = _raw_label(fields.get("status"), "status", "unknown")
         success = status == "success"
-        error_code = "none" if success else _raw_label(fields.get("error_code") or "unknown",
-                                                       "error_code")
+        error_code = "none" if success else _raw_label(fields.get("error_code") or None,
+                                                       "error_code", "unknown")
         cache_hit = _flag(fields, "cache_hit")
         m = self.metrics
         m.syntheses.inc((_label(self._status, status), _label(self._error_code, error_code)))

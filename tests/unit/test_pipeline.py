@@ -204,6 +204,16 @@ def test_a_list_or_object_label_value_makes_only_its_line_invalid(bad: dict[str,
     assert log_derived(m) == log_derived(expected)
 
 
+def test_null_label_values_count_as_missing_ones() -> None:
+    p, m = pipeline()
+    p.process("a", jline(event="http_request", method=None, route=None, status=None)
+               + jline(event="synthesis_complete", level="ERROR", status=None, error_code=None))
+    assert outcomes(m) == {"parsed": 2}
+    assert m.http_requests.values == {("", "unknown", ""): 1.0}
+    assert m.syntheses.values == {("unknown", "unknown"): 1.0}
+    assert m.log_records.values == {("ERROR", "none"): 1.0}
+
+
 @pytest.mark.parametrize("field,event", [
     ("duration_ms", "synthesis_complete"), ("audio_duration_ms", "synthesis_complete"),
     ("text_len", "synthesis_complete"), ("queue_ms", "synthesis_complete"),
