@@ -116,9 +116,13 @@ DEFAULT_TEXT_LENGTH_BUCKETS = [10, 25, 50, 100, 200, 400, 800, 1600, 2048, 4096]
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    """Label-cardinality cap and histogram buckets for log-derived metrics."""
+    """Bounds on series whose labels come from logs, and histogram buckets for log-derived
+    metrics. The bounds make the most ``/metrics`` can grow from log content a fixed number
+    (``SidecarMetrics.log_derived_bound_bytes``)."""
 
     label_value_cap: int = field(default=50, metadata=_check(_positive))
+    label_value_max_bytes: int = field(default=128, metadata=_check(_positive))
+    max_series_per_family: int = field(default=300, metadata=_check(_positive))
     duration_buckets_s: list[float] = field(
         default_factory=lambda: list(DEFAULT_DURATION_BUCKETS_S)
     )

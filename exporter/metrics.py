@@ -8,18 +8,27 @@ array for histograms). Writers hold :attr:`MetricSet.lock` once per *batch* of l
 scrape holds it once while it snapshots, and :class:`MetricSet` is a prometheus_client
 collector, so exposition (text and OpenMetrics, exemplars included) stays the library's.
 
-Label values that come from logs pass through :class:`LabelCap`: past ``cap`` distinct values
-per label, new values become ``other`` so a buggy or hostile log line cannot explode series.
+Families fed with label values from logs carry :class:`SeriesLimits` (set by the log pipeline
+from ``metrics.*`` config): each label of each such family admits at most ``values_per_label``
+distinct values, each cut to ``value_max_bytes`` UTF-8 bytes, and the family at most
+``max_series`` series; past either bound an observation goes to ``other`` (one label, or the
+whole series) and counts in ``tts_exporter_label_overflow_total{family,label}``. With every
+label-bearing log family bounded, :meth:`SidecarMetrics.log_derived_bound_bytes` gives the most
+bytes log content can add to ``/metrics``, whatever it holds.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+import jsonschema
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -32,31 +41,63 @@ from prometheus_client.samples import Exemplar
 from exporter.config import DEFAULT_DURATION_BUCKETS_S, DEFAULT_TEXT_LENGTH_BUCKETS
 
 OVERFLOW_LABEL_VALUE = "other"
+SERIES_OVERFLOW_LABEL = "*"
+"""``label`` of ``tts_exporter_label_overflow_total`` when a family's series budget, not one
+label's cap, folded an observation into the all-``other`` series."""
+MAX_EXEMPLAR_ID_CHARS = 64
+"""Longer request ids get no exemplar: OpenMetrics allows 128 characters for an exemplar's
+labels, and the bound keeps exemplars small in the size budget's worst case."""
 
 Labels = tuple[str, ...]
+Overflow = Callable[[str, str], None]
+"""``overflow(family, label)``: called once per observation folded into ``other``."""
+
+
+@dataclass(frozen=True)
+class SeriesLimits:
+    """The bounds on one family whose label values come from logs."""
+
+    max_series: int
+    values_per_label: int
+    value_max_bytes: int
+
+
+def cut_to_bytes(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, never inside a character."""
+    if len(text) * 4 <= max_bytes:   # no character takes more than 4 bytes
+        return text
+    return text.encode("utf-8", "replace")[:max_bytes].decode("utf-8", "ignore")
 
 
 class LabelCap:
-    """Caps the distinct values one log-derived label may take.
+    """The values one label of one family may take: the first ``cap`` distinct ones (each cut to
+    ``max_bytes``), then ``other``.
 
-    The first ``cap`` values seen are kept as they are; later new ones map to ``other``.
-    ``overflowed`` counts the mapped observations so operators can see the cap biting.
+    ``known`` maps raw values (as they came from a log line) to their label value: the hot
+    path's one dict lookup. It is bounded too, since many raw values may share one cut value.
     """
 
-    __slots__ = ("cap", "overflowed", "seen")
+    __slots__ = ("_on_overflow", "cap", "known", "max_bytes", "values")
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, max_bytes: int, on_overflow: Callable[[], None]) -> None:
         self.cap = cap
-        self.seen: set[str] = set()
-        self.overflowed = 0
+        self.max_bytes = max_bytes
+        self.values: set[str] = set()
+        self.known: dict[object, str] = {}
+        self._on_overflow = on_overflow
 
-    def __call__(self, value: str) -> str:
-        if value in self.seen:
-            return value
-        if len(self.seen) < self.cap:
-            self.seen.add(value)
-            return value
-        self.overflowed += 1
+    def admit(self, raw: object, text: str, count: bool = True) -> str:
+        """The label value for ``raw``, whose text is ``text``; ``count=False`` when restoring
+        series that were already counted."""
+        text = cut_to_bytes(text, self.max_bytes)
+        values = self.values
+        if text in values or len(values) < self.cap:
+            values.add(text)
+            if len(self.known) < 4 * self.cap:
+                self.known[raw] = text
+            return text
+        if count and text != OVERFLOW_LABEL_VALUE:
+            self._on_overflow()
         return OVERFLOW_LABEL_VALUE
 
 
@@ -67,6 +108,51 @@ class _Family:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self.caps: tuple[LabelCap, ...] = ()
+        self.max_series: int | None = None
+        self._overflow_key = (OVERFLOW_LABEL_VALUE,) * len(self.labelnames)
+        self._on_overflow: Overflow | None = None
+
+    @property
+    def exposed_name(self) -> str:
+        return self.name
+
+    def limit(self, limits: SeriesLimits, on_overflow: Overflow) -> None:
+        """Bound this family's series and label values (see :class:`SeriesLimits`)."""
+        name = self.exposed_name
+        self.max_series = limits.max_series
+        self._on_overflow = on_overflow
+        self.caps = tuple(
+            LabelCap(limits.values_per_label, limits.value_max_bytes,
+                     partial(on_overflow, name, label))
+            for label in self.labelnames)
+
+    def most_series(self) -> int:
+        """The most series this family can hold (unbounded: -1)."""
+        if self.max_series is None:
+            return -1
+        combinations = 1
+        for cap in self.caps:
+            combinations *= cap.cap + 1
+        return min(self.max_series + 1, combinations)
+
+    def _series_key(self, labels: Labels, size: int, count: bool = True) -> Labels:
+        """``labels`` for a series not yet present, or the all-``other`` series once the family
+        holds ``max_series`` series."""
+        if self.max_series is None or size < self.max_series or labels == self._overflow_key:
+            return labels
+        if count and self._on_overflow is not None:
+            self._on_overflow(self.exposed_name, SERIES_OVERFLOW_LABEL)
+        return self._overflow_key
+
+    def restored_key(self, labels: Sequence[str], size: int) -> Labels:
+        """A checkpointed series' labels passed through today's bounds (which may be tighter
+        than the ones it was written under), without counting overflows again."""
+        if not self.caps:
+            return tuple(labels)
+        key = tuple(cap.admit(value, value, count=False) for cap, value in zip(
+            self.caps, labels, strict=True))
+        return self._series_key(key, size, count=False)
 
     def _collect(self) -> Metric:
         raise NotImplementedError
@@ -83,9 +169,17 @@ class CounterFamily(_Family):
         super().__init__(name, documentation, labelnames)
         self.values: dict[Labels, float] = {}
 
+    @property
+    def exposed_name(self) -> str:
+        return self.name + "_total"
+
     def inc(self, labels: Labels = (), amount: float = 1.0) -> None:
         values = self.values
-        values[labels] = values.get(labels, 0.0) + amount
+        current = values.get(labels)
+        if current is None:
+            labels = self._series_key(labels, len(values))
+            current = values.get(labels, 0.0)
+        values[labels] = current + amount
 
     def get(self, labels: Labels = ()) -> float:
         return self.values.get(labels, 0.0)
@@ -156,15 +250,22 @@ class HistogramFamily(_Family):
         self.bounds = sorted(float(b) for b in buckets)
         self.series: dict[Labels, _HistogramSeries] = {}
 
-    def observe(self, labels: Labels, value: float, exemplar_id: str | None = None) -> None:
+    def observe(self, labels: Labels, value: float, exemplar_id: object = None) -> None:
         series = self.series.get(labels)
         if series is None:
-            series = self.series[labels] = _HistogramSeries(len(self.bounds))
+            series = self._new_series(labels)
         index = bisect_left(self.bounds, value)
         series.counts[index] += 1
         series.sum += value
-        if exemplar_id:
+        if type(exemplar_id) is str and 0 < len(exemplar_id) <= MAX_EXEMPLAR_ID_CHARS:
             series.exemplars[index] = (exemplar_id, value, time.time())
+
+    def _new_series(self, labels: Labels) -> _HistogramSeries:
+        labels = self._series_key(labels, len(self.series))
+        series = self.series.get(labels)
+        if series is None:
+            series = self.series[labels] = _HistogramSeries(len(self.bounds))
+        return series
 
     def count(self, labels: Labels = ()) -> int:
         series = self.series.get(labels)
@@ -192,6 +293,12 @@ class HistogramFamily(_Family):
                                                                 value, ts)))
             family.add_metric(list(labels), buckets, series.sum)
         return family
+
+
+def _finite_sum(a: float, b: float) -> float:
+    """``a + b`` of two restored values; series folded together by tighter bounds must not
+    add up to infinity."""
+    return min(a + float(b), sys.float_info.max)
 
 
 def _format_bound(bound: float) -> str:
@@ -251,21 +358,68 @@ class MetricSet(Collector):
                     [list(k), s.counts, s.sum] for k, s in family.series.items()]}
         return state
 
+    def check_state(self, state: object) -> None:
+        """Raise ValueError, naming the JSON path, unless ``state`` is something
+        :meth:`load_state` restores completely: every sample of a known family shaped as
+        :meth:`dump_state` writes it, with its labels, finite non-negative values, and (for a
+        histogram whose bounds are today's) one count per bucket."""
+        error = jsonschema.exceptions.best_match(
+            jsonschema.Draft202012Validator(self._state_schema()).iter_errors(state))
+        if error is not None:
+            where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(top level)"
+            raise ValueError(f"metrics{where}: {error.message[:200]}")
+
+    def _state_schema(self) -> dict[str, Any]:
+        amount = {"type": "number", "minimum": 0, "maximum": sys.float_info.max}
+        count = {"type": "integer", "minimum": 0, "maximum": 2**63}
+        properties: dict[str, Any] = {}
+        for family in self._families.values():
+            n = len(family.labelnames)
+            labels = {"type": "array", "items": {"type": "string"}, "minItems": n, "maxItems": n}
+            if isinstance(family, CounterFamily):
+                properties[family.name] = {"type": "array", "items": {
+                    "type": "array", "prefixItems": [labels, amount], "items": False,
+                    "minItems": 2}}
+            elif isinstance(family, HistogramFamily):
+                buckets = len(family.bounds) + 1
+                properties[family.name] = {
+                    "type": "object", "required": ["bounds", "series"],
+                    "properties": {
+                        "bounds": {"type": "array", "items": {
+                            "type": "number", "minimum": -sys.float_info.max,
+                            "maximum": sys.float_info.max}},
+                        "series": {"type": "array", "items": {
+                            "type": "array", "items": False, "minItems": 3, "prefixItems": [
+                                labels, {"type": "array", "items": count}, amount]}}},
+                    # Other bounds are dropped whole (a config change), so only today's must
+                    # have one count per bucket.
+                    "if": {"properties": {"bounds": {"const": family.bounds}}},
+                    "then": {"properties": {"series": {"items": {"prefixItems": [
+                        True, {"minItems": buckets, "maxItems": buckets}]}}}}}
+        return {"type": "object", "properties": properties}
+
     def load_state(self, state: dict[str, Any]) -> list[str]:
-        """Restore what :meth:`dump_state` wrote; returns names it had to drop (unknown metric
-        or changed histogram buckets), which the caller logs."""
+        """Restore what :meth:`dump_state` wrote and :meth:`check_state` accepted; returns
+        names it had to drop (unknown metric or changed histogram buckets), which the caller
+        logs. Series pass through today's bounds: past them they fold into ``other``."""
         dropped = []
         for name, value in state.items():
             family = self._families.get(name)
-            if isinstance(family, CounterFamily) and isinstance(value, list):
-                family.values = {tuple(k): float(v) for k, v in value}
-            elif (isinstance(family, HistogramFamily) and isinstance(value, dict)
-                  and value.get("bounds") == family.bounds):
+            if isinstance(family, CounterFamily):
+                family.values = {}
+                for labels, amount in value:
+                    key = family.restored_key(labels, len(family.values))
+                    family.values[key] = _finite_sum(family.values.get(key, 0.0), amount)
+            elif isinstance(family, HistogramFamily) and value["bounds"] == family.bounds:
                 family.series = {}
                 for labels, counts, total in value["series"]:
-                    series = _HistogramSeries(len(family.bounds))
-                    series.counts, series.sum = [int(c) for c in counts], float(total)
-                    family.series[tuple(labels)] = series
+                    key = family.restored_key(labels, len(family.series))
+                    series = family.series.get(key)
+                    if series is None:
+                        series = family.series[key] = _HistogramSeries(len(family.bounds))
+                    series.counts = [a + int(b) for a, b in zip(series.counts, counts,
+                                                                strict=True)]
+                    series.sum = _finite_sum(series.sum, total)
             else:
                 dropped.append(name)
         return dropped
@@ -405,6 +559,9 @@ class SidecarMetrics:
         self.time_to_first_audio = m.histogram("tts_time_to_first_audio_seconds",
                                                "Time until the first audio chunk was sent "
                                                "(streaming), seconds.", (), FIRST_AUDIO_BUCKETS_S)
+        self.queue_wait = m.histogram("tts_queue_wait_seconds",
+                                      "Time a synthesis waited for a model instance before it "
+                                      "started, seconds.", (), duration_buckets_s)
         self.text_length = m.histogram("tts_text_length_chars",
                                        "Length of the text of each synthesis request, characters.",
                                        (), text_length_buckets)
@@ -441,8 +598,9 @@ class SidecarMetrics:
                                        "Log rotations detected, by kind (rename, truncate, "
                                        "recreate).", ["kind"])
         self.label_overflow = m.counter("tts_exporter_label_overflow_total",
-                                        "Observations whose label value was replaced by 'other' "
-                                        "because the label hit its cardinality cap.", ["label"])
+                                        "Observations folded into 'other': a label of a family "
+                                        "hit its distinct-value cap (label), or the family its "
+                                        "series budget (label='*').", ["family", "label"])
         self.collector_errors = m.counter("tts_exporter_collector_errors_total",
                                           "Failures of a collector (gpu, disk, probe, tail).",
                                           ["collector"])
@@ -466,7 +624,8 @@ class SidecarMetrics:
         checkpoint persists next to the offsets."""
         families = [
             self.http_requests, self.http_duration, self.syntheses, self.synthesis_duration,
-            self.stage_duration, self.time_to_first_audio, self.text_length, self.cache_lookups,
+            self.stage_duration, self.time_to_first_audio, self.queue_wait, self.text_length,
+            self.cache_lookups,
             self.cache_hits, self.cache_saves, self.audio_seconds, self.synthesis_seconds,
             self.audio_rms, self.audio_centroid, self.log_records, self.log_lines,
             self.log_bytes, self.log_rotations, self.label_overflow,
@@ -475,3 +634,45 @@ class SidecarMetrics:
             self.app_restarts,
         ]
         return [family.name for family in families]
+
+    def log_labelled(self) -> list[_Family]:
+        """The families whose label values come from log content."""
+        return [self.http_requests, self.http_duration, self.syntheses, self.stage_duration,
+                self.log_records]
+
+    def limit_log_labels(self, limits: SeriesLimits) -> None:
+        """Put ``limits`` on every family of :meth:`log_labelled`."""
+        inc = self.label_overflow.inc
+        for family in self.log_labelled():
+            family.limit(limits, lambda name, label: inc((name, label)))
+
+    def log_derived_bound_bytes(self) -> int:
+        """The most bytes the :meth:`log_labelled` families can take in ``/metrics`` (text or
+        OpenMetrics, exemplars included), whatever the logs hold: every series at its longest,
+        every label value made of characters that escape to two bytes (backslash, double quote,
+        newline), every bucket carrying an exemplar.
+        """
+        total = 0
+        for family in self.log_labelled():
+            series = family.most_series()
+            if series < 0:
+                raise ValueError(f"{family.name} has no series limits")
+            labels = sum(len(name) + 4 + 2 * cap.max_bytes
+                         for name, cap in zip(family.labelnames, family.caps, strict=True))
+            if isinstance(family, HistogramFamily):
+                buckets = len(family.bounds) + 1
+                # bucket lines (le label and an exemplar each), then _count and _sum
+                line = len(family.name) + 8 + labels + _NUMBER_BYTES + 2
+                per_series = buckets * (line + 12 + _EXEMPLAR_BYTES) + 2 * line
+            else:
+                per_series = len(family.exposed_name) + labels + _NUMBER_BYTES + 4
+            total += _FAMILY_HEADER_BYTES + len(family.documentation) + series * per_series
+        return total
+
+
+_NUMBER_BYTES = 24
+"""The longest sample value Python writes, e.g. ``-1.7976931348623157e+308``."""
+_EXEMPLAR_BYTES = len(' # {request_id=""} ') + 4 * MAX_EXEMPLAR_ID_CHARS + 2 * _NUMBER_BYTES
+"""An exemplar at its longest: each character of the id 4 bytes of UTF-8 (or 2, escaped)."""
+_FAMILY_HEADER_BYTES = 200
+"""# HELP and # TYPE lines (two names, the help text counted apart) and # EOF."""

@@ -9,10 +9,14 @@ and nothing is counted twice, whatever moment the process died at.
 
 The file is JSON::
 
-    {"version": 1,
+    {"version": 2,
      "files": [{"path": "logs/tts-app.log", "dev": 2049, "ino": 131, "fingerprint": "9c1f…",
                 "fingerprint_len": 256, "offset": 52311}],
      "metrics": {"tts_exporter_log_lines": [[["parsed"], 812.0]], …}}
+
+Loading validates it completely: the offsets here, the metric samples against the families they
+restore (``check``, normally :meth:`MetricSet.check_state`: shapes, label counts, bucket counts,
+finite non-negative values). Older formats are migrated (:data:`MIGRATIONS`) first.
 
 It is written with the classic write-temp, fsync, rename, fsync-directory sequence, so a crash
 leaves either the old or the new checkpoint, never a torn one. A file that cannot be read or
@@ -33,7 +37,27 @@ from typing import Any
 
 log = logging.getLogger("exporter.logs.checkpoint")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+StateCheck = Callable[[object], None]
+"""Raises ValueError, saying where, unless a checkpoint's ``metrics`` restore completely."""
+
+
+def _overflow_by_family(metrics: dict[str, Any]) -> None:
+    """Version 1 counted label overflows by label only; version 2 by family and label. Which
+    family a version 1 overflow happened in is not known."""
+    overflow = metrics.get("tts_exporter_label_overflow")
+    for sample in overflow if isinstance(overflow, list) else ():
+        if isinstance(sample, list) and sample and isinstance(sample[0], list):
+            sample[0] = ["unknown", *sample[0]]
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {1: _overflow_by_family}
+"""``version: migrate(metrics)``, which turns that version's metrics into the next one's."""
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a checkpoint holds")
 
 
 @dataclass(frozen=True)
@@ -70,24 +94,36 @@ class Checkpoint:
                           separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str) -> Checkpoint:
+    def from_json(cls, text: str, check: StateCheck | None = None) -> Checkpoint:
         """Parse a checkpoint; raises ValueError (with what was wrong) on anything unexpected."""
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"expected a JSON object with version {FORMAT_VERSION}")
+        data = json.loads(text, parse_constant=_no_constant)
+        version = data.get("version") if isinstance(data, dict) else None
+        if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+            raise ValueError(f"expected a JSON object with a version from 1 to {FORMAT_VERSION}")
         files, metrics = data.get("files"), data.get("metrics")
         if not isinstance(files, list) or not isinstance(metrics, dict):
             raise ValueError("expected 'files' to be a list and 'metrics' an object")
         try:
-            offsets = [FileOffset(path=str(f["path"]), dev=int(f["dev"]), ino=int(f["ino"]),
-                                  fingerprint=str(f["fingerprint"]),
-                                  fingerprint_len=int(f["fingerprint_len"]),
-                                  offset=int(f["offset"])) for f in files]
+            offsets = [FileOffset(path=_typed(f["path"], str), dev=_typed(f["dev"], int),
+                                  ino=_typed(f["ino"], int),
+                                  fingerprint=_typed(f["fingerprint"], str),
+                                  fingerprint_len=_typed(f["fingerprint_len"], int),
+                                  offset=_typed(f["offset"], int)) for f in files]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"bad file entry ({exc!r})") from None
         if any(f.offset < 0 or f.fingerprint_len < 0 for f in offsets):
             raise ValueError("negative offset or fingerprint length")
+        for old in range(version, FORMAT_VERSION):
+            MIGRATIONS[old](metrics)
+        if check is not None:
+            check(metrics)
         return cls(offsets, metrics)
+
+
+def _typed(value: Any, kind: type) -> Any:
+    if type(value) is not kind:
+        raise TypeError(f"expected {kind.__name__}, got {value!r:.40}")
+    return value
 
 
 class CheckpointStore:
@@ -102,8 +138,9 @@ class CheckpointStore:
     def temp_path(self) -> Path:
         return self.path.with_name(self.path.name + ".tmp")
 
-    def load(self) -> Checkpoint | None:
-        """The stored checkpoint; None when there is none *or* it was unusable.
+    def load(self, check: StateCheck | None = None) -> Checkpoint | None:
+        """The stored checkpoint; None when there is none *or* it was unusable (including
+        metrics that ``check`` rejects).
 
         An unusable file is renamed to ``<path>.corrupt-<unix time>`` (kept for a post-mortem,
         and out of the way so the next checkpoint can be written) and logged as an error.
@@ -116,8 +153,8 @@ class CheckpointStore:
             self._move_aside(f"cannot be read ({exc})")
             return None
         try:
-            return Checkpoint.from_json(text)
-        except ValueError as exc:
+            return Checkpoint.from_json(text, check)
+        except (ValueError, RecursionError) as exc:
             self._move_aside(f"is not a valid checkpoint ({exc})")
             return None
 

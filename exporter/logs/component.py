@@ -89,7 +89,7 @@ class LogTailComponent:
 
     def restore(self) -> None:
         """Load the checkpoint: counters into the registry, offsets into the tailer."""
-        checkpoint = self.store.load()
+        checkpoint = self.store.load(self.metrics.registry.check_state)
         if checkpoint is None:
             log.info("no usable log checkpoint at %s: reading log files from the start",
                      self.store.path)

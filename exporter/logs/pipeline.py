@@ -11,32 +11,39 @@ Every line gets exactly one ``tts_exporter_log_lines_total{outcome}``:
 - ``free_form``: a record without an event (``ERROR: scipy.fft failed ...``);
 - ``continuation``: a line that continues the previous record (tracebacks) or is blank;
 - ``malformed``: a line that starts like a record but does not parse (broken JSON);
-- ``invalid_field``: a known event whose numeric field is not a number (no metric changes);
+- ``invalid_field``: a known event with a field it cannot use: a number that is not one, or is
+  negative, non-finite or over 1e15 in its unit; a label value (route, status, error code,
+  stage, ...) that is a list or an object. Such a line changes no metric at all;
+- ``error``: an unexpected failure on one line (logged); the lines around it are unaffected;
 - ``too_long``: counted by the tailer, which skips lines over ``logs.max_line_bytes``.
 
-WARNING and above count in ``tts_log_records_total{level,code}`` whatever the outcome.
+WARNING and above count in ``tts_log_records_total{level,code}`` whatever the outcome, but
+``invalid_field``.
 
 Event semantics worth knowing: every ``synthesis_complete`` is one cache lookup (the app looks
 the cache up before synthesising, so failures looked it up too); ``synthesis_seconds`` and
 ``audio_seconds`` only grow for successful syntheses that were not cache hits, so their ratio
-is the model's real-time factor; label values from logs go through one :class:`LabelCap` per
-label (``route``, ``method``, ``status`` for HTTP codes and synthesis statuses, ``error_code``,
-``stage``, ``code`` for log-record codes), overflows counting in
-``tts_exporter_label_overflow_total{label}``. Continuation lines (tracebacks) change no metric,
-so no per-source state is needed and :meth:`LogPipeline.forget` has nothing to drop;
+is the model's real-time factor; label values from logs go through the :class:`LabelCap` of
+their family and label, and each family keeps to its series budget (see ``exporter.metrics``),
+overflows counting in ``tts_exporter_label_overflow_total{family,label}``. Each line is
+validated whole before any metric changes, so a line counts completely or not at all.
+Continuation lines (tracebacks) change no metric, so no per-source state is needed and
+:meth:`LogPipeline.forget` has nothing to drop;
 ``on_records`` receives, once per chunk, the record lines that carry a request id (not their
 tracebacks) with their id, event and status; ``RecordParser`` parses them again when needed.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from math import isfinite
 from typing import Any
 
 from exporter.config import LogsConfig, MetricsConfig
 from exporter.logs.parsers import MalformedLine, RecordParser, convert_value
-from exporter.metrics import OVERFLOW_LABEL_VALUE, LabelCap, SidecarMetrics
+from exporter.metrics import LabelCap, SeriesLimits, SidecarMetrics
+
+log = logging.getLogger("exporter.logs.pipeline")
 
 KeptLine = tuple[object, str, str, object]
 """(request id, event, line, status field) of a record line that carries a request id."""
@@ -45,37 +52,68 @@ RecordCallback = Callable[[str, list[KeptLine]], None]
 kept, not the parsed fields: holding a chunk's dicts until its end costs the tailer more than
 parsing a request's few lines again when its timeline is read."""
 
-LABELS = ("route", "method", "code", "status", "error_code", "stage")
 _COUNTED_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
 _TRUE = frozenset({True, "true", "True", "1", "yes"})
+_LABEL_TYPES = frozenset({str, int, float, bool})
+MAX_NUMBER = 1e15
+"""Largest number a field may hold, in its own unit (ms, chars, Hz): far beyond anything real,
+and small enough that no sum can reach infinity (2**64 observations of it stay below 2e34)."""
 
 
 class InvalidField(ValueError):
-    """A field an event needs is missing its number."""
+    """A field an event needs holds a value the pipeline cannot use."""
 
 
 def _number(fields: dict[str, Any], name: str) -> float | None:
-    value = fields.get(name)
+    value: Any = fields.get(name)
     kind = type(value)
+    number: float
     if kind is int or kind is float:
-        return value
-    if value is None:
+        number = value
+    elif value is None:
         return None
-    text = value if kind is str else str(value)
-    try:
-        number = float(text)  # text format: "523"
-    except ValueError:
+    elif kind is str:
         try:
-            number = float(text.split()[0])  # "86 chars"
-        except (ValueError, IndexError):
-            raise InvalidField(name) from None
-    if not isfinite(number):   # "nan", "inf", 400 digits: one line must not poison a _sum
+            number = float(value)  # text format: "523"
+        except ValueError:
+            try:
+                number = float(value.split()[0])  # "86 chars"
+            except (ValueError, IndexError):
+                raise InvalidField(name) from None
+    else:  # bool, list, object
+        raise InvalidField(name)
+    # Also false for NaN: counters and sums only ever grow by finite, non-negative amounts.
+    if not 0 <= number <= MAX_NUMBER:
         raise InvalidField(name)
     return number
 
 
+def _raw_label(value: Any, name: str, missing: str) -> Any:
+    """A label's raw value, checked to be one a label can be made of (not a list or object);
+    ``missing`` for None (absent, or JSON null)."""
+    if value is None:
+        return missing
+    if type(value) not in _LABEL_TYPES:
+        raise InvalidField(name)
+    return value
+
+
+def _label(cap: LabelCap, raw: object) -> str:
+    """The label value of a raw value that passed :func:`_raw_label`."""
+    value = cap.known.get(raw)
+    if value is None:
+        text = str(raw)
+        if text[:1] in ('"', "'"):
+            text = str(convert_value(text))
+        value = cap.admit(raw, text)
+    return value
+
+
 def _flag(fields: dict[str, Any], name: str) -> bool:
-    return fields.get(name) in _TRUE
+    try:
+        return fields.get(name) in _TRUE
+    except TypeError:  # a list or object is not a flag
+        return False
 
 
 class LogPipeline:
@@ -93,11 +131,16 @@ class LogPipeline:
         self.parser = RecordParser(logs.aliases)
         self.on_records = on_records
         self.count_restarts = count_restarts
-        cap = metrics_config.label_value_cap
-        self._caps = {label: LabelCap(cap) for label in LABELS}
-        # value -> capped label value, per label: one dict lookup on the hot path.
-        self._seen: dict[str, dict[object, str]] = {label: {} for label in LABELS}
-        self._seen_stage = self._seen["stage"]
+        metrics.limit_log_labels(SeriesLimits(
+            max_series=metrics_config.max_series_per_family,
+            values_per_label=metrics_config.label_value_cap,
+            value_max_bytes=metrics_config.label_value_max_bytes))
+        m = metrics
+        self._method, self._route, self._code = m.http_requests.caps
+        (self._duration_route,) = m.http_duration.caps
+        self._status, self._error_code = m.syntheses.caps
+        (self._stage,) = m.stage_duration.caps
+        self._record_code = m.log_records.caps[1]
         self._handlers: dict[str, Callable[[dict[str, Any], Any], None]] = {
             "http_request": self._http_request,
             "synthesis_complete": self._synthesis_complete,
@@ -138,18 +181,27 @@ class LogPipeline:
                 continuation += 1
                 continue
             level, event, fields = parsed
-            if level in _COUNTED_LEVELS:
-                self._count_level(level, fields)
             request_id = fields.get("id")
             if request_id and on_records is not None:
                 keep.append((request_id, event, line, fields.get("status")))
             handler = handlers.get(event)
-            if handler is not None:
-                try:
+            try:
+                # Checked before the handler changes anything, counted after it succeeded.
+                code = self._level_code(fields) if level in _COUNTED_LEVELS else None
+                if handler is not None:
                     handler(fields, request_id)
-                    parsed_lines += 1
-                except InvalidField:
-                    other["invalid_field"] = other.get("invalid_field", 0) + 1
+                if code is not None:
+                    self.metrics.log_records.inc((level, _label(self._record_code, code)))
+            except InvalidField:
+                other["invalid_field"] = other.get("invalid_field", 0) + 1
+                continue
+            except Exception:  # a bug must cost one line, not the batch or the tailer
+                if "error" not in other:
+                    log.exception("log line from %s could not be counted", source)
+                other["error"] = other.get("error", 0) + 1
+                continue
+            if handler is not None:
+                parsed_lines += 1
             else:
                 outcome = "unknown_event" if event else "free_form"
                 other[outcome] = other.get(outcome, 0) + 1
@@ -161,53 +213,42 @@ class LogPipeline:
             if count:
                 inc((outcome,), count)
 
-    # --- label capping ----------------------------------------------------------------------
+    @staticmethod
+    def _level_code(fields: dict[str, Any]) -> object:
+        if fields.get("warning_code"):
+            return _raw_label(fields["warning_code"], "warning_code", "none")
+        return _raw_label(fields.get("error_code") or None, "error_code", "none")
 
-    def _label(self, label: str, value: object) -> str:
-        seen = self._seen[label]
-        capped = seen.get(value)
-        if capped is not None:
-            return capped
-        text = str(value)
-        if text[:1] in ('"', "'"):
-            text = str(convert_value(text))
-        capped = self._caps[label](text)
-        if capped == OVERFLOW_LABEL_VALUE and text != OVERFLOW_LABEL_VALUE:
-            # Not remembered, so every overflowing observation is counted.
-            self.metrics.label_overflow.inc((label,))
-        else:
-            seen[value] = capped
-        return capped
+    # --- event handlers: every check (which may raise InvalidField) before any update --------
 
-    def _count_level(self, level: str, fields: dict[str, Any]) -> None:
-        code = fields.get("warning_code") or fields.get("error_code") or "none"
-        self.metrics.log_records.inc((level, self._label("code", code)))
-
-    # --- event handlers ---------------------------------------------------------------------
-
-    def _noop(self, fields: dict[str, Any], request_id: str | None) -> None:
+    def _noop(self, fields: dict[str, Any], request_id: object) -> None:
         pass
 
-    def _http_request(self, fields: dict[str, Any], request_id: str | None) -> None:
+    def _http_request(self, fields: dict[str, Any], request_id: object) -> None:
         duration = _number(fields, "duration_ms")
-        status = fields.get("status", "")
-        route = self._label("route", fields.get("route") or fields.get("endpoint") or "unknown")
+        method = _raw_label(fields.get("method"), "method", "")
+        route = _raw_label(fields.get("route") or fields.get("endpoint") or None, "route",
+                           "unknown")
+        status = _raw_label(fields.get("status"), "status", "")
         m = self.metrics
-        m.http_requests.inc((self._label("method", fields.get("method", "")), route,
-                             self._label("status", status)))
+        m.http_requests.inc((_label(self._method, method), _label(self._route, route),
+                             _label(self._code, status)))
         if duration is not None:
-            m.http_duration.observe((route,), duration / 1000.0, request_id)
+            m.http_duration.observe((_label(self._duration_route, route),), duration / 1000.0,
+                                    request_id)
 
-    def _synthesis_complete(self, fields: dict[str, Any], request_id: str | None) -> None:
+    def _synthesis_complete(self, fields: dict[str, Any], request_id: object) -> None:
         duration = _number(fields, "duration_ms")
         text_len = _number(fields, "text_len")
         audio_ms = _number(fields, "audio_duration_ms")
-        status = str(fields.get("status", "unknown"))
+        queue_ms = _number(fields, "queue_ms")
+        status = _raw_label(fields.get("status"), "status", "unknown")
         success = status == "success"
-        error_code = "none" if success else str(fields.get("error_code") or "unknown")
+        error_code = "none" if success else _raw_label(fields.get("error_code") or None,
+                                                       "error_code", "unknown")
         cache_hit = _flag(fields, "cache_hit")
         m = self.metrics
-        m.syntheses.inc((self._label("status", status), self._label("error_code", error_code)))
+        m.syntheses.inc((_label(self._status, status), _label(self._error_code, error_code)))
         m.cache_lookups.inc(())
         if cache_hit:
             m.cache_hits.inc(())
@@ -217,24 +258,29 @@ class LogPipeline:
             m.synthesis_duration.observe((), duration / 1000.0, request_id)
         if text_len is not None:
             m.text_length.observe((), text_len, request_id)
+        if queue_ms is not None:
+            m.queue_wait.observe((), queue_ms / 1000.0, request_id)
         if success and not cache_hit and duration is not None and audio_ms is not None:
             m.synthesis_seconds.inc((), duration / 1000.0)
             m.audio_seconds.inc((), audio_ms / 1000.0)
 
-    def _stage_time(self, fields: dict[str, Any], request_id: str | None) -> None:
-        # The most frequent event (one per stage per synthesis): the label's cache inlined.
+    def _stage_time(self, fields: dict[str, Any], request_id: object) -> None:
+        # The most frequent event (one per stage per synthesis).
         duration = _number(fields, "duration_ms")
         if duration is not None:
-            value = fields.get("stage") or "unknown"
-            stage = self._seen_stage.get(value) or self._label("stage", value)
-            self.metrics.stage_duration.observe((stage,), duration / 1000.0, request_id)
+            stage = fields.get("stage") or "unknown"
+            if type(stage) not in _LABEL_TYPES:
+                raise InvalidField("stage")
+            cap = self._stage
+            self.metrics.stage_duration.observe((cap.known.get(stage) or _label(cap, stage),),
+                                                duration / 1000.0, request_id)
 
-    def _first_audio(self, fields: dict[str, Any], request_id: str | None) -> None:
+    def _first_audio(self, fields: dict[str, Any], request_id: object) -> None:
         duration = _number(fields, "duration_ms")
         if duration is not None:
             self.metrics.time_to_first_audio.observe((), duration / 1000.0, request_id)
 
-    def _audio_metrics(self, fields: dict[str, Any], request_id: str | None) -> None:
+    def _audio_metrics(self, fields: dict[str, Any], request_id: object) -> None:
         rms = _number(fields, "rms")
         centroid = _number(fields, "spectral_centroid")
         if rms is not None:
@@ -242,6 +288,6 @@ class LogPipeline:
         if centroid is not None:
             self.metrics.audio_centroid.observe((), centroid, request_id)
 
-    def _service_start(self, fields: dict[str, Any], request_id: str | None) -> None:
+    def _service_start(self, fields: dict[str, Any], request_id: object) -> None:
         if self.count_restarts:
             self.metrics.app_restarts.inc(())

@@ -10,15 +10,19 @@ import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
-from exporter.config import LogsConfig
-from exporter.logs.checkpoint import Checkpoint, CheckpointStore, FileOffset
+from exporter.config import Config, LogsConfig, MetricsConfig
+from exporter.logs.checkpoint import FORMAT_VERSION, Checkpoint, CheckpointStore, FileOffset
 from exporter.logs.component import LogTailComponent
 from exporter.logs.tailer import fingerprint, identity
 from exporter.metrics import SidecarMetrics
+from exporter.server import build_registry
 from tests.unit.test_tailer import RecordingSink, append, async_wait_for, numbered
 
 
@@ -93,6 +97,16 @@ class Rig:
         component = LogTailComponent(self.config, metrics, sink, clock=self.clock)
         component.restore()
         return component, metrics, sink
+
+
+    def pipeline_component(self, metrics_config: MetricsConfig | None = None) \
+            -> tuple[LogTailComponent, SidecarMetrics]:
+        """The component as the sidecar builds it (the real pipeline as its sink), restored."""
+        metrics = SidecarMetrics()
+        component = LogTailComponent.from_config(
+            Config(logs=self.config, metrics=metrics_config or MetricsConfig()), metrics)
+        component.restore()
+        return component, metrics
 
 
 @pytest.fixture
@@ -210,7 +224,7 @@ def test_a_corrupt_checkpoint_restarts_from_the_files_start(rig: Rig) -> None:
     component, _, sink = rig.component()
     component.step()
     assert sink.texts() == numbered("x", 0, 5)
-    assert json.loads(path.read_text())["version"] == 1  # a fresh checkpoint replaced it
+    assert json.loads(path.read_text())["version"] == FORMAT_VERSION  # a fresh one replaced it
     assert len(list(path.parent.glob("offsets.json.corrupt-*"))) == 1
 
 
@@ -308,3 +322,88 @@ def test_scrapes_stay_responsive_while_a_backlog_is_read(rig: Rig) -> None:
     worker.join()
     assert metrics.log_lines.get(("parsed",)) == 300_000
     assert len(waits) >= 5 and max(waits) < 0.05, f"slowest scrape {max(waits):.3f}s"
+
+
+# --- a checkpoint whose metrics do not validate (issue 14 finding 4) -----------------------
+
+
+def synthesis_lines(count: int) -> str:
+    return "".join(json.dumps({
+        "time": "2026-11-22T10:00:00.000+00:00", "level": "ERROR" if i % 3 else "INFO",
+        "event": "synthesis_complete", "request_id": f"r{i}",
+        "status": "failed" if i % 3 else "success", "error_code": f"E{i % 4}",
+        "duration_ms": 100 + i, "text_len": i, "queue_ms": 5}) + "\n" for i in range(count))
+
+
+def read_all(rig: Rig) -> tuple[dict[str, Any], SidecarMetrics]:
+    """(a checkpoint written after reading the whole log, the totals of that read)."""
+    component, metrics = rig.pipeline_component()
+    component.step()                              # a first pass checkpoints at once
+    return json.loads(Path(rig.config.checkpoint_path).read_text()), metrics
+
+
+def totals(metrics: SidecarMetrics) -> dict[str, Any]:
+    return metrics.registry.dump_state(metrics.log_derived_names())
+
+
+def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:
+    def corrupt(metrics: dict[str, Any]) -> None:
+        target: Any = metrics
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return corrupt
+
+
+CORRUPTIONS = {
+    "sample without its value": _set(("tts_syntheses", 0), [["failed", "E1"]]),
+    "sample as an object": _set(("tts_syntheses", 0), {"labels": ["failed", "E1"]}),
+    "series: 5": _set(("tts_synthesis_duration_seconds", "series"), 5),
+    "one bucket short": _set(("tts_synthesis_duration_seconds", "series", 0, 1), [1] * 13),
+    "bucket count as text": _set(("tts_text_length_chars", "series", 0, 1, 0), "3"),
+    "NaN value": _set(("tts_syntheses", 0, 1), float("nan")),
+    "infinite sum": _set(("tts_synthesis_duration_seconds", "series", 0, 2), float("inf")),
+    "negative counter": _set(("tts_syntheses", 0, 1), -4.0),
+    "huge bucket count": _set(("tts_queue_wait_seconds", "series", 0, 1, 0), 10**30),
+    "label count": _set(("tts_syntheses", 0, 0), ["failed"]),
+    "label as a number": _set(("tts_syntheses", 0, 0), ["failed", 7]),
+    "bounds as text": _set(("tts_text_length_chars", "bounds"), "10,25"),
+    "counter as an object": _set(("tts_exporter_log_lines",), {"parsed": 3}),
+    "boolean value": _set(("tts_cache_lookups", 0, 1), True),
+}
+
+
+@pytest.mark.parametrize("corrupt", CORRUPTIONS.values(), ids=CORRUPTIONS.keys())
+def test_a_checkpoint_with_malformed_metrics_is_moved_aside_and_totals_rebuilt(
+        rig: Rig, corrupt: Callable[[dict[str, Any]], None],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 14 finding 4: such a checkpoint crashed start-up or made /metrics answer 500."""
+    append(rig.log, [synthesis_lines(30)])
+    saved, fresh = read_all(rig)
+    corrupt(saved["metrics"])
+    path = Path(rig.config.checkpoint_path)
+    path.write_text(json.dumps(saved))
+    with caplog.at_level(logging.ERROR):
+        component, metrics = rig.pipeline_component()
+    assert "not a valid checkpoint" in caplog.text
+    assert len(list(path.parent.glob("offsets.json.corrupt-*"))) == 1
+    component.step()
+    assert totals(metrics) == totals(fresh)      # re-read from the start: no loss, no double
+    assert generate_latest(build_registry(metrics))
+
+
+def test_a_version_1_checkpoint_is_migrated_not_discarded(rig: Rig) -> None:
+    """Version 1 counted label overflows by label only: its totals and offsets still hold."""
+    append(rig.log, [synthesis_lines(30)])
+    saved, fresh = read_all(rig)
+    saved["version"] = 1
+    saved["metrics"]["tts_exporter_label_overflow"] = [[["error_code"], 3.0]]
+    path = Path(rig.config.checkpoint_path)
+    path.write_text(json.dumps(saved))
+    component, metrics = rig.pipeline_component()
+    component.step()
+    assert not list(path.parent.glob("offsets.json.corrupt-*"))
+    assert metrics.label_overflow.values == {("unknown", "error_code"): 3.0}
+    expected = totals(fresh)
+    expected["tts_exporter_label_overflow"] = [[["unknown", "error_code"], 3.0]]
+    assert totals(metrics) == expected             # resumed at the offsets: nothing twice

@@ -53,11 +53,17 @@ def test_exemplar_carries_the_request_id_in_openmetrics() -> None:
     assert '# {request_id="req-42"} 0.5' in line
 
 
-def test_label_cap_maps_new_values_to_other_past_the_cap() -> None:
-    cap = LabelCap(2)
-    assert [cap(v) for v in ["a", "b", "c", "a", "d"]] == ["a", "b", OVERFLOW_LABEL_VALUE,
-                                                            "a", OVERFLOW_LABEL_VALUE]
-    assert cap.overflowed == 2
+def test_label_cap_maps_new_values_to_other_past_the_cap_and_cuts_long_values() -> None:
+    overflowed: list[int] = []
+    cap = LabelCap(2, max_bytes=8, on_overflow=lambda: overflowed.append(1))
+    admitted = [cap.admit(v, v) for v in ["a", "b", "c", "a", "d", OVERFLOW_LABEL_VALUE]]
+    assert admitted == ["a", "b", OVERFLOW_LABEL_VALUE, "a", OVERFLOW_LABEL_VALUE,
+                        OVERFLOW_LABEL_VALUE]
+    assert len(overflowed) == 2
+    wide = LabelCap(5, max_bytes=8, on_overflow=lambda: None)
+    assert wide.admit("x", "/v1/" + "é" * 10) == "/v1/éé"      # 8 bytes, no half character
+    assert wide.admit("y", "/v1/" + "é" * 20) == "/v1/éé"      # same cut value, one slot
+    assert wide.values == {"/v1/éé"}
 
 
 def test_state_round_trips_through_json() -> None:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+from math import isfinite
 from typing import Any
 
-from hypothesis import given
+import pytest
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from exporter.config import Config, LogsConfig, MetricsConfig
 from exporter.logs.parsers import Record
 from exporter.logs.pipeline import LogPipeline
-from exporter.metrics import SidecarMetrics
+from exporter.metrics import CounterFamily, HistogramFamily, SidecarMetrics
+from exporter.server import build_registry
 
 
 def pipeline(cap: int = 50, **kwargs: Any) -> tuple[LogPipeline, SidecarMetrics]:
@@ -124,7 +128,7 @@ def test_label_cap_maps_new_values_to_other_and_counts_overflow() -> None:
         p.process("a", jline(event="synthesis_complete", status="failed", error_code=code,
                              duration_ms=1))
     assert m.syntheses.get(("failed", "other")) == 2
-    assert m.label_overflow.get(("error_code",)) == 2
+    assert m.label_overflow.get(("tts_syntheses_total", "error_code")) == 2
 
 
 def test_exemplars_carry_request_ids() -> None:
@@ -161,3 +165,159 @@ def test_text_lines_with_crlf_count_like_json_lines() -> None:
     assert m.stage_duration.count(("tts",)) == 2
     assert m.stage_duration.total(("tts",)) == 0.5
     assert outcomes(m) == {"parsed": 2}
+
+
+def log_derived(metrics: SidecarMetrics) -> dict[str, Any]:
+    """Every log-derived sample but the outcome counter: what one line may change."""
+    state = metrics.registry.dump_state(metrics.log_derived_names())
+    del state["tts_exporter_log_lines"]
+    return state
+
+
+@pytest.mark.parametrize("bad", [
+    {"event": "synthesis_complete", "status": "failed", "error_code": ["GPU_OOM"]},
+    {"event": "synthesis_complete", "status": {"ok": 1}, "duration_ms": 5},
+    {"event": "http_request", "method": "GET", "route": ["/v1/tts"], "status": 200,
+     "duration_ms": 3},
+    {"event": "http_request", "method": {"m": "GET"}, "route": "/x", "status": 200},
+    {"event": "http_request", "method": "GET", "route": "/x", "status": [500]},
+    {"event": "stage_time", "stage": ["llm"], "duration_ms": 10},
+    {"event": "something_new", "warning_code": {"nested": [1]}},
+])
+def test_a_list_or_object_label_value_makes_only_its_line_invalid(bad: dict[str, Any]) -> None:
+    """Issue 14 finding 1: an unhashable label value raised TypeError mid-batch, so the lines
+    before it lost their outcomes and the lines after it everything."""
+    good = [jline(event="synthesis_complete", request_id=f"r{i}", status="success",
+                  duration_ms=100, text_len=10, audio_duration_ms=500) for i in range(4)]
+    p, m = pipeline()
+    p.process("a", good[0] + good[1])
+    unchanged = log_derived(m)
+    p.process("a", jline(level="ERROR", **bad))
+    assert log_derived(m) == unchanged          # no partial update from the bad line
+    p.process("a", good[0] + good[1] + jline(level="ERROR", **bad) + good[2] + good[3])
+    assert outcomes(m) == {"parsed": 6, "invalid_field": 2}
+    assert m.syntheses.get(("success", "none")) == 6
+    assert m.synthesis_duration.count() == 6
+    assert m.log_records.values == {}            # the ERROR lines were not counted either
+    good_only, expected = pipeline()
+    good_only.process("a", b"".join(good[:2]) * 3)
+    assert log_derived(m) == log_derived(expected)
+
+
+def test_null_label_values_count_as_missing_ones() -> None:
+    p, m = pipeline()
+    p.process("a", jline(event="http_request", method=None, route=None, status=None)
+               + jline(event="synthesis_complete", level="ERROR", status=None, error_code=None))
+    assert outcomes(m) == {"parsed": 2}
+    assert m.http_requests.values == {("", "unknown", ""): 1.0}
+    assert m.syntheses.values == {("unknown", "unknown"): 1.0}
+    assert m.log_records.values == {("ERROR", "none"): 1.0}
+
+
+@pytest.mark.parametrize("field,event", [
+    ("duration_ms", "synthesis_complete"), ("audio_duration_ms", "synthesis_complete"),
+    ("text_len", "synthesis_complete"), ("queue_ms", "synthesis_complete"),
+    ("duration_ms", "stage_time"), ("duration_ms", "http_request"),
+    ("duration_ms", "first_audio"), ("rms", "audio_metrics"),
+    ("spectral_centroid", "audio_metrics"),
+])
+@pytest.mark.parametrize("value", [-1, -0.5, "-250", 1.7e308, 2**64 - 1, "1e309", True])
+def test_negative_huge_or_non_number_values_are_invalid_fields(
+        field: str, event: str, value: Any) -> None:
+    """Issue 14 finding 2: negative values decreased _total counters and _sums, 1.7e308
+    pushed them to +Inf for good."""
+    p, m = pipeline()
+    fields = {"event": event, "request_id": "r", "status": "success", "stage": "s",
+              "duration_ms": 100, "audio_duration_ms": 400, "text_len": 5, "rms": 0.1,
+              "spectral_centroid": 900, "route": "/x", "method": "GET"}
+    p.process("a", jline(**fields))
+    unchanged = log_derived(m)
+    line = jline(**{**fields, field: value})
+    p.process("a", line + line)
+    assert outcomes(m) == {"parsed": 1, "invalid_field": 2}
+    assert log_derived(m) == unchanged
+
+
+def test_queue_ms_feeds_the_queue_wait_histogram() -> None:
+    p, m = pipeline()
+    p.process("a", jline(event="synthesis_complete", request_id="r1", status="success",
+                         duration_ms=500, queue_ms=250)
+               + b"2024-06-12 14:22:38,415 - eng - INFO - synthesis_complete: id=r2, "
+                 b"status=success, duration_ms=90, queue_ms=1500 ms\n")
+    assert m.queue_wait.count() == 2
+    assert m.queue_wait.total() == 1.75
+    assert "tts_queue_wait_seconds" in m.log_derived_names()
+
+
+# --- hostile input: any JSON value in any field of any event ---------------------------------
+
+EVENTS = ["http_request", "synthesis_complete", "synthesis_start", "stage_time", "first_audio",
+          "audio_metrics", "service_start", "cache_health", "cache_dir_usage", "infer_done",
+          "something_new"]
+FIELDS = ["request_id", "id", "level", "status", "result", "duration_ms", "latency_ms",
+          "error_code", "code", "warning_code", "cache_hit", "cache_saved", "model_stage",
+          "audio_size_kb", "audio_duration_ms", "text_len", "chars", "stage", "rms",
+          "spectral_centroid", "method", "route", "endpoint", "queue_ms", "pid", "version",
+          "time", "voice", "lang"]
+
+
+def nested(depth: int) -> Any:
+    value: Any = "leaf"
+    for level in range(depth):
+        value = {"k": value} if level % 2 else [value]
+    return value
+
+
+scalars = (st.none() | st.booleans() | st.integers(min_value=-(10**30), max_value=10**30)
+           | st.sampled_from([2**64 - 1, 10**400, -0.0, 1e308, 1.7e308, 5e-324])
+           | st.floats()                         # nan and inf included
+           | st.text(max_size=20)                # lone surrogates included
+           | st.sampled_from(["success", "200", "-5", "1e309", "nan", "86 chars", '"q"']))
+json_values = (st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                            | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                            max_leaves=8)
+               | st.integers(1, 1500).map(nested)
+               | st.integers(0, 70_000).map(lambda n: "r" * n))
+records = st.fixed_dictionaries({"event": st.sampled_from(EVENTS) | json_values},
+                                optional=dict.fromkeys(FIELDS, json_values))
+
+
+def as_line(record: dict[str, Any], text_format: bool) -> bytes:
+    if not text_format:
+        return json.dumps(record).encode("utf-8", "surrogatepass")
+    pairs = ", ".join(f"{key}={value}" for key, value in record.items() if key != "event")
+    return (f"2026-11-22 10:00:00,000 - eng - {record.get('level', 'ERROR')} - "
+            f"{record['event']}: {pairs}").replace("\n", " ").encode("utf-8", "surrogatepass")
+
+
+def numbers(metrics: SidecarMetrics) -> dict[tuple[Any, ...], float]:
+    """Every counter value, histogram bucket count and sum, by family, labels (and slot)."""
+    values: dict[tuple[Any, ...], float] = {}
+    for family in metrics.registry.families():
+        if isinstance(family, CounterFamily):
+            values.update(((family.name, k), v) for k, v in family.values.items())
+        elif isinstance(family, HistogramFamily):
+            for k, series in family.series.items():
+                values[(family.name, k, "sum")] = series.sum
+                values.update(((family.name, k, i), c) for i, c in enumerate(series.counts))
+    return values
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(records, st.booleans()), min_size=1, max_size=12),
+       st.integers(1, 3))
+def test_any_value_in_any_field_costs_one_outcome_and_never_a_decrease(
+        lines: list[tuple[dict[str, Any], bool]], batches: int) -> None:
+    p, m = pipeline(cap=3)
+    data = [as_line(record, text_format) + b"\n" for record, text_format in lines]
+    before = numbers(m)
+    for batch in range(batches):
+        p.process("a", b"".join(data[batch::batches]))
+        after = numbers(m)
+        assert all(after[key] >= value for key, value in before.items())
+        assert all(isfinite(value) for value in after.values())
+        before = after
+    counted = outcomes(m)
+    assert sum(counted.values()) == len(lines)
+    assert "error" not in counted            # every failure was an expected, counted one
+    assert generate_latest(build_registry(m))    # the exposition renders
