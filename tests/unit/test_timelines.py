@@ -6,12 +6,13 @@ import gzip
 import json
 from pathlib import Path
 
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from exporter.config import Config
 from exporter.logs.parsers import MalformedLine, RecordParser
 from exporter.logs.timelines import TimelineComponent, TimelineStore
+from exporter.metrics import SidecarMetrics
+from exporter.server import build_app
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "analyze"
 PARSER = RecordParser()
@@ -108,9 +109,7 @@ def test_http_status_sets_status_without_synthesis() -> None:
 
 
 async def _client(component: TimelineComponent) -> TestClient:
-    app = web.Application()
-    app.add_routes(component.routes)
-    client = TestClient(TestServer(app))
+    client = TestClient(TestServer(build_app(SidecarMetrics(), component.routes)))
     await client.start_server()
     return client
 
