@@ -84,7 +84,8 @@ async def json_body(request: web.Request) -> Any:
     except asyncio.TimeoutError:
         raise _json_error(web.HTTPRequestTimeout, "request body not received in time") from None
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through.
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except RecursionError:
         raise _json_error(web.HTTPBadRequest, "body is nested too deeply") from None
     except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
@@ -120,7 +121,10 @@ def build_app(
         return web.Response(text=LANDING_PAGE, content_type="text/html")
 
     async def metrics_handler(request: web.Request) -> web.Response:
-        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        try:
+            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        except (TypeError, ValueError):  # a malformed version=; the classic format then
+            encoder, content_type = choose_encoder("")
         body = await off_loop.shared(content_type, lambda: encoder(registry))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
