@@ -8,8 +8,11 @@ reachable, and quiet handling of a full file-descriptor table.
   connection that has no request in progress (a slow or half-sent client, an idle keep-alive),
   so a probe that sends its request at once (``GET /ingress``) is still served while an
   attacker holds the cap. Only when every connection is busy is the new one refused.
-- ``accept()`` failing for lack of file descriptors (EMFILE) is logged once per episode and
-  counted, instead of asyncio's error line per retry.
+- ``accept()`` failing for lack of file descriptors (EMFILE) is counted every time and logged
+  at most once a minute, instead of asyncio's error line per retry. The bound is lowered at
+  start-up to what RLIMIT_NOFILE leaves (:func:`fd_headroom`), and the listener accepts at most
+  ``ACCEPT_BACKLOG`` connections per loop turn, so the reserve absorbs a burst before evicted
+  connections release their descriptors.
 
 Each closed or refused connection counts in ``tts_exporter_http_connections_closed_total
 {reason}`` (``header_timeout``, ``evicted``, ``refused``, ``accept_failed``).
@@ -31,9 +34,12 @@ from exporter.metrics import SidecarMetrics
 
 log = logging.getLogger("exporter.server")
 
-FD_RESERVE = 64
-"""File descriptors kept for everything but client connections (log files, the checkpoint and
-gate file writes, watchdog, the probe's client)."""
+ACCEPT_BACKLOG = 64
+"""The listen backlog; asyncio also accepts at most this many connections per loop turn."""
+FD_RESERVE = 2 * ACCEPT_BACKLOG
+"""File descriptors kept for everything but client connections: one accept burst, log files,
+the checkpoint and gate file writes, watchdog, the probe's client."""
+ACCEPT_LOG_INTERVAL_S = 60.0
 
 
 def fd_headroom(reserve: int = FD_RESERVE) -> int:
@@ -68,7 +74,8 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.read_header_timeout_s = read_header_timeout_s
         self._conns: dict[RequestHandler, _Conn] = {}  # insertion order: oldest first
-        self._accept_failing = False
+        self._accept_failures = 0       # since the last log line
+        self._accept_logged_at: float | None = None
 
     def __len__(self) -> int:
         return len(self._conns)
@@ -120,7 +127,6 @@ class ConnectionGuard:
     # --- internals ------------------------------------------------------------------------
 
     def _opened(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        self._accept_failing = False
         conn = _Conn(transport)
         self._arm(handler, conn)
         self._conns[handler] = conn
@@ -163,13 +169,18 @@ class ConnectionGuard:
 
     def _accept_failed(self, context: dict[str, Any]) -> bool:
         """True for asyncio's report of an ``accept()`` out of resources (it retries by
-        itself a second later): counted every time, logged once until an accept succeeds."""
+        itself a second later): counted every time, logged at most once a minute."""
         if not str(context.get("message", "")).startswith("socket.accept() out of system"):
             return False
         self._count("accept_failed")
-        if not self._accept_failing:
-            self._accept_failing = True
-            log.error("cannot accept connections: %s (%d open; logged once until an accept "
-                      "succeeds, counted in tts_exporter_http_connections_closed_total"
-                      "{reason=\"accept_failed\"})", context.get("exception"), len(self._conns))
+        self._accept_failures += 1
+        now = asyncio.get_running_loop().time()
+        if self._accept_logged_at is None or \
+                now - self._accept_logged_at >= ACCEPT_LOG_INTERVAL_S:
+            log.error("cannot accept connections: %s (%d open, %d failed accept(s); logged at "
+                      "most once a minute, each counted in tts_exporter_http_connections_"
+                      "closed_total{reason=\"accept_failed\"})", context.get("exception"),
+                      len(self._conns), self._accept_failures)
+            self._accept_logged_at = now
+            self._accept_failures = 0
         return True

@@ -16,7 +16,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from exporter.config import Config
-from exporter.connections import ConnectionGuard, fd_headroom
+from exporter.connections import ACCEPT_BACKLOG, ConnectionGuard, fd_headroom
 from exporter.gate import Gate, GateComponent
 from exporter.logs.component import LogTailComponent
 from exporter.logs.timelines import TimelineComponent
@@ -121,7 +121,7 @@ class Sidecar:
         assert self._runner.server is not None
         self.guard.attach(self._runner.server, asyncio.get_running_loop())
         site = web.TCPSite(self._runner, server.host, server.port,
-                           ssl_context=self.web_config.ssl_context)
+                           ssl_context=self.web_config.ssl_context, backlog=ACCEPT_BACKLOG)
         await site.start()
         log.info("tts-exporter %s listening on %s://%s", VERSION,
                  "https" if self.web_config.ssl_context else "http", server.listen)
