@@ -39,8 +39,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from exporter.webconfig import load_web_config
+
     try:
-        load_config(args.file)
+        config = load_config(args.file)
+        if config.server.web_config_file:
+            load_web_config(config.server.web_config_file)
     except ConfigError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1
