@@ -19,6 +19,7 @@ from exporter.sidecar import build_components
 from exporter.webconfig import BasicAuth, load_web_config
 from tests.conftest import TlsFiles
 
+REPO = Path(__file__).resolve().parents[2]
 HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
 
 
@@ -104,3 +105,12 @@ def test_timelines_disabled_serves_no_requests_routes() -> None:
     components = build_components(config, SidecarMetrics())
     assert not any(isinstance(c, TimelineComponent) for c in components)
     assert not [r for c in components for r in c.routes if r.path.startswith("/requests")]
+
+
+def test_the_shipped_example_loads_with_real_certificates(tmp_path: Path,
+                                                          tls_files: TlsFiles) -> None:
+    example = yaml.safe_load((REPO / "config" / "exporter-web.yml").read_text())
+    example["tls_server_config"].update(cert_file=str(tls_files.server_cert),
+                                        key_file=str(tls_files.server_key))
+    web = load_web_config(write(tmp_path, example))
+    assert web.ssl_context is not None and list(web.users) == ["prometheus"]
