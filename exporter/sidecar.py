@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from typing import Protocol
 
 from aiohttp import web
@@ -30,6 +31,7 @@ from exporter.webconfig import BasicAuth, WebConfig
 log = logging.getLogger("exporter")
 
 VERSION = "0.1.0"
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class Component(Protocol):
@@ -106,6 +108,9 @@ class Sidecar:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
+        # CPU-bound threads (tailer, renders) hand the GIL back this often, so the event loop
+        # that answers the gate waits at most this long for it (Python's default is 5 ms).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         for component in self.components:
             await component.start()
         server = self.config.server
