@@ -10,17 +10,19 @@ import aiohttp
 
 async def raw_request(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
     """Send ``request`` bytes as they are (no client-side validation of headers or body) to
-    127.0.0.1:``port``; the answer's status and body. The request should ask to close."""
+    127.0.0.1:``port``; the answer's status and body (by its Content-Length, else to EOF)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), timeout)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), None)
+        body = await asyncio.wait_for(
+            reader.read() if length is None else reader.readexactly(length), timeout)
     finally:
         writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0]
-    return int(status_line.split()[1]), body
+    return int(head.split(b" ", 2)[1]), body
 
 
 def http_request(method: str, path: str, headers: dict[str, bytes] | None = None,

@@ -139,3 +139,23 @@ async def test_requests_limit_is_validated_and_capped(
     assert got == status, body
     if applied is not None:
         assert json.loads(body)["limit"] == applied
+
+
+async def test_a_body_slower_than_the_read_timeout_gets_408(tmp_path: Path) -> None:
+    metrics = SidecarMetrics()
+    gate_config = GateConfig(gate_file=str(tmp_path / "ingress.json"))
+    gate = GateComponent(Gate.from_config(gate_config, stale_after_s=2.0), gate_config,
+                         AuthConfig(bearer_token=TOKEN.decode()), metrics)
+    await gate.start()
+    server = TestServer(build_app(metrics, gate.routes,
+                                  config=ServerConfig(read_body_timeout_s=0.5)))
+    await server.start_server()
+    try:
+        assert server.port is not None
+        head = http_request("POST", "/ingress", BEARER).replace(b"Content-Length: 0",
+                                                                  b"Content-Length: 100")
+        status, _ = await raw_request(server.port, head + b'{"action": ')
+        assert status == 408
+        assert gate.gate.state.open
+    finally:
+        await server.close()
