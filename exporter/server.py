@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -42,14 +43,34 @@ timelines</li>
 
 class OffLoop:
     """One worker thread for request work that grows with input (renders, scans), and
-    single-flight sharing: callers asking for the same key while a job runs get its result."""
+    single-flight sharing: callers asking for the same key while a job runs get its result.
 
-    def __init__(self) -> None:
+    The worker rests as long as its last job ran before it starts the next, so however many
+    clients queue work it holds the interpreter at most half the time and the event loop that
+    answers the gate keeps getting it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http-work")
         self._running: dict[object, asyncio.Future[Any]] = {}
+        self._clock, self._sleep = clock, sleep
+        self._rest_until = 0.0
 
     async def run(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._paced,
+                                                                fn)
+
+    def _paced(self, fn: Callable[[], T]) -> T:
+        rest = self._rest_until - self._clock()
+        if rest > 0:
+            self._sleep(rest)
+        started = self._clock()
+        try:
+            return fn()
+        finally:
+            now = self._clock()
+            self._rest_until = now + (now - started)
 
     async def shared(self, key: object, fn: Callable[[], T]) -> T:
         """``fn()`` on the worker, or the result of the same key's job already running (it

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.util
 import itertools
 import json
 import multiprocessing
@@ -35,13 +34,13 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from tests.bench.bench_gate import stack  # noqa: E402
 from tests.bench.make_logs import write_log  # noqa: E402
 
 HOSTILE_REQUESTS = [
@@ -54,19 +53,6 @@ HOSTILE_REQUESTS = [
     "/requests/" + "r" * 8000,
     "/requests/unknown-request-id",
 ]
-
-
-def load_local_stack() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tts_local_stack",
-                                                  REPO / "config" / "local_stack.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-stack = load_local_stack()
 
 
 def write_abusive_log(path: Path, lines: int, fanout: int, long_lines: int) -> int:

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,28 @@ async def test_concurrent_callers_share_one_off_loop_job() -> None:
         assert await off_loop.shared("k", job) == 2    # finished jobs are not reused
     finally:
         off_loop.close()
+
+
+async def test_the_worker_rests_as_long_as_its_last_job_ran() -> None:
+    now = [100.0]
+    rests: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        rests.append(seconds)
+        now[0] += seconds
+
+    def job(seconds: float) -> Callable[[], float]:
+        def run() -> float:
+            now[0] += seconds
+            return seconds
+        return run
+
+    off_loop = OffLoop(clock=lambda: now[0], sleep=sleep)
+    try:
+        assert await off_loop.run(job(0.3)) == 0.3
+        assert await off_loop.run(job(0.1)) == 0.1
+        now[0] += 1.0      # idle longer than the last job: no rest
+        assert await off_loop.run(job(0.2)) == 0.2
+    finally:
+        off_loop.close()
+    assert rests == [pytest.approx(0.3)]
