@@ -213,15 +213,15 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class TimelinesConfig:
     """What the live sidecar keeps for ``/requests``: the newest record lines that carry a
-    request id, bounded in lines and in bytes (a line longer than ``max_line_bytes`` is kept
-    shortened), how many records one timeline shows, the most requests one list returns, and
-    which fields a timeline shows (empty: all)."""
+    request id, bounded in lines and in bytes (a line longer than ``max_line_chars`` characters
+    is kept shortened), how many records one timeline shows, the most requests one list
+    returns, and which fields a timeline shows (empty: all)."""
 
     enabled: bool = True
     max_lines: int = field(default=10_000, metadata=_check(_positive))
     max_bytes: int = field(default=4 << 20, metadata=_check(_positive))
-    max_line_bytes: int = field(default=2048, metadata=_check(lambda v: None if v >= 256
-                                                               else "expected >= 256"))
+    max_line_chars: int = field(default=2048, metadata=_check(lambda v: None if v >= 256
+                                                              else "expected >= 256"))
     max_records_per_request: int = field(default=64, metadata=_check(_positive))
     max_list_limit: int = field(default=1000, metadata=_check(_positive))
     fields: list[str] = field(default_factory=list)

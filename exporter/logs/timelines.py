@@ -122,7 +122,7 @@ class TimelineStore:
     The tailer's thread only extends the ring (once per chunk); the pipeline pays one small
     tuple per kept line, and reading one request scans the ring (milliseconds for 10,000 lines)
     and parses its few lines again. Memory is bounded by ``max_lines`` and by ``max_bytes``
-    (the oldest lines go first); a line over ``max_line_bytes`` characters is kept shortened
+    (the oldest lines go first); a line over ``max_line_chars`` characters is kept shortened
     (:func:`shorten_line`) and an id over 128 characters cut. A timeline shows at most its
     newest ``max_records_per_request`` records, counting the rest as dropped, and only the
     ``fields`` of an allow-list when one is given.
@@ -130,11 +130,11 @@ class TimelineStore:
 
     def __init__(self, max_lines: int = 10_000, max_records_per_request: int = 64,
                  parser: RecordParser | None = None, max_bytes: int = 4 << 20,
-                 max_line_bytes: int = 2048, fields: Iterable[str] = ()) -> None:
+                 max_line_chars: int = 2048, fields: Iterable[str] = ()) -> None:
         self.max_lines = max_lines
         self.max_records = max_records_per_request
         self.max_bytes = max_bytes
-        self.max_line_bytes = max_line_bytes
+        self.max_line_chars = max_line_chars
         self.fields = frozenset(fields)
         # Its own parser: the pipeline's caches timestamp state on the tailer's thread.
         self._parser = parser or RecordParser()
@@ -145,7 +145,7 @@ class TimelineStore:
     @classmethod
     def from_config(cls, t: TimelinesConfig, parser: RecordParser) -> TimelineStore:
         return cls(t.max_lines, t.max_records_per_request, parser, t.max_bytes,
-                   t.max_line_bytes, t.fields)
+                   t.max_line_chars, t.fields)
 
     def __len__(self) -> int:
         return len(self._ring)
@@ -157,7 +157,7 @@ class TimelineStore:
 
     def add(self, source: str, batch: list[KeptLine]) -> None:
         """The pipeline's ``on_records`` hook: record lines with a request id, in log order."""
-        limit = self.max_line_bytes
+        limit = self.max_line_chars
         entries = []
         for kept in batch:
             rid, event, line, status = kept

@@ -173,7 +173,7 @@ def _voice_line(rid: str, t: float, voice: str) -> tuple[object, str, str, objec
 def test_long_lines_are_kept_shortened_within_the_byte_bound() -> None:
     """60 KB voice names: what the store holds stays within max_bytes, measured."""
     max_bytes = 1 << 20
-    store = TimelineStore(max_bytes=max_bytes, max_line_bytes=1024)
+    store = TimelineStore(max_bytes=max_bytes, max_line_chars=1024)
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
