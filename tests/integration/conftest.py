@@ -17,6 +17,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import REPO, load_local_stack
+from tests.unit.conftest import tls_files  # noqa: F401  (the fixture, for these tests too)
 
 stack = load_local_stack()
 

@@ -15,8 +15,8 @@ import bcrypt
 import pytest
 import yaml
 
-from tests.conftest import TlsFiles
 from tests.integration.conftest import Sidecar
+from tests.unit.conftest import TlsFiles
 
 pytestmark = pytest.mark.slow
 

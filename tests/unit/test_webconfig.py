@@ -17,7 +17,7 @@ from exporter.logs.timelines import TimelineComponent
 from exporter.metrics import SidecarMetrics
 from exporter.sidecar import build_components
 from exporter.webconfig import BasicAuth, load_web_config
-from tests.conftest import TlsFiles
+from tests.unit.conftest import TlsFiles
 
 REPO = Path(__file__).resolve().parents[2]
 HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
