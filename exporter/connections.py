@@ -81,7 +81,12 @@ class ConnectionGuard:
         return len(self._conns)
 
     def attach(self, server: web.Server, loop: asyncio.AbstractEventLoop) -> None:
-        """Track ``server``'s connections, and take over ``loop``'s report of failed accepts."""
+        """Track ``server``'s connections, and take over ``loop``'s report of failed accepts.
+
+        aiohttp has no public hook for new connections; its request handlers report each one
+        to these two methods of their ``web.Server``, so wrapping them on the instance sees
+        every connection before its first byte is parsed.
+        """
         made, lost = server.connection_made, server.connection_lost
 
         def connection_made(handler: RequestHandler, transport: asyncio.Transport) -> None:

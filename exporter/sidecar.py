@@ -85,7 +85,7 @@ def _system_components(config: Config, metrics: SidecarMetrics) -> list[Componen
 
 class Sidecar:
     """The running sidecar: metrics, components and the HTTP server (TLS and basic auth as
-    ``web`` says, connections bounded by :class:`ConnectionGuard`)."""
+    ``web_config`` says, connections bounded by :class:`ConnectionGuard`)."""
 
     def __init__(self, config: Config, web_config: WebConfig | None = None) -> None:
         self.config = config
