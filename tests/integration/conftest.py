@@ -30,6 +30,7 @@ class Sidecar:
     def __init__(self, workdir: Path, settings: dict[str, Any], nofile: int | None = None,
                  args: tuple[str, ...] = (), ssl_context: ssl.SSLContext | None = None) -> None:
         self.port = stack.free_port()
+        self.workdir = workdir
         self.log = workdir / "exporter.out"
         self.ssl_context = ssl_context
         (workdir / "logs").mkdir(exist_ok=True)
@@ -77,6 +78,11 @@ class Sidecar:
         return {tuple(sorted(s.labels.items())): s.value
                 for family in text_string_to_metric_families(body.decode())
                 for s in family.samples if s.name == name}
+
+    def rss_mib(self) -> float:
+        status = Path(f"/proc/{self.popen.pid}/status").read_text()
+        return int(next(line for line in status.splitlines()
+                        if line.startswith("VmRSS:")).split()[1]) / 1024
 
     def stop(self) -> None:
         self.popen.terminate()

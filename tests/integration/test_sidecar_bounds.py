@@ -4,13 +4,14 @@ not flood the log."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import Sidecar
+from tests.integration.conftest import Sidecar, stack
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +71,24 @@ def test_a_low_open_file_limit_neither_floods_the_log_nor_stops_the_gate(
     log = sidecar.log.read_text(errors="replace")
     assert "server.max_connections 1000 lowered to" in log
     assert log.count("Too many open files") + log.count("out of system resource") <= 1, log
+
+
+def test_long_voice_names_do_not_grow_the_sidecar(start_sidecar: Callable[..., Sidecar]) -> None:
+    """1,500 lines with 60 KB voice names (90 MB): the request timelines keep them shortened
+    within their byte bound, so the sidecar's memory barely moves."""
+    sidecar = start_sidecar({})
+    before = sidecar.rss_mib()
+    with (sidecar.workdir / "logs" / "app.log").open("w") as log:
+        for i in range(1500):
+            log.write(json.dumps({"time": i, "level": "INFO", "event": "synthesis_start",
+                                  "request_id": f"r{i}", "voice": "v" * 60_000,
+                                  "text_len": 5}) + "\n")
+
+    def counted() -> bool:
+        return sum(sidecar.samples("tts_exporter_log_lines_total").values()) >= 1500
+
+    stack.wait_until(counted, timeout=120, interval=0.5, what="every line counted")
+    assert sidecar.rss_mib() - before < 40, (before, sidecar.rss_mib())
+    status, body = sidecar.request("/requests/r1499")
+    voice = json.loads(body)["records"][0]["fields"]["voice"]
+    assert status == 200 and voice.endswith("…") and len(voice) < 1000
