@@ -103,10 +103,12 @@ HOSTILE_HEADERS = [
     {"Accept": b"application/openmetrics-text; version=\xff; q=NaN"},
     {"X-Forwarded-For": b"\xc3\x28, ::1, 999.1.1.1"},
     {"Content-Type": b"application/json; charset=\xff"},
+    {"X-Huge": b"x" * 20_000},                         # past aiohttp's header field bound
+    {f"X-Many-{i}": b"1" for i in range(200)},         # past its header count bound
 ]
 ROUTES = [("GET", "/"), ("GET", "/metrics"), ("GET", "/healthz"), ("GET", "/ingress"),
-          ("GET", "/requests"), ("GET", "/requests/%FF%FE"), ("POST", "/ingress"),
-          ("POST", "/alertmanager")]
+          ("GET", "/requests"), ("GET", "/requests/%FF%FE"), ("GET", "/requests/" + "r" * 20_000),
+          ("POST", "/ingress"), ("POST", "/alertmanager")]
 
 
 @pytest.mark.parametrize("method, path", ROUTES)
