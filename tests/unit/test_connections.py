@@ -43,6 +43,7 @@ async def ok(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
+@pytest.mark.slow
 async def test_accept_out_of_file_descriptors_is_counted_and_logged_once(
         caplog: pytest.LogCaptureFixture) -> None:
     metrics = SidecarMetrics()
