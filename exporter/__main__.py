@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 
@@ -19,21 +20,31 @@ from exporter.config import ConfigError, load_config
 
 def _run(args: argparse.Namespace) -> int:
     from exporter.sidecar import Sidecar
+    from exporter.webconfig import WebConfig, load_web_config
 
     try:
         config = load_config(args.config)
+        if args.web_config_file is not None:
+            config = dataclasses.replace(config, server=dataclasses.replace(
+                config.server, web_config_file=args.web_config_file))
+        path = config.server.web_config_file
+        web_config = load_web_config(path) if path else WebConfig()
     except ConfigError as exc:
         print(f"tts-exporter: invalid config: {exc}", file=sys.stderr)
         return 1
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: "
                                                     "%(message)s")
-    asyncio.run(Sidecar(config).run_until_signalled())
+    asyncio.run(Sidecar(config, web_config).run_until_signalled())
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from exporter.webconfig import load_web_config
+
     try:
-        load_config(args.file)
+        config = load_config(args.file)
+        if config.server.web_config_file:
+            load_web_config(config.server.web_config_file)
     except ConfigError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1
@@ -46,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config/exporter.yaml", help="YAML config file")
     parser.add_argument("--log-level", default="INFO", help="the sidecar's own log level")
+    parser.add_argument("--web.config.file", dest="web_config_file", default=None,
+                        help="exporter-toolkit web config (TLS, basic auth); overrides "
+                             "server.web_config_file")
     parser.set_defaults(func=_run)
     sub = parser.add_subparsers(dest="command")
     check = sub.add_parser("check-config", help="validate a config file and exit 0/1")

@@ -54,9 +54,21 @@ def _check(check: typing.Callable[[Any], str | None]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Where the sidecar's HTTP server listens."""
+    """Where the sidecar's HTTP server listens, and how it protects itself.
+
+    ``web_config_file``: an exporter-toolkit web config (TLS, basic auth), applied to every
+    GET route except ``unauthenticated_paths``. A request must send its head within
+    ``read_header_timeout_s`` of connecting (or of its previous response) and its body within
+    ``read_body_timeout_s``; at most ``max_connections`` connections are open at once.
+    """
 
     listen: str = field(default="127.0.0.1:9109", metadata=_check(_host_port))
+    web_config_file: str = ""
+    unauthenticated_paths: list[str] = field(default_factory=lambda: ["/ingress", "/healthz"])
+    max_body_bytes: int = field(default=65536, metadata=_check(_positive))
+    read_header_timeout_s: float = field(default=5.0, metadata=_check(_positive))
+    read_body_timeout_s: float = field(default=10.0, metadata=_check(_positive))
+    max_connections: int = field(default=256, metadata=_check(_positive))
 
     @property
     def host(self) -> str:
@@ -226,10 +238,18 @@ class ProbeConfig:
 @dataclass(frozen=True)
 class TimelinesConfig:
     """What the live sidecar keeps for ``/requests``: the newest record lines that carry a
-    request id (~250 bytes each), and how many records one timeline shows."""
+    request id, bounded in lines and in bytes (a line longer than ``max_line_chars`` characters
+    is kept shortened), how many records one timeline shows, the most requests one list
+    returns, and which fields a timeline shows (empty: all)."""
 
+    enabled: bool = True
     max_lines: int = field(default=10_000, metadata=_check(_positive))
+    max_bytes: int = field(default=4 << 20, metadata=_check(_positive))
+    max_line_chars: int = field(default=2048, metadata=_check(lambda v: None if v >= 256
+                                                              else "expected >= 256"))
     max_records_per_request: int = field(default=64, metadata=_check(_positive))
+    max_list_limit: int = field(default=1000, metadata=_check(_positive))
+    fields: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

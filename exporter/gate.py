@@ -42,6 +42,7 @@ from aiohttp import web
 
 from exporter.config import AuthConfig, GateConfig
 from exporter.metrics import SidecarMetrics
+from exporter.server import json_body
 
 log = logging.getLogger("exporter.gate")
 
@@ -315,7 +316,7 @@ class GateComponent:
         refused = self._refuse_unauthorised(request)
         if refused is not None:
             return refused
-        body = await _json_body(request)
+        body = await json_body(request)
         action = body.get("action") if isinstance(body, dict) else None
         reason = body.get("reason", "") if isinstance(body, dict) else None
         if action not in ("close", "open") or not isinstance(reason, str) or (
@@ -332,7 +333,7 @@ class GateComponent:
         if refused is not None:
             return refused
         try:
-            updates = parse_webhook(await _json_body(request))
+            updates = parse_webhook(await json_body(request))
         except WebhookError as exc:
             return _error(400, f"malformed Alertmanager payload: {exc}")
         self.gate.apply_alerts(updates)
@@ -348,19 +349,13 @@ class GateComponent:
             return _error(403, "no bearer token configured (auth.bearer_token or "
                                "auth.bearer_token_file); this route is disabled")
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                  token.encode()):
+        # Bytes on both sides: compare_digest refuses non-ASCII str, and a header may carry any
+        # byte (aiohttp hands undecodable ones over as surrogates).
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogatepass"), token.encode()):
             return _error(401, "missing or wrong bearer token",
                           {"WWW-Authenticate": 'Bearer realm="tts-exporter"'})
         return None
-
-
-async def _json_body(request: web.Request) -> Any:
-    try:
-        return json.loads(await request.read())
-    except ValueError as exc:
-        raise web.HTTPBadRequest(text=json.dumps({"error": f"body is not JSON: {exc}"}),
-                                 content_type="application/json") from None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

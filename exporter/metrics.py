@@ -604,6 +604,10 @@ class SidecarMetrics:
         self.collector_errors = m.counter("tts_exporter_collector_errors_total",
                                           "Failures of a collector (gpu, disk, probe, tail).",
                                           ["collector"])
+        self.http_connections_closed = m.counter(
+            "tts_exporter_http_connections_closed_total",
+            "Connections to the sidecar's HTTP server closed or refused by its bounds, by "
+            "reason (header_timeout, evicted, refused, accept_failed).", ["reason"])
         self.build_info = m.gauge("tts_exporter_build_info", "Sidecar version; always 1.",
                                   ["version"])
         self.build_info.set((version,), 1.0)

@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 from typing import Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from exporter.config import Config
+from exporter.connections import ACCEPT_BACKLOG, ConnectionGuard, fd_headroom
 from exporter.gate import Gate, GateComponent
 from exporter.logs.component import LogTailComponent
 from exporter.logs.timelines import TimelineComponent
@@ -23,10 +26,12 @@ from exporter.server import build_app
 from exporter.system.disk import DiskWatcher
 from exporter.system.gpu import DeviceWatch, GpuCollector, make_source
 from exporter.system.probe import AppProbe
+from exporter.webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger("exporter")
 
 VERSION = "0.1.0"
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class Component(Protocol):
@@ -53,6 +58,8 @@ def _log_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
     before shutdown."""
     if not config.logs.paths:
         return []
+    if not config.timelines.enabled:
+        return [LogTailComponent.from_config(config, metrics)]
     timelines = TimelineComponent.from_config(config)
     return [LogTailComponent.from_config(config, metrics, on_records=timelines.store.add),
             timelines]
@@ -80,10 +87,12 @@ def _system_components(config: Config, metrics: SidecarMetrics) -> list[Componen
 
 
 class Sidecar:
-    """The running sidecar: metrics, components and the HTTP server."""
+    """The running sidecar: metrics, components and the HTTP server (TLS and basic auth as
+    ``web_config`` says, connections bounded by :class:`ConnectionGuard`)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, web_config: WebConfig | None = None) -> None:
         self.config = config
+        self.web_config = web_config or WebConfig()
         self.metrics = SidecarMetrics(
             duration_buckets_s=config.metrics.duration_buckets_s,
             text_length_buckets=config.metrics.text_length_buckets,
@@ -91,17 +100,39 @@ class Sidecar:
         )
         self.components = build_components(config, self.metrics)
         routes = [route for component in self.components for route in component.routes]
-        self.app = build_app(self.metrics, routes)
+        server = config.server
+        self.guard = ConnectionGuard(self.metrics, server.max_connections,
+                                     server.read_header_timeout_s)
+        middlewares: list[Middleware] = [self.guard.middleware]
+        if self.web_config.users:
+            auth = BasicAuth(self.web_config.users)
+            middlewares.append(auth.middleware(server.unauthenticated_paths))
+        self.app = build_app(self.metrics, routes, config=server, middlewares=middlewares)
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
+        # CPU-bound threads (tailer, renders) hand the GIL back this often, so the event loop
+        # that answers the gate waits at most this long for it (Python's default is 5 ms).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         for component in self.components:
             await component.start()
-        self._runner = web.AppRunner(self.app, access_log=None)
+        server = self.config.server
+        headroom = fd_headroom()
+        if headroom < self.guard.max_connections:
+            log.warning("server.max_connections %d lowered to %d to fit the open-file limit "
+                        "(RLIMIT_NOFILE)", self.guard.max_connections, headroom)
+            self.guard.max_connections = headroom
+        # aiohttp's keep-alive timer also closes a connection idle before its first request.
+        self._runner = web.AppRunner(self.app, access_log=None,
+                                     keepalive_timeout=server.read_header_timeout_s)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
+        assert self._runner.server is not None
+        self.guard.attach(self._runner.server, asyncio.get_running_loop())
+        site = web.TCPSite(self._runner, server.host, server.port,
+                           ssl_context=self.web_config.ssl_context, backlog=ACCEPT_BACKLOG)
         await site.start()
-        log.info("tts-exporter %s listening on http://%s", VERSION, self.config.server.listen)
+        log.info("tts-exporter %s listening on %s://%s", VERSION,
+                 "https" if self.web_config.ssl_context else "http", server.listen)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -2,12 +2,14 @@
 
 The pipeline hands :meth:`TimelineStore.add` the record lines of each chunk that carry a
 request id (its ``on_records`` hook), so an exemplar's request id on a duration histogram
-resolves to what that request did. Memory is bounded by the number of lines kept.
-The same :func:`timeline_dict` renders ``tts-exporter analyze --id``.
+resolves to what that request did. Memory is bounded in lines and in bytes; lines longer than
+a bound are kept shortened. The same :func:`timeline_dict` renders ``tts-exporter analyze --id``.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterable
@@ -15,9 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
-from exporter.config import Config
+from exporter.config import Config, TimelinesConfig
 from exporter.logs.parsers import Record, RecordParser, convert_value
 from exporter.logs.pipeline import KeptLine
+from exporter.server import OFF_LOOP
 
 _ENVELOPE = frozenset({"time", "level", "logger", "event", "request_id", "id", "traceback"})
 
@@ -65,38 +68,113 @@ def timeline_dict(request_id: str, records: list[Record], dropped: int = 0) -> d
             "stages": stages, "errors": errors, "records": entries, "dropped_records": dropped}
 
 
+_ENTRY_BYTES = 120
+"""What one kept line costs besides its strings: the tuple, the ring slot, small values."""
+_VALUE_CHARS = 200
+"""A string value of a shortened JSON line keeps this many characters."""
+_ID_CHARS = 128
+"""Request ids are kept (and matched) up to this many characters."""
+
+
+def _cost(line: str, rid: object) -> int:
+    """Bytes one kept line holds in memory (its text and id objects, plus the entry)."""
+    return sys.getsizeof(line) + (sys.getsizeof(rid) if type(rid) is str else 0) + _ENTRY_BYTES
+
+
+def shorten_line(line: str, max_chars: int) -> str:
+    """A line of at most ``max_chars`` characters that still parses as the same kind of record.
+
+    A JSON line keeps its keys with long string values cut (``…`` marks the cut) and other long
+    values replaced by a cut of their JSON text; fields past the bound are left out. A text
+    line is cut at the bound (its key=value parser reads what is left).
+    """
+    if len(line) <= max_chars:
+        return line
+    if line[0] != "{":
+        return line[:max_chars]
+    try:
+        fields = json.loads(line)
+    except (ValueError, RecursionError):
+        return line[:max_chars]
+    if type(fields) is not dict:
+        return line[:max_chars]
+    kept: dict[str, Any] = {}
+    size = 2
+    for key, value in fields.items():
+        key = str(key)[:_VALUE_CHARS]
+        if not isinstance(value, (str, int, float, bool)) and value is not None:
+            value = json.dumps(value)
+        if isinstance(value, str) and len(value) > _VALUE_CHARS:
+            value = value[:_VALUE_CHARS] + "…"
+        item = len(json.dumps({key: value}, ensure_ascii=False))
+        if size + item > max_chars:
+            kept["truncated"] = True
+            break
+        kept[key] = value
+        size += item
+    return json.dumps(kept, ensure_ascii=False)[:max_chars]
+
+
 class TimelineStore:
     """The newest record lines that carry a request id, in one ring; timelines are grouped
     from it when they are read.
 
-    The tailer's thread only extends the ring (``deque.extend``, once per chunk); the pipeline
-    pays one small tuple per kept line (about 15 % of live throughput, measured with
-    tests/bench/bench_logs.py), and reading one request
-    scans the ring (milliseconds for the default 10,000 lines) and parses its few lines again.
-    Memory is bounded by ``max_lines`` (lines of ~250 bytes), and a timeline shows at most its
-    newest ``max_records_per_request`` records, counting the rest as dropped.
+    The tailer's thread only extends the ring (once per chunk); the pipeline pays one small
+    tuple per kept line, and reading one request scans the ring (milliseconds for 10,000 lines)
+    and parses its few lines again. Memory is bounded by ``max_lines`` and by ``max_bytes``
+    (the oldest lines go first); a line over ``max_line_chars`` characters is kept shortened
+    (:func:`shorten_line`) and an id over 128 characters cut. A timeline shows at most its
+    newest ``max_records_per_request`` records, counting the rest as dropped, and only the
+    ``fields`` of an allow-list when one is given.
     """
 
     def __init__(self, max_lines: int = 10_000, max_records_per_request: int = 64,
-                 parser: RecordParser | None = None) -> None:
+                 parser: RecordParser | None = None, max_bytes: int = 4 << 20,
+                 max_line_chars: int = 2048, fields: Iterable[str] = ()) -> None:
         self.max_lines = max_lines
         self.max_records = max_records_per_request
+        self.max_bytes = max_bytes
+        self.max_line_chars = max_line_chars
+        self.fields = frozenset(fields)
         # Its own parser: the pipeline's caches timestamp state on the tailer's thread.
         self._parser = parser or RecordParser()
-        self._ring: deque[KeptLine] = deque(maxlen=max_lines)
+        self._ring: deque[tuple[KeptLine, int]] = deque()
+        self._bytes = 0
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, t: TimelinesConfig, parser: RecordParser) -> TimelineStore:
+        return cls(t.max_lines, t.max_records_per_request, parser, t.max_bytes,
+                   t.max_line_chars, t.fields)
 
     def __len__(self) -> int:
         return len(self._ring)
 
+    @property
+    def bytes(self) -> int:
+        """The memory the kept lines hold, as the bound counts it."""
+        return self._bytes
+
     def add(self, source: str, batch: list[KeptLine]) -> None:
         """The pipeline's ``on_records`` hook: record lines with a request id, in log order."""
+        limit = self.max_line_chars
+        entries = []
+        for kept in batch:
+            rid, event, line, status = kept
+            if len(line) > limit or (type(rid) is str and len(rid) > _ID_CHARS):
+                rid = rid[:_ID_CHARS] if type(rid) is str else rid
+                kept = (rid, event, shorten_line(line, limit), status)
+            entries.append((kept, _cost(kept[2], rid)))
         with self._lock:
-            self._ring.extend(batch)
+            ring = self._ring
+            ring.extend(entries)
+            self._bytes += sum(cost for _, cost in entries)
+            while ring and (len(ring) > self.max_lines or self._bytes > self.max_bytes):
+                self._bytes -= ring.popleft()[1]
 
     def _snapshot(self) -> list[KeptLine]:
         with self._lock:
-            return list(self._ring)
+            return [kept for kept, _ in self._ring]
 
     def _records(self, lines: list[str]) -> list[Record]:
         parse = self._parser.fields
@@ -108,7 +186,25 @@ class TimelineStore:
         if not lines:
             return None
         dropped = max(0, len(lines) - self.max_records)
-        return timeline_dict(request_id, self._records(lines[dropped:]), dropped)
+        timeline = timeline_dict(request_id, self._records(lines[dropped:]), dropped)
+        return self._allowed(timeline) if self.fields else timeline
+
+    def _allowed(self, timeline: dict[str, Any]) -> dict[str, Any]:
+        """Only the allow-listed fields; the free-text parts (message, traceback) only when
+        the list names them."""
+        allowed = self.fields
+        for entry in timeline["records"]:
+            entry["fields"] = {k: v for k, v in entry["fields"].items() if k in allowed}
+            if "message" not in allowed:
+                entry["message"] = ""
+            if "traceback" not in allowed:
+                entry.pop("traceback", None)
+        if "message" not in allowed:
+            for error in timeline["errors"]:
+                error["message"] = ""
+        if "duration_ms" not in allowed:
+            timeline["duration_ms"] = None
+        return timeline
 
     def recent(self, status: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         """Requests newest first (by their last record), optionally only one status;
@@ -173,18 +269,20 @@ def _http_status(code: object) -> str:
 
 
 class TimelineComponent:
-    """Sidecar component serving the store over HTTP (no background work of its own)."""
+    """Sidecar component serving the store over HTTP (no background work of its own). Reads
+    scan the whole store, so they run on the server's worker thread, never on the loop."""
 
-    def __init__(self, store: TimelineStore) -> None:
+    def __init__(self, store: TimelineStore, max_list_limit: int = 1000) -> None:
         self.store = store
+        self.max_list_limit = max_list_limit
         self.routes = [web.get("/requests", self._list), web.get("/requests/{id}", self._one)]
 
     @classmethod
     def from_config(cls, config: Config) -> TimelineComponent:
         """From the ``timelines`` section, with the log section's aliases."""
         t = config.timelines
-        return cls(TimelineStore(t.max_lines, t.max_records_per_request,
-                                 parser=RecordParser(config.logs.aliases)))
+        return cls(TimelineStore.from_config(t, RecordParser(config.logs.aliases)),
+                   t.max_list_limit)
 
     async def start(self) -> None:
         return None
@@ -194,18 +292,25 @@ class TimelineComponent:
 
     async def _one(self, request: web.Request) -> web.Response:
         rid = request.match_info["id"]
-        timeline = self.store.get(rid)
+        timeline = await request.app[OFF_LOOP].run(lambda: self.store.get(rid))
         if timeline is None:
-            return web.json_response({"error": "unknown request id", "request_id": rid},
-                                     status=404)
+            return web.json_response({"error": "unknown request id",
+                                      "request_id": rid[:_ID_CHARS]}, status=404)
         return web.json_response(timeline)
 
     async def _list(self, request: web.Request) -> web.Response:
+        """``?status=&limit=``: limit must be a whole number >= 1; above ``max_list_limit``
+        it is capped (the answer's ``limit`` says what was applied)."""
         status = request.query.get("status") or None
-        try:
-            limit = int(request.query.get("limit", "50"))
-        except ValueError:
-            return web.json_response({"error": "limit must be an integer"}, status=400)
+        raw = request.query.get("limit", "50")
+        if not (raw.isascii() and raw.isdigit()):
+            return web.json_response({"error": "limit must be a whole number >= 1"},
+                                     status=400)
+        # More than 9 significant digits is past any cap; int() of it would be wasted work.
+        limit = self.max_list_limit if len(raw.lstrip("0")) > 9 else \
+            min(int(raw), self.max_list_limit)
         if limit < 1:
-            return web.json_response({"error": "limit must be >= 1"}, status=400)
-        return web.json_response({"requests": self.store.recent(status, limit)})
+            return web.json_response({"error": "limit must be a whole number >= 1"},
+                                     status=400)
+        requests = await request.app[OFF_LOOP].run(lambda: self.store.recent(status, limit))
+        return web.json_response({"requests": requests, "limit": limit})

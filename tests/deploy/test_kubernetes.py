@@ -166,3 +166,19 @@ def test_hpa_scales_on_the_adapter_metrics() -> None:
     assert set(targets) <= exposed
     assert targets["tts_http_request_p99_seconds"] == "800m"  # 0.8 s
     assert hpa["spec"]["scaleTargetRef"]["name"] == find("Deployment")["metadata"]["name"]
+
+
+def test_sidecar_beyond_loopback_serves_tls_and_basic_auth() -> None:
+    """The pod IP is reachable cluster-wide: the sidecar runs with the web config, the probes
+    speak HTTPS to its open routes, and the PodMonitor scrapes with TLS and basic auth."""
+    args = container("sidecar")["args"]
+    assert args[args.index("--web.config.file") + 1] == "/etc/tts-sentinel/web/web-config.yml"
+    mounts = {m["name"]: m["mountPath"] for m in container("sidecar")["volumeMounts"]}
+    assert mounts["exporter-web"] == "/etc/tts-sentinel/web"
+    assert container("app")["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert container("sidecar")["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    endpoint = find("PodMonitor")["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]
+    assert endpoint["basicAuth"]["username"] and endpoint["basicAuth"]["password"]
+    exporter = embedded("tts-exporter-config", "exporter.yaml")
+    assert {"/ingress", "/healthz"} == set(exporter["server"]["unauthenticated_paths"])

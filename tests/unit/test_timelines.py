@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import gzip
 import json
+import statistics
+import time
+import tracemalloc
 from pathlib import Path
 
-from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from exporter.config import Config
+from exporter.config import AuthConfig, Config, GateConfig
+from exporter.gate import Gate, GateComponent
 from exporter.logs.parsers import MalformedLine, RecordParser
-from exporter.logs.timelines import TimelineComponent, TimelineStore
+from exporter.logs.timelines import TimelineComponent, TimelineStore, shorten_line
+from exporter.metrics import SidecarMetrics
+from exporter.server import build_app
+from tests.unit.conftest import gate_latencies_while_hammered
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "analyze"
 PARSER = RecordParser()
@@ -108,9 +114,7 @@ def test_http_status_sets_status_without_synthesis() -> None:
 
 
 async def _client(component: TimelineComponent) -> TestClient:
-    app = web.Application()
-    app.add_routes(component.routes)
-    client = TestClient(TestServer(app))
+    client = TestClient(TestServer(build_app(SidecarMetrics(), component.routes)))
     await client.start_server()
     return client
 
@@ -157,3 +161,81 @@ def test_listing_and_timeline_agree_on_the_newest_status() -> None:
     for rid in ("x", "y"):
         timeline = store.get(rid)
         assert timeline is not None and timeline["status"] == listed[rid]
+
+
+def _voice_line(rid: str, t: float, voice: str) -> tuple[object, str, str, object]:
+    line = json.dumps({"time": t, "level": "INFO", "event": "synthesis_complete",
+                       "request_id": rid, "status": "success", "voice": voice,
+                       "duration_ms": 12})
+    return (rid, "synthesis_complete", line, "success")
+
+
+def test_long_lines_are_kept_shortened_within_the_byte_bound() -> None:
+    """60 KB voice names: what the store holds stays within max_bytes, measured."""
+    max_bytes = 1 << 20
+    store = TimelineStore(max_bytes=max_bytes, max_line_chars=1024)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in range(20):
+            store.add("f", [_voice_line(f"r{batch}-{i}", batch + i / 100, "v" * 60_000)
+                            for i in range(100)])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert store.bytes <= max_bytes
+    assert held < 2 * max_bytes, f"store holds {held} bytes"
+    newest = store.get("r19-99")
+    assert newest is not None and newest["status"] == "success"
+    voice = newest["records"][0]["fields"]["voice"]
+    assert voice.startswith("vvv") and voice.endswith("…") and len(voice) < 1024
+    assert store.get("r0-0") is None     # the oldest went first
+
+
+def test_shorten_line_keeps_a_parsable_record_of_any_json_shape() -> None:
+    line = json.dumps({"time": 1.0, "level": "ERROR", "event": "synthesis_complete",
+                       "request_id": "r", "status": "failed", "error_code": "E",
+                       "nested": {"deep": ["x" * 5000]},
+                       **{f"k{i}": "y" * 300 for i in range(50)}})
+    short = shorten_line(line, 1024)
+    assert len(short) <= 1024
+    parsed = PARSER.fields(short)
+    assert parsed is not None and parsed[1] == "synthesis_complete"
+    assert parsed[2]["status"] == "failed" and parsed[2]["truncated"] is True
+    text = "2024-06-12 14:22:38,415 - app - INFO - synthesis_start: id=r1, voice=" + "v" * 5000
+    assert shorten_line(text, 300) == text[:300]
+
+
+def test_an_allow_list_limits_the_fields_a_timeline_shows() -> None:
+    store = TimelineStore(fields=["stage", "duration_ms"])
+    _add(store, "r", "stage_time", 1.0, stage="llm", duration_ms=5, text="secret text",
+         message="secret")
+    timeline = store.get("r")
+    assert timeline is not None
+    assert timeline["records"][0]["fields"] == {"stage": "llm", "duration_ms": 5}
+    assert "secret" not in json.dumps(timeline)
+
+
+async def test_listing_requests_does_not_stall_the_gate(tmp_path: Path) -> None:
+    """16 clients asking /requests for a billion entries of a big store: GET /ingress still
+    answers faster than one scan of the store takes (the scans run off the event loop)."""
+    store = TimelineStore(max_lines=60_000, max_bytes=1 << 30)
+    for start in range(0, 60_000, 1000):
+        store.add("f", [_voice_line(f"r{i}", float(i), "v") for i in range(start, start + 1000)])
+    started = time.perf_counter()
+    store.recent(None, 1000)
+    scan_s = time.perf_counter() - started
+    metrics = SidecarMetrics()
+    gate_config = GateConfig(gate_file=str(tmp_path / "ingress.json"))
+    gate = GateComponent(Gate.from_config(gate_config, stale_after_s=2.0), gate_config,
+                         AuthConfig(), metrics)
+    await gate.start()
+    server = TestServer(build_app(metrics, [*gate.routes, *TimelineComponent(store).routes]))
+    await server.start_server()
+    try:
+        assert server.port is not None
+        latencies = await gate_latencies_while_hammered(
+            server.port, "/requests?limit=1000000000", clients=16)
+    finally:
+        await server.close()
+    assert statistics.median(latencies) < scan_s, (statistics.median(latencies), scan_s)
