@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,8 +30,13 @@ class Running:
     client: TestClient
     state: AppState
     config: AppConfig
-    log_path: Path
     gate_file: Path
+
+    @property
+    def log_path(self) -> Path:
+        """The log file, after the writer thread wrote everything logged so far."""
+        assert self.state.log.flush(), "the log writer did not catch up"
+        return Path(self.config.log.path)
 
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
         return [r for r in read_log(self.log_path) if event is None or r["event"] == event]
@@ -41,7 +46,9 @@ StartApp = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def start_app(tmp_path: Path, aiohttp_client: Any) -> StartApp:
+async def start_app(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[StartApp]:
+    logs: list[StructuredLog] = []
+
     async def start(overrides: dict[str, Any] | None = None, backend: Backend | None = None,
                     wait_ready: bool = True) -> Running:
         base = {"log": {"path": str(tmp_path / "logs" / "app.log")},
@@ -50,16 +57,19 @@ async def start_app(tmp_path: Path, aiohttp_client: Any) -> StartApp:
                          "check_interval_s": 0},
                 "admission": {"rate_limit": {"enabled": False}}}
         config = config_from_mapping(deep_merge(base, overrides or {}))
-        log = StructuredLog(config.log.path, config.log.format)
+        log = StructuredLog.from_config(config.log)
+        logs.append(log)
         app = build_app(config, backend or EspeakBackend(), log)
         client = await aiohttp_client(app)
         state = app[STATE]
         if wait_ready:
             await state.settled.wait()
             assert state.ready, state.failed
-        return Running(client, state, config, Path(config.log.path), Path(config.gate.file))
+        return Running(client, state, config, Path(config.gate.file))
 
-    return start
+    yield start
+    for log in logs:
+        log.close()
 
 
 def write_gate(path: Path, is_open: bool, retry_after_s: int = 7) -> None:

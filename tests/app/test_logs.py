@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from datetime import datetime
 from pathlib import Path
 
-from tests.app.conftest import StartApp
-from tts_app.logging import StructuredLog
+from tests.app.conftest import StartApp, read_log
+from tts_app.logging import LogFile, StructuredLog
 
 REQUIRED = {
     "service_start": {"pid", "version", "backend"},
@@ -60,21 +62,94 @@ def test_traceback_becomes_continuation_lines_in_text(tmp_path: Path) -> None:
     log.event("unhandled_exception", "r1", level="ERROR", message="a, b=c",
               traceback="Traceback (most recent call last):\n  boom\n")
     log.event("debug_only", level="DEBUG")
+    log.close()
     lines = (tmp_path / "a.log").read_text().splitlines()
     assert lines[0].endswith('ERROR - unhandled_exception: request_id=r1, message="a, b=c"')
     assert lines[1:] == ["Traceback (most recent call last):", "  boom"]
-    log.close()
 
 
-def test_rename_rotation_reopens_the_path(tmp_path: Path) -> None:
+def test_outside_rename_rotation_reopens_the_path(tmp_path: Path) -> None:
     now = [100.0]
-    log = StructuredLog(tmp_path / "app.log", clock=lambda: now[0])
-    log.event("before")
+    log = LogFile(tmp_path / "app.log", clock=lambda: now[0], check_interval_s=1.0)
+    log.write(b"before\n", 1)
     (tmp_path / "app.log").rename(tmp_path / "app.log.1")
-    log.event("same_second")          # still the old file: checked once per second
+    log.write(b"same_second\n", 1)          # still the old file: checked once per interval
     now[0] += 1
-    log.event("after")
-    old = (tmp_path / "app.log.1").read_text()
-    new = (tmp_path / "app.log").read_text()
-    assert '"before"' in old and '"same_second"' in old and '"after"' in new
+    log.write(b"after\n", 1)
+    log.close()
+    assert (tmp_path / "app.log.1").read_text() == "before\nsame_second\n"
+    assert (tmp_path / "app.log").read_text() == "after\n"
+
+
+def test_size_rotation_renames_to_numbered_backups_and_drops_the_oldest(tmp_path: Path) -> None:
+    path = tmp_path / "tts-app.log"
+    log = LogFile(path, max_bytes=20, backups=2)
+    for i in range(5):
+        log.write(f"record {i:02d} 456789\n".encode(), 1)     # 17 bytes: one per file
+    log.close()
+    assert path.read_text() == "record 04 456789\n"
+    assert (tmp_path / "tts-app.log.1").read_text() == "record 03 456789\n"
+    assert (tmp_path / "tts-app.log.2").read_text() == "record 02 456789\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == \
+        ["tts-app.log", "tts-app.log.1", "tts-app.log.2"]
+
+
+def test_rotation_keeps_the_inode_under_the_backup_name(tmp_path: Path) -> None:
+    path = tmp_path / "tts-app.log"
+    log = LogFile(path, max_bytes=10, backups=1)
+    log.write(b"first 789\n", 1)
+    inode = path.stat().st_ino
+    log.write(b"second 89\n", 1)
+    log.close()
+    assert (tmp_path / "tts-app.log.1").stat().st_ino == inode
+    assert path.read_text() == "second 89\n"
+
+
+def test_a_failed_write_is_counted_and_never_raises(tmp_path: Path) -> None:
+    log = StructuredLog(tmp_path / "app.log")
+    full = os.open("/dev/full", os.O_WRONLY)
+    saved = os.dup(log.file._fd)
+    os.dup2(full, log.file._fd)                 # every write now fails with ENOSPC
+    for i in range(3):
+        log.event("http_request", f"r{i}", status=200)
+    assert log.flush()
+    assert (log.write_errors, log.failing) == (3, True)
+    os.dup2(saved, log.file._fd)                # the disk has room again
+    log.event("http_request", "r3", status=200)
+    assert log.flush()
+    assert (log.write_errors, log.failing) == (3, False)
+    log.close()
+    os.close(full)
+    os.close(saved)
+    assert [r["request_id"] for r in read_log(tmp_path / "app.log")] == ["r3"]
+
+
+def test_writer_batches_records_in_order_and_close_writes_the_rest(tmp_path: Path) -> None:
+    log = StructuredLog(tmp_path / "app.log", flush_interval_s=1.0)
+    for i in range(2000):
+        log.event("http_request", f"r{i}", status=429)
+    log.close()
+    assert [r["request_id"] for r in read_log(tmp_path / "app.log")] == \
+        [f"r{i}" for i in range(2000)]
+    log.event("after_close")
+    assert log.write_errors == 1
+
+
+def test_a_full_buffer_counts_records_as_lost_instead_of_growing(tmp_path: Path) -> None:
+    log = StructuredLog(tmp_path / "app.log", flush_interval_s=1.0, buffer_max_bytes=65536)
+    with log._cond:                     # the writer cannot take the buffer meanwhile
+        for i in range(1000):
+            log.event("http_request", f"r{i}", status=429)
+    log.close()
+    written = len(read_log(tmp_path / "app.log"))
+    assert 0 < written < 1000 and written + log.write_errors == 1000
+
+
+def test_records_reach_the_file_within_the_flush_interval(tmp_path: Path) -> None:
+    log = StructuredLog(tmp_path / "app.log", flush_interval_s=0.05)
+    log.event("http_request", "r1", status=200)
+    deadline = time.monotonic() + 5
+    while not (tmp_path / "app.log").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     log.close()
