@@ -111,6 +111,11 @@ class AdmissionConfig:
     # Requests allowed to wait for a model instance; beyond it -> 429 QUEUE_FULL.
     queue_size: int = field(default=16, metadata=_at_least(0))
     retry_after_s: int = field(default=1, metadata=_at_least(1))
+    # A 429 QUEUE_FULL / RATE_LIMITED is answered this long after the request arrived (the
+    # request holds no slot meanwhile): caps how fast a client that ignores Retry-After can
+    # make the app refuse it, so shedding cannot starve the admitted work. 0 = at once.
+    shed_delay_s: float = field(default=0.5, metadata={
+        "check": lambda v: None if 0 <= v <= 10 else "expected a value in [0, 10]"})
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
 
 

@@ -1,0 +1,195 @@
+"""Overload benchmark (issue 16): goodput and admitted latency at 1x, 10x and 20x load.
+
+Starts the real app (``python -m tts_app``, espeak backend, ``instances: 1``, rate limit off,
+cache on but every text distinct, so every admitted request is a synthesis) pinned to one CPU
+with ``taskset``, and drives it with ``wrk`` pinned to another CPU. A Lua script sends a new
+text each request; two client behaviours:
+
+- ``ignore``: the next request follows the 429 at once (a retry loop that ignores
+  Retry-After: the worst case, each connection is a closed loop as fast as the app answers);
+- ``honour``: after a 429 the connection waits Retry-After seconds.
+
+At capacity means ``capacity + queue_size`` connections (every one admitted); 10x and 20x
+mean ten and twenty times as many. Successes are counted from the app's own
+``synthesis_complete`` records (status success, not a cache hit) stamped inside the run, and
+the admitted latency is the ``duration_ms`` of its ``http_request`` records with status 200
+(queue wait included). The CPU cost of one rejection is the CPU time of the event-loop and
+log-writer threads (``/proc/PID/task``) during the 10x ``ignore`` run divided by the
+requests answered, almost all of which are 429s.
+
+Run: ``python tests/bench/bench_overload.py [--quick] [--seconds N] [--queue-size N]``.
+Figures, not pass/fail; on a shared machine they are indicative only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.bench.bench_app import App, percentile  # noqa: E402
+
+LUA = """
+local counter = 0
+local waiting = 0
+local honour = {honour}
+local prefix = "{tag}-" .. tostring(math.random(1, 1000000000))
+
+request = function()
+   counter = counter + 1
+   local body = '{{"text": "Request ' .. prefix .. " number " .. counter ..
+      ': the weather today is mild with a light breeze.", "format": "wav"}}'
+   return wrk.format("POST", "/v1/tts", {{["Content-Type"] = "application/json"}}, body)
+end
+
+response = function(status, headers, body)
+   if honour and status == 429 then
+      waiting = (tonumber(headers["Retry-After"]) or 1) * 1000
+   end
+end
+
+delay = function()
+   local ms = waiting
+   waiting = 0
+   return ms
+end
+"""
+
+
+@dataclass
+class Run:
+    label: str
+    connections: int
+    seconds: float
+    answered: int
+    goodput: float          # successful syntheses per second
+    p99_admitted_ms: float
+    rejected: int
+    loop_cpu_s: float
+
+
+def _thread_cpu_s(pid: int) -> float:
+    """CPU seconds of the event-loop thread (the main thread) and the log writer."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        comm = (task / "comm").read_text().strip()
+        if task.name == str(pid) or comm == "log-writer":
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def _records(path: Path, offset: int) -> tuple[list[dict], int]:
+    data = path.read_bytes()
+    lines = data[offset:].splitlines()
+    return [json.loads(line) for line in lines if line.strip()], len(data)
+
+
+def _stamp(record: dict) -> float:
+    return datetime.fromisoformat(record["time"]).timestamp()
+
+
+def _settle(app: App, log: Path) -> None:
+    """Wait until nothing runs or waits and the log writer has written it (<= 100 ms)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(app.base + "/status", timeout=5) as response:
+            status = json.loads(response.read())
+        if status["waiting"] == 0 and status["running"] == 0:
+            time.sleep(0.3)
+            return
+        time.sleep(0.2)
+    raise RuntimeError("app did not settle")
+
+
+def run_load(app: App, workdir: Path, log: Path, label: str, connections: int,
+             seconds: int, honour: bool, cpus: tuple[str, str]) -> Run:
+    script = workdir / f"{label}.lua"
+    script.write_text(LUA.format(honour="true" if honour else "false", tag=label))
+    _settle(app, log)
+    _, offset = _records(log, 0)
+    cpu_before = _thread_cpu_s(app.process.pid)
+    started = time.time()
+    wrk = subprocess.run(
+        ["taskset", "-c", cpus[1], "wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s",
+         "--timeout", "30s", "-s", str(script), app.base + "/v1/tts"],
+        capture_output=True, text=True, check=True)
+    ended = time.time()
+    cpu = _thread_cpu_s(app.process.pid) - cpu_before
+    _settle(app, log)
+    records, _ = _records(log, offset)
+    inside = [r for r in records if started <= _stamp(r) <= ended]
+    ok = [r for r in inside if r["event"] == "synthesis_complete"
+          and r.get("status") == "success" and not r.get("cache_hit")]
+    requests = [r for r in inside if r["event"] == "http_request"]
+    admitted = [r["duration_ms"] for r in requests if r["status"] == 200]
+    if "Socket errors" in wrk.stdout:
+        print(f"  note ({label}): wrk reports {wrk.stdout.split('Socket errors')[1].splitlines()[0]}")
+    return Run(label, connections, ended - started, len(requests), len(ok) / (ended - started),
+               percentile(admitted, 99), sum(r["status"] == 429 for r in requests), cpu)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run (4 s per load)")
+    parser.add_argument("--seconds", type=int, default=15, help="duration of each load")
+    parser.add_argument("--queue-size", type=int, default=16)
+    parser.add_argument("--cpus", default="0,1", help="APP_CPU,WRK_CPU for taskset")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None or shutil.which("taskset") is None:
+        print("wrk and taskset are needed", file=sys.stderr)
+        return 2
+    seconds = 4 if args.quick else args.seconds
+    cpus = tuple(args.cpus.split(","))
+    assert len(cpus) == 2, "--cpus APP_CPU,WRK_CPU"
+    results: list[Run] = []
+    with tempfile.TemporaryDirectory(prefix="bench_overload_") as tmp:
+        workdir = Path(tmp)
+        app = App(workdir, args.queue_size,
+                  extra={"backend": {"espeak": {"instances": 1}},
+                         "log": {"max_bytes": 0}},
+                  prefix=["taskset", "-c", cpus[0]])
+        try:
+            status = app.wait_ready()
+            capacity = int(status["capacity"]) + args.queue_size
+            for honour in (False, True):
+                mode = "honour" if honour else "ignore"
+                for factor in (1, 10, 20):
+                    results.append(run_load(app, workdir, workdir / "app.log",
+                                            f"{mode}-{factor}x", factor * capacity, seconds,
+                                            honour, cpus))
+        finally:
+            app.stop()
+    print(f"app: espeak instances=1 queue_size={args.queue_size} (at capacity = {capacity} "
+          f"connections), pinned to CPU {cpus[0]}; wrk -t1 pinned to CPU {cpus[1]}; "
+          f"{seconds:.0f} s per load")
+    print(f"{'load':<12}{'conns':>6}{'answered/s':>12}{'429':>8}{'goodput/s':>11}"
+          f"{'vs 1x':>7}{'p99 200 ms':>12}{'vs 1x':>7}")
+    base: dict[str, Run] = {}
+    for run in results:
+        mode = run.label.split("-")[0]
+        ref = base.setdefault(mode, run)
+        print(f"{run.label:<12}{run.connections:>6}{run.answered / run.seconds:>12.0f}"
+              f"{run.rejected:>8}{run.goodput:>11.1f}{run.goodput / ref.goodput:>7.0%}"
+              f"{run.p99_admitted_ms:>12.0f}{run.p99_admitted_ms / ref.p99_admitted_ms:>7.2f}")
+    ten = next(r for r in results if r.label == "ignore-10x")
+    if ten.rejected:
+        print(f"CPU per answered request at ignore-10x (event loop + log writer, "
+              f"{ten.rejected / ten.answered:.1%} of them 429): "
+              f"{ten.loop_cpu_s / ten.answered * 1e6:.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
