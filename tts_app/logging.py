@@ -19,6 +19,7 @@ second: this sits on the cache-hit and rejection hot paths.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -49,6 +50,12 @@ def _text_value(value: Any) -> str:
     return text
 
 
+def _tell(message: str) -> None:
+    """A line for the operator on stderr, which may sit on the same full disk."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"tts-app: {message}", file=sys.stderr, flush=True)
+
+
 class LogFile:
     """The log file: appends whole batches, rotates by size, follows outside rotation.
 
@@ -68,7 +75,6 @@ class LogFile:
         self.backups = backups
         self.errors = 0            # records in writes that failed, cumulative
         self.failing = False       # the last write failed
-        self.last_error = ""
         self._clock = clock
         self._check_interval_s = check_interval_s
         self._next_check = clock() + check_interval_s
@@ -130,15 +136,14 @@ class LogFile:
             self.errors += records
             self._torn = len(view) < len(data)
             if not self.failing:
-                print(f"tts-app: cannot write the log {self.path} ({exc}); records are "
-                      f"counted as lost until a write succeeds", file=sys.stderr, flush=True)
-            self.failing, self.last_error = True, str(exc)
+                self.failing = True
+                _tell(f"cannot write the log {self.path} ({exc}); records are counted as "
+                      f"lost until a write succeeds")
             return
         self._torn = False
         if self.failing:
-            print(f"tts-app: the log {self.path} is writable again ({self.errors} records "
-                  f"lost so far)", file=sys.stderr, flush=True)
-        self.failing = False
+            self.failing = False
+            _tell(f"the log {self.path} is writable again ({self.errors} records lost so far)")
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -19,10 +19,10 @@ Retry-After. Exactly one ``http_request`` line is logged per request, from the m
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import time
-import itertools
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -173,8 +173,9 @@ def _request_id(request: web.Request) -> str:
 # The JSON error body of each code with its default message, up to the request id: a shed
 # request costs a concatenation, not an encoder run.
 _JSON = "application/json; charset=utf-8"
-_ERROR_HEADS = {code: ('{"error": {"code": %s, "message": %s, "request_id": ' % (
-    json.dumps(code), json.dumps(spec.message, ensure_ascii=False))).encode()
+_ERROR_HEADS = {
+    code: (f'{{"error": {{"code": {json.dumps(code)}, '
+           f'"message": {json.dumps(spec.message, ensure_ascii=False)}, "request_id": ').encode()
     for code, spec in ERRORS.items()}
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,8 @@ from tts_app.config import AppConfig, config_from_mapping
 from tts_app.logging import StructuredLog
 from tts_app.server import STATE, AppState, build_app
 
-deep_merge = load_local_stack().deep_merge
+stack = load_local_stack()
+deep_merge = stack.deep_merge
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -78,3 +82,47 @@ def write_gate(path: Path, is_open: bool, retry_after_s: int = 7) -> None:
     tmp.write_text(json.dumps({"open": is_open, "reasons": [] if is_open else ["vram_high"],
                                "since": 1.0, "retry_after_s": retry_after_s}))
     tmp.replace(path)
+
+
+class AppProcess:
+    """``python -m tts_app`` as a child process (espeak, rate limit off) in ``workdir``."""
+
+    def __init__(self, workdir: Path, overrides: dict[str, Any] | None = None) -> None:
+        self.port = stack.free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "logs" / "tts-app.log"
+        config = deep_merge({
+            "server": {"listen": f"127.0.0.1:{self.port}"},
+            "log": {"path": str(self.log_path)}, "cache": {"dir": str(workdir / "cache")},
+            "gate": {"file": str(workdir / "state" / "ingress.json")},
+            "admission": {"rate_limit": {"enabled": False}}}, overrides or {})
+        config_path = workdir / "app.yaml"
+        config_path.write_text(json.dumps(config))
+        self.process = stack.Process(
+            "tts_app", [sys.executable, "-m", "tts_app", "--config", str(config_path)],
+            self.base + "/readyz", workdir / "app.out", stack.REPO)
+
+    @property
+    def pid(self) -> int:
+        assert self.process.popen is not None
+        return int(self.process.popen.pid)
+
+    def start(self) -> AppProcess:
+        self.process.start()
+        stack.wait_until(lambda: stack.http_get(self.base + "/readyz")[0] == 200, 60,
+                         what="the app ready")
+        return self
+
+    def get_json(self, path: str) -> Any:
+        return json.loads(stack.http_get(self.base + path)[1])
+
+    def post(self, text: str) -> tuple[int, str, bytes]:
+        """POST /v1/tts; (status, Content-Type, body) for any status."""
+        request = urllib.request.Request(self.base + "/v1/tts",
+                                         data=json.dumps({"text": text}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.headers["Content-Type"], response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers["Content-Type"] or "", exc.read()

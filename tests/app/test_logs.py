@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import time
@@ -153,3 +154,37 @@ def test_records_reach_the_file_within_the_flush_interval(tmp_path: Path) -> Non
         assert time.monotonic() < deadline
         time.sleep(0.01)
     log.close()
+
+
+async def test_an_unwritable_log_never_decides_a_request_or_leaks_a_slot(
+        start_app: StartApp) -> None:
+    app = await start_app({"admission": {"queue_size": 1, "shed_delay_s": 0}})
+    log = app.state.log
+    full = os.open("/dev/full", os.O_WRONLY)
+    saved = os.dup(log.file._fd)
+    try:
+        os.dup2(full, log.file._fd)                 # every write fails with ENOSPC
+        texts = [f"Unlogged request {i}, long enough to queue behind the others." for i in
+                 range(8)]
+        responses = await asyncio.gather(*(app.client.post("/v1/tts", json={"text": text})
+                                           for text in texts))
+        statuses = [r.status for r in responses]
+        assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses
+        for response in responses:
+            if response.status == 429:
+                assert (await response.json())["error"]["code"] == "QUEUE_FULL"
+        assert log.flush()
+        ready = await app.client.get("/readyz")
+        assert (ready.status, (await ready.json())["reason"]) == (200, "log_write_failed")
+        status = await (await app.client.get("/status")).json()
+        assert (status["waiting"], status["running"]) == (0, 0)
+        assert status["log_write_errors"] > len(texts)     # several records per request
+    finally:
+        os.dup2(saved, log.file._fd)                # the disk has room again
+        os.close(saved)
+        os.close(full)
+    again = await app.client.post("/v1/tts", json={"text": texts[-1]})
+    assert again.status == 200 and again.headers["X-Cache"] in ("hit", "miss")
+    assert log.flush()
+    assert (await (await app.client.get("/readyz")).json())["reason"] == "ready"
+    assert [r["status"] for r in app.records("http_request")][-2:] == [200, 200]

@@ -37,7 +37,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.bench.bench_app import App, percentile  # noqa: E402
+from tests.bench.bench_app import App, percentile
 
 LUA = """
 local counter = 0
@@ -78,16 +78,25 @@ class Run:
     loop_cpu_s: float
 
 
-def _thread_cpu_s(pid: int) -> float:
-    """CPU seconds of the event-loop thread (the main thread) and the log writer."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        comm = (task / "comm").read_text().strip()
-        if task.name == str(pid) or comm == "log-writer":
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+def _loop_cpu_s(pid: int) -> float:
+    """CPU seconds of the event-loop thread (the main thread, whose id is the pid)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_record_cpu_us(records: int = 50_000) -> float:
+    """Process CPU (formatting on the caller, batch writes on the writer thread) per
+    ``http_request`` record, measured in this process with the app's StructuredLog."""
+    from tts_app.logging import StructuredLog
+
+    with tempfile.TemporaryDirectory(prefix="bench_log_") as tmp:
+        log = StructuredLog(Path(tmp) / "app.log")
+        started = time.process_time()
+        for i in range(records):
+            log.event("http_request", f"{i:032x}", method="POST", route="/v1/tts",
+                      status=429, duration_ms=0.123)
+        log.close()
+        return (time.process_time() - started) / records * 1e6
 
 
 def _records(path: Path, offset: int) -> tuple[list[dict], int]:
@@ -119,14 +128,14 @@ def run_load(app: App, workdir: Path, log: Path, label: str, connections: int,
     script.write_text(LUA.format(honour="true" if honour else "false", tag=label))
     _settle(app, log)
     _, offset = _records(log, 0)
-    cpu_before = _thread_cpu_s(app.process.pid)
+    cpu_before = _loop_cpu_s(app.process.pid)
     started = time.time()
     wrk = subprocess.run(
-        ["taskset", "-c", cpus[1], "wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s",
+        ["taskset", "-c", cpus[1], "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
          "--timeout", "30s", "-s", str(script), app.base + "/v1/tts"],
         capture_output=True, text=True, check=True)
     ended = time.time()
-    cpu = _thread_cpu_s(app.process.pid) - cpu_before
+    cpu = _loop_cpu_s(app.process.pid) - cpu_before
     _settle(app, log)
     records, _ = _records(log, offset)
     inside = [r for r in records if started <= _stamp(r) <= ended]
@@ -135,7 +144,8 @@ def run_load(app: App, workdir: Path, log: Path, label: str, connections: int,
     requests = [r for r in inside if r["event"] == "http_request"]
     admitted = [r["duration_ms"] for r in requests if r["status"] == 200]
     if "Socket errors" in wrk.stdout:
-        print(f"  note ({label}): wrk reports {wrk.stdout.split('Socket errors')[1].splitlines()[0]}")
+        errors = wrk.stdout.split("Socket errors")[1].splitlines()[0]
+        print(f"  note ({label}): wrk reports socket errors{errors}")
     return Run(label, connections, ended - started, len(requests), len(ok) / (ended - started),
                percentile(admitted, 99), sum(r["status"] == 429 for r in requests), cpu)
 
@@ -184,9 +194,11 @@ def main() -> int:
               f"{run.rejected:>8}{run.goodput:>11.1f}{run.goodput / ref.goodput:>7.0%}"
               f"{run.p99_admitted_ms:>12.0f}{run.p99_admitted_ms / ref.p99_admitted_ms:>7.2f}")
     ten = next(r for r in results if r.label == "ignore-10x")
+    record_us = log_record_cpu_us(5_000 if args.quick else 50_000)
+    print(f"CPU of one log record (format + buffered write, in process): {record_us:.1f} us")
     if ten.rejected:
-        print(f"CPU per answered request at ignore-10x (event loop + log writer, "
-              f"{ten.rejected / ten.answered:.1%} of them 429): "
+        print(f"event-loop CPU per answered request at ignore-10x "
+              f"({ten.rejected / ten.answered:.1%} of them 429, two log records each): "
               f"{ten.loop_cpu_s / ten.answered * 1e6:.0f} us")
     return 0
 
