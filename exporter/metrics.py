@@ -334,6 +334,9 @@ class SidecarMetrics:
         self.app_restarts = m.counter("tts_app_restarts_total",
                                       "App restarts seen (a new started_at on /status, or a "
                                       "service_start log record).")
+        self.app_log_write_errors = m.counter("tts_app_log_write_errors_total",
+                                              "Log records the app could not write (disk full, "
+                                              "I/O error), as its /status counts them.")
 
         # --- Service layer: HTTP as the app logged it, queue as /status reports it.
         self.http_requests = m.counter("tts_http_requests_total",

@@ -4,7 +4,7 @@ and whether the process is up and the same one as before.
 The contract (what the co-packaged app serves; any service answering it can be watched)::
 
     {"waiting": 3, "running": 2, "capacity": 64, "started_at": 1718200000.5, "pid": 4242,
-     "backend": "chattts", "model_version": "0.2.5", "ready": true}
+     "backend": "chattts", "model_version": "0.2.5", "ready": true, "log_write_errors": 0}
 
 Output::
 
@@ -13,8 +13,11 @@ Output::
     tts_requests_running 2
     tts_requests_capacity 64
     tts_app_restarts_total 1     # a different (started_at, pid) than the last answer
+    tts_app_log_write_errors_total 7
 
-``pid`` is optional: a new ``started_at`` alone is a restart.
+``pid`` is optional: a new ``started_at`` alone is a restart. ``log_write_errors`` is optional
+(log records the app could not write, cumulative since it started); the counter adds what it
+grew by, and after a restart what the new process reports, so it never goes backwards.
 
 On a failed probe (refused, timeout, non-200, not the contract) ``tts_app_up`` is 0 and the
 queue gauges disappear: the last queue depth of a dead process is not a fact any more.
@@ -48,6 +51,7 @@ class AppStatus:
     capacity: int
     started_at: float
     pid: int | None = None
+    log_write_errors: int | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -55,9 +59,9 @@ class AppStatus:
             raise ProbeError("expected a JSON object")
         values: dict[str, Any] = {}
         for key, wanted in (("waiting", int), ("running", int), ("capacity", int),
-                            ("started_at", float), ("pid", int)):
+                            ("started_at", float), ("pid", int), ("log_write_errors", int)):
             value = data.get(key)
-            if key == "pid" and value is None:  # optional: started_at alone tells a restart
+            if key in ("pid", "log_write_errors") and value is None:   # optional
                 continue
             allowed = (int, float) if wanted is float else (int,)
             if isinstance(value, bool) or not isinstance(value, allowed):
@@ -82,6 +86,7 @@ class AppProbe:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._identity: tuple[float, int | None] | None = None
+        self._log_write_errors = 0          # the app's count at the last probe
         self._failures = 0
 
     async def start(self) -> None:
@@ -133,6 +138,14 @@ class AppProbe:
             m.requests_capacity.set((), float(status.capacity))
             if restarted:
                 m.app_restarts.inc()
+                self._log_write_errors = 0
+            count = status.log_write_errors
+            if count is not None:
+                # smaller than before without a restart: the app's count was reset
+                grown = count - self._log_write_errors if count >= self._log_write_errors \
+                    else count
+                m.app_log_write_errors.inc((), float(max(0, grown)))
+                self._log_write_errors = count
 
     async def _fetch(self) -> AppStatus:
         assert self._session is not None, "start() first"

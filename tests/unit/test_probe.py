@@ -163,3 +163,25 @@ def test_status_parse_names_the_bad_key() -> None:
         AppStatus.parse({"waiting": 1, "running": 1, "started_at": 2.0})
     status = AppStatus.parse({"waiting": 1, "running": 0, "capacity": 4, "started_at": 7})
     assert status.started_at == 7.0 and status.pid is None
+
+
+async def test_log_write_errors_become_a_counter_that_survives_app_restarts(
+        app_server: tuple[FakeApp, TestServer]) -> None:
+    fake, server = app_server
+    fake.body = {**fake.body, "log_write_errors": 5}
+    probe, m = await started_probe(server)
+    fake.body = {**fake.body, "log_write_errors": 12}
+    await probe.probe_once()
+    assert m.app_log_write_errors.get() == 12
+    fake.body = {**fake.body, "log_write_errors": 3, "started_at": 1718200100.0, "pid": 5151}
+    await probe.probe_once()                  # a new process counts from 0 again
+    assert m.app_log_write_errors.get() == 15
+    fake.body = {**fake.body, "log_write_errors": "many"}
+    await probe.probe_once()
+    assert m.app_up.get() == 0.0 and m.app_log_write_errors.get() == 15
+    await probe.stop()
+
+
+async def test_status_without_log_write_errors_still_parses() -> None:
+    status = AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0})
+    assert status.log_write_errors is None
