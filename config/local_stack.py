@@ -195,7 +195,7 @@ class Stack:
             gate["reopen_after_s"] = self.options.gate_reopen_after_s
         override = {
             "server": {"listen": f"127.0.0.1:{self.ports['exporter']}"},
-            "logs": {"paths": [str(self.workdir / "logs" / "*.log")],
+            "logs": {"paths": [str(self.workdir / "logs" / "*.log*")],
                      "checkpoint_path": str(self.workdir / "state" / "exporter-offsets.json")},
             "gpu": {"source": f"file:{self.gpu_file}"},
             "gate": gate,

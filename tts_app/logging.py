@@ -105,7 +105,7 @@ class LogFile:
         except OSError:
             pass            # keep writing to the old descriptor rather than lose lines
 
-    def _rotate(self) -> None:
+    def _rotate(self) -> bool:
         try:
             for index in range(self.backups - 1, 0, -1):
                 older = self.path.with_name(f"{self.path.name}.{index}")
@@ -115,19 +115,34 @@ class LogFile:
             self._open()
         except OSError:
             self._check_path()  # a half-done rotation: write wherever the path now leads
+            return False
+        return True
 
-    def write(self, data: bytes, records: int) -> None:
-        """Append ``data`` (``records`` whole records) in one write; count it if it fails."""
+    def write(self, records: list[bytes]) -> None:
+        """Append whole records: one write per file they go to (a rotation splits a batch,
+        so no file grows past ``max_bytes`` unless one record alone is larger)."""
         now = self._clock()
         if now >= self._next_check:
             self._next_check = now + self._check_interval_s
             self._check_path()
-        if self.max_bytes and self._size and self._size + len(data) > self.max_bytes:
-            self._rotate()
+        start, rotating = 0, bool(self.max_bytes)
+        while start < len(records):
+            if rotating and self._size and self._size + len(records[start]) > self.max_bytes:
+                rotating = self._rotate()   # failed: this batch goes to the current file
+            room = self.max_bytes - self._size if rotating else None
+            end, size = start + 1, len(records[start])     # a record larger than room alone
+            while end < len(records) and (room is None or size + len(records[end]) <= room):
+                size += len(records[end])
+                end += 1
+            self._append(b"".join(records[start:end]), end - start)
+            start = end
+
+    def _append(self, data: bytes, records: int) -> None:
+        """One write of ``data``; a failure is counted, never raised."""
         if self._torn:
             data = b"\n" + data     # end the torn line so the next record parses on its own
+        view = memoryview(data)
         try:
-            view = memoryview(data)
             while view:
                 written = os.write(self._fd, view)
                 self._size += written
@@ -262,7 +277,7 @@ class StructuredLog:
                 closed = self._closed
                 cond.notify_all()           # producers waiting for room
             if batch:
-                self.file.write(b"".join(batch), records)
+                self.file.write(batch)
                 with cond:
                     self._done += records
                     cond.notify_all()       # flush() waiters

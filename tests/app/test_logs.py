@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import time
 from datetime import datetime
 from pathlib import Path
 
-from tests.app.conftest import StartApp, read_log
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.app.conftest import AppProcess, StartApp, read_log, stack
+from tests.integration.test_log_restart import Sidecar
 from tts_app.logging import LogFile, StructuredLog
 
 REQUIRED = {
@@ -72,11 +77,11 @@ def test_traceback_becomes_continuation_lines_in_text(tmp_path: Path) -> None:
 def test_outside_rename_rotation_reopens_the_path(tmp_path: Path) -> None:
     now = [100.0]
     log = LogFile(tmp_path / "app.log", clock=lambda: now[0], check_interval_s=1.0)
-    log.write(b"before\n", 1)
+    log.write([b"before\n"])
     (tmp_path / "app.log").rename(tmp_path / "app.log.1")
-    log.write(b"same_second\n", 1)          # still the old file: checked once per interval
+    log.write([b"same_second\n"])          # still the old file: checked once per interval
     now[0] += 1
-    log.write(b"after\n", 1)
+    log.write([b"after\n"])
     log.close()
     assert (tmp_path / "app.log.1").read_text() == "before\nsame_second\n"
     assert (tmp_path / "app.log").read_text() == "after\n"
@@ -85,8 +90,8 @@ def test_outside_rename_rotation_reopens_the_path(tmp_path: Path) -> None:
 def test_size_rotation_renames_to_numbered_backups_and_drops_the_oldest(tmp_path: Path) -> None:
     path = tmp_path / "tts-app.log"
     log = LogFile(path, max_bytes=20, backups=2)
-    for i in range(5):
-        log.write(f"record {i:02d} 456789\n".encode(), 1)     # 17 bytes: one per file
+    log.write([f"record {i:02d} 456789\n".encode() for i in range(4)])   # 17 bytes: one a file
+    log.write([b"record 04 456789\n"])
     log.close()
     assert path.read_text() == "record 04 456789\n"
     assert (tmp_path / "tts-app.log.1").read_text() == "record 03 456789\n"
@@ -95,12 +100,21 @@ def test_size_rotation_renames_to_numbered_backups_and_drops_the_oldest(tmp_path
         ["tts-app.log", "tts-app.log.1", "tts-app.log.2"]
 
 
+def test_a_record_larger_than_max_bytes_is_written_whole(tmp_path: Path) -> None:
+    log = LogFile(tmp_path / "tts-app.log", max_bytes=10, backups=3)
+    log.write([b"a\n", b"0123456789abcdef\n", b"b\n"])
+    log.close()
+    assert [(tmp_path / name).read_text() for name in ("tts-app.log.2", "tts-app.log.1",
+                                                         "tts-app.log")] == \
+        ["a\n", "0123456789abcdef\n", "b\n"]
+
+
 def test_rotation_keeps_the_inode_under_the_backup_name(tmp_path: Path) -> None:
     path = tmp_path / "tts-app.log"
     log = LogFile(path, max_bytes=10, backups=1)
-    log.write(b"first 789\n", 1)
+    log.write([b"first 789\n"])
     inode = path.stat().st_ino
-    log.write(b"second 89\n", 1)
+    log.write([b"second 89\n"])
     log.close()
     assert (tmp_path / "tts-app.log.1").stat().st_ino == inode
     assert path.read_text() == "second 89\n"
@@ -188,3 +202,50 @@ async def test_an_unwritable_log_never_decides_a_request_or_leaks_a_slot(
     assert log.flush()
     assert (await (await app.client.get("/readyz")).json())["reason"] == "ready"
     assert [r["status"] for r in app.records("http_request")][-2:] == [200, 200]
+
+
+def _tts_requests_counted(sidecar: Sidecar) -> tuple[float, float]:
+    """(http_request records of /v1/tts, synthesis_complete records) the sidecar counted."""
+    _, body = stack.http_get(f"http://127.0.0.1:{sidecar.port}/metrics")
+    requests = syntheses = 0.0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == "tts_http_requests_total" and sample.labels["route"] == "/v1/tts":
+                requests += sample.value
+            elif sample.name == "tts_syntheses_total":
+                syntheses += sample.value
+    return requests, syntheses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("restart_sidecar", [False, True], ids=["sidecar-up", "sidecar-restart"])
+def test_rotation_under_load_loses_and_doubles_nothing(tmp_path: Path,
+                                                       restart_sidecar: bool) -> None:
+    """The real app rotates its log (64 KiB, 5 backups) several times under a request load
+    while the real sidecar tails ``*.log*``; with ``sidecar-restart`` the sidecar is down
+    across a rotation. Every request is counted exactly once."""
+    app = AppProcess(tmp_path, {"log": {"max_bytes": 65536, "backups": 5}})
+    sidecar = Sidecar(tmp_path, pattern="*.log*")
+    texts = [f"Rotation text number {i % 12}, spoken again and again." for i in range(300)]
+    logs = tmp_path / "logs"
+    try:
+        app.start()
+        sidecar.start()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(lambda text: app.post(text)[0], texts[:100]))
+            if restart_sidecar:
+                sidecar.kill()
+                rotated = sorted(logs.glob("tts-app.log.*"))
+                while sorted(logs.glob("tts-app.log.*")) == rotated:    # one rotation at least
+                    statuses.append(app.post(texts[len(statuses)])[0])
+                sidecar.start()
+            statuses += pool.map(lambda text: app.post(text)[0], texts[len(statuses):])
+        assert statuses == [200] * len(texts)
+        assert (logs / "tts-app.log.2").exists()          # rotated more than once
+        stack.wait_until(lambda: _tts_requests_counted(sidecar)[0] >= len(texts), 30,
+                         what=f"{len(texts)} requests counted")
+        time.sleep(1.0)     # anything read twice would be counted by now
+        assert _tts_requests_counted(sidecar) == (len(texts), len(texts))
+    finally:
+        sidecar.process.stop()
+        app.process.stop()

@@ -38,11 +38,11 @@ def contract_line(index: int) -> tuple[str, tuple[str, str]]:
 
 
 class Sidecar:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, pattern: str = "*.log") -> None:
         self.port = stack.free_port()
         config = {
             "server": {"listen": f"127.0.0.1:{self.port}"},
-            "logs": {"paths": [str(workdir / "logs" / "*.log")],
+            "logs": {"paths": [str(workdir / "logs" / pattern)],
                      "checkpoint_path": str(workdir / "state" / "offsets.json"),
                      "checkpoint_interval_s": 0.1, "poll_interval_s": 0.2,
                      "read_chunk_bytes": 4096},
