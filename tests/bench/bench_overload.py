@@ -10,7 +10,8 @@ text each request; two client behaviours:
 - ``honour``: after a 429 the connection waits Retry-After seconds.
 
 At capacity means ``capacity + queue_size`` connections (every one admitted); 10x and 20x
-mean ten and twenty times as many. Successes are counted from the app's own
+mean ten and twenty times as many. Each behaviour runs 1x, 10x, 20x, then 1x again; the
+ratios ("vs 1x") are against the mean of the two 1x runs. Successes are counted from the app's own
 ``synthesis_complete`` records (status success, not a cache hit) stamped inside the run, and
 the admitted latency is the ``duration_ms`` of its ``http_request`` records with status 200
 (queue wait included). The CPU cost of one rejection is the CPU time of the event-loop and
@@ -150,12 +151,21 @@ def run_load(app: App, workdir: Path, log: Path, label: str, connections: int,
                percentile(admitted, 99), sum(r["status"] == 429 for r in requests), cpu)
 
 
+def status_delay(given: float | None) -> str:
+    from tts_app.config import AdmissionConfig
+
+    return f"{AdmissionConfig().shed_delay_s if given is None else given:g}"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (4 s per load)")
     parser.add_argument("--seconds", type=int, default=15, help="duration of each load")
     parser.add_argument("--queue-size", type=int, default=16)
     parser.add_argument("--cpus", default="0,1", help="APP_CPU,WRK_CPU for taskset")
+    parser.add_argument("--shed-delay", type=float, default=None,
+                        help="admission.shed_delay_s (default: the app's default); 0 answers "
+                             "429s at once, which shows the raw cost of a rejection")
     args = parser.parse_args()
     if shutil.which("wrk") is None or shutil.which("taskset") is None:
         print("wrk and taskset are needed", file=sys.stderr)
@@ -166,33 +176,37 @@ def main() -> int:
     results: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="bench_overload_") as tmp:
         workdir = Path(tmp)
+        shed = {} if args.shed_delay is None else {"shed_delay_s": args.shed_delay}
         app = App(workdir, args.queue_size,
-                  extra={"backend": {"espeak": {"instances": 1}},
-                         "log": {"max_bytes": 0}},
+                  extra={"backend": {"espeak": {"instances": 1}}, "log": {"max_bytes": 0},
+                         "admission": shed},
                   prefix=["taskset", "-c", cpus[0]])
         try:
             status = app.wait_ready()
             capacity = int(status["capacity"]) + args.queue_size
             for honour in (False, True):
                 mode = "honour" if honour else "ignore"
-                for factor in (1, 10, 20):
+                # 1x before and after the overloads: the reference is their mean, so a
+                # drift of the machine's load during the run shows instead of skewing ratios
+                for label, factor in (("1x", 1), ("10x", 10), ("20x", 20), ("1x-again", 1)):
                     results.append(run_load(app, workdir, workdir / "app.log",
-                                            f"{mode}-{factor}x", factor * capacity, seconds,
+                                            f"{mode}-{label}", factor * capacity, seconds,
                                             honour, cpus))
         finally:
             app.stop()
     print(f"app: espeak instances=1 queue_size={args.queue_size} (at capacity = {capacity} "
-          f"connections), pinned to CPU {cpus[0]}; wrk -t1 pinned to CPU {cpus[1]}; "
-          f"{seconds:.0f} s per load")
-    print(f"{'load':<12}{'conns':>6}{'answered/s':>12}{'429':>8}{'goodput/s':>11}"
+          f"connections), shed_delay_s={status_delay(args.shed_delay)}, pinned to CPU "
+          f"{cpus[0]}; wrk -t1 pinned to CPU {cpus[1]}; {seconds} s per load")
+    print(f"{'load':<16}{'conns':>6}{'answered/s':>12}{'429':>8}{'goodput/s':>11}"
           f"{'vs 1x':>7}{'p99 200 ms':>12}{'vs 1x':>7}")
-    base: dict[str, Run] = {}
     for run in results:
         mode = run.label.split("-")[0]
-        ref = base.setdefault(mode, run)
-        print(f"{run.label:<12}{run.connections:>6}{run.answered / run.seconds:>12.0f}"
-              f"{run.rejected:>8}{run.goodput:>11.1f}{run.goodput / ref.goodput:>7.0%}"
-              f"{run.p99_admitted_ms:>12.0f}{run.p99_admitted_ms / ref.p99_admitted_ms:>7.2f}")
+        refs = [r for r in results if r.label in (f"{mode}-1x", f"{mode}-1x-again")]
+        goodput = sum(r.goodput for r in refs) / len(refs)
+        p99 = sum(r.p99_admitted_ms for r in refs) / len(refs)
+        print(f"{run.label:<16}{run.connections:>6}{run.answered / run.seconds:>12.0f}"
+              f"{run.rejected:>8}{run.goodput:>11.1f}{run.goodput / goodput:>7.0%}"
+              f"{run.p99_admitted_ms:>12.0f}{run.p99_admitted_ms / p99:>7.2f}")
     ten = next(r for r in results if r.label == "ignore-10x")
     record_us = log_record_cpu_us(5_000 if args.quick else 50_000)
     print(f"CPU of one log record (format + buffered write, in process): {record_us:.1f} us")
