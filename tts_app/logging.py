@@ -19,6 +19,7 @@ second: this sits on the cache-hit and rejection hot paths.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -195,6 +196,9 @@ class StructuredLog:
         self._cond = threading.Condition()
         self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._writer.start()
+        # An exit that skips close() (a start-up error, an uncaught exception) still writes
+        # what was logged; a daemon writer alone would be killed with it unwritten.
+        atexit.register(self.close)
 
     @classmethod
     def from_config(cls, config: LogConfig) -> StructuredLog:
@@ -300,5 +304,6 @@ class StructuredLog:
                 return
             self._closed = True
             self._cond.notify_all()
+        atexit.unregister(self.close)
         self._writer.join()
         self.file.close()

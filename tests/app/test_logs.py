@@ -6,6 +6,8 @@ import asyncio
 import concurrent.futures
 import os
 import re
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -148,6 +150,16 @@ def test_writer_batches_records_in_order_and_close_writes_the_rest(tmp_path: Pat
         [f"r{i}" for i in range(2000)]
     log.event("after_close")
     assert log.write_errors == 1
+
+
+def test_an_exit_without_close_still_writes_what_was_logged(tmp_path: Path) -> None:
+    code = ("import sys\nfrom tts_app.logging import StructuredLog\n"
+            "log = StructuredLog(sys.argv[1], flush_interval_s=1.0)\n"
+            "log.event('service_start')\nraise SystemExit(3)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "app.log")],
+                          cwd=stack.REPO, timeout=60, check=False)
+    assert done.returncode == 3
+    assert [r["event"] for r in read_log(tmp_path / "app.log")] == ["service_start"]
 
 
 def test_a_full_buffer_counts_records_as_lost_instead_of_growing(tmp_path: Path) -> None:
