@@ -42,7 +42,10 @@ from tests.bench.bench_app import App, percentile
 
 LUA = """
 local counter = 0
-local waiting = 0
+-- Retry-After waits owed: wrk asks delay() for a connection's next request after other
+-- connections' responses may have arrived, so one shared count (not a last value) keeps
+-- the number of waits equal to the number of 429s.
+local owed = {{}}
 local honour = {honour}
 local prefix = "{tag}-" .. tostring(math.random(1, 1000000000))
 
@@ -55,14 +58,12 @@ end
 
 response = function(status, headers, body)
    if honour and status == 429 then
-      waiting = (tonumber(headers["Retry-After"]) or 1) * 1000
+      table.insert(owed, (tonumber(headers["Retry-After"]) or 1) * 1000)
    end
 end
 
 delay = function()
-   local ms = waiting
-   waiting = 0
-   return ms
+   return table.remove(owed, 1) or 0
 end
 """
 
