@@ -16,8 +16,7 @@ Output::
     tts_app_log_write_errors_total 7
 
 ``pid`` is optional: a new ``started_at`` alone is a restart. ``log_write_errors`` is optional
-(log records the app could not write, cumulative since it started); the counter adds what it
-grew by, and after a restart what the new process reports, so it never goes backwards.
+(log records the app could not write, cumulative since it started; >= 0).
 
 On a failed probe (refused, timeout, non-200, not the contract) ``tts_app_up`` is 0 and the
 queue gauges disappear: the last queue depth of a dead process is not a fact any more.
@@ -68,6 +67,8 @@ class AppStatus:
                 kind = "a number" if wanted is float else "an integer"
                 raise ProbeError(f"{key}: expected {kind}, got {value!r}")
             values[key] = wanted(value)
+        if values.get("log_write_errors", 0) < 0:
+            raise ProbeError("log_write_errors: expected an integer >= 0")
         return cls(**values)
 
 
@@ -86,7 +87,6 @@ class AppProbe:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self._identity: tuple[float, int | None] | None = None
-        self._log_write_errors = 0          # the app's count at the last probe
         self._failures = 0
 
     async def start(self) -> None:
@@ -138,14 +138,9 @@ class AppProbe:
             m.requests_capacity.set((), float(status.capacity))
             if restarted:
                 m.app_restarts.inc()
-                self._log_write_errors = 0
-            count = status.log_write_errors
-            if count is not None:
-                # smaller than before without a restart: the app's count was reset
-                grown = count - self._log_write_errors if count >= self._log_write_errors \
-                    else count
-                m.app_log_write_errors.inc((), float(max(0, grown)))
-                self._log_write_errors = count
+            if status.log_write_errors is not None:
+                # The app's own count since it started; its restart is a counter reset.
+                m.app_log_write_errors.values[()] = float(status.log_write_errors)
 
     async def _fetch(self) -> AppStatus:
         assert self._session is not None, "start() first"

@@ -165,20 +165,22 @@ def test_status_parse_names_the_bad_key() -> None:
     assert status.started_at == 7.0 and status.pid is None
 
 
-async def test_log_write_errors_become_a_counter_that_survives_app_restarts(
+async def test_log_write_errors_are_exported_as_the_apps_counter(
         app_server: tuple[FakeApp, TestServer]) -> None:
     fake, server = app_server
     fake.body = {**fake.body, "log_write_errors": 5}
     probe, m = await started_probe(server)
+    assert m.app_log_write_errors.get() == 5
     fake.body = {**fake.body, "log_write_errors": 12}
     await probe.probe_once()
     assert m.app_log_write_errors.get() == 12
     fake.body = {**fake.body, "log_write_errors": 3, "started_at": 1718200100.0, "pid": 5151}
-    await probe.probe_once()                  # a new process counts from 0 again
-    assert m.app_log_write_errors.get() == 15
-    fake.body = {**fake.body, "log_write_errors": "many"}
-    await probe.probe_once()
-    assert m.app_up.get() == 0.0 and m.app_log_write_errors.get() == 15
+    await probe.probe_once()                  # a new process: a counter reset, as Prometheus
+    assert m.app_log_write_errors.get() == 3  # reads one
+    for bad in ("many", -1):
+        fake.body = {**fake.body, "log_write_errors": bad}
+        await probe.probe_once()
+        assert m.app_up.get() == 0.0 and m.app_log_write_errors.get() == 3
     await probe.stop()
 
 
