@@ -8,8 +8,9 @@ Writing is split in two so that logging never decides a request's fate:
   in-memory buffer; it never touches the disk and never raises for a disk problem.
 - a writer thread takes the whole buffer at least every ``flush_interval_s`` (sooner once a
   batch is large, on :meth:`StructuredLog.flush` and on close) and hands it to
-  :class:`LogFile`, which writes it with one ``os.write`` to an ``O_APPEND`` descriptor, so
-  lines from several writers never interleave and logrotate's copytruncate keeps working.
+  :class:`LogFile`, which writes it with one ``os.write`` of whole records to an ``O_APPEND``
+  descriptor (two when a size rotation falls inside the batch), so lines from several writers
+  never interleave and logrotate's copytruncate keeps working.
 A write that fails (disk full, file-size limit, I/O error) is counted per record in
 :attr:`StructuredLog.write_errors` and :attr:`StructuredLog.failing` says it lasts; a buffer
 that is full because the disk is far slower than the app counts the record as lost instead of
@@ -175,7 +176,6 @@ class StructuredLog:
                  max_bytes: int = 0, backups: int = 1, flush_interval_s: float = 0.1,
                  buffer_max_bytes: int = 16 << 20) -> None:
         self.file = LogFile(path, max_bytes, backups)
-        self.path = self.file.path
         self._json = fmt == "json"
         self.logger = logger
         self._min_level = LEVELS[level]
@@ -279,7 +279,6 @@ class StructuredLog:
                 batch, records = self._pending, len(self._pending)
                 self._pending, self._pending_bytes, self._urgent = [], 0, False
                 closed = self._closed
-                cond.notify_all()           # producers waiting for room
             if batch:
                 self.file.write(batch)
                 with cond:
