@@ -20,6 +20,8 @@ import pytest
 
 from tests.app.conftest import AppProcess, StartApp, stack, write_gate
 from tests.app.fakes import GatedBackend
+from tts_app.errors import ERRORS, AppError
+from tts_app.server import error_response
 from tts_app.backends.espeak import EspeakBackend
 
 
@@ -84,6 +86,16 @@ async def test_full_queue_sheds_late_and_cheaply_but_serves_hits_and_joins(
     assert (await join).headers["X-Cache"] == "shared"
     rejected = [r for r in app.records("http_request") if r["status"] == 429]
     assert [r["request_id"] for r in rejected] == ['odd "id" \\ here']
+
+
+
+@pytest.mark.parametrize("code", sorted(ERRORS))
+def test_a_prebuilt_error_body_is_the_encoded_one(code: str) -> None:
+    request_id = 'r"1\\é'
+    body = error_response(AppError(code), request_id, 1).body
+    assert isinstance(body, bytes)
+    assert json.loads(body) == {"error": {"code": code, "message": ERRORS[code].message,
+                                          "request_id": request_id}}
 
 
 class FullLogDisk:
