@@ -20,9 +20,9 @@ import pytest
 
 from tests.app.conftest import AppProcess, StartApp, stack, write_gate
 from tests.app.fakes import GatedBackend
+from tts_app.backends.espeak import EspeakBackend
 from tts_app.errors import ERRORS, AppError
 from tts_app.server import error_response
-from tts_app.backends.espeak import EspeakBackend
 
 
 async def test_burst_of_distinct_texts_with_gate_flip(start_app: StartApp) -> None:
