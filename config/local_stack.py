@@ -195,7 +195,7 @@ class Stack:
             gate["reopen_after_s"] = self.options.gate_reopen_after_s
         override = {
             "server": {"listen": f"127.0.0.1:{self.ports['exporter']}"},
-            "logs": {"paths": [str(self.workdir / "logs" / "*.log")],
+            "logs": {"paths": [str(self.workdir / "logs" / "*.log*")],
                      "checkpoint_path": str(self.workdir / "state" / "exporter-offsets.json")},
             # The espeak app holds no GPU (gpu.devices: auto would then watch none): the
             # simulated one is watched regardless, so the VRAM drill closes the gate.

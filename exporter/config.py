@@ -111,7 +111,7 @@ class AliasConfig:
 class LogsConfig:
     """Which log files to tail and how."""
 
-    paths: list[str] = field(default_factory=lambda: ["logs/*.log"])
+    paths: list[str] = field(default_factory=lambda: ["logs/*.log*"])
     checkpoint_path: str = "state/exporter-offsets.json"
     checkpoint_interval_s: float = field(default=1.0, metadata=_check(_positive))
     poll_interval_s: float = field(default=2.0, metadata=_check(_positive))

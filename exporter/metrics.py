@@ -488,6 +488,9 @@ class SidecarMetrics:
         self.app_restarts = m.counter("tts_app_restarts_total",
                                       "App restarts seen (a new started_at on /status, or a "
                                       "service_start log record).")
+        self.app_log_write_errors = m.counter("tts_app_log_write_errors_total",
+                                              "Log records the app could not write (disk full, "
+                                              "I/O error), as its /status counts them.")
 
         # --- GPU health next to the gate (NVML; each absent where the GPU cannot report it),
         # which GPUs are followed, and the app's own GPU memory as PyTorch sees it.

@@ -58,8 +58,7 @@ async def serve(config: AppConfig, config_file: str) -> int:
                            f"optional dependencies (pip install 'tts-sentinel[chattts]'): "
                            f"{exc}") from None
     try:
-        log = StructuredLog(config.log.path, config.log.format, config.log.logger,
-                            config.log.level)
+        log = StructuredLog.from_config(config.log)
     except OSError as exc:
         raise StartupError(f"{config_file}: log.path: cannot open {config.log.path!r} "
                            f"({exc.strerror})") from None

@@ -112,6 +112,11 @@ class Admission:
         self.running -= 1
         self._slots.release()
 
+    def limits(self) -> dict[str, int]:
+        """The limits in force, for /status: 429 QUEUE_FULL starts when running + waiting
+        reaches ``queue_limit``."""
+        return {"queue_size": self.queue_size, "queue_limit": self.capacity + self.queue_size}
+
 
 @dataclass(frozen=True)
 class GateState:

@@ -82,6 +82,16 @@ class LogConfig:
     format: Literal["json", "text"] = "json"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     logger: str = "tts_app"
+    # Size rotation: past max_bytes the file is renamed to PATH.1 (PATH.1 -> PATH.2 ... up to
+    # backups, the oldest dropped); 0 = never rotate (an outside logrotate may still).
+    max_bytes: int = field(default=100 << 20, metadata=_at_least(0))
+    backups: int = field(default=5, metadata=_at_least(1))
+    # Records are written by a thread in batches: at most this long after they were logged.
+    flush_interval_s: float = field(default=0.1, metadata={
+        "check": lambda v: None if 0.001 <= v <= 1 else "expected a value in [0.001, 1]"})
+    # Records waiting for the writer; beyond it (the disk far slower than the app) a record
+    # is counted as lost (log_write_errors) rather than held.
+    buffer_max_bytes: int = field(default=16 << 20, metadata=_at_least(65536))
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,11 @@ class AdmissionConfig:
     # Requests allowed to wait for a model instance; beyond it -> 429 QUEUE_FULL.
     queue_size: int = field(default=16, metadata=_at_least(0))
     retry_after_s: int = field(default=1, metadata=_at_least(1))
+    # A 429 QUEUE_FULL / RATE_LIMITED is answered this long after the request arrived (the
+    # request holds no slot meanwhile): caps how fast a client that ignores Retry-After can
+    # make the app refuse it, so shedding cannot starve the admitted work. 0 = at once.
+    shed_delay_s: float = field(default=0.5, metadata={
+        "check": lambda v: None if 0 <= v <= 10 else "expected a value in [0, 10]"})
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
 
 

@@ -19,11 +19,11 @@ Retry-After. Exactly one ``http_request`` line is logged per request, from the m
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import time
 import traceback
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,6 +43,9 @@ from tts_app.validation import TtsSpec, parse_body, validate
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SYNTHESIS_ERRORS = frozenset(("GPU_OOM", "MODEL_ERROR"))   # logged by synthesis_complete
+# Overload answers held for admission.shed_delay_s: a client that retries at once without
+# honouring Retry-After would otherwise turn every spare CPU cycle into more rejections.
+SHED = frozenset(("QUEUE_FULL", "RATE_LIMITED"))
 _HTTP_CODES = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "BODY_TOO_LARGE"}
 
 
@@ -170,20 +173,38 @@ REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey"
     else "request_id"
 
 
+# Generated request ids: a random per-process prefix and a counter (32 hex digits, unique
+# across processes like a uuid4, without a getrandom() call per request).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(1)
+
+
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
     if 0 < len(given) <= 128 and given.isprintable() and given.isascii():
         return given
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):016x}"
+
+
+# The JSON error body of each code with its default message, up to the request id: a shed
+# request costs a concatenation, not an encoder run.
+_JSON = "application/json; charset=utf-8"
+_ERROR_HEADS = {
+    code: (f'{{"error": {{"code": {json.dumps(code)}, '
+           f'"message": {json.dumps(spec.message, ensure_ascii=False)}, "request_id": ').encode()
+    for code, spec in ERRORS.items()}
 
 
 def error_response(exc: AppError, request_id: str, default_retry: int) -> web.Response:
-    body = json.dumps({"error": {"code": exc.code, "message": exc.message,
-                                 "request_id": request_id}}, ensure_ascii=False)
-    response = web.Response(status=exc.status, text=body, content_type="application/json")
+    if exc.message == exc.spec.message:
+        body = _ERROR_HEADS[exc.code] + json.dumps(request_id).encode() + b"}}"
+    else:
+        body = json.dumps({"error": {"code": exc.code, "message": exc.message,
+                                     "request_id": request_id}}, ensure_ascii=False).encode()
+    headers = {"Content-Type": _JSON}
     if exc.spec.retryable:
-        response.headers["Retry-After"] = str(exc.retry_after_s or default_retry)
-    return response
+        headers["Retry-After"] = str(exc.retry_after_s or default_retry)
+    return web.Response(status=exc.status, body=body, headers=headers)
 
 
 def _log_request(state: AppState, request: web.Request, request_id: str, route: str,
@@ -206,6 +227,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Request id in and out, error rendering, and the one http_request line."""
     state = request.app[STATE]
     started = time.perf_counter()
+    hold = False
     request_id = request[REQUEST_ID] = _request_id(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
@@ -213,6 +235,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
     except AppError as exc:
         response = _rejected(state, exc, request_id, route)
+        hold = exc.code in SHED and not state.draining \
+            and state.config.admission.shed_delay_s > 0
     except web.HTTPException as exc:     # aiohttp's own answers: 404, 405, body too large
         code = _HTTP_CODES.get(exc.status, "BAD_REQUEST")
         response = _rejected(state, AppError(code, f"{ERRORS[code].message} ({exc.reason})"),
@@ -225,6 +249,12 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                         route=route, exception_type=type(exc).__name__, exception_msg=str(exc),
                         traceback=traceback.format_exc())
         response = error_response(AppError("INTERNAL"), request_id, 1)
+    if hold:
+        try:
+            await asyncio.sleep(state.config.admission.shed_delay_s)
+        except (asyncio.CancelledError, ConnectionError):
+            _log_request(state, request, request_id, route, 499, started)
+            raise
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
     _log_request(state, request, request_id, route, response.status, started)
@@ -337,6 +367,11 @@ async def readyz(request: web.Request) -> web.Response:
     ok = state.ready and not state.draining
     reason = "ready" if ok else ("draining" if state.draining else
                                  ("failed" if state.failed else "loading"))
+    if ok and state.log.failing:
+        # Still ready: requests are answered correctly without their log lines, and taking
+        # every replica on a full log volume out of service would turn a blind spot into an
+        # outage. The reason tells the operator; the counter in /status counts the loss.
+        reason = "log_write_failed"
     return web.json_response({"ready": ok, "reason": reason}, status=200 if ok else 503)
 
 
@@ -350,6 +385,7 @@ async def status(request: web.Request) -> web.Response:
         "version": __version__, "ingress_open": gate.open,
         "cache_entries": len(state.cache) if state.cache is not None else 0,
         "jobs_pending": state.jobs.pending, **gpu_status(state.backend)}
+    body.update(state.admission.limits(), log_write_errors=state.log.write_errors)
     return web.json_response(body)
 
 

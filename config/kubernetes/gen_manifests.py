@@ -39,7 +39,7 @@ APP_OVERRIDES: dict[str, Any] = {
 }
 EXPORTER_OVERRIDES: dict[str, Any] = {
     "server": {"listen": "0.0.0.0:9109"},
-    "logs": {"paths": ["/var/lib/tts/logs/*.log"],
+    "logs": {"paths": ["/var/lib/tts/logs/*.log*"],
              "checkpoint_path": "/var/lib/tts/state/exporter-offsets.json"},
     "gate": {"gate_file": "/var/lib/tts/state/ingress.json"},
     "auth": {"bearer_token_file": "/etc/tts-sentinel/secret/token"},

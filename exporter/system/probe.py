@@ -4,7 +4,7 @@ and whether the process is up and the same one as before.
 The contract (what the co-packaged app serves; any service answering it can be watched)::
 
     {"waiting": 3, "running": 2, "capacity": 64, "started_at": 1718200000.5, "pid": 4242,
-     "backend": "chattts", "model_version": "0.2.5", "ready": true,
+     "backend": "chattts", "model_version": "0.2.5", "ready": true, "log_write_errors": 0,
      "gpu_devices": [{"index": 0, "uuid": "GPU-8f3a…", "memory_allocated_bytes": 2.1e9,
                       "memory_reserved_bytes": 3.0e9, "gpu_oom_total": 0}]}
 
@@ -18,11 +18,13 @@ Output::
     tts_app_gpu_memory_allocated_bytes{device="0",uuid="GPU-8f3a…"} 2.1e9
     tts_app_gpu_memory_reserved_bytes{device="0",uuid="GPU-8f3a…"} 3.0e9
     tts_app_gpu_oom_total{device="0",uuid="GPU-8f3a…"} 0
+    tts_app_log_write_errors_total 7
 
 ``pid``, ``ready`` and ``gpu_devices`` are optional: a new ``started_at`` alone is a restart;
 ``gpu_devices`` lists the CUDA devices the app holds (an empty list: none, e.g. the espeak
 backend; absent: the app does not say), which ``gpu.devices: auto`` follows. Its memory fields
-are optional per device (absent: that series is).
+are optional per device (absent: that series is). ``log_write_errors`` is optional too
+(log records the app could not write, cumulative since it started; >= 0).
 
 On a failed probe (refused, timeout, non-200, not the contract) ``tts_app_up`` is 0 and the
 queue and app GPU gauges disappear: the last queue depth of a dead process is not a fact any
@@ -79,6 +81,7 @@ class AppStatus:
     pid: int | None = None
     ready: bool = True
     gpu_devices: tuple[AppGpu, ...] | None = None
+    log_write_errors: int | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -86,11 +89,13 @@ class AppStatus:
             raise ProbeError("expected a JSON object")
         values: dict[str, Any] = {}
         for key, wanted in (("waiting", int), ("running", int), ("capacity", int),
-                            ("started_at", float), ("pid", int)):
+                            ("started_at", float), ("pid", int), ("log_write_errors", int)):
             value = data.get(key)
-            if key == "pid" and value is None:  # optional: started_at alone tells a restart
+            if key in ("pid", "log_write_errors") and value is None:   # optional
                 continue
             values[key] = _number(key, value, wanted is float)
+        if values.get("log_write_errors", 0) < 0:
+            raise ProbeError("log_write_errors: expected an integer >= 0")
         ready = data.get("ready", True)
         if not isinstance(ready, bool):
             raise ProbeError(f"ready: expected true or false, got {ready!r}")
@@ -202,6 +207,9 @@ class AppProbe:
             m.requests_capacity.set((), float(status.capacity))
             if restarted:
                 m.app_restarts.inc()
+            if status.log_write_errors is not None:
+                # The app's own count since it started; its restart is a counter reset.
+                m.app_log_write_errors.values[()] = float(status.log_write_errors)
             self._publish_gpus(status.gpu_devices or ())
         if self.on_status is not None:
             self.on_status(status)

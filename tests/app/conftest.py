@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,8 @@ from tts_app.errors import ERRORS
 from tts_app.logging import StructuredLog
 from tts_app.server import STATE, AppState, build_app
 
-deep_merge = load_local_stack().deep_merge
+stack = load_local_stack()
+deep_merge = stack.deep_merge
 
 
 async def expect_error(response: Any, code: str) -> dict[str, Any]:
@@ -87,8 +91,13 @@ class Running:
     client: TestClient
     state: AppState
     config: AppConfig
-    log_path: Path
     gate_file: Path
+
+    @property
+    def log_path(self) -> Path:
+        """The log file, after the writer thread wrote everything logged so far."""
+        assert self.state.log.flush(), "the log writer did not catch up"
+        return Path(self.config.log.path)
 
     def records(self, event: str | None = None) -> list[dict[str, Any]]:
         return [r for r in read_log(self.log_path) if event is None or r["event"] == event]
@@ -98,7 +107,9 @@ StartApp = Callable[..., Awaitable[Running]]
 
 
 @pytest.fixture
-async def start_app(tmp_path: Path, aiohttp_client: Any) -> StartApp:
+async def start_app(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[StartApp]:
+    logs: list[StructuredLog] = []
+
     async def start(overrides: dict[str, Any] | None = None, backend: Backend | None = None,
                     wait_ready: bool = True) -> Running:
         base = {"log": {"path": str(tmp_path / "logs" / "app.log")},
@@ -107,16 +118,19 @@ async def start_app(tmp_path: Path, aiohttp_client: Any) -> StartApp:
                          "check_interval_s": 0},
                 "admission": {"rate_limit": {"enabled": False}}}
         config = config_from_mapping(deep_merge(base, overrides or {}))
-        log = StructuredLog(config.log.path, config.log.format)
+        log = StructuredLog.from_config(config.log)
+        logs.append(log)
         app = build_app(config, backend or EspeakBackend(), log)
         client = await aiohttp_client(app)
         state = app[STATE]
         if wait_ready:
             await state.settled.wait()
             assert state.ready, state.failed
-        return Running(client, state, config, Path(config.log.path), Path(config.gate.file))
+        return Running(client, state, config, Path(config.gate.file))
 
-    return start
+    yield start
+    for log in logs:
+        log.close()
 
 
 def write_gate(path: Path, is_open: bool, retry_after_s: int = 7) -> None:
@@ -125,3 +139,47 @@ def write_gate(path: Path, is_open: bool, retry_after_s: int = 7) -> None:
     tmp.write_text(json.dumps({"open": is_open, "reasons": [] if is_open else ["vram_high"],
                                "since": 1.0, "retry_after_s": retry_after_s}))
     tmp.replace(path)
+
+
+class AppProcess:
+    """``python -m tts_app`` as a child process (espeak, rate limit off) in ``workdir``."""
+
+    def __init__(self, workdir: Path, overrides: dict[str, Any] | None = None) -> None:
+        self.port = stack.free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "logs" / "tts-app.log"
+        config = deep_merge({
+            "server": {"listen": f"127.0.0.1:{self.port}"},
+            "log": {"path": str(self.log_path)}, "cache": {"dir": str(workdir / "cache")},
+            "gate": {"file": str(workdir / "state" / "ingress.json")},
+            "admission": {"rate_limit": {"enabled": False}}}, overrides or {})
+        config_path = workdir / "app.yaml"
+        config_path.write_text(json.dumps(config))
+        self.process = stack.Process(
+            "tts_app", [sys.executable, "-m", "tts_app", "--config", str(config_path)],
+            self.base + "/readyz", workdir / "app.out", stack.REPO)
+
+    @property
+    def pid(self) -> int:
+        assert self.process.popen is not None
+        return int(self.process.popen.pid)
+
+    def start(self) -> AppProcess:
+        self.process.start()
+        stack.wait_until(lambda: stack.http_get(self.base + "/readyz")[0] == 200, 60,
+                         what="the app ready")
+        return self
+
+    def get_json(self, path: str) -> Any:
+        return json.loads(stack.http_get(self.base + path)[1])
+
+    def post(self, text: str) -> tuple[int, str, bytes]:
+        """POST /v1/tts; (status, Content-Type, body) for any status."""
+        request = urllib.request.Request(self.base + "/v1/tts",
+                                         data=json.dumps({"text": text}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.headers["Content-Type"], response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers["Content-Type"] or "", exc.read()

@@ -86,6 +86,15 @@ async def test_admission_counts_running_and_waiting() -> None:
     assert (admission.running, admission.waiting) == (2, 1)
 
 
+def test_admission_reports_the_limit_where_429_starts() -> None:
+    admission = Admission(capacity=2, queue_size=3, retry_after_s=1)
+    assert admission.limits() == {"queue_size": 3, "queue_limit": 5}
+    for _ in range(admission.limits()["queue_limit"]):
+        admission.reserve()
+    with pytest.raises(AppError):
+        admission.reserve()
+
+
 def write(path: Path, payload: object) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(payload if isinstance(payload, str) else json.dumps(payload))

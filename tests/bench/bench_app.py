@@ -80,18 +80,25 @@ def wav_seconds(body: bytes) -> float:
 class App:
     """The app under test as a child process with its own temp config/cache/log."""
 
-    def __init__(self, workdir: Path, queue_size: int) -> None:
+    def __init__(self, workdir: Path, queue_size: int, extra: dict | None = None,
+                 prefix: list[str] | None = None) -> None:
+        """``extra``: config sections merged over the defaults; ``prefix``: a command the
+        app runs under (e.g. ``taskset -c 0``)."""
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "app.yaml"
-        self.config.write_text(json.dumps({
+        config: dict = {
             "server": {"listen": f"127.0.0.1:{self.port}"},
             "log": {"path": str(workdir / "app.log")},
             "cache": {"dir": str(workdir / "cache")},
             "gate": {"file": str(workdir / "gate.json")},
-            "admission": {"queue_size": queue_size, "rate_limit": {"enabled": False}}}))
+            "admission": {"queue_size": queue_size, "rate_limit": {"enabled": False}}}
+        for section, values in (extra or {}).items():
+            config[section] = {**config.get(section, {}), **values}
+        self.config.write_text(json.dumps(config))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tts_app", "--config", str(self.config)], cwd=REPO,
+            [*(prefix or []), sys.executable, "-m", "tts_app", "--config", str(self.config)],
+            cwd=REPO,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 60) -> dict:

@@ -225,3 +225,27 @@ def test_gpu_devices_and_ready_are_optional() -> None:
     with pytest.raises(ProbeError, match="ready: expected true or false"):
         AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0,
                          "ready": "yes"})
+
+
+async def test_log_write_errors_are_exported_as_the_apps_counter(
+        app_server: tuple[FakeApp, TestServer]) -> None:
+    fake, server = app_server
+    fake.body = {**fake.body, "log_write_errors": 5}
+    probe, m = await started_probe(server)
+    assert m.app_log_write_errors.get() == 5
+    fake.body = {**fake.body, "log_write_errors": 12}
+    await probe.probe_once()
+    assert m.app_log_write_errors.get() == 12
+    fake.body = {**fake.body, "log_write_errors": 3, "started_at": 1718200100.0, "pid": 5151}
+    await probe.probe_once()                  # a new process: a counter reset, as Prometheus
+    assert m.app_log_write_errors.get() == 3  # reads one
+    for bad in ("many", -1):
+        fake.body = {**fake.body, "log_write_errors": bad}
+        await probe.probe_once()
+        assert m.app_up.get() == 0.0 and m.app_log_write_errors.get() == 3
+    await probe.stop()
+
+
+async def test_status_without_log_write_errors_still_parses() -> None:
+    status = AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0})
+    assert status.log_write_errors is None
