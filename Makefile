@@ -25,13 +25,13 @@ GRAFANA_CHECK := grafana/check
 $(VENV)/.installed-run: pyproject.toml | python-venv
 	@echo "make: setting up $(VENV) with what the demo runs (aiohttp, espeak-ng; no torch): about 30 s, once"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
 	$(PIP) install -e '.[app]'
 	touch $@
 
 # The C scanner (exporter/analyze/_scan.c) is compiled by the editable install: rebuild on change.
 $(VENV)/.installed: $(VENV)/.installed-run pyproject.toml exporter/analyze/_scan.c | compiler
 	@echo "make: adding torch, ChatTTS and the test tools to $(VENV): a few minutes, once"
+	$(PIP) install --upgrade pip
 	@if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install "$(TORCH_WHEEL)"; \
 	 else $(PIP) install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu || $(PIP) install torch==2.13.0; fi
 	$(PIP) install -e '.[dev,app,chattts]'
