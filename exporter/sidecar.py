@@ -14,6 +14,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from exporter import __version__
 from exporter.config import Config
 from exporter.gate import Gate, GateComponent
 from exporter.logs.component import LogTailComponent
@@ -25,8 +26,6 @@ from exporter.system.gpu import GpuCollector, make_source
 from exporter.system.probe import AppProbe
 
 log = logging.getLogger("exporter")
-
-VERSION = "0.1.0"
 
 
 class Component(Protocol):
@@ -84,7 +83,7 @@ class Sidecar:
         self.metrics = SidecarMetrics(
             duration_buckets_s=config.metrics.duration_buckets_s,
             text_length_buckets=config.metrics.text_length_buckets,
-            version=VERSION,
+            version=__version__,
         )
         self.components = build_components(config, self.metrics)
         routes = [route for component in self.components for route in component.routes]
@@ -98,7 +97,7 @@ class Sidecar:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.server.host, self.config.server.port)
         await site.start()
-        log.info("tts-exporter %s listening on http://%s", VERSION, self.config.server.listen)
+        log.info("tts-exporter %s listening on http://%s", __version__, self.config.server.listen)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -4,6 +4,7 @@ and a stop signal stops every process it started."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -141,6 +143,16 @@ def test_the_printed_amtool_command_reaches_alertmanager(demo: Demo) -> None:
         pytest.skip("amtool is not installed")
     result = subprocess.run(amtool, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.external
+def test_the_running_sidecar_and_app_report_the_package_version(demo: Demo) -> None:
+    _, metrics = local_stack.http_get(demo.line("sidecar").split()[0])
+    assert f'tts_exporter_build_info{{version="{version("tts-sentinel")}"}} 1' in metrics.decode()
+    app_status = demo.line("synthesize").split()[-1].replace("/v1/tts", "/status")
+    _, body = local_stack.http_get(app_status)
+    assert json.loads(body)["version"] == version("tts-sentinel")
 
 
 @pytest.mark.slow
