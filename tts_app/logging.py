@@ -1,4 +1,4 @@
-"""Structured log lines exactly as the sidecar's log contract reads them (API.md E).
+"""Structured log lines exactly as the sidecar reads them (README: "The log contract").
 
 One line per record, written with a single ``os.write`` to an ``O_APPEND`` descriptor so lines
 from several writers never interleave and logrotate's copytruncate keeps working. JSON is the
