@@ -23,7 +23,7 @@ GRAFANA_CHECK := grafana/check
 # backend, no torch), so the demo does not wait for gigabytes it never loads; the second adds
 # what the tests need on top (torch, ChatTTS, the dev tools), reusing the first.
 $(VENV)/.installed-run: pyproject.toml | python-venv
-	@echo "make: setting up $(VENV) with what the demo runs (aiohttp, espeak-ng; no torch): about 30 s, once"
+	@echo "make: setting up $(VENV) with what the demo runs (aiohttp, espeak-ng; no torch): once, about 20 s"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -e '.[app]'
 	touch $@
