@@ -401,15 +401,24 @@ PROBE_ROUTES = frozenset({"/status", "/healthz", "/readyz"})
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def live_summary(stack: Stack) -> str:
-    """A one-line reading of the sidecar's /metrics, summed over labels, without the requests
-    the stack makes itself."""
+def live_totals(stack: Stack) -> dict[str, float]:
+    """The sidecar's /metrics, summed over labels, without the requests the stack makes itself."""
     _, body = http_get(stack.url("exporter", "/metrics"))
     totals = dict.fromkeys(LIVE_METRICS.values(), 0.0)
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
             if sample.name in totals and sample.labels.get("route") not in PROBE_ROUTES:
                 totals[sample.name] += sample.value
+    return totals
+
+
+def live_summary(stack: Stack, since: dict[str, float] | None = None) -> str:
+    """One line of :func:`live_totals`; counters counted from ``since``, an earlier reading
+    (the sidecar's totals outlive its restarts, so a reused workdir starts above zero)."""
+    totals = live_totals(stack)
+    for name, value in (since or {}).items():
+        if name.endswith("_total"):
+            totals[name] -= value
     return ", ".join(f"{label} {totals[name]:g}" for label, name in LIVE_METRICS.items())
 
 
@@ -490,12 +499,12 @@ def demo(workdir: Path, options: StackOptions, duration: float | None) -> str:
             say(line)
         say("Ctrl-C (or SIGTERM, SIGHUP) stops everything.\n")
         deadline = None if duration is None else time.monotonic() + duration
-        sent = 0
+        before, sent = live_totals(stack), 0
         while deadline is None or time.monotonic() < deadline:
             status, _, _ = stack.synthesize(random.choice(DEMO_TEXTS))
             sent += 1
             if sent % 10 == 0:
-                say(f"  sent {sent} (last {status}) | sidecar: {live_summary(stack)}")
+                say(f"  sent {sent} (last {status}) | sidecar: {live_summary(stack, before)}")
             time.sleep(random.uniform(0.2, 1.0))
     except StopSignal as stop:
         reason = str(stop)

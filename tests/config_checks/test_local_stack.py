@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,20 +219,31 @@ def test_a_child_that_ignores_sigterm_is_killed_at_the_bound(tmp_path: Path) -> 
     assert 1.0 <= elapsed < 10
 
 
+def send_and_read_live_summary(stack: Any, texts: list[str], since: Any = None) -> str:
+    """Send ``texts``, then the live summary once the sidecar has read their syntheses and at
+    least one of its own probes."""
+    for text in texts:
+        assert stack.synthesize(text)[0] == 200
+
+    def counted() -> str | None:
+        _, body = local_stack.http_get(stack.url("exporter", "/metrics"))
+        probes_seen = 'route="/status"' in body.decode()
+        summary: str = local_stack.live_summary(stack, since)
+        return summary if probes_seen and f"syntheses {len(texts)}," in summary else None
+
+    summary: str = local_stack.wait_until(counted, 30, what="the sidecar to read the logs")
+    return summary
+
+
 @pytest.mark.slow
 def test_the_live_counter_counts_the_demo_requests_not_the_probe(tmp_path: Path) -> None:
     options = local_stack.StackOptions(prometheus=False, alertmanager=False,
                                        exporter_overrides={"probe": {"interval_s": 0.2}})
     with local_stack.Stack(tmp_path, options) as stack:
-        for text in ("one", "two", "three"):
-            assert stack.synthesize(text)[0] == 200
-
-        def counted() -> str | None:
-            _, body = local_stack.http_get(stack.url("exporter", "/metrics"))
-            probes_seen = 'route="/status"' in body.decode()
-            summary = local_stack.live_summary(stack)
-            return summary if probes_seen and "syntheses 3," in summary else None
-
-        summary = local_stack.wait_until(counted, 30, what="the sidecar to read the logs")
+        summary = send_and_read_live_summary(stack, ["one", "two", "three"])
         assert summary.startswith("requests 3,"), summary
-
+    # A second demo on the same workdir: the sidecar restores its totals, the line starts at 0.
+    with local_stack.Stack(tmp_path, options) as stack:
+        before = local_stack.live_totals(stack)
+        summary = send_and_read_live_summary(stack, ["four", "five"], since=before)
+        assert summary.startswith("requests 2,"), summary
