@@ -247,3 +247,20 @@ def test_the_live_counter_counts_the_demo_requests_not_the_probe(tmp_path: Path)
         before = local_stack.live_totals(stack)
         summary = send_and_read_live_summary(stack, ["four", "five"], since=before)
         assert summary.startswith("requests 2,"), summary
+
+
+@pytest.mark.slow
+def test_the_sidecar_exits_on_sigterm_within_seconds_while_traffic_flows(tmp_path: Path) -> None:
+    """The stack's SIGKILL bound is a backstop: the sidecar itself stops at once, mid-traffic."""
+    options = local_stack.StackOptions(prometheus=False, alertmanager=False)
+    with local_stack.Stack(tmp_path, options) as stack:
+        for index in range(5):
+            assert stack.synthesize(f"traffic {index}")[0] == 200
+        exporter = stack.processes["exporter"]
+        assert exporter.popen is not None
+        started = time.monotonic()
+        exporter.popen.send_signal(signal.SIGTERM)
+        code = exporter.popen.wait(local_stack.STOP_TIMEOUT_S)
+        elapsed = time.monotonic() - started
+    assert code == 0, exporter.log_tail()
+    assert elapsed < 5, f"{elapsed:.1f} s"
