@@ -8,15 +8,29 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # The CPU build of torch that this machine keeps on disk; elsewhere pip takes it from the index
 # with the CPU wheel index so that no CUDA wheels are pulled in.
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
-DEBIAN_PKGS := prometheus prometheus-alertmanager mtail wrk nginx
+# What the demo starts; the tests and benchmarks also run the others for real.
+DEMO_DEBS   := prometheus prometheus-alertmanager
+DEBIAN_PKGS := $(DEMO_DEBS) mtail wrk nginx
+# apt-get install, as root (through sudo when not root); the packages follow it.
+APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends
 
 .PHONY: run test bench lint venv deps debs node clean cpu-torchaudio compiler
 
 GRAFANA_CHECK := grafana/check
 
-# The C scanner (exporter/analyze/_scan.c) is compiled by the editable install: rebuild on change.
-$(VENV)/.installed: pyproject.toml exporter/analyze/_scan.c | compiler
+# One venv in two stages. The first holds what the demo runs (`make run`: the app's espeak
+# backend, no torch), so the demo does not wait for gigabytes it never loads; the second adds
+# what the tests need on top (torch, ChatTTS, the dev tools), reusing the first.
+$(VENV)/.installed-run: pyproject.toml | python-venv
+	@echo "make: setting up $(VENV) with what the demo runs (aiohttp, espeak-ng; no torch): once, about 20 s"
 	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -e '.[app]'
+	touch $@
+
+# The C scanner (exporter/analyze/_scan.c) is compiled by the editable install: rebuild on change.
+$(VENV)/.installed: $(VENV)/.installed-run pyproject.toml exporter/analyze/_scan.c | compiler
+	@echo "make: adding torch, ChatTTS and the test tools to $(VENV): a few minutes, once"
 	$(PIP) install --upgrade pip
 	@if [ -n "$(TORCH_WHEEL)" ]; then $(PIP) install "$(TORCH_WHEEL)"; \
 	 else $(PIP) install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu || $(PIP) install torch==2.13.0; fi
@@ -41,13 +55,20 @@ cpu-torchaudio:
 
 venv: $(VENV)/.installed
 
+# `python3 -m venv` needs ensurepip, which Debian ships apart (python3-venv).
+.PHONY: python-venv
+python-venv:
+	@if ! $(PYTHON) -c "import ensurepip" 2>/dev/null; then \
+	  echo "make: installing python3-venv (python3 -m venv needs it)"; \
+	  $(APT_INSTALL) python3-venv >/dev/null; \
+	fi
+
 # analyze's scanner is C: the install needs a compiler and the headers of $(PYTHON) (Debian's
 # python3-dev has those of its python3; another $(PYTHON) brings its own, as pyenv's do).
 compiler:
 	@if ! command -v cc >/dev/null || ! $(PYTHON) -c "import os, sys, sysconfig; \
 	    sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))"; then \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev python3-dev >/dev/null; \
+	  $(APT_INSTALL) gcc libc6-dev python3-dev >/dev/null; \
 	fi
 
 deps: venv debs $(GRAFANA_CHECK)/node_modules/.package-lock.json
@@ -56,33 +77,46 @@ deps: venv debs $(GRAFANA_CHECK)/node_modules/.package-lock.json
 # Checks for the commands, not the Debian package: NodeSource's nodejs ships npm itself.
 node:
 	@if ! command -v node >/dev/null || ! command -v npm >/dev/null; then \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null; \
+	  $(APT_INSTALL) nodejs npm >/dev/null; \
 	fi
 
 $(GRAFANA_CHECK)/node_modules/.package-lock.json: $(GRAFANA_CHECK)/package.json $(GRAFANA_CHECK)/package-lock.json | node
 	cd $(GRAFANA_CHECK) && npm ci --no-audit --no-fund
 
-# Debian packages the end-to-end tests and benchmarks run for real (installed once, as root).
-debs:
-	@missing=""; for p in $(DEBIAN_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+# Debian packages run for real (installed once, as root). Debian starts their services on
+# install; they are stopped again, since the stack starts its own on free ports.
+install_debs = missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  echo "make: installing Debian packages:$$missing"; \
+	  $(APT_INSTALL) $$missing >/dev/null; \
 	  $$SUDO systemctl stop prometheus prometheus-alertmanager nginx mtail >/dev/null 2>&1 || true; \
 	fi
+
+# All that the end-to-end tests and benchmarks run.
+debs:
+	@$(call install_debs,$(DEBIAN_PKGS))
+
+# What the demo runs.
+.PHONY: demo-debs
+demo-debs:
+	@$(call install_debs,$(DEMO_DEBS))
 
 test: deps
 	TTS_REQUIRE_CHATTTS=1 $(PY) -m pytest -q
 
 # The demo: app + sidecar on the embedded espeak backend, Prometheus and Alertmanager on loopback,
-# live traffic; prints the URLs and runs until Ctrl-C.
-run: deps
+# live traffic; prints where to look and runs until Ctrl-C, SIGTERM or SIGHUP, then stops them
+# all. It installs only what it runs: no torch, ChatTTS or Node.js (`make test` adds those).
+run: $(VENV)/.installed-run demo-debs
 	$(PY) config/local_stack.py
 
 bench: deps
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+# The inner loop: the fast tests, no external servers (`make test` runs them all).
+.PHONY: check
+check: venv
+	$(PY) -m pytest -q -m "not slow and not external"
 
 lint: venv
 	$(VENV)/bin/ruff check exporter tts_app tests config

@@ -3,8 +3,8 @@
 One place that knows how the shipped configs fit together, used by ``make run`` (the demo) and
 by the end-to-end tests, so what the tests prove is what a person starts:
 
-    python config/local_stack.py              # demo: start everything, send traffic, print URLs
-    python config/local_stack.py --no-prom    # app + sidecar only
+    .venv/bin/python config/local_stack.py            # demo: start, send traffic, say where to look
+    .venv/bin/python config/local_stack.py --no-prom  # app + sidecar only
 
 Every process listens on a free loopback port and writes under one work directory. The shipped
 configs (``config/*.yaml``, ``alerts/tts.rules.yaml``) are loaded and only the environment-
@@ -28,14 +28,18 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
+# How long children get after SIGTERM before SIGKILL: the demo app drains in well under this.
+STOP_TIMEOUT_S = 10.0
 
 
 def free_port() -> int:
@@ -120,15 +124,38 @@ class Process:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return ""
 
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.popen is None or self.popen.poll() is not None:
-            return None if self.popen is None else self.popen.returncode
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            return self.popen.wait(5)
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def signal_group(self, signum: int) -> None:
+        """Signal the child's process group (its own session), so what it started goes too.
+        Only while the child is unreaped: until then its pid, the group's id, is not reused."""
+        if self.popen is not None and self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.popen.pid, signum)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        stop_all([self], timeout)
+        return None if self.popen is None else self.popen.returncode
+
+
+def stop_all(processes: Sequence[Process], timeout: float = STOP_TIMEOUT_S) -> list[str]:
+    """SIGTERM every process group at once, give them ``timeout`` seconds together, then SIGKILL
+    the groups still running. Returns the names of those that had to be killed."""
+    running = [process for process in processes if process.running()]
+    for process in running:
+        process.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for process in running:
+        assert process.popen is not None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.popen.wait(max(0.0, deadline - time.monotonic()))
+    killed = [process for process in running if process.running()]
+    for process in killed:
+        assert process.popen is not None
+        process.signal_group(signal.SIGKILL)
+        process.popen.wait()
+    return [process.name for process in killed]
 
 
 @dataclass
@@ -149,9 +176,11 @@ class StackOptions:
 class Stack:
     """Writes configs under ``workdir``, starts the processes, and stops them all."""
 
-    def __init__(self, workdir: Path, options: StackOptions | None = None) -> None:
+    def __init__(self, workdir: Path, options: StackOptions | None = None,
+                 say: Callable[[str], None] | None = None) -> None:
         self.workdir = workdir.resolve()
         self.options = options or StackOptions()
+        self.say = say  # where stopping is announced (the demo prints; tests stay quiet)
         self.ports = {name: free_port() for name in
                       ("app", "exporter", "prometheus", "alertmanager", "am_cluster", "pager")}
         self.token = "demo-" + "".join(random.choices("abcdefghijkmnpqrstuvwxyz23456789", k=24))
@@ -294,9 +323,19 @@ class Stack:
         self.processes[name] = Process(name, argv, ready_url,
                                        self.workdir / f"{name}.out", REPO)
 
-    def stop(self) -> None:
-        for process in reversed(list(self.processes.values())):
-            process.stop()
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> list[str]:
+        """Stop every child (see :func:`stop_all`); the names of those killed."""
+        running = [p for p in reversed(self.processes.values()) if p.running()]
+        if running and self.say:
+            self.say(f"stopping {', '.join(p.name for p in running)} "
+                     f"(SIGTERM; SIGKILL after {timeout:g} s)")
+        started = time.monotonic()
+        killed = stop_all(running, timeout)
+        if running and self.say:
+            if killed:
+                self.say(f"  {', '.join(killed)} did not stop within {timeout:g} s: killed")
+            self.say(f"stopped in {time.monotonic() - started:.1f} s")
+        return killed
 
     def __enter__(self) -> Stack:
         self.start()
@@ -359,41 +398,122 @@ LIVE_METRICS = {
     "log lines": "tts_exporter_log_lines_total",
     "ingress open": "tts_ingress_open",
 }
+# Requests the stack makes itself (the sidecar's probe, readiness checks), not the demo traffic.
+PROBE_ROUTES = frozenset({"/status", "/healthz", "/readyz"})
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def live_summary(stack: Stack) -> str:
-    """A one-line reading of the sidecar's /metrics, summed over labels."""
+def live_totals(stack: Stack) -> dict[str, float]:
+    """The sidecar's /metrics, summed over labels, without the requests the stack makes itself."""
     _, body = http_get(stack.url("exporter", "/metrics"))
     totals = dict.fromkeys(LIVE_METRICS.values(), 0.0)
-    for line in body.decode().splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in totals:
-            totals[name] += float(line.rsplit(" ", 1)[1])
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name in totals and sample.labels.get("route") not in PROBE_ROUTES:
+                totals[sample.name] += sample.value
+    return totals
+
+
+def live_summary(stack: Stack, since: dict[str, float] | None = None) -> str:
+    """One line of :func:`live_totals`; counters counted from ``since``, an earlier reading
+    (the sidecar's totals outlive its restarts, so a reused workdir starts above zero)."""
+    totals = live_totals(stack)
+    for name, value in (since or {}).items():
+        if name.endswith("_total"):
+            totals[name] -= value
     return ", ".join(f"{label} {totals[name]:g}" for label, name in LIVE_METRICS.items())
 
 
-def demo(workdir: Path, options: StackOptions, duration: float | None) -> None:
-    """Start the stack, keep a gentle stream of requests going, print where to look."""
-    with Stack(workdir, options) as stack:
-        print("\ntts-sentinel demo is up:")
-        print(f"  app        {stack.url('app', '/v1/tts')}  (POST {{\"text\": \"hello\"}})")
-        print(f"  sidecar    {stack.url('exporter', '/metrics')}")
-        print(f"  gate       {stack.url('exporter', '/ingress')}")
-        if "prometheus" in stack.processes:
-            print(f"  prometheus {stack.url('prometheus', '/alerts')}")
-        if "alertmanager" in stack.processes:
-            print(f"  alertmgr   {stack.url('alertmanager', '/')}")
-        print(f"  GPU drill  python config/local_stack.py --workdir {workdir} --set-vram 0.95")
-        print(f"  logs       {workdir / 'logs'}\nCtrl-C stops everything.\n")
+class StopSignal(Exception):
+    """SIGINT, SIGTERM or SIGHUP arrived: leave whatever the demo was doing and stop."""
+
+
+def _stop_on_signals() -> None:
+    """Turn the stop signals into :class:`StopSignal`, once: a second one (make forwards the
+    SIGTERM that ``timeout`` also sends to the group) must not cut the stop short."""
+    def handler(signum: int, _: object) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise StopSignal(signal.Signals(signum).name)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+def _shown(path: Path | str) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter to paste)."""
+    path = Path(path).absolute()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def first_answering(stack: Stack, name: str, paths: Sequence[str]) -> str:
+    """The first of ``paths`` that answers 200: Debian's Prometheus serves its alerts page at
+    /classic/alerts, upstream's at /alerts."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            if http_get(stack.url(name, path))[0] == 200:
+                return stack.url(name, path)
+    return stack.url(name, paths[-1])
+
+
+def where_to_look(stack: Stack) -> list[str]:
+    """What the demo prints once it is up: each line a URL that answers or a command to paste."""
+    python = _shown(sys.executable)
+    lines = [
+        "  synthesize    curl -sS --fail -o hello.wav -H 'Content-Type: application/json' "
+        f"-d '{{\"text\": \"hello\"}}' {stack.url('app', '/v1/tts')}",
+        f"  sidecar       {stack.url('exporter', '/metrics')}",
+        f"  gate          {stack.url('exporter', '/ingress')}",
+    ]
+    if "prometheus" in stack.processes:
+        lines.append("  prometheus    "
+                     + first_answering(stack, "prometheus", ["/alerts", "/classic/alerts"]))
+    if "alertmanager" in stack.processes:
+        # Debian's Alertmanager ships no web UI: its API, or amtool, shows the alerts.
+        lines.append(f"  alertmanager  {stack.url('alertmanager', '/api/v2/alerts')}  "
+                     f"(or: amtool --alertmanager.url={stack.url('alertmanager')} alert query)")
+        lines.append(f"  dashboards    {_shown(REPO / 'grafana' / 'dashboards')}/*.json: import "
+                     "them in a Grafana (Dashboards > Import) with a Prometheus data source at "
+                     f"{stack.url('prometheus')}, or provision them with "
+                     f"{_shown(REPO / 'grafana' / 'provisioning')}/")
+    lines += [
+        f"  GPU drill     {python} {_shown(__file__)} --workdir {_shown(stack.workdir)} "
+        "--set-vram 0.95   (0.40 reopens)",
+        f"  logs          {_shown(stack.workdir / 'logs')}",
+    ]
+    return lines
+
+
+def demo(workdir: Path, options: StackOptions, duration: float | None) -> str:
+    """Start the stack, say where to look, keep a gentle stream of requests going until
+    ``duration`` passes or a stop signal comes; then stop every child. Returns why it stopped."""
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    _stop_on_signals()
+    stack = Stack(workdir, options, say=say)
+    say(f"starting the stack on 127.0.0.1 (each process's output: {_shown(workdir)}/*.out)")
+    reason = "--duration reached"
+    try:
+        stack.start()
+        say("\ntts-sentinel demo is up:")
+        for line in where_to_look(stack):
+            say(line)
+        say("Ctrl-C (or SIGTERM, SIGHUP) stops everything.\n")
         deadline = None if duration is None else time.monotonic() + duration
-        served = 0
-        with contextlib.suppress(KeyboardInterrupt):
-            while deadline is None or time.monotonic() < deadline:
-                status, _, _ = stack.synthesize(random.choice(DEMO_TEXTS))
-                served += 1
-                if served % 10 == 0:
-                    print(f"  sent {served} (last {status}) | sidecar: {live_summary(stack)}")
-                time.sleep(random.uniform(0.2, 1.0))
+        before, sent = live_totals(stack), 0
+        while deadline is None or time.monotonic() < deadline:
+            status, _, _ = stack.synthesize(random.choice(DEMO_TEXTS))
+            sent += 1
+            if sent % 10 == 0:
+                say(f"  sent {sent} (last {status}) | sidecar: {live_summary(stack, before)}")
+            time.sleep(random.uniform(0.2, 1.0))
+    except StopSignal as stop:
+        reason = str(stop)
+        say(f"\n{reason} received")
+    finally:
+        stack.stop()
+    return reason
 
 
 def main(argv: list[str] | None = None) -> int:

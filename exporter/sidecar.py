@@ -16,6 +16,7 @@ from typing import Protocol
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from exporter import __version__
 from exporter.config import Config
 from exporter.connections import ACCEPT_BACKLOG, ConnectionGuard, fd_headroom
 from exporter.gate import Gate, GateComponent
@@ -30,7 +31,6 @@ from exporter.webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger("exporter")
 
-VERSION = "0.1.0"
 GIL_SWITCH_INTERVAL_S = 0.001
 
 
@@ -96,7 +96,7 @@ class Sidecar:
         self.metrics = SidecarMetrics(
             duration_buckets_s=config.metrics.duration_buckets_s,
             text_length_buckets=config.metrics.text_length_buckets,
-            version=VERSION,
+            version=__version__,
         )
         self.components = build_components(config, self.metrics)
         routes = [route for component in self.components for route in component.routes]
@@ -131,8 +131,8 @@ class Sidecar:
         site = web.TCPSite(self._runner, server.host, server.port,
                            ssl_context=self.web_config.ssl_context, backlog=ACCEPT_BACKLOG)
         await site.start()
-        log.info("tts-exporter %s listening on %s://%s", VERSION,
-                 "https" if self.web_config.ssl_context else "http", server.listen)
+GIL_SWITCH_INTERVAL_S = 0.001
+
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -1,4 +1,4 @@
-"""Structured log lines exactly as the sidecar's log contract reads them (API.md E).
+"""Structured log lines exactly as the sidecar reads them (README: "The log contract").
 
 JSON is the default; ``text`` writes the IndexTTS format
 (``2024-06-12 14:22:38,415 - tts_app - INFO - synthesis_complete: request_id=…, status=…``).

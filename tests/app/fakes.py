@@ -1,4 +1,4 @@
-"""Test doubles of the backend protocol (API.md D) for failure and timing cases.
+"""Test doubles of the backend protocol (tts_app/backends/base.py) for failure and timing cases.
 
 ``GatedBackend`` is the real espeak backend that waits for a test-controlled event before
 synthesizing, so "in flight" and "queue full" are states a test holds instead of races.

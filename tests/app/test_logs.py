@@ -1,4 +1,4 @@
-"""The app's log lines follow the contract (API.md E) in both formats."""
+"""The app's log lines follow the contract (README: "The log contract") in both formats."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The backend protocol every synthesis engine implements (API.md D).
+"""The backend protocol every synthesis engine implements.
 
 The HTTP app only ever talks to this protocol: admission sizes its worker pool from
 ``instances``, the cache keys on ``name``/``model_version``, validation uses ``voices``.
