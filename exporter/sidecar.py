@@ -131,8 +131,8 @@ class Sidecar:
         site = web.TCPSite(self._runner, server.host, server.port,
                            ssl_context=self.web_config.ssl_context, backlog=ACCEPT_BACKLOG)
         await site.start()
-GIL_SWITCH_INTERVAL_S = 0.001
-
+        log.info("tts-exporter %s listening on %s://%s", __version__,
+                 "https" if self.web_config.ssl_context else "http", server.listen)
 
     async def stop(self) -> None:
         if self._runner is not None:
