@@ -90,3 +90,12 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(GRAFANA_CHECK)/node_modules $(GRAFANA_CHECK)/build
+
+# The one-shot check on a machine with an NVIDIA GPU (tests/gpu/check.py): NVML against
+# nvidia-smi, the gate's crossing latency, chattts on CUDA; under 5 minutes. No network and no
+# install here: $(VENV) is built beforehand with a CUDA build of torch (README: GPU check).
+# Without a GPU it says why and exits 0.
+.PHONY: gpu-check
+gpu-check:
+	@test -x $(PY) || { echo "gpu-check: no $(PY); build it beforehand (README: GPU check)"; exit 2; }
+	$(PY) -m tests.gpu.check --out state/gpu-check.json

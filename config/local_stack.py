@@ -197,7 +197,9 @@ class Stack:
             "server": {"listen": f"127.0.0.1:{self.ports['exporter']}"},
             "logs": {"paths": [str(self.workdir / "logs" / "*.log")],
                      "checkpoint_path": str(self.workdir / "state" / "exporter-offsets.json")},
-            "gpu": {"source": f"file:{self.gpu_file}"},
+            # The espeak app holds no GPU (gpu.devices: auto would then watch none): the
+            # simulated one is watched regardless, so the VRAM drill closes the gate.
+            "gpu": {"source": f"file:{self.gpu_file}", "devices": "all"},
             "gate": gate,
             "auth": {"bearer_token_file": str(self.token_file)},
             "disk": {"paths": [str(self.workdir / "cache")]},

@@ -131,19 +131,40 @@ class MetricsConfig:
     )
 
 
+def _gpu_devices(value: str | list[str | int]) -> str | None:
+    if isinstance(value, str):
+        return None
+    entries = [str(v).strip() for v in value]
+    if not entries:
+        return "expected 'all', 'auto' or a non-empty list of GPU UUIDs or indices"
+    if any(isinstance(v, int) and v < 0 for v in value) or not all(entries):
+        return "expected GPU UUIDs (GPU-..., MIG-...) or indices >= 0"
+    if len(set(entries)) != len(entries):
+        return "expected each GPU once"
+    return None
+
+
 @dataclass(frozen=True)
 class GpuConfig:
-    """Where GPU readings come from: ``nvml``, ``file:PATH`` (JSON re-read each poll), ``none``."""
+    """Where GPU readings come from: ``nvml``, ``file:PATH`` (JSON re-read each poll), ``none``;
+    and which GPUs the gate and the ``tts_gpu_*`` series follow: ``all``, a list of UUIDs or
+    indices, or ``auto`` (the CUDA devices the probed app reports; all without a probe)."""
 
     source: str = "nvml"
     poll_interval_s: float = field(default=0.25, metadata=_check(_positive))
     stale_after_s: float = field(default=2.0, metadata=_check(_positive))
+    devices: Literal["auto", "all"] | list[str | int] = field(
+        default="auto", metadata=_check(_gpu_devices))
 
     def __post_init__(self) -> None:
         if self.source not in ("nvml", "none") and not (
             self.source.startswith("file:") and len(self.source) > 5
         ):
             raise ValueError(("source", "expected 'nvml', 'none' or 'file:PATH'"))
+
+    def device_list(self) -> str | list[str]:
+        """``gpu.devices`` with list entries as strings (indices and UUIDs alike)."""
+        return self.devices if isinstance(self.devices, str) else [str(d) for d in self.devices]
 
 
 @dataclass(frozen=True)
@@ -271,7 +292,15 @@ def _convert(tp: Any, value: Any, file: str, key: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(args[0], value, file, key)
+        if value is None:
+            return None
+        problems = []
+        for arg in args:  # the first alternative that takes the value
+            try:
+                return _convert(arg, value, file, key)
+            except ConfigError as exc:
+                problems.append(exc.problem if exc.key == key else f"{exc.key}: {exc.problem}")
+        raise ConfigError(file, key, "; or ".join(problems))
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -490,6 +490,49 @@ class SidecarMetrics:
                                       "App restarts seen (a new started_at on /status, or a "
                                       "service_start log record).")
 
+        # --- GPU health next to the gate (NVML; each absent where the GPU cannot report it),
+        # which GPUs are followed, and the app's own GPU memory as PyTorch sees it.
+        self.gpu_watch_mode = m.gauge("tts_gpu_watch_mode",
+                                      "1 for the GPU selection in force: configured is "
+                                      "gpu.devices (all, list, auto), mode what is followed now "
+                                      "(all, list, app: the app's CUDA devices, none: the app "
+                                      "holds no GPU).", ["configured", "mode"])
+        self.gpu_sm_clock = m.gauge("tts_gpu_sm_clock_hertz", "GPU streaming-multiprocessor "
+                                    "clock, hertz.", ["gpu", "uuid"])
+        self.gpu_ecc_uncorrected = m.counter("tts_gpu_ecc_uncorrected_errors_total",
+                                             "Uncorrectable ECC memory errors since the driver "
+                                             "loaded (NVML volatile count).", ["gpu", "uuid"])
+        self.gpu_remapped_rows = m.gauge("tts_gpu_remapped_rows", "GPU memory rows remapped to "
+                                         "spares, by the error that caused it (correctable, "
+                                         "uncorrectable).", ["gpu", "uuid", "cause"])
+        self.gpu_row_remap_pending = m.gauge("tts_gpu_row_remap_pending", "1 while a row remap "
+                                             "waits for a GPU reset to take effect.",
+                                             ["gpu", "uuid"])
+        self.gpu_row_remap_failed = m.gauge("tts_gpu_row_remap_failed", "1 once a row remap has "
+                                            "failed (no spare row left): replace the GPU.",
+                                            ["gpu", "uuid"])
+        self.gpu_clock_event_active = m.gauge("tts_gpu_clock_event_active",
+                                              "1 while this reason holds the GPU clocks down "
+                                              "(thermal, power brake, HW slowdown, ...).",
+                                              ["gpu", "uuid", "reason"])
+        self.gpu_xid_errors = m.counter("tts_gpu_xid_errors_total", "XID errors the driver "
+                                        "reported (NVML events), by GPU and XID code.",
+                                        ["gpu", "uuid", "xid"])
+        self.gpu_xid_last_event = m.gauge("tts_gpu_xid_last_event_timestamp_seconds",
+                                          "Unix time the sidecar read the last XID error of "
+                                          "this code on this GPU.", ["gpu", "uuid", "xid"])
+        self.app_gpu_allocated = m.gauge("tts_app_gpu_memory_allocated_bytes",
+                                         "GPU memory the app's tensors occupy (PyTorch "
+                                         "memory_allocated), by the app's CUDA device.",
+                                         ["device", "uuid"])
+        self.app_gpu_reserved = m.gauge("tts_app_gpu_memory_reserved_bytes",
+                                        "GPU memory PyTorch's caching allocator holds for the "
+                                        "app (memory_reserved), by the app's CUDA device.",
+                                        ["device", "uuid"])
+        self.app_gpu_oom = m.counter("tts_app_gpu_oom_total", "CUDA out-of-memory errors the "
+                                     "app reported since it started, by its CUDA device.",
+                                     ["device", "uuid"])
+
         # --- Service layer: HTTP as the app logged it, queue as /status reports it.
         self.http_requests = m.counter("tts_http_requests_total",
                                        "HTTP requests the app served, by route template and "

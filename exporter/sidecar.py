@@ -21,7 +21,7 @@ from exporter.logs.timelines import TimelineComponent
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_app
 from exporter.system.disk import DiskWatcher
-from exporter.system.gpu import GpuCollector, make_source
+from exporter.system.gpu import DeviceWatch, GpuCollector, make_source
 from exporter.system.probe import AppProbe
 
 log = logging.getLogger("exporter")
@@ -59,20 +59,23 @@ def _log_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
 
 
 def _system_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
-    """Gate, GPU, disk and probe. The gate comes before the GPU collector, which feeds it."""
+    """Gate, probe, GPU and disk. The gate comes before the GPU collector, which feeds it;
+    the probe too, so that the first GPU poll already follows the devices the app reports."""
     parts: list[Component] = []
     gate = None
     if config.gate.enabled:
         gate = Gate.from_config(config.gate, stale_after_s=config.gpu.stale_after_s)
         parts.append(GateComponent(gate, config.gate, config.auth, metrics))
-    parts.append(GpuCollector(make_source(config.gpu.source), metrics, gate,
-                              config.gpu.poll_interval_s, config.gpu.stale_after_s))
+    gpu = GpuCollector(make_source(config.gpu.source), metrics, gate,
+                       config.gpu.poll_interval_s, config.gpu.stale_after_s,
+                       DeviceWatch(config.gpu.device_list()))
+    if config.probe.url:
+        parts.append(AppProbe(config.probe.url, metrics, config.probe.interval_s,
+                              config.probe.timeout_s, on_status=gpu.on_app_status))
+    parts.append(gpu)
     if config.disk.paths:
         parts.append(DiskWatcher(config.disk.paths, metrics, config.disk.thresholds,
                                  config.disk.reconcile_interval_s, config.disk.poll_interval_s))
-    if config.probe.url:
-        parts.append(AppProbe(config.probe.url, metrics, config.probe.interval_s,
-                              config.probe.timeout_s))
     return parts
 
 

@@ -31,7 +31,7 @@ from aiohttp import web
 
 from tts_app import __version__, audio
 from tts_app.admission import Admission, GateWatcher, RateLimiter
-from tts_app.backends.base import Backend, SynthesisParams, SynthesisRequest
+from tts_app.backends.base import Backend, SynthesisParams, SynthesisRequest, gpu_status
 from tts_app.cache import DiskCache
 from tts_app.config import AppConfig
 from tts_app.engine import Flight, Hit, SynthesisService
@@ -333,7 +333,7 @@ async def status(request: web.Request) -> web.Response:
         "ready": state.ready and not state.draining, "draining": state.draining,
         "version": __version__, "ingress_open": gate.open,
         "cache_entries": len(state.cache) if state.cache is not None else 0,
-        "jobs_pending": state.jobs.pending}
+        "jobs_pending": state.jobs.pending, **gpu_status(state.backend)}
     return web.json_response(body)
 
 

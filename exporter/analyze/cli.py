@@ -10,18 +10,19 @@ import re
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
 from exporter.analyze.reader import (
+    Damage,
     ReadStats,
     file_records,
-    iter_chunks,
     iter_records,
-    open_range,
     order_files,
+    read_chunks,
     split_ranges,
 )
 from exporter.analyze.render import dump_json, render_report, render_timeline
@@ -72,6 +73,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="parse every line fully (slower; for checking the fast path)")
     parser.add_argument("--progress", action="store_true",
                         help="progress on stderr even when it is not a terminal")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit 2 when a file could not be read whole (missing, "
+                             "unreadable, a .gz cut short or corrupt); the report of what "
+                             "could be read is printed either way")
 
 
 class _Progress:
@@ -115,17 +120,14 @@ def _scan_file(path: Path, span: _Span, scanner: ChunkScanner, stats: ReadStats,
     """One file range through the chunk scanner (which applies the window line by line);
     with a window the range is left at the first chunk past it (so the footer's line counts
     stop there)."""
-    with open_range(path, span, stats) as (fh, length):
-        if length == 0:
-            return
-        for chunk in iter_chunks(fh, stats, length, SCAN_CHUNK):
-            tick()
-            if window is not None:
-                first, last = scanner.bounds(chunk)
-                if first is not None and last is not None \
-                        and min(first, last) >= window.until + WINDOW_SLACK_S:
-                    break                   # logs run forward: nothing after this matters
-            scanner.scan(chunk, stats, window)
+    for chunk in read_chunks(path, span, stats, SCAN_CHUNK):
+        tick()
+        if window is not None:
+            first, last = scanner.bounds(chunk)
+            if first is not None and last is not None \
+                    and min(first, last) >= window.until + WINDOW_SLACK_S:
+                break                       # logs run forward: nothing after this matters
+        scanner.scan(chunk, stats, window)
 
 
 def _analyze_files(task: _Task, progress: _Progress | None = None) -> tuple[Report, ReadStats]:
@@ -155,24 +157,48 @@ def _add_stats(total: ReadStats, part: ReadStats) -> None:
     for name in ("lines", "records", "continuation", "malformed", "bytes_read"):
         setattr(total, name, getattr(total, name) + getattr(part, name))
     total.files += [f for f in part.files if not total.files or f != total.files[-1]]
+    total.damaged += part.damaged
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _warn_damage(damaged: list[Damage], strict: bool, err: TextIO) -> int:
+    """Warn about each damaged file (its first damage: a file split into ranges may report
+    one per range); the exit status: 2 under ``--strict`` when there is any."""
+    first: dict[str, Damage] = {}
+    for damage in sorted(damaged, key=lambda d: d.offset):
+        first.setdefault(damage.file, damage)
+    for damage in first.values():
+        print(f"analyze: warning: {damage}", file=err)
+    if first and not strict:
+        print(f"analyze: {len(first)} file(s) not read whole; the report covers what could be "
+              "read (--strict makes this an error)", file=err)
+    return 2 if first and strict else 0
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
-    """Run the analysis; 0 ok, 1 request id not found, 2 bad input files."""
+    """Run the analysis; 0 ok, 1 request id not found, 2 no file to read (or, with
+    ``--strict``, a file not read whole)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    missing = [str(p) for p in args.files if not p.is_file()]
-    if missing:
-        print(f"analyze: no such file: {', '.join(missing)}", file=err)
+    files = [p for p in args.files if p.is_file()]
+    missing = [Damage(str(p), "no such file", 0, 0) for p in args.files if not p.is_file()]
+    if not files:
+        print(f"analyze: no such file: {', '.join(d.file for d in missing)}", file=err)
         return 2
     stats = ReadStats()
-    progress = _Progress(stats, err, sum(p.stat().st_size for p in args.files),
+    progress = _Progress(stats, err, sum(_size(p) for p in files),
                          args.progress or err.isatty())
     parser = RecordParser()
     since, until = args.since, args.until
     window = _window(since, until)
     if args.request_id is not None:
-        records = iter_records(list(args.files), parser, stats, keep_continuations=True,
+        records = iter_records(files, parser, stats, keep_continuations=True,
                                needle=args.request_id.encode())
         wanted = args.request_id
         mention = re.compile(rf"(?<![\w-]){re.escape(wanted)}(?![\w-])")
@@ -187,13 +213,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             if not n & 0xFFFF:
                 progress.tick()
         progress.done()
+        status = _warn_damage(missing + stats.damaged, args.strict, err)
         if not found:
             print(f"analyze: request {wanted} not found", file=err)
             return 1
         timeline = timeline_dict(wanted, found)
         out.write(dump_json(timeline) if args.json else render_timeline(timeline))
-        return 0
-    ordered = order_files(list(args.files), parser)
+        return status
+    ordered = order_files(files, parser)
     pieces = [(path, span) for path in ordered for span in split_ranges(path, PIECE)]
     fast = not args.no_fast
     if fast and not NATIVE:
@@ -216,12 +243,14 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
                 progress.stats = stats
                 progress.tick()
     progress.done()
+    damaged = missing + stats.damaged
     data = report.to_dict()
     stat_dict: dict[str, Any] = {"files": stats.files, "lines": stats.lines,
                                  "records": stats.records, "malformed": stats.malformed,
-                                 "continuation": stats.continuation}
+                                 "continuation": stats.continuation,
+                                 "damaged": [asdict(d) for d in damaged]}
     if args.json:
         out.write(dump_json({**data, "input": stat_dict}))
     else:
         out.write(render_report(data, stat_dict))
-    return 0
+    return _warn_damage(damaged, args.strict, err)

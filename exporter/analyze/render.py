@@ -6,6 +6,8 @@ import json
 from datetime import datetime
 from typing import Any
 
+from exporter.analyze.reader import Damage
+
 
 def _ts(value: float | None) -> str:
     if value is None:
@@ -39,6 +41,7 @@ def render_report(data: dict[str, Any], stats: dict[str, Any]) -> str:
     lines.append(f"Files: {len(stats['files'])}  lines: {stats['lines']}  records: "
                  f"{stats['records']}  malformed lines: {stats['malformed']}  "
                  f"continuation lines: {stats['continuation']}")
+    lines += [f"NOT READ WHOLE: {Damage(**damage)}" for damage in stats["damaged"]]
     lines.append("Records by level: " + ", ".join(f"{k}={v}" for k, v in data["levels"].items()))
     syn = data["syntheses"]
     ratio = syn["failure_ratio"]

@@ -29,7 +29,7 @@ from watchdog.observers import Observer
 from exporter.config import Config, LogsConfig
 from exporter.logs.checkpoint import Checkpoint, CheckpointStore
 from exporter.logs.pipeline import LogPipeline, RecordCallback
-from exporter.logs.tailer import LineSink, Tailer
+from exporter.logs.tailer import LineSink, Tailer, watch_root
 from exporter.metrics import SidecarMetrics
 
 log = logging.getLogger("exporter.logs")
@@ -37,16 +37,6 @@ log = logging.getLogger("exporter.logs")
 # Our own reads open files; waking on "opened"/"closed_no_write" would make every pass
 # schedule the next one.
 WAKING_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
-
-
-def watch_root(pattern: str) -> tuple[str, bool]:
-    """The directory to watch for a glob, and whether it must be watched recursively (a
-    wildcard in a directory part, e.g. ``logs/*/app.log``)."""
-    parts = os.path.normpath(os.path.abspath(pattern)).split(os.sep)
-    for index, part in enumerate(parts):
-        if any(c in part for c in "*?["):
-            return os.sep.join(parts[:index]) or os.sep, index < len(parts) - 1
-    return os.path.dirname(os.sep.join(parts)) or os.sep, False
 
 
 class _Wake(FileSystemEventHandler):

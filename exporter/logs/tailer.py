@@ -15,15 +15,27 @@ What a pass guarantees:
   uses. Counters and offsets therefore always describe the same set of lines.
 * **Too-long lines** (over ``max_line_bytes``, line ending excluded) are counted as
   ``tts_exporter_log_lines_total{outcome="too_long"}`` and skipped, also when they span reads.
-* **Identity.** A file is ``(st_dev, st_ino)`` plus a hash of its first 256 bytes. Files are
-  kept open, so an inode cannot be recycled under a file being followed; the hash catches
-  recycling across restarts and content replaced in place.
+* **Identity.** A file is the same file while its ``(st_dev, st_ino)`` is and its first bytes
+  (up to 256, hashed in checkpoints) still start the same way. Files are kept open, so an inode
+  cannot be recycled under a file being followed; the head catches recycling across restarts
+  and content replaced in place. Files no longer followed (finished, or in the checkpoint but
+  not found yet) are remembered with their offsets, the last ``KNOWN_FILES`` of them: one that
+  comes back (renamed back into the globs, a directory readable again) continues there.
+* **Copies.** A new file whose head is the head of content already read (at least one whole
+  line, or 256 bytes) is a copy of it, as Vector's checksum fingerprint decides: while the
+  original still holds that content the copy is not read at all; once the original was
+  truncated or is gone, the copy continues from the offset the original had reached.
 * **Rotation.** *rename* (and *delete + recreate*): the old file is read to its end through
   the descriptor still open, before the new file at the path, which starts at 0. A rotated file
   that still matches the globs keeps its offset under its new name. *copytruncate* / plain
-  truncation (size below the offset, or the first bytes changed): counted, re-read from 0; if a
-  copy of the old content sits next to it (same first bytes), its unread tail is read first.
-  ``.gz`` files are never read live.
+  truncation (size below the offset, or the first bytes changed): counted, re-read from 0; the
+  copy of the old content (beside it, or found later through the globs) is read from the old
+  offset first. ``.gz`` files are never read live.
+* **Permissions are not rotations.** A followed file the globs stop returning is gone only when
+  its path no longer names it; a directory that cannot be listed, or a path that cannot be
+  stat'ed, leaves it followed (its descriptor still reads). Such errors are counted in
+  ``tts_exporter_collector_errors_total{collector="tail"}`` on every pass and logged once
+  per episode, at start-up too.
 """
 
 from __future__ import annotations
@@ -47,6 +59,9 @@ FINGERPRINT_BYTES = 256
 # Most bytes handed to the pipeline under one hold of the metrics lock: at ~350k lines/s that
 # is ~10 ms, so a scrape or the gate never waits long behind a backlog.
 LOCK_BATCH_BYTES = 256 * 1024
+# Files no longer followed whose identity and offset are kept (and checkpointed), so that one
+# coming back or a copy of one turning up continues where reading stopped.
+KNOWN_FILES = 256
 Key = tuple[int, int]
 
 
@@ -62,6 +77,55 @@ def fingerprint(head: bytes) -> str:
     return hashlib.blake2b(head, digest_size=16).hexdigest()
 
 
+def watch_root(pattern: str) -> tuple[str, bool]:
+    """The directory to watch for a glob, and whether it must be watched recursively (a
+    wildcard in a directory part, e.g. ``logs/*/app.log``)."""
+    parts = os.path.normpath(os.path.abspath(pattern)).split(os.sep)
+    for index, part in enumerate(parts):
+        if any(c in part for c in "*?["):
+            return os.sep.join(parts[:index]) or os.sep, index < len(parts) - 1
+    return os.path.dirname(os.sep.join(parts)) or os.sep, False
+
+
+def identifying(head: bytes) -> bool:
+    """Whether a head is enough to recognise content by: a whole line, or the full 256 bytes
+    (an empty or half-written first line says nothing)."""
+    return len(head) >= FINGERPRINT_BYTES or b"\n" in head
+
+
+def identity(head: bytes) -> bytes:
+    """The part of a head a checkpoint identifies content by: its first line, up to 256 bytes
+    (as Vector's first-line checksum does), so a copy cut short after it is still known."""
+    return head[:head.find(b"\n") + 1 or FINGERPRINT_BYTES]
+
+
+def same_start(head: bytes, other: bytes) -> bool:
+    """Whether two heads show the same content, compared as far as both go."""
+    common = min(len(head), len(other), FINGERPRINT_BYTES)
+    return identifying(head[:common]) and head[:common] == other[:common]
+
+
+@dataclass(frozen=True)
+class Known:
+    """A file not followed now, where reading it stopped, and its first bytes when they are
+    at hand (a checkpoint keeps only their hash)."""
+
+    entry: FileOffset
+    head: bytes | None = None
+
+    def starts(self, head: bytes, whole_line: bool = True) -> bool:
+        """Whether ``head`` starts like this file's content; with ``whole_line``, over at
+        least a whole line (what it takes to call another file a copy)."""
+        if self.head is not None:
+            part = head[:len(self.head)]
+            same = part == self.head[:len(part)]
+        else:
+            part = head[:self.entry.fingerprint_len]
+            same = len(part) == self.entry.fingerprint_len \
+                and fingerprint(part) == self.entry.fingerprint
+        return same and (identifying(part) or not whole_line)
+
+
 @dataclass(eq=False)
 class _File:
     """One followed file. ``offset``: everything before it is counted (what checkpoints hold).
@@ -71,8 +135,7 @@ class _File:
     path: str
     fd: int
     key: Key
-    fp: str
-    fp_len: int
+    head: bytes  # the first bytes, up to FINGERPRINT_BYTES
     offset: int = 0
     read_pos: int = 0
     pending: bytes = b""
@@ -84,7 +147,9 @@ class _File:
         self.pending, self.skipping = b"", False
 
     def entry(self) -> FileOffset:
-        return FileOffset(self.path, self.key[0], self.key[1], self.fp, self.fp_len, self.offset)
+        first = identity(self.head)
+        return FileOffset(self.path, self.key[0], self.key[1], fingerprint(first), len(first),
+                          self.offset)
 
 
 def drop_long_lines(complete: bytes, max_line: int) -> tuple[bytes, int]:
@@ -128,8 +193,11 @@ class Tailer:
         # Paths a followed file left (renamed or deleted), with the rotation kind to count
         # when a new file shows up there.
         self._left: dict[str, str] = {}
-        self._resume: dict[Key, FileOffset] = {}
+        # Files not followed now (the checkpoint's, finished ones, the old content of a
+        # truncated one), oldest first: a file of the same identity, or a copy, resumes there.
+        self._known: list[Known] = []
         self._failing: set[str] = set()
+        self._unlisted: set[str] = set()  # glob roots that could not be listed this pass
         self._lag_sources: set[str] = set()
         self.generation = 0  # bumped on every change a checkpoint should capture
         self.interrupted = False  # set from another thread to end a long pass early
@@ -138,24 +206,27 @@ class Tailer:
 
     def resume(self, offsets: Iterable[FileOffset]) -> None:
         """Offsets from a checkpoint, applied to files of the same identity when next found."""
-        self._resume = {entry.key: entry for entry in offsets}
+        self._known = [Known(entry) for entry in offsets]
 
     def snapshot(self) -> list[FileOffset]:
-        """The committed offsets; call with ``metrics.registry.lock`` held."""
-        return [f.entry() for f in self.files.values()]
+        """The followed files and the remembered ones; call with ``metrics.registry.lock``
+        held."""
+        return [f.entry() for f in self.files.values()] + [k.entry for k in self._known]
 
     # --- one pass --------------------------------------------------------------------------
 
     def poll(self) -> None:
         """Find files, follow rotations, read everything new, refresh the lag gauge."""
-        found = self._expand()
-        self._follow(found)
+        found, unsure = self._expand()
+        self._follow(found, unsure)
         for f in list(self.files.values()):
             if not f.away:
-                self._check_truncation(f)
-        for path, st in found.items():
-            if (st.st_dev, st.st_ino) not in self.files:
-                self._add(path)
+                self._check_truncation(f, found)
+        new = [path for path, st in found.items() if (st.st_dev, st.st_ino) not in self.files]
+        # Files met before first, so a copy is compared with its original, not the reverse.
+        new.sort(key=lambda path: not self._known_key(found[path]))
+        for path in new:
+            self._add(path, found)
         for f in list(self.files.values()):
             got = self._drain(f)
             if self.interrupted:
@@ -169,9 +240,13 @@ class Tailer:
             os.close(f.fd)
         self.files.clear()
 
-    def _expand(self) -> dict[str, os.stat_result]:
+    def _expand(self) -> tuple[dict[str, os.stat_result], set[str]]:
+        """The regular files the globs match now, and the matched paths that failed stat."""
         found: dict[str, os.stat_result] = {}
+        unsure: set[str] = set()
         seen: set[Key] = set()
+        self._unlisted = {root for root in {watch_root(p)[0] for p in self.patterns}
+                          if not self._listable(root)}
         for pattern in self.patterns:
             for path in sorted(glob.glob(pattern, recursive=True)):
                 if path.endswith(".gz") or os.path.abspath(path) in self.exclude:
@@ -182,20 +257,35 @@ class Tailer:
                     continue
                 except OSError as exc:
                     self._failed(path, "cannot stat", exc)
+                    unsure.add(path)
                     continue
                 key = (st.st_dev, st.st_ino)
                 if stat.S_ISREG(st.st_mode) and key not in seen:
                     seen.add(key)
                     found[path] = st
-        return found
+        return found, unsure
 
-    def _follow(self, found: dict[str, os.stat_result]) -> None:
+    def _listable(self, directory: str) -> bool:
+        """Whether a glob root can be listed (glob hides the error and matches nothing); one
+        that does not exist (yet) is no error."""
+        try:
+            with os.scandir(directory):
+                pass
+        except FileNotFoundError:
+            return True
+        except OSError as exc:
+            self._failed(directory, "cannot list the log directory", exc)
+            return False
+        self._recovered(directory)
+        return True
+
+    def _follow(self, found: dict[str, os.stat_result], unsure: set[str]) -> None:
         """Match followed files to their current names; mark the ones no glob reaches."""
         where = {(st.st_dev, st.st_ino): path for path, st in found.items()}
         for f in self.files.values():
             path = where.get(f.key)
             if path is None:
-                if not f.away:
+                if not f.away and not self._still_there(f, unsure):
                     f.away = True
                     self._left[f.path] = "rename" if _links(f.fd) else "recreate"
             elif path != f.path:
@@ -206,7 +296,23 @@ class Tailer:
             if not f.away:
                 self._left.pop(f.path, None)
 
-    def _check_truncation(self, f: _File) -> None:
+    def _still_there(self, f: _File, unsure: set[str]) -> bool:
+        """Whether a followed file the globs did not return still has its path: a directory
+        or file that cannot be read right now hides it without moving it."""
+        where = os.path.abspath(f.path)
+        if f.path in unsure or any(where.startswith(os.path.join(root, ""))
+                                   for root in self._unlisted):
+            return True
+        try:
+            st = os.stat(f.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            self._failed(f.path, "cannot stat", exc)
+            return True
+        return (st.st_dev, st.st_ino) == f.key
+
+    def _check_truncation(self, f: _File, found: dict[str, os.stat_result]) -> None:
         """Truncated (copytruncate, ``> file``) or rewritten in place: start over at 0."""
         try:
             size = os.fstat(f.fd).st_size
@@ -214,56 +320,62 @@ class Tailer:
         except OSError as exc:
             self._failed(f.path, "cannot read", exc)
             return
-        if size >= f.read_pos and fingerprint(head[: f.fp_len]) == f.fp:
-            if len(head) > f.fp_len:
-                f.fp, f.fp_len = fingerprint(head), len(head)
+        if size >= f.read_pos and head.startswith(f.head):
+            f.head = head
             return
         log.info("%s was truncated or rewritten in place; reading it again from the start",
                  f.path)
-        self._finish_copy(f)
+        former = Known(f.entry(), f.head)
         with self.metrics.registry.lock:
             self.metrics.log_rotations.inc(("truncate",))
             self.sink.forget(f.path)
-            f.fp, f.fp_len = fingerprint(head), len(head)
+            f.head = head
             f.seek(0)
             self.generation += 1
+        self._finish_copy(former, found)
 
-    def _finish_copy(self, f: _File) -> None:
+    def _finish_copy(self, former: Known, found: dict[str, os.stat_result]) -> None:
         """copytruncate leaves a copy of the old content beside the file: if one is there,
-        follow it from our offset so the lines written since our last read are not lost."""
-        if f.fp_len == 0:
-            return
-        directory = os.path.dirname(f.path) or "."
-        best: tuple[float, str, int, os.stat_result] | None = None
+        follow it from the old offset so the lines written since our last read are not lost.
+        Otherwise remember the old content, for a copy that turns up later."""
+        directory = os.path.dirname(former.entry.path) or "."
+        best: tuple[float, str, int, os.stat_result, bytes] | None = None
         with contextlib.suppress(OSError), os.scandir(directory) as entries:
             for entry in entries:
                 if entry.name.endswith(".gz") or not entry.is_file():
                     continue
                 st = entry.stat()
-                if (st.st_dev, st.st_ino) in self.files or st.st_size < f.offset:
+                if (st.st_dev, st.st_ino) in self.files \
+                        or (best is not None and best[0] >= st.st_mtime):
                     continue
                 try:
                     fd = os.open(entry.path, os.O_RDONLY)
+                    head = os.pread(fd, FINGERPRINT_BYTES, 0)
                 except OSError:
                     continue
-                if fingerprint(os.pread(fd, f.fp_len, 0)) != f.fp or (
-                        best is not None and best[0] >= st.st_mtime):
+                if not former.starts(head) or self._same_known(st, head):
                     os.close(fd)
                     continue
                 if best is not None:
                     os.close(best[2])
-                best = (st.st_mtime, entry.path, fd, st)
+                best = (st.st_mtime, entry.path, fd, st, head)
         if best is None:
+            if former not in self._known:
+                self._remember(former)
             return
-        _, path, fd, st = best
-        copy = _File(path, fd, (st.st_dev, st.st_ino), f.fp, f.fp_len, away=True)
-        copy.seek(f.offset)
-        # The copy holds the older lines: read it before anything else.
-        self.files = {copy.key: copy, **self.files}
-        log.info("%s: reading the rest of its rotated copy %s from offset %d", f.path, path,
-                 f.offset)
+        if former in self._known:
+            self._forget(former)
+        _, path, fd, st, head = best
+        copy = _File(path, fd, (st.st_dev, st.st_ino), head, away=path not in found)
+        copy.seek(min(former.entry.offset, st.st_size))
+        with self.metrics.registry.lock:
+            # The copy holds the older lines: read it before anything else.
+            self.files = {copy.key: copy, **self.files}
+            self.generation += 1
+        log.info("%s: reading the rest of its rotated copy %s from offset %d",
+                 former.entry.path, path, copy.offset)
 
-    def _add(self, path: str) -> None:
+    def _add(self, path: str, found: dict[str, os.stat_result]) -> None:
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -279,25 +391,70 @@ class Tailer:
             self._failed(path, "cannot read", exc)
             return
         key = (st.st_dev, st.st_ino)
-        if key in self.files:  # replaced between stat and open by a file we already follow
+        same = self._same_known(st, head)
+        if key in self.files or not identifying(head) or (same is None and self._mirrors(head)):
+            # replaced between stat and open by a file we follow; without a whole first line
+            # (nothing to read yet, nor to tell a copy by); or a copy of a followed file,
+            # whose lines are read through the original
             os.close(fd)
             return
-        self._failing.discard(path)
-        f = _File(path, fd, key, fingerprint(head), len(head))
+        self._recovered(path)
+        f = _File(path, fd, key, head)
         kind = self._left.pop(path, None)
-        saved = self._resume.pop(key, None)  # a checkpoint offset is used once
-        if saved is not None:
-            same = fingerprint(head[: saved.fingerprint_len]) == saved.fingerprint
-            if same and st.st_size >= saved.offset:
-                f.seek(saved.offset)
-            else:  # shrunk: truncated; same size or more but other first bytes: a new file
-                kind = "truncate" if st.st_size < saved.offset else "recreate"
-                log.info("%s changed while the sidecar was down (%s); reading it from the start",
-                         path, kind)
+        mine = [k for k in self._known if k.entry.key == key and k is not same]
+        copied = next((k for k in reversed(self._known)
+                       if k.entry.key != key and k.starts(head)), None)
+        if same is not None:  # the file we knew, back under the globs: not a rotation
+            self._forget(same)
+            f.seek(same.entry.offset)
+            kind = None
+        elif copied is not None:  # its lines up to there were read from the original
+            self._forget(copied)
+            f.seek(min(copied.entry.offset, st.st_size))
+            kind = None
+            log.info("%s is a copy of %s: reading it from offset %d", path, copied.entry.path,
+                     f.offset)
+        elif mine and not kind:  # shrunk: truncated; else other first bytes: a new file
+            kind = "truncate" if st.st_size < mine[0].entry.offset else "recreate"
+            log.info("%s changed while it was not followed (%s); reading it from the start",
+                     path, kind)
         with self.metrics.registry.lock:
             if kind:
                 self.metrics.log_rotations.inc((kind,))
             self.files[key] = f
+            self.generation += 1
+        for entry in mine:  # the old content of this inode may have a copy beside it
+            self._finish_copy(entry, found)
+
+    def _mirrors(self, head: bytes) -> bool:
+        """Whether ``head`` starts like a followed file still holding its content."""
+        for f in self.files.values():
+            try:
+                live = os.pread(f.fd, FINGERPRINT_BYTES, 0)
+            except OSError:
+                continue
+            if same_start(head, live):
+                return True
+        return False
+
+    def _same_known(self, st: os.stat_result, head: bytes) -> Known | None:
+        """What is remembered of this very file: same inode, same first bytes, not shorter
+        than where reading stopped."""
+        return next((k for k in self._known if k.entry.key == (st.st_dev, st.st_ino)
+                     and st.st_size >= k.entry.offset and k.starts(head, whole_line=False)),
+                    None)
+
+    def _known_key(self, st: os.stat_result) -> bool:
+        return any(k.entry.key == (st.st_dev, st.st_ino) for k in self._known)
+
+    def _remember(self, known: Known) -> None:
+        with self.metrics.registry.lock:
+            self._known = [*self._known, known][-KNOWN_FILES:]
+            self.generation += 1
+
+    def _forget(self, known: Known) -> None:
+        with self.metrics.registry.lock:
+            self._known = [k for k in self._known if k is not known]
             self.generation += 1
 
     def _drain(self, f: _File) -> int:
@@ -377,6 +534,7 @@ class Tailer:
             if all(other.path != f.path for other in self.files.values()):
                 self.sink.forget(f.path)
             self.generation += 1
+        self._remember(Known(f.entry(), f.head))
 
     def _update_lag(self) -> None:
         lag: dict[str, int] = {}
@@ -397,10 +555,16 @@ class Tailer:
         """An I/O error: counted every time, logged when a path starts failing."""
         if path not in self._failing:
             self._failing.add(path)
-            log.error("log file %s: %s (%s); skipping it until it works", path, what,
+            log.error("log path %s: %s (%s); skipping it until it works", path, what,
                       exc.strerror or exc)
         with self.metrics.registry.lock:
             self.metrics.collector_errors.inc(("tail",))
+
+    def _recovered(self, path: str) -> None:
+        """The end of a failure episode: the next failure is logged again."""
+        if path in self._failing:
+            self._failing.discard(path)
+            log.info("log path %s works again", path)
 
 
 def _links(fd: int) -> int:

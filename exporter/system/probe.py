@@ -4,7 +4,9 @@ and whether the process is up and the same one as before.
 The contract (what the co-packaged app serves; any service answering it can be watched)::
 
     {"waiting": 3, "running": 2, "capacity": 64, "started_at": 1718200000.5, "pid": 4242,
-     "backend": "chattts", "model_version": "0.2.5", "ready": true}
+     "backend": "chattts", "model_version": "0.2.5", "ready": true,
+     "gpu_devices": [{"index": 0, "uuid": "GPU-8f3a…", "memory_allocated_bytes": 2.1e9,
+                      "memory_reserved_bytes": 3.0e9, "gpu_oom_total": 0}]}
 
 Output::
 
@@ -13,17 +15,26 @@ Output::
     tts_requests_running 2
     tts_requests_capacity 64
     tts_app_restarts_total 1     # a different (started_at, pid) than the last answer
+    tts_app_gpu_memory_allocated_bytes{device="0",uuid="GPU-8f3a…"} 2.1e9
+    tts_app_gpu_memory_reserved_bytes{device="0",uuid="GPU-8f3a…"} 3.0e9
+    tts_app_gpu_oom_total{device="0",uuid="GPU-8f3a…"} 0
 
-``pid`` is optional: a new ``started_at`` alone is a restart.
+``pid``, ``ready`` and ``gpu_devices`` are optional: a new ``started_at`` alone is a restart;
+``gpu_devices`` lists the CUDA devices the app holds (an empty list: none, e.g. the espeak
+backend; absent: the app does not say), which ``gpu.devices: auto`` follows. Its memory fields
+are optional per device (absent: that series is).
 
 On a failed probe (refused, timeout, non-200, not the contract) ``tts_app_up`` is 0 and the
-queue gauges disappear: the last queue depth of a dead process is not a fact any more.
+queue and app GPU gauges disappear: the last queue depth of a dead process is not a fact any
+more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,12 +42,30 @@ import aiohttp
 from aiohttp import web
 
 from exporter.metrics import SidecarMetrics
+from exporter.system.periodic import every
 
 log = logging.getLogger("exporter.probe")
 
 
 class ProbeError(Exception):
     """The app did not answer ``/status`` with the contract; the message says how."""
+
+
+# Bounds on what one answer may list: a GPU node has at most a few dozen devices.
+MAX_APP_GPU_DEVICES = 64
+MAX_DEVICE_INDEX = 1023      # a CUDA ordinal; it becomes a label, so it is bounded too
+MAX_UUID_CHARS = 128
+
+
+@dataclass(frozen=True)
+class AppGpu:
+    """One CUDA device the app holds, with PyTorch's view of its memory where reported."""
+
+    index: int
+    uuid: str
+    memory_allocated_bytes: float | None = None
+    memory_reserved_bytes: float | None = None
+    gpu_oom_total: float | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +77,8 @@ class AppStatus:
     capacity: int
     started_at: float
     pid: int | None = None
+    ready: bool = True
+    gpu_devices: tuple[AppGpu, ...] | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -59,12 +90,54 @@ class AppStatus:
             value = data.get(key)
             if key == "pid" and value is None:  # optional: started_at alone tells a restart
                 continue
-            allowed = (int, float) if wanted is float else (int,)
-            if isinstance(value, bool) or not isinstance(value, allowed):
-                kind = "a number" if wanted is float else "an integer"
-                raise ProbeError(f"{key}: expected {kind}, got {value!r}")
-            values[key] = wanted(value)
-        return cls(**values)
+            values[key] = _number(key, value, wanted is float)
+        ready = data.get("ready", True)
+        if not isinstance(ready, bool):
+            raise ProbeError(f"ready: expected true or false, got {ready!r}")
+        devices = data.get("gpu_devices")
+        return cls(**values, ready=ready,
+                   gpu_devices=None if devices is None else _gpu_devices(devices))
+
+
+def _number(key: str, value: Any, real: bool) -> Any:
+    """An int (``real``: an int or finite float) that is not a bool, or ProbeError."""
+    if not isinstance(value, bool) and isinstance(value, (int, float) if real else int):
+        if not real:
+            return int(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a 400-digit integer
+            number = math.inf
+        if math.isfinite(number):
+            return number
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+    raise ProbeError(f"{key}: expected {'a number' if real else 'an integer'}, got {shown}")
+
+
+def _gpu_devices(devices: Any) -> tuple[AppGpu, ...]:
+    if not isinstance(devices, list) or len(devices) > MAX_APP_GPU_DEVICES:
+        raise ProbeError(f"gpu_devices: expected a list of at most {MAX_APP_GPU_DEVICES} "
+                         "devices")
+    parsed = []
+    for i, device in enumerate(devices):
+        where = f"gpu_devices[{i}]"
+        if not isinstance(device, dict):
+            raise ProbeError(f"{where}: expected an object")
+        uuid = device.get("uuid")
+        if not isinstance(uuid, str) or not 0 < len(uuid) <= MAX_UUID_CHARS:
+            raise ProbeError(f"{where}.uuid: expected a string of 1 to {MAX_UUID_CHARS} "
+                             "characters")
+        index = _number(f"{where}.index", device.get("index", i), real=False)
+        if not 0 <= index <= MAX_DEVICE_INDEX:
+            raise ProbeError(f"{where}.index: expected 0 to {MAX_DEVICE_INDEX}")
+        memory: dict[str, Any] = {}
+        for key in ("memory_allocated_bytes", "memory_reserved_bytes", "gpu_oom_total"):
+            if device.get(key) is not None:
+                memory[key] = _number(f"{where}.{key}", device[key], real=True)
+                if memory[key] < 0:
+                    raise ProbeError(f"{where}.{key}: expected a number >= 0")
+        parsed.append(AppGpu(index, uuid, **memory))
+    return tuple(parsed)
 
 
 class AppProbe:
@@ -73,8 +146,12 @@ class AppProbe:
     routes: list[web.RouteDef]
 
     def __init__(self, url: str, metrics: SidecarMetrics, interval_s: float = 1.0,
-                 timeout_s: float = 1.0) -> None:
+                 timeout_s: float = 1.0,
+                 on_status: Callable[[AppStatus], None] | None = None) -> None:
+        """``on_status`` gets every answer that fits the contract (the GPU collector follows
+        the app's devices through it)."""
         self.routes = []
+        self.on_status = on_status
         self.url = url
         self.metrics = metrics
         self.interval_s = interval_s
@@ -90,7 +167,8 @@ class AppProbe:
         self._session = aiohttp.ClientSession(timeout=self.timeout)
         started = asyncio.get_running_loop().time()
         await self.probe_once()
-        self._task = asyncio.create_task(self._run(started), name="app-probe")
+        self._task = asyncio.create_task(every(self.interval_s, self.probe_once, started),
+                                         name="app-probe")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -98,15 +176,6 @@ class AppProbe:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
-
-    async def _run(self, started: float) -> None:
-        """One call every ``interval_s``, counted from the start of the previous one (``start``
-        made the first)."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(max(0.0, self.interval_s - (loop.time() - started)))
-            started = loop.time()
-            await self.probe_once()
 
     async def probe_once(self) -> None:
         """One probe; never raises (a broken app is a metric, not a sidecar crash)."""
@@ -133,6 +202,29 @@ class AppProbe:
             m.requests_capacity.set((), float(status.capacity))
             if restarted:
                 m.app_restarts.inc()
+            self._publish_gpus(status.gpu_devices or ())
+        if self.on_status is not None:
+            self.on_status(status)
+
+    def _publish_gpus(self, devices: tuple[AppGpu, ...]) -> None:
+        """The app's GPU memory as PyTorch sees it (call under the registry lock)."""
+        m = self.metrics
+        self._drop_gpu_series()
+        for device in devices:
+            key = (str(device.index), device.uuid)
+            if device.memory_allocated_bytes is not None:
+                m.app_gpu_allocated.set(key, device.memory_allocated_bytes)
+            if device.memory_reserved_bytes is not None:
+                m.app_gpu_reserved.set(key, device.memory_reserved_bytes)
+            if device.gpu_oom_total is not None:
+                # The app's own count since it started; its restart is a counter reset.
+                m.app_gpu_oom.values[key] = device.gpu_oom_total
+
+    def _drop_gpu_series(self) -> None:
+        m = self.metrics
+        m.app_gpu_allocated.clear()
+        m.app_gpu_reserved.clear()
+        m.app_gpu_oom.values.clear()
 
     async def _fetch(self) -> AppStatus:
         assert self._session is not None, "start() first"
@@ -160,3 +252,4 @@ class AppProbe:
             m.collector_errors.inc(("probe",))
             for family in (m.requests_waiting, m.requests_running, m.requests_capacity):
                 family.remove(())
+            self._drop_gpu_series()

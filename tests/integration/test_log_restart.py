@@ -1,12 +1,15 @@
 """The real sidecar process killed with SIGKILL at random moments while an app log grows (and
-rotates): after the last restart, /metrics counts every written line and synthesis exactly
+rotates, by rename or by copytruncate under a glob that matches the copies), or losing the
+permission to read its log directory: /metrics counts every written line and synthesis exactly
 once."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -38,11 +41,16 @@ def contract_line(index: int) -> tuple[str, tuple[str, str]]:
 
 
 class Sidecar:
-    def __init__(self, workdir: Path) -> None:
+    """The sidecar on ``workdir/logs/<pattern>``, started through ``prefix`` (e.g. without the
+    capabilities that let root ignore permissions)."""
+
+    def __init__(self, workdir: Path, pattern: str = "*.log", prefix: list[str] | None = None
+                 ) -> None:
         self.port = stack.free_port()
+        self.output = workdir / "exporter.out"
         config = {
             "server": {"listen": f"127.0.0.1:{self.port}"},
-            "logs": {"paths": [str(workdir / "logs" / "*.log")],
+            "logs": {"paths": [str(workdir / "logs" / pattern)],
                      "checkpoint_path": str(workdir / "state" / "offsets.json"),
                      "checkpoint_interval_s": 0.1, "poll_interval_s": 0.2,
                      "read_chunk_bytes": 4096},
@@ -52,8 +60,9 @@ class Sidecar:
         config_path = workdir / "exporter.yaml"
         config_path.write_text(yaml.safe_dump(config))
         self.process = stack.Process(
-            "exporter", [sys.executable, "-m", "exporter", "--config", str(config_path)],
-            f"http://127.0.0.1:{self.port}/healthz", workdir / "exporter.out", REPO)
+            "exporter",
+            [*(prefix or []), sys.executable, "-m", "exporter", "--config", str(config_path)],
+            f"http://127.0.0.1:{self.port}/healthz", self.output, REPO)
 
     def start(self) -> None:
         self.process.start()
@@ -64,17 +73,71 @@ class Sidecar:
         self.process.popen.send_signal(signal.SIGKILL)
         self.process.popen.wait(5)
 
-    def totals(self) -> tuple[float, Counter[tuple[str, str]]]:
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
         _, body = stack.http_get(f"http://127.0.0.1:{self.port}/metrics")
+        return [(sample.name, sample.labels, sample.value)
+                for family in text_string_to_metric_families(body.decode())
+                for sample in family.samples]
+
+    def totals(self) -> tuple[float, Counter[tuple[str, str]]]:
         lines, syntheses = 0.0, Counter[tuple[str, str]]()
-        for family in text_string_to_metric_families(body.decode()):
-            for sample in family.samples:
-                if sample.name == "tts_exporter_log_lines_total":
-                    lines += sample.value
-                elif sample.name == "tts_syntheses_total":
-                    syntheses[(sample.labels["status"], sample.labels["error_code"])] += \
-                        int(sample.value)
+        for name, labels, value in self.samples():
+            if name == "tts_exporter_log_lines_total":
+                lines += value
+            elif name == "tts_syntheses_total":
+                syntheses[(labels["status"], labels["error_code"])] += int(value)
         return lines, syntheses
+
+    def counter(self, name: str, **labels: str) -> dict[str, float]:
+        """The samples of a counter by their ``labels`` values (``kind`` -> value, ...)."""
+        return {",".join(sample_labels[k] for k in labels): value
+                for sample_name, sample_labels, value in self.samples()
+                if sample_name == name
+                and all(sample_labels.get(k) == v for k, v in labels.items() if v)}
+
+    def log_lines(self, text: str) -> list[str]:
+        return [line for line in self.output.read_text(errors="replace").splitlines()
+                if text in line]
+
+
+class AppLog:
+    """The app's log with what was written to it, and logrotate's steps."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "app.log"
+        directory.mkdir(exist_ok=True)
+        self.written = 0
+        self.expected: Counter[tuple[str, str]] = Counter()
+
+    def write(self, count: int) -> None:
+        batch = [contract_line(self.written + i) for i in range(count)]
+        with self.path.open("a") as out:
+            out.writelines(line + "\n" for line, _ in batch)
+        self.written += count
+        self.expected.update(labels for _, labels in batch)
+
+    def copy(self) -> None:
+        shutil.copyfile(self.path, self.path.with_name("app.log.1"))
+
+    def truncate(self) -> None:
+        with self.path.open("r+") as out:
+            out.truncate(0)
+
+    def compress_previous(self) -> None:
+        """delaycompress: the previous plain copy becomes app.log.2.gz."""
+        backup = self.path.with_name("app.log.1")
+        if backup.exists():
+            middle = backup.rename(self.path.with_name("app.log.2"))
+            with gzip.open(self.path.with_name("app.log.2.gz"), "wb") as out:
+                out.write(middle.read_bytes())
+            middle.unlink()
+
+
+def settle(sidecar: Sidecar, log: AppLog) -> None:
+    """Everything written is counted, and in a checkpoint (written every 0.1 s)."""
+    stack.wait_until(lambda: sidecar.totals()[0] >= log.written, timeout=10,
+                     what=f"{log.written} lines counted")
+    time.sleep(0.4)
 
 
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -> None:
@@ -117,3 +180,90 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -
         sidecar.process.stop()
     assert lines == written
     assert syntheses == expected
+
+
+def test_copytruncate_under_a_glob_matching_the_copies_is_exact_across_kill_9(
+        tmp_path: Path) -> None:
+    """``logs.paths: [logs/app.log*]`` with logrotate's copytruncate + delaycompress, and the
+    sidecar killed between the steps: each line once, the copy never counted again."""
+    log = AppLog(tmp_path / "logs")
+    sidecar = Sidecar(tmp_path, pattern="app.log*")
+    sidecar.start()
+
+    def restart() -> None:
+        sidecar.kill()
+        sidecar.start()
+
+    try:
+        for cycle in range(3):
+            log.write(150)
+            settle(sidecar, log)
+            log.write(40)  # maybe not read yet when the copy is made
+            log.compress_previous()
+            if cycle == 0:
+                restart()
+            log.copy()
+            if cycle == 1:
+                restart()
+            log.write(25)  # after the copy, before the truncate: only in app.log
+            settle(sidecar, log)
+            if cycle == 2:
+                restart()
+                settle(sidecar, log)
+            log.truncate()
+            if cycle != 1:
+                restart()
+            log.write(10)
+        settle(sidecar, log)
+        time.sleep(0.6)  # anything counted twice would show up by now
+        lines, syntheses = sidecar.totals()
+        rotations = sidecar.counter("tts_exporter_log_rotations_total", kind="")
+    finally:
+        sidecar.process.stop()
+    assert lines == log.written
+    assert syntheses == log.expected
+    assert set(rotations) <= {"truncate"}  # no copy was taken for a new file or a rename
+
+
+def test_a_permission_glitch_on_the_log_dir_is_a_logged_error_not_a_rotation(
+        tmp_path: Path, permissions_apply: list[str]) -> None:
+    """``chmod 000`` on the log directory for 2 s and back, with the sidecar unable to
+    override permissions (as in a non-root container): nothing re-read, nothing counted as a
+    rotation, the error counted and logged once; the same at start-up."""
+    log = AppLog(tmp_path / "logs")
+    log.write(100)
+    sidecar = Sidecar(tmp_path, prefix=permissions_apply)
+    sidecar.start()
+    try:
+        settle(sidecar, log)
+        log.path.parent.chmod(0)
+        try:
+            log.write(20)  # still read through the open descriptor
+            time.sleep(2.0)
+        finally:
+            log.path.parent.chmod(0o755)
+        settle(sidecar, log)
+        time.sleep(1.0)  # a re-read from 0 would show up by now
+        lines, syntheses = sidecar.totals()
+        assert (lines, syntheses) == (log.written, log.expected)
+        assert sidecar.counter("tts_exporter_log_rotations_total", kind="") == {}
+        assert sidecar.counter("tts_exporter_collector_errors_total",
+                               collector="tail")["tail"] >= 1
+        assert len(sidecar.log_lines("cannot list the log directory")) == 1
+
+        sidecar.process.stop()  # start-up with the directory unreadable
+        log.path.parent.chmod(0)
+        try:
+            sidecar.start()
+            stack.wait_until(lambda: len(sidecar.log_lines("cannot list the log directory"))
+                             == 2, timeout=10, what="the start-up error logged")
+            errors = sidecar.counter("tts_exporter_collector_errors_total", collector="tail")
+            assert errors["tail"] >= 1
+        finally:
+            log.path.parent.chmod(0o755)
+        log.write(10)
+        settle(sidecar, log)
+        time.sleep(1.0)
+        assert sidecar.totals() == (log.written, log.expected)
+    finally:
+        sidecar.process.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import math
@@ -9,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -31,10 +33,10 @@ GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "analyze"
 FILES = [str(GOLDEN / n) for n in ("app.log", "app.log.1", "app.log.2.gz")]
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+def _cli(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TZ": "UTC"}
-    return subprocess.run([sys.executable, "-m", "exporter", "analyze", *args], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run([*prefix, sys.executable, "-m", "exporter", "analyze", *args],
+                          env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
 def _golden(name: str) -> dict:
@@ -286,3 +288,126 @@ def test_histogram_extend_equals_adding_one_by_one() -> None:
     (math.inf, None), (math.nan, None), (10**400, None)])
 def test_only_finite_numbers_are_durations(value: object, expected: float | None) -> None:
     assert as_duration(value) == expected
+
+
+# --- damaged input: report what can be read, warn where it stopped ------------------------
+
+
+def synthesis_lines(start: int, count: int) -> bytes:
+    """JSON synthesis_complete lines, one a second from 10:00:00 + ``start``."""
+    return "".join(
+        json.dumps({"time": f"2026-11-22T10:{(start + i) // 60 % 60:02d}:{(start + i) % 60:02d}"
+                            "+00:00", "level": "INFO", "event": "synthesis_complete",
+                    "request_id": f"q{start + i}", "status": "success",
+                    "duration_ms": 100 + (start + i) % 900, "text_len": 20}) + "\n"
+        for i in range(count)).encode()
+
+
+def readable_lines(data: bytes) -> int:
+    """Whole lines zlib can give back from (possibly damaged) gzip data."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    text = b""
+    with contextlib.suppress(zlib.error):
+        for at in range(0, len(data), 64):
+            text += inflate.decompress(data[at:at + 64])
+    return text.count(b"\n")
+
+
+@pytest.fixture
+def rotated(tmp_path: Path) -> list[Path]:
+    """app.log.3.gz (oldest), app.log.2.gz, app.log.1, app.log: 400 lines each."""
+    paths = []
+    for n, name in enumerate(["app.log.3.gz", "app.log.2.gz", "app.log.1", "app.log"]):
+        data = synthesis_lines(n * 400, 400)
+        path = tmp_path / name
+        path.write_bytes(gzip.compress(data, mtime=0) if name.endswith(".gz") else data)
+        paths.append(path)
+    return paths
+
+
+def report_of(result: subprocess.CompletedProcess[str]) -> dict:
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("jobs", ["1", "3"])
+def test_a_truncated_gz_is_reported_up_to_the_cut_with_a_warning(
+        rotated: list[Path], jobs: str) -> None:
+    cut = rotated[1]
+    data = cut.read_bytes()
+    cut.write_bytes(data[:len(data) * 3 // 5])
+    whole = readable_lines(cut.read_bytes())
+    assert 0 < whole < 400
+    result = _cli("--json", "--jobs", jobs, *map(str, rotated))
+    assert result.returncode == 0, result.stderr
+    report = report_of(result)
+    assert report["input"]["lines"] == 3 * 400 + whole
+    assert report["syntheses"]["total"] == 3 * 400 + whole
+    assert report["input"]["damaged"] == [
+        {"file": str(cut), "line": whole, "offset": len(synthesis_lines(400, whole)),
+         "reason": f"cut short: its {len(cut.read_bytes()):,} compressed bytes end inside "
+                   "the gzip stream"}]
+    warnings = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and str(cut) in warnings[0] and "cut short" in warnings[0]
+    assert f"line {whole:,}" in warnings[0]
+    assert "Traceback" not in result.stderr
+    strict = _cli("--json", "--strict", "--jobs", jobs, *map(str, rotated))
+    assert strict.returncode == 2
+    assert report_of(strict) == report
+
+
+def test_a_gz_corrupt_in_the_middle_keeps_the_text_before_the_damage(
+        rotated: list[Path]) -> None:
+    bad = rotated[0]
+    data = bytearray(bad.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(16)  # zeroes over the middle of the deflate stream
+    bad.write_bytes(bytes(data))
+    result = _cli("--json", *map(str, rotated))
+    assert result.returncode == 0, result.stderr
+    report = report_of(result)
+    [damage] = report["input"]["damaged"]
+    assert damage["file"] == str(bad) and damage["reason"].startswith("corrupt near compressed")
+    assert damage["line"] < 400
+    assert report["input"]["lines"] >= 3 * 400 + damage["line"]
+    assert "NOT READ WHOLE" in _cli(*map(str, rotated)).stdout
+    assert _cli("--strict", *map(str, rotated)).returncode == 2
+
+
+def test_an_unreadable_file_is_skipped_with_a_warning(
+        rotated: list[Path], permissions_apply: list[str]) -> None:
+    locked = rotated[2]
+    locked.chmod(0)
+    try:
+        result = _cli("--json", *map(str, rotated), prefix=tuple(permissions_apply))
+        strict = _cli("--strict", *map(str, rotated), prefix=tuple(permissions_apply))
+    finally:
+        locked.chmod(0o644)
+    assert result.returncode == 0, result.stderr
+    report = report_of(result)
+    assert report["input"]["lines"] == 3 * 400
+    assert report["input"]["damaged"] == [{"file": str(locked), "line": 0, "offset": 0,
+                                           "reason": "cannot be read (Permission denied)"}]
+    assert f"warning: {locked}: cannot be read (Permission denied)" in result.stderr
+    assert strict.returncode == 2 and "Syntheses: 1200" in strict.stdout
+
+
+def test_a_vanished_file_is_skipped_with_a_warning(rotated: list[Path]) -> None:
+    gone = rotated[0].with_name("app.log.4.gz")
+    result = _cli("--json", str(gone), *map(str, rotated))
+    assert result.returncode == 0, result.stderr
+    assert report_of(result)["input"]["lines"] == 4 * 400
+    assert f"warning: {gone}: no such file" in result.stderr
+    assert _cli("--strict", str(gone), *map(str, rotated)).returncode == 2
+
+
+def test_a_file_vanishing_while_others_are_read_ends_only_that_file(
+        rotated: list[Path]) -> None:
+    stats = ReadStats()
+    records = iter_records(rotated, RecordParser(), stats)
+    first = [next(records) for _ in range(10)]
+    rotated[3].unlink()  # not opened yet: it goes while the run is under way
+    rest = list(records)
+    assert len(first) + len(rest) == 3 * 400
+    [damage] = stats.damaged
+    assert (damage.file, damage.line, damage.offset) == (str(rotated[3]), 0, 0)
+    assert damage.reason == "cannot be read (No such file or directory)"

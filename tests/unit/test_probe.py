@@ -163,3 +163,65 @@ def test_status_parse_names_the_bad_key() -> None:
         AppStatus.parse({"waiting": 1, "running": 1, "started_at": 2.0})
     status = AppStatus.parse({"waiting": 1, "running": 0, "capacity": 4, "started_at": 7})
     assert status.started_at == 7.0 and status.pid is None
+
+
+DEVICE = {"index": 0, "uuid": "GPU-8f3a", "memory_allocated_bytes": 2e9,
+          "memory_reserved_bytes": 3e9, "gpu_oom_total": 4}
+
+
+async def test_the_apps_gpu_memory_is_exported_and_handed_on(
+        app_server: tuple[FakeApp, TestServer]) -> None:
+    fake, server = app_server
+    fake.body = {**fake.body, "gpu_devices": [DEVICE]}
+    seen: list[AppStatus] = []
+    metrics = SidecarMetrics()
+    probe = AppProbe(str(server.make_url("/status")), metrics, interval_s=3600,
+                     on_status=seen.append)
+    await probe.start()
+    key = ("0", "GPU-8f3a")
+    assert metrics.app_gpu_allocated.get(key) == 2e9
+    assert metrics.app_gpu_reserved.get(key) == 3e9
+    assert metrics.app_gpu_oom.get(key) == 4
+    assert [d.uuid for d in seen[0].gpu_devices or ()] == ["GPU-8f3a"]
+    # A device without PyTorch's figures keeps only what it reported.
+    fake.body = {**fake.body, "gpu_devices": [{"uuid": "GPU-8f3a"}]}
+    await probe.probe_once()
+    assert metrics.app_gpu_allocated.values == {} and metrics.app_gpu_oom.values == {}
+    fake.body = {**fake.body, "gpu_devices": [DEVICE]}
+    await probe.probe_once()
+    fake.status = 503  # a dead app's memory is not a fact any more
+    await probe.probe_once()
+    assert metrics.app_gpu_reserved.values == {} and metrics.app_gpu_oom.values == {}
+    assert len(seen) == 3
+    await probe.stop()
+
+
+@pytest.mark.parametrize(("devices", "problem"), [
+    ("GPU-0", "gpu_devices: expected a list"),
+    ([DEVICE] * 65, "at most 64 devices"),
+    ([7], r"gpu_devices\[0\]: expected an object"),
+    ([{"uuid": ""}], r"gpu_devices\[0\]\.uuid: expected a string of 1 to 128"),
+    ([{"uuid": "x" * 129}], r"\.uuid: expected a string"),
+    ([{"uuid": "a", "index": True}], r"\.index: expected an integer"),
+    ([{"uuid": "a", "index": 10 ** 400}], r"\.index: expected 0 to 1023"),
+    ([{"uuid": "a", "memory_reserved_bytes": float("nan")}], "memory_reserved_bytes: expected"),
+    ([{"uuid": "a", "memory_reserved_bytes": 10 ** 400}], r"expected a number, got \d+\.\.\."),
+    ([{"uuid": "a", "gpu_oom_total": -1}], r"gpu_oom_total: expected a number >= 0"),
+])
+def test_a_malformed_gpu_device_list_is_a_failed_probe_naming_the_path(
+        devices: Any, problem: str) -> None:
+    body = {"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0,
+            "gpu_devices": devices}
+    with pytest.raises(ProbeError, match=problem):
+        AppStatus.parse(body)
+
+
+def test_gpu_devices_and_ready_are_optional() -> None:
+    status = AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0})
+    assert status.gpu_devices is None and status.ready is True
+    status = AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0,
+                              "ready": False, "gpu_devices": []})
+    assert status.gpu_devices == () and status.ready is False
+    with pytest.raises(ProbeError, match="ready: expected true or false"):
+        AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0,
+                         "ready": "yes"})

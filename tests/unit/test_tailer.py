@@ -7,6 +7,7 @@ observer and worker thread with bounded waits."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import shutil
 import time
@@ -340,6 +341,196 @@ def test_several_files_are_followed_independently(
     for source, data in sink.calls:
         by_source.setdefault(Path(source).name, []).extend(data.decode().splitlines())
     assert by_source == {f"{name}.log": numbered(name, 0, 6) for name in ("a", "b", "c")}
+
+
+# --- copies under a glob that also matches the backups (``app.log*``) ----------------------
+
+
+class Scenario:
+    """An app log under ``app.log*`` with logrotate's steps as methods, a tailer, and
+    ``kill -9`` modelled as the checkpoint does it: offsets and counted lines taken together,
+    a restart resumes from the last checkpoint and forgets whatever was counted after it."""
+
+    def __init__(self, tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+        self.dir, self.metrics, self.sink = tmp_path, metrics, sink
+        self.log = tmp_path / "app.log"
+        self.written: list[str] = []
+        self.tailer = tailer_for(tmp_path, metrics, sink, pattern="app.log*")
+        self.saved: tuple[list[object], int] = ([], 0)
+
+    def write(self, count: int, partial: str = "") -> None:
+        lines = numbered(f"w{len(self.written)}", 0, count)
+        with self.log.open("a") as out:
+            out.writelines(line + "\n" for line in lines)
+            out.write(partial)
+        self.written += lines
+
+    def finish_line(self, rest: str) -> None:
+        """The rest of a line ``write`` left partial (the app was mid-line)."""
+        with self.log.open("a") as out:
+            out.write(rest + "\n")
+
+    def copy(self) -> None:
+        shutil.copyfile(self.log, self.dir / "app.log.1")
+
+    def truncate(self) -> None:
+        with self.log.open("r+") as out:
+            out.truncate(0)
+
+    def compress_previous(self) -> None:
+        """delaycompress: last cycle's plain ``app.log.1`` becomes ``app.log.2.gz``."""
+        backup = self.dir / "app.log.1"
+        if backup.exists():
+            os.rename(backup, self.dir / "app.log.2")
+            with gzip.open(self.dir / "app.log.2.gz", "wb") as out:
+                out.write((self.dir / "app.log.2").read_bytes())
+            (self.dir / "app.log.2").unlink()
+
+    def poll(self) -> None:
+        self.tailer.poll()
+
+    def checkpoint(self) -> None:
+        self.saved = (list(self.tailer.snapshot()), len(self.sink.calls))
+
+    def kill_and_restart(self) -> None:
+        self.tailer.close()
+        offsets, calls = self.saved
+        del self.sink.calls[calls:]
+        self.tailer = tailer_for(self.dir, self.metrics, self.sink, pattern="app.log*")
+        self.tailer.resume(offsets)  # type: ignore[arg-type]
+        self.tailer.poll()  # the sidecar reads as soon as it is back
+
+    def counted(self) -> list[str]:
+        self.poll()
+        self.poll()
+        return sorted(self.sink.texts())
+
+
+COPYTRUNCATE_STEPS = ["write", "poll", "write", "copy", "write", "poll", "truncate", "write",
+                      "poll", "compress_previous", "copy", "truncate", "write", "poll", "write",
+                      "compress_previous", "copy", "poll", "truncate", "write"]
+
+
+def run_steps(scenario: Scenario, steps: list[str], checkpoint_at: int = -1,
+              kill_at: int = -1) -> None:
+    for index, step in enumerate(steps):
+        if step == "write":
+            scenario.write(5)
+        else:
+            getattr(scenario, step)()
+        if index == checkpoint_at:
+            scenario.checkpoint()
+        if index == kill_at:
+            scenario.kill_and_restart()
+
+
+@pytest.mark.parametrize("poll_between", [False, True])
+def test_copytruncate_under_a_glob_matching_the_copy_counts_each_line_once(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, poll_between: bool) -> None:
+    """``cp app.log app.log.1; : > app.log`` with ``app.log*``: the copy is the content
+    already read, not a new file (whether the tailer sees it before or after the truncate)."""
+    scenario = Scenario(tmp_path, metrics, sink)
+    scenario.write(100)
+    scenario.poll()
+    scenario.write(10)  # not read yet when logrotate copies
+    scenario.copy()
+    if poll_between:
+        scenario.poll()
+    scenario.truncate()
+    scenario.write(5)
+    assert scenario.counted() == sorted(scenario.written)
+    assert len(sink.lines()) == 115
+    assert rotations(metrics) == {"truncate": 1}
+
+
+def test_a_copy_made_while_the_app_writes_counts_the_lines_after_the_copy_once(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    """The app goes on writing between ``cp`` and the truncate, even mid-line at the copy:
+    those lines are in app.log only (read there, before the truncate); the copy ends before
+    them and adds nothing."""
+    scenario = Scenario(tmp_path, metrics, sink)
+    scenario.write(20)
+    scenario.poll()
+    scenario.write(3, partial="cut by the co")
+    scenario.copy()
+    scenario.finish_line("py")
+    scenario.written.append("cut by the copy")
+    scenario.write(4)
+    scenario.poll()
+    scenario.truncate()
+    scenario.write(2)
+    assert scenario.counted() == sorted(scenario.written)
+    assert not any(text in ("cut by the co", "py") for text in sink.texts())
+
+
+def test_delaycompress_reads_the_plain_copy_once_and_never_the_gz(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    scenario = Scenario(tmp_path, metrics, sink)
+    for _ in range(4):
+        scenario.write(30)
+        scenario.poll()
+        scenario.write(3)
+        scenario.compress_previous()
+        scenario.copy()
+        scenario.truncate()
+        scenario.write(2)
+        scenario.poll()
+    assert (tmp_path / "app.log.2.gz").exists()
+    assert scenario.counted() == sorted(scenario.written)
+    assert rotations(metrics) == {"truncate": 4}
+
+
+@pytest.mark.parametrize("kill_at", range(len(COPYTRUNCATE_STEPS)))
+def test_copytruncate_and_delaycompress_stay_exact_across_kill_9_at_any_step(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, kill_at: int) -> None:
+    """Killed after any step, resumed from the checkpoint of that step, of two steps before,
+    or from none: every written line counted exactly once. (A checkpoint older than a
+    truncate is left out: lines counted after it and truncated away are gone from disk.)"""
+    stale = [at for at in (kill_at - 2, -1)
+             if "truncate" not in COPYTRUNCATE_STEPS[at + 1:kill_at + 1]]
+    for checkpoint_at in sorted({kill_at, *stale}):
+        for leftover in tmp_path.iterdir():
+            leftover.unlink()
+        sink.calls.clear()
+        scenario = Scenario(tmp_path, metrics, sink)
+        run_steps(scenario, COPYTRUNCATE_STEPS, checkpoint_at, kill_at)
+        assert scenario.counted() == sorted(scenario.written), (kill_at, checkpoint_at)
+        scenario.tailer.close()
+
+
+def test_rename_rotation_under_a_glob_matching_the_backup_is_finished_not_reread(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    """app.log -> app.log.1 is the same device and inode: finished under its new name, never
+    read again, also after a restart that finds it there."""
+    scenario = Scenario(tmp_path, metrics, sink)
+    scenario.write(10)
+    scenario.poll()
+    scenario.checkpoint()
+    writer = scenario.log.open("a")
+    os.rename(scenario.log, tmp_path / "app.log.1")
+    writer.write("still the old file\n")  # the app has not reopened yet
+    writer.close()
+    scenario.written.append("still the old file")
+    scenario.write(3)
+    scenario.kill_and_restart()
+    assert scenario.counted() == sorted(scenario.written)
+    assert rotations(metrics) == {}  # found under its new name at restart: not a rotation
+
+
+def test_a_file_moved_out_of_the_globs_and_back_continues_at_its_offset(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    """Same device and inode, same first bytes: the same file, in a later pass too."""
+    log = tmp_path / "app.log"
+    tailer = tailer_for(tmp_path, metrics, sink)
+    append(log, numbered("a", 0, 5))
+    tailer.poll()
+    os.rename(log, tmp_path / "parked")
+    tailer.poll()
+    assert tailer.files == {}
+    append(tmp_path / "parked", ["a line 5"])
+    os.rename(tmp_path / "parked", log)
+    tailer.poll()
+    assert sink.texts() == numbered("a", 0, 6)
 
 
 # --- through the watchdog observer and the worker thread -----------------------------------

@@ -8,13 +8,14 @@ as ``BackendClass(**options)`` with the mapping under ``backend.<name>`` in the 
 (an unknown option is a TypeError, reported as a config error), and ``load()`` is called
 later. A backend may declare ``languages: frozenset[str]``; without it the app accepts
 ``limits.languages``. ``model_version`` may change during ``load()``; it is read afterwards.
+A backend that runs on CUDA implements :class:`GpuReporting`; one that does not holds no GPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -67,3 +68,34 @@ class Backend(Protocol):
 
     def close(self) -> None:
         ...
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """One CUDA device a backend holds, as ``/status`` reports it under ``gpu_devices``.
+
+    ``uuid`` is NVML's form (``GPU-…``, ``MIG-…``) so the sidecar can follow exactly this GPU
+    (``gpu.devices: auto``); the memory fields are PyTorch's view (what its tensors occupy and
+    what its caching allocator holds), so a leak can be told from the cache.
+    """
+
+    index: int
+    uuid: str
+    memory_allocated_bytes: int | None = None
+    memory_reserved_bytes: int | None = None
+    gpu_oom_total: int = 0
+
+
+@runtime_checkable
+class GpuReporting(Protocol):
+    def gpu_devices(self) -> list[GpuDevice] | None:
+        """The CUDA devices in use (empty: none, e.g. loaded on CPU), or None when they
+        cannot be told right now (the sidecar then keeps what it followed)."""
+        ...
+
+
+def gpu_status(backend: Backend) -> dict[str, Any]:
+    """The ``gpu_devices`` part of ``/status``: what the backend reports, an empty list for a
+    backend that never holds a GPU, nothing when it cannot tell."""
+    devices = backend.gpu_devices() if isinstance(backend, GpuReporting) else []
+    return {} if devices is None else {"gpu_devices": [asdict(d) for d in devices]}

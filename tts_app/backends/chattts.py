@@ -15,17 +15,22 @@ are loaded; the app's worker pool is sized from ``instances``.
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tts_app.backends.base import StageCallback, SynthesisRequest
+from tts_app.backends.base import GpuDevice, StageCallback, SynthesisRequest
 from tts_app.errors import SynthesisError
+
+log = logging.getLogger("tts_app.chattts")
 
 SAMPLE_RATE = 24000
 DEFAULT_VOICES = {"default": 2222}     # voice name -> speaker seed
@@ -86,6 +91,10 @@ class ChatTTSBackend:
         self.model_version = "chattts-0.2.5/unloaded"
         self._pool: queue.Queue[_Instance] = queue.Queue()
         self._torch: Any = None
+        self._device: Any = None
+        # CUDA out-of-memory errors by device index, reported on /status as gpu_oom_total.
+        self.gpu_oom_total: Counter[int] = Counter()
+        self._gpu_report_failing = False
 
     def load(self) -> None:
         import ChatTTS
@@ -95,6 +104,7 @@ class ChatTTSBackend:
         directory = resolve_model_dir(self.model_dir)
         device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
                               else "cpu" if self.device == "auto" else self.device)
+        self._device = device
         for _ in range(self.instances):
             chat = ChatTTS.Chat()
             if self.config_hook is not None:
@@ -172,6 +182,8 @@ class ChatTTSBackend:
         except SynthesisError:
             raise
         except torch.cuda.OutOfMemoryError as exc:
+            if self._device.type == "cuda":  # an OOM raised on a CPU load has no device
+                self.gpu_oom_total[self._cuda_index()] += 1
             torch.cuda.empty_cache()
             raise SynthesisError("GPU_OOM", f"CUDA out of memory: {exc}", stage=stage) from exc
         except Exception as exc:   # any model fault -> MODEL_ERROR (503), never a bare 500
@@ -181,6 +193,44 @@ class ChatTTSBackend:
     def close(self) -> None:
         while not self._pool.empty():
             self._pool.get_nowait().chat.unload()
+
+    def _cuda_index(self) -> int:
+        index = self._device.index
+        return int(self._torch.cuda.current_device() if index is None else index)
+
+    def gpu_devices(self) -> list[GpuDevice] | None:
+        """The CUDA device the instances were loaded on, with PyTorch's memory figures; empty
+        on CPU; None before ``load()`` or when CUDA cannot be asked (the sidecar then keeps
+        following what it followed)."""
+        if self._device is None:
+            return None
+        if self._device.type != "cuda":
+            return []
+        cuda = self._torch.cuda
+        try:
+            index = self._cuda_index()
+            uuid = getattr(cuda.get_device_properties(index), "uuid", None)
+            if uuid is None:  # a torch too old to report it
+                return None
+            devices = [GpuDevice(index, _nvml_uuid(index, str(uuid)),
+                                 int(cuda.memory_allocated(index)),
+                                 int(cuda.memory_reserved(index)), self.gpu_oom_total[index])]
+        except Exception as exc:  # a CUDA fault must not turn /status into a 500
+            if not self._gpu_report_failing:  # once per episode: /status is polled every second
+                log.warning("cannot read the CUDA device for /status: %s: %s",
+                            type(exc).__name__, exc)
+            self._gpu_report_failing = True
+            return None
+        self._gpu_report_failing = False
+        return devices
+
+
+def _nvml_uuid(index: int, cuda_uuid: str) -> str:
+    """torch gives the bare UUID; NVML and nvidia-smi prefix it with ``GPU-``, or ``MIG-`` for a
+    MIG instance, which the process sees when CUDA_VISIBLE_DEVICES names one."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    mig = index < len(visible) and visible[index].startswith("MIG-")
+    return ("MIG-" if mig else "GPU-") + cuda_uuid.removeprefix("GPU-").removeprefix("MIG-")
 
 
 def _to_chunk(wavs: Any) -> np.ndarray:

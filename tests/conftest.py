@@ -1,0 +1,48 @@
+"""Helpers shared by the unit and integration tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_DROPPED = "cap_dac_override,cap_dac_read_search"
+# Ways to run a program without the capabilities that let root ignore file permissions.
+_DROPPERS = (
+    ("capsh", ["--drop=" + _DROPPED, "--", "-c", 'exec "$@"', "unprivileged"]),
+    ("setpriv", ["--inh-caps=-dac_override,-dac_read_search",
+                 "--bounding-set=-dac_override,-dac_read_search"]),
+)
+
+
+def _can_list(prefix: list[str], directory: Path) -> bool:
+    probe = [*prefix, sys.executable, "-c", f"import os; os.listdir({str(directory)!r})"]
+    return subprocess.run(probe, capture_output=True, timeout=30, check=False).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def permissions_apply() -> list[str]:
+    """A command prefix under which file permissions bind, as in a non-root container: empty
+    when the tests do not run as root, else capsh or setpriv dropping CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH. Skips when neither tool can (checked on a real unreadable
+    directory)."""
+    if os.geteuid() != 0:
+        return []
+    with tempfile.TemporaryDirectory() as scratch:
+        closed = Path(scratch) / "closed"
+        closed.mkdir(mode=0)
+        try:
+            for tool, args in _DROPPERS:
+                path = shutil.which(tool)
+                if path is not None and _can_list([path, *args], Path(scratch)) \
+                        and not _can_list([path, *args], closed):
+                    return [path, *args]
+        finally:
+            closed.chmod(0o700)
+    pytest.skip("running as root and neither capsh nor setpriv can drop CAP_DAC_OVERRIDE "
+                "here, so a permission change cannot be made to bind")
