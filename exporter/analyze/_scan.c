@@ -34,7 +34,7 @@
 
 enum { EV_OTHER, EV_START, EV_COMPLETE, EV_STAGE, N_EVENTS };
 enum { F_OTHER, F_ID, F_STATUS, F_DURATION, F_CODE, F_TEXT_LEN, F_MODEL_STAGE, F_STAGE,
-       N_FIELDS };
+       F_TEXT, N_FIELDS };
 
 #define TABLE_SLOTS 512
 
@@ -871,10 +871,16 @@ static int push(PyObject *list, PyObject *item) {
     return r;
 }
 
+/* A text without text_len: the report takes its length in characters (Report.text_length),
+ * which only Python's decoding gives exactly. */
+static int text_only(const Line *line) {
+    return line->field[F_TEXT_LEN].kind == V_NONE && line->field[F_TEXT].kind != V_NONE;
+}
+
 static int apply_start(Scanner *sc, const Line *line, PyObject *pending) {
     Bytes id = {0};
     long long text_len = 0;
-    if (!field_string(line, F_ID, &id, NULL, 0))
+    if (text_only(line) || !field_string(line, F_ID, &id, NULL, 0))
         return RESIDUE;
     int has_len = field_int(line, F_TEXT_LEN, &text_len);
     if (has_len < 0)
@@ -920,7 +926,7 @@ static int apply_complete(Scanner *sc, const Line *line, PyObject *pending, PyOb
     Bytes id = {0}, status = {0}, code = {0}, model_stage = {0};
     double duration = 0.0;
     long long own_len = 0;
-    if (!field_string(line, F_ID, &id, NULL, 0) || !id.present
+    if (text_only(line) || !field_string(line, F_ID, &id, NULL, 0) || !id.present
         || !field_string(line, F_STATUS, &status, NULL, 0)
         || !field_string(line, F_CODE, &code, "UNKNOWN", 1)
         || !field_string(line, F_MODEL_STAGE, &model_stage, "unknown", 1))
@@ -1214,7 +1220,7 @@ static int fill(NameTable *t, PyObject *mapping, const char *const *names, int n
 static const char *const EVENT_NAMES[] = {"", "synthesis_start", "synthesis_complete",
                                           "stage_time"};
 static const char *const FIELD_NAMES[] = {"", "id", "status", "duration_ms", "error_code",
-                                          "text_len", "model_stage", "stage"};
+                                          "text_len", "model_stage", "stage", "text"};
 
 static int Scanner_init(Scanner *sc, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"events", "fields", "length_edges", "pending_cap", "stamp", NULL};

@@ -133,6 +133,16 @@ def as_duration(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def text_length(fields: Mapping[str, object]) -> object:
+    """A record's text_len as the parser typed it; where it has none, the length of its
+    ``text`` field (IndexTTS logs the text itself), which the report never keeps."""
+    if "text_len" not in fields:
+        text = fields.get("text")
+        if isinstance(text, str):
+            return len(text)
+    return fields.get("text_len")
+
+
 @lru_cache(maxsize=65536)
 def length_bucket(text_len: int) -> str:
     """Label for a text length; 2048 gets its own bucket (the seed's failing length)."""
@@ -201,7 +211,7 @@ class Report:
     def note_start(self, record: Record) -> None:
         """Remember a request's text length for its synthesis_complete (also called for
         starts outside --since/--until, so a failure inside the window still gets its length)."""
-        self.start(record.request_id, record.fields.get("text_len"))
+        self.start(record.request_id, text_length(record.fields))
 
     def start(self, rid: str | None, text_len: object) -> None:
         """A synthesis_start's id and text_len, as the parser typed them."""
@@ -237,7 +247,7 @@ class Report:
         if duration is not None:
             self.durations.add(duration)
             self._offer_slow((duration, rid or ""))
-        text_len = fields.get("text_len")
+        text_len = text_length(fields)
         start_len = self.pending.pop(rid, None) if rid is not None else None
         if not isinstance(text_len, int) or isinstance(text_len, bool):
             text_len = start_len

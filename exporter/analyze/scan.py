@@ -50,7 +50,8 @@ NATIVE = _NativeScanner is not None
 
 START, COMPLETE, STAGE = "synthesis_start", "synthesis_complete", "stage_time"
 # Fields the report reads, by canonical name
-_READ_FIELDS = ("id", "status", "duration_ms", "error_code", "text_len", "model_stage", "stage")
+_READ_FIELDS = ("id", "status", "duration_ms", "error_code", "text_len", "model_stage", "stage",
+                "text")
 # Keys of the JSON head the scanner requires; an alias that feeds a read field from one of
 # them would change what the head means
 _HEAD_KEYS = frozenset({"time", "level", "logger", "event"})

@@ -411,3 +411,22 @@ def test_a_file_vanishing_while_others_are_read_ends_only_that_file(
     [damage] = stats.damaged
     assert (damage.file, damage.line, damage.offset) == (str(rotated[3]), 0, 0)
     assert damage.reason == "cannot be read (No such file or directory)"
+
+
+def test_indextts_text_gives_its_length_to_the_report(tmp_path: Path,
+                                                     indextts_lines: bytes) -> None:
+    """Issue 18 finding 2: a start with text= and no text_len (IndexTTS) puts its failure in
+    the right length bucket, on the compiled path and the parser's alike."""
+    log = tmp_path / "indextts.log"
+    log.write_bytes(indextts_lines + "2024-06-12 14:27:00,000 - app.tts_engine - INFO - "
+                    "synthesis_start: id=ts_fail, text=\"{}\"\n"
+                    "2024-06-12 14:27:01,000 - app.tts_engine - ERROR - synthesis_complete: "
+                    "id=ts_fail, status=failed, error_code=SCIPY_FFT_INVALID, duration_ms=9\n"
+                    .format("字" * 2048).encode())
+    for mode in ((), ("--no-fast",)):
+        result = _cli("--json", *mode, str(log))
+        assert result.returncode == 0, result.stderr
+        lengths = json.loads(result.stdout)["failures_by_text_length"]
+        assert {b["bucket"]: (b["total"], b["failed"]) for b in lengths} == {
+            "0-64": (1, 0), "2048": (1, 1)}, mode
+        assert "今天" not in result.stdout
