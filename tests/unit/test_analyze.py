@@ -430,3 +430,22 @@ def test_indextts_text_gives_its_length_to_the_report(tmp_path: Path,
         assert {b["bucket"]: (b["total"], b["failed"]) for b in lengths} == {
             "0-64": (1, 0), "2048": (1, 1)}, mode
         assert "今天" not in result.stdout
+
+
+def test_id_joins_the_gateway_line_with_the_apps(tmp_path: Path) -> None:
+    """Issue 18 finding 1: `analyze --id` over the app's log and nginx's access log."""
+    app = tmp_path / "app.log"
+    app.write_text(json.dumps({"time": "2026-11-22T10:00:01.100+00:00", "level": "INFO",
+                               "event": "synthesis_complete", "request_id": "4f1c",
+                               "status": "success", "duration_ms": 290}) + "\n")
+    gateway = tmp_path / "gateway.access.log"
+    gateway.write_text(json.dumps({
+        "event": "gateway_request", "time": "2026-11-22T10:00:02+00:00", "request_id": "4f1c",
+        "method": "POST", "uri": "/v1/tts", "status": "200", "upstream_status": "200",
+        "request_time": "0.320", "upstream_response_time": "0.300"}) + "\n")
+    result = _cli("--json", "--id", "4f1c", str(app), str(gateway))
+    assert result.returncode == 0, result.stderr
+    timeline = json.loads(result.stdout)
+    assert [r["event"] for r in timeline["records"]] == ["synthesis_complete",
+                                                         "gateway_request"]
+    assert timeline["records"][1]["fields"]["request_time"] == "0.320"
