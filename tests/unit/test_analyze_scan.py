@@ -354,8 +354,10 @@ _TEXT_VALUES = ['ts_1', 'ts_2', 'failed', 'success', '12', '-0', '86 chars', '52
                 '"esc\\"aped"', 'a=b']
 _KEYS = ['id', 'request_id', 'task_id', 'status', 'result', 'duration_ms', 'elapsed_ms',
          'error_code', 'err_code', 'code', 'text_len', 'text_length', 'chars', 'model_stage',
-         'stage', 'lang', 'note', 'level', 'time', 'event', 'traceback', 'text']
+         'stage', 'lang', 'note', 'level', 'time', 'event', 'traceback', 'text',
+         'warning_code', 'warn_code', 'upstream_status']
 _EVENTS = ['synthesis_start', 'synthesis_complete', 'stage_time', 'http_request', 'infer_done',
+           'gateway_request', 'request_rejected',
            'infer_start', 'audio_metrics', 'Synthesis_complete', '']
 _LEVELS = ['INFO', 'ERROR', 'WARN', 'warn', 'Info', 'CRITICAL', 'L' * 60]
 
