@@ -142,7 +142,7 @@ DEFAULT_TEXT_LENGTH_BUCKETS = [10, 25, 50, 100, 200, 400, 800, 1600, 2048, 4096]
 class MetricsConfig:
     """Bounds on series whose labels come from logs, and histogram buckets for log-derived
     metrics. The bounds make the most ``/metrics`` can grow from log content a fixed number
-    (about 1.5 MB with the defaults; the README derives it)."""
+    (about 1.7 MB with the defaults; the README derives it)."""
 
     label_value_cap: int = field(default=50, metadata=_check(_positive))
     label_value_max_bytes: int = field(default=128, metadata=_check(_positive))

@@ -260,7 +260,7 @@ class Report:
 
     def per_minute(self, when: float | None, what: str, count: int = 1) -> None:
         """``count`` events of kind ``what`` in the minute of ``when`` (no time: not placed)."""
-        if when is None:
+        if when is None or not math.isfinite(when):
             return
         minute = int(when // 60)
         counts = self.minutes.get(minute)

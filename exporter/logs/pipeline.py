@@ -233,9 +233,6 @@ class LogPipeline:
 
     # --- event handlers: every check (which may raise InvalidField) before any update --------
 
-    def _noop(self, fields: dict[str, Any], request_id: object) -> None:
-        pass
-
     def _http_request(self, fields: dict[str, Any], request_id: object) -> None:
         duration = _number(fields, "duration_ms")
         method = _raw_label(fields.get("method", ""), "method")
