@@ -107,17 +107,41 @@ class AliasConfig:
     events: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_EVENT_ALIASES))
 
 
+LogFormat = Literal["auto", "app", "gateway"]
+
+
+@dataclass(frozen=True)
+class LogSource:
+    """Log files of one known format: ``app`` (the log contract, text or JSON lines),
+    ``gateway`` (the reverse proxy's JSON access log, config/nginx/tts.conf), ``auto``
+    (decided per file from its first record line)."""
+
+    paths: list[str] = field(default_factory=list)
+    format: LogFormat = "auto"
+
+
 @dataclass(frozen=True)
 class LogsConfig:
     """Which log files to tail and how."""
 
     paths: list[str] = field(default_factory=lambda: ["logs/*.log*"])
+    sources: list[LogSource] = field(default_factory=list)
     checkpoint_path: str = "state/exporter-offsets.json"
     checkpoint_interval_s: float = field(default=1.0, metadata=_check(_positive))
     poll_interval_s: float = field(default=2.0, metadata=_check(_positive))
     max_line_bytes: int = field(default=65536, metadata=_check(_positive))
     read_chunk_bytes: int = field(default=1 << 20, metadata=_check(_positive))
     aliases: AliasConfig = field(default_factory=AliasConfig)
+
+    def formats(self) -> list[tuple[str, LogFormat]]:
+        """(glob, format) of every tailed path, ``sources`` first so that a file matched by a
+        source and by ``paths`` takes the source's format; ``paths`` are ``auto``."""
+        return [(path, source.format) for source in self.sources for path in source.paths] \
+            + [(path, "auto") for path in self.paths]
+
+    def tailed_paths(self) -> list[str]:
+        """Every glob to tail, of whatever format."""
+        return [path for path, _ in self.formats()]
 
 
 DEFAULT_DURATION_BUCKETS_S = [

@@ -204,6 +204,13 @@ class GaugeFamily(_Family):
     def set(self, labels: Labels, value: float) -> None:
         self.values[labels] = value
 
+    def set_limited(self, labels: Labels, value: float) -> None:
+        """:meth:`set` within the family's series budget (labels from logs)."""
+        values = self.values
+        if labels not in values:
+            labels = self._series_key(labels, len(values))
+        values[labels] = value
+
     def get(self, labels: Labels = ()) -> float | None:
         return self.values.get(labels)
 
@@ -552,7 +559,9 @@ class SidecarMetrics:
         # --- Business layer: syntheses, stages, text, cache, audio.
         self.syntheses = m.counter("tts_syntheses_total",
                                    "Syntheses finished, by status and error code ('none' on "
-                                   "success).", ["status", "error_code"])
+                                   "success) and the model version that ran it ('unknown' "
+                                   "when the log line does not say).",
+                                   ["status", "error_code", "model_version"])
         self.synthesis_duration = m.histogram("tts_synthesis_duration_seconds",
                                               "End-to-end synthesis time, seconds.", (),
                                               duration_buckets_s)
@@ -585,9 +594,36 @@ class SidecarMetrics:
                                           "Spectral centroid of produced audio, hertz; a drop "
                                           "signals muffled or broken audio.", (),
                                           SPECTRAL_CENTROID_BUCKETS_HZ)
+        self.audio_bytes = m.counter("tts_audio_bytes_total",
+                                     "Bytes of audio the syntheses returned (audio_size_kb "
+                                     "of synthesis_complete records).")
+        self.synthesis_fallbacks = m.counter("tts_synthesis_fallbacks_total",
+                                             "Syntheses that fell back to a substitute (e.g. "
+                                             "another voice; fallback_used=true).")
+        self.cache_usage = m.gauge("tts_cache_usage_ratio",
+                                   "Used share of the cache directory's quota as the app last "
+                                   "logged it (cache_dir_usage / cache_health used_percent), "
+                                   "0-1, by path.", ["path"])
         self.log_records = m.counter("tts_log_records_total",
                                      "WARNING and ERROR log records, by level and code.",
                                      ["level", "code"])
+
+        # --- Gateway layer: the reverse proxy's access log (nginx JSON format).
+        self.gateway_requests = m.counter("tts_gateway_requests_total",
+                                          "Requests the gateway answered, by its status code "
+                                          "and the last upstream's ('none' when no upstream "
+                                          "answered).", ["code", "upstream_code"])
+        self.gateway_duration = m.histogram("tts_gateway_request_duration_seconds",
+                                            "Request time as the gateway measured it (first "
+                                            "byte read to last byte sent), seconds.", (),
+                                            duration_buckets_s)
+        self.gateway_upstream_duration = m.histogram(
+            "tts_gateway_upstream_duration_seconds",
+            "Time the gateway waited for upstream responses, all tries of a request together, "
+            "seconds.", (), duration_buckets_s)
+        self.gateway_empty = m.counter("tts_gateway_empty_responses_total",
+                                       "Gateway responses with no body bytes sent (not HEAD, "
+                                       "204 or 304): client gave up, upstream died, ...")
 
         # --- The exporter itself.
         self.log_lines = m.counter("tts_exporter_log_lines_total",
@@ -640,12 +676,14 @@ class SidecarMetrics:
             # a sidecar restart neither resets it nor, after kill -9, counts a start twice.
             self.app_restarts,
         ]
+        families += [self.audio_bytes, self.synthesis_fallbacks, self.gateway_requests,
+                     self.gateway_duration, self.gateway_upstream_duration, self.gateway_empty]
         return [family.name for family in families]
 
     def log_labelled(self) -> list[_Family]:
         """The families whose label values come from log content."""
         return [self.http_requests, self.http_duration, self.syntheses, self.stage_duration,
-                self.log_records]
+                self.log_records, self.cache_usage, self.gateway_requests]
 
     def limit_log_labels(self, limits: SeriesLimits) -> None:
         """Put ``limits`` on every family of :meth:`log_labelled`."""

@@ -56,7 +56,7 @@ def _log_components(config: Config, metrics: SidecarMetrics) -> list[Component]:
     """The log tailer feeding the pipeline and the recent request timelines (``/requests``).
     The tailer comes first, so it stops last and its final checkpoint holds every line read
     before shutdown."""
-    if not config.logs.paths:
+    if not config.logs.tailed_paths():
         return []
     if not config.timelines.enabled:
         return [LogTailComponent.from_config(config, metrics)]

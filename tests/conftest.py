@@ -46,3 +46,25 @@ def permissions_apply() -> list[str]:
             closed.chmod(0o700)
     pytest.skip("running as root and neither capsh nor setpriv can drop CAP_DAC_OVERRIDE "
                 "here, so a permission change cannot be made to bind")
+
+
+# The log-monitoring notes' IndexTTS lines (issue 18), the last two built from the fields the
+# notes name.
+_INDEXTTS_LINES = (
+    "2024-06-12 14:22:37,892 - app.tts_engine - INFO - synthesis_start: id=ts_7f3a2b1c, "
+    'text="今天天气真好", lang=zh, voice=alloy, duration_ms=0, cache_hit=false\n'
+    "2024-06-12 14:22:38,415 - app.tts_engine - INFO - synthesis_complete: id=ts_7f3a2b1c, "
+    "status=success, duration_ms=523, audio_size_kb=124, cache_saved=true, "
+    "model_stage=llm_postproc\n"
+    "2024-06-12 10:05:11,203 - app.cache - WARNING - cache_dir_usage: path=/app/cache, "
+    "used_percent=92.7, threshold=90.0, action=warn\n"
+    "2024-06-12 14:25:02,110 - app.tts_engine - INFO - synthesis_complete: id=ts_9c0d1e2f, "
+    "status=success, rms=0.024, spectral_centroid=2150\n"
+    "2024-06-12 14:26:40,001 - app.tts_engine - WARNING - synthesis_complete: id=ts_5a6b7c8d, "
+    "status=success, duration_ms=880, warning_code=VOICE_FALLBACK, fallback_used=true\n"
+).encode()
+
+
+@pytest.fixture
+def indextts_lines() -> bytes:
+    return _INDEXTTS_LINES

@@ -2,7 +2,8 @@
 
 One source of truth: ``alerts/tts.rules.yaml`` becomes the PrometheusRule, ``config/app.yaml``
 and ``config/exporter.yaml`` become the ConfigMaps (with only the in-pod paths and listen
-addresses overridden) and ``config/docker/exporter.compose.yaml`` (Docker Compose). Nobody
+addresses overridden) and ``config/docker/exporter.compose.yaml`` (Docker Compose);
+``config/nginx/tts.conf`` becomes the optional nginx container's ConfigMap (``nginx/``). Nobody
 edits the generated files by hand; tests/deploy checks that the committed files equal this
 script's output.
 
@@ -13,6 +14,7 @@ script's output.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,7 +42,10 @@ APP_OVERRIDES: dict[str, Any] = {
 EXPORTER_OVERRIDES: dict[str, Any] = {
     "server": {"listen": "0.0.0.0:9109"},
     "logs": {"paths": ["/var/lib/tts/logs/*.log*"],
-             "checkpoint_path": "/var/lib/tts/state/exporter-offsets.json"},
+             "checkpoint_path": "/var/lib/tts/state/exporter-offsets.json",
+             # the optional nginx container's access log (nginx/deployment-patch.yaml)
+             "sources": [{"paths": ["/var/lib/tts/logs/gateway.access.log"],
+                          "format": "gateway"}]},
     "gate": {"gate_file": "/var/lib/tts/state/ingress.json"},
     "auth": {"bearer_token_file": "/etc/tts-sentinel/secret/token"},
     "disk": {"paths": ["/var/lib/tts/cache"]},
@@ -52,7 +57,18 @@ EXPORTER_OVERRIDES: dict[str, Any] = {
 COMPOSE_EXPORTER_OVERRIDES: dict[str, Any] = {
     "auth": {"bearer_token_file": "/etc/tts-sentinel/webhook-token"},
     "disk": {"paths": ["/var/lib/tts/cache"]},
+    # nginx (the gateway service) asks the gate with auth_request and logs beside the app
+    "gate": {"mode": "auth_request"},
+    "logs": {"sources": [{"paths": ["logs/gateway.access.log"], "format": "gateway"}]},
 }
+
+# The optional nginx container of the pod (nginx/deployment-patch.yaml) runs the shipped
+# tts.conf with two changes: it listens on the pod's port 8000, and it does not ask the gate
+# per request (auth_request): in the pod the gate acts through the app's readinessProbe, and
+# the sidecar's readiness mode answers a closed gate with 503, which auth_request cannot take.
+NGINX_POD_EDITS = ((r"listen 127\.0\.0\.1:8000;", "listen 8000;"),
+                   (r"\n *auth_request /_tts_ingress;", ""),
+                   (r"\n *error_page 403 = @tts_closed;", ""))
 
 
 class _BlockDumper(yaml.SafeDumper):
@@ -97,9 +113,23 @@ def compose_exporter_config() -> str:
     return HEADER.format(source="config/exporter.yaml") + dump([config])
 
 
+def nginx_config_map() -> str:
+    conf = (REPO / "config" / "nginx" / "tts.conf").read_text()
+    for pattern, new in NGINX_POD_EDITS:
+        conf, count = re.subn(pattern, new, conf)
+        if count != 1:
+            raise SystemExit(f"config/nginx/tts.conf no longer has exactly one {pattern!r}")
+    doc = {"apiVersion": "v1", "kind": "ConfigMap",
+           "metadata": {"name": "tts-nginx-config", "labels": LABELS},
+           "data": {"default.conf": "# The pod's copy: listens on 8000 and leaves the gate to the "
+                                    "readinessProbe (no auth_request).\n" + conf}}
+    return HEADER.format(source="config/nginx/tts.conf") + dump([doc])
+
+
 # Output paths relative to this directory.
 GENERATED = {"prometheusrule.yaml": prometheus_rule, "configmaps.yaml": config_maps,
-             "../docker/exporter.compose.yaml": compose_exporter_config}
+             "../docker/exporter.compose.yaml": compose_exporter_config,
+             "nginx/configmap.yaml": nginx_config_map}
 
 
 def main(argv: list[str] | None = None) -> int:

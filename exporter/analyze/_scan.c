@@ -32,9 +32,9 @@
 
 /* ---- name tables (event names, field names and their aliases) ------------------------ */
 
-enum { EV_OTHER, EV_START, EV_COMPLETE, EV_STAGE, N_EVENTS };
+enum { EV_OTHER, EV_START, EV_COMPLETE, EV_STAGE, EV_GATEWAY, EV_REJECTED, N_EVENTS };
 enum { F_OTHER, F_ID, F_STATUS, F_DURATION, F_CODE, F_TEXT_LEN, F_MODEL_STAGE, F_STAGE,
-       N_FIELDS };
+       F_TEXT, F_WARNING_CODE, N_FIELDS };
 
 #define TABLE_SLOTS 512
 
@@ -206,7 +206,7 @@ typedef struct {
     Small levels, statuses, lengths, stages;
     TimeClass classes[CLASS_CAP];
     int n_classes;
-    PyObject *durations, *rids, *failed, *orphans;
+    PyObject *durations, *rids, *failed, *orphans, *counted;
 } Scanner;
 
 /* ---- one parsed line ----------------------------------------------------------------- */
@@ -555,6 +555,17 @@ static int parse_pairs(Scanner *sc, const char *p, const char *e, Line *line) {
     }
 }
 
+/* Levels that normalise_level makes WARNING, ERROR or CRITICAL: the report counts such
+ * records by code (Report.record_code). */
+static int counted_level(const Line *line) {
+    static const char *const names[] = {"WARNING", "WARN", "ERROR", "ERR", "CRITICAL", "FATAL"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((size_t)line->level_len == strlen(names[i])
+            && memcmp(line->level, names[i], (size_t)line->level_len) == 0)
+            return 1;
+    return 0;
+}
+
 /* STAMP - logger - LEVEL - body; 1 a record, 0 residue. */
 static int parse_text(Scanner *sc, const char *p, const char *e, Line *line) {
     line->is_text = 1;
@@ -588,7 +599,7 @@ static int parse_text(Scanner *sc, const char *p, const char *e, Line *line) {
     if (p == e || *p != ':')
         return 1;                  /* free-form text that starts in lower case */
     line->event = table_get(&sc->events, name, p - name, EV_OTHER);
-    if (line->event == EV_OTHER)
+    if (line->event == EV_OTHER && !counted_level(line))
         return 1;                  /* event or not, the report reads only its level and time */
     p++;
     if (!lit(&p, e, " ", 1))
@@ -871,10 +882,16 @@ static int push(PyObject *list, PyObject *item) {
     return r;
 }
 
+/* A text without text_len: the report takes its length in characters (Report.text_length),
+ * which only Python's decoding gives exactly. */
+static int text_only(const Line *line) {
+    return line->field[F_TEXT_LEN].kind == V_NONE && line->field[F_TEXT].kind != V_NONE;
+}
+
 static int apply_start(Scanner *sc, const Line *line, PyObject *pending) {
     Bytes id = {0};
     long long text_len = 0;
-    if (!field_string(line, F_ID, &id, NULL, 0))
+    if (text_only(line) || !field_string(line, F_ID, &id, NULL, 0))
         return RESIDUE;
     int has_len = field_int(line, F_TEXT_LEN, &text_len);
     if (has_len < 0)
@@ -920,7 +937,7 @@ static int apply_complete(Scanner *sc, const Line *line, PyObject *pending, PyOb
     Bytes id = {0}, status = {0}, code = {0}, model_stage = {0};
     double duration = 0.0;
     long long own_len = 0;
-    if (!field_string(line, F_ID, &id, NULL, 0) || !id.present
+    if (text_only(line) || !field_string(line, F_ID, &id, NULL, 0) || !id.present
         || !field_string(line, F_STATUS, &status, NULL, 0)
         || !field_string(line, F_CODE, &code, "UNKNOWN", 1)
         || !field_string(line, F_MODEL_STAGE, &model_stage, "unknown", 1))
@@ -1000,9 +1017,25 @@ fail:
     return FAILED;
 }
 
-/* Validate everything a line needs before changing anything, then add it. */
+/* A counted record's code as Report.add takes it, `warning_code or error_code or "none"`,
+ * and its id: 1 ok, 0 residue (a code or id that is not a plain string). */
+static int record_code(const Line *line, Bytes *code, Bytes *id) {
+    Bytes warning;
+    if (!field_string(line, F_WARNING_CODE, &warning, "", 1)
+        || !field_string(line, F_CODE, code, "none", 1)
+        || !field_string(line, F_ID, id, NULL, 0))
+        return 0;
+    if (warning.n > 0)
+        *code = warning;
+    return 1;
+}
+
+/* Validate everything a line needs before changing anything, then add it. Rejections and the
+ * gateway's lines are few and read by the parser (residue). */
 static int apply_record(Scanner *sc, const Line *line, PyObject *pending, PyObject *pop) {
     double when = 0.0;
+    if (line->event == EV_GATEWAY || line->event == EV_REJECTED)
+        return RESIDUE;
     if (sc->windowed) {
         int t = line_time(sc, line, &when);
         if (t <= 0)
@@ -1012,6 +1045,17 @@ static int apply_record(Scanner *sc, const Line *line, PyObject *pending, PyObje
              * failures inside the window */
             return line->event == EV_START ? apply_start(sc, line, pending) : APPLIED;
     }
+    int counted = counted_level(line);
+    Bytes code = {0}, id = {0};
+    if (counted) {
+        if (!record_code(line, &code, &id))
+            return RESIDUE;
+        if (!sc->windowed) {
+            int t = line_time(sc, line, &when);
+            if (t <= 0)
+                return t < 0 ? FAILED : RESIDUE;
+        }
+    }
     int r = room(&sc->levels, line->level, line->level_len);
     if (r != APPLIED)
         return r;
@@ -1020,11 +1064,18 @@ static int apply_record(Scanner *sc, const Line *line, PyObject *pending, PyObje
     if (line->event == EV_START)
         r = apply_start(sc, line, pending);
     else if (line->event == EV_COMPLETE)
-        r = apply_complete(sc, line, pending, pop, sc->windowed ? &when : NULL);
+        r = apply_complete(sc, line, pending, pop, sc->windowed || counted ? &when : NULL);
     else if (line->event == EV_STAGE)
         r = apply_stage(sc, line);
     if (r != APPLIED)
         return r;
+    if (counted) {
+        PyObject *rid = id.present ? decode(id.s, id.n) : Py_NewRef(Py_None);
+        if (rid == NULL || push(sc->counted, Py_BuildValue(
+                "(y#NdN)", line->level, line->level_len, decode(code.s, code.n), when,
+                rid)) < 0)
+            return FAILED;
+    }
     small_count(&sc->levels, line->level, line->level_len);
     class_add(sc, line);
     return APPLIED;
@@ -1043,6 +1094,7 @@ static void segment_clear(Scanner *sc) {
     Py_CLEAR(sc->rids);
     Py_CLEAR(sc->failed);
     Py_CLEAR(sc->orphans);
+    Py_CLEAR(sc->counted);
 }
 
 static int segment_start(Scanner *sc) {
@@ -1051,7 +1103,8 @@ static int segment_start(Scanner *sc) {
     sc->rids = PyList_New(0);
     sc->failed = PyList_New(0);
     sc->orphans = PyList_New(0);
-    return sc->durations && sc->rids && sc->failed && sc->orphans ? 0 : -1;
+    sc->counted = PyList_New(0);
+    return sc->durations && sc->rids && sc->failed && sc->orphans && sc->counted ? 0 : -1;
 }
 
 enum { BYTES_COUNTS, STR_COUNTS, BUCKET_COUNTS, STR_LISTS };
@@ -1086,7 +1139,7 @@ static PyObject *segment_result(Scanner *sc) {
     }
     if (classes == NULL)
         return NULL;
-    return Py_BuildValue("{s:n,s:n,s:n,s:N,s:N,s:N,s:N,s:N,s:O,s:O,s:O,s:O}",
+    return Py_BuildValue("{s:n,s:n,s:n,s:N,s:N,s:N,s:N,s:N,s:O,s:O,s:O,s:O,s:O}",
                          "lines", sc->lines, "records", sc->records,
                          "continuation", sc->continuation,
                          "levels", small_dict(&sc->levels, BYTES_COUNTS),
@@ -1094,7 +1147,7 @@ static PyObject *segment_result(Scanner *sc) {
                          "lengths", small_dict(&sc->lengths, BUCKET_COUNTS),
                          "stages", small_dict(&sc->stages, STR_LISTS), "classes", classes,
                          "durations", sc->durations, "rids", sc->rids, "failed", sc->failed,
-                         "orphans", sc->orphans);
+                         "orphans", sc->orphans, "counted", sc->counted);
 }
 
 static int blank(const char *p, const char *e) {
@@ -1212,9 +1265,10 @@ static int fill(NameTable *t, PyObject *mapping, const char *const *names, int n
 }
 
 static const char *const EVENT_NAMES[] = {"", "synthesis_start", "synthesis_complete",
-                                          "stage_time"};
+                                          "stage_time", "gateway_request", "request_rejected"};
 static const char *const FIELD_NAMES[] = {"", "id", "status", "duration_ms", "error_code",
-                                          "text_len", "model_stage", "stage"};
+                                          "text_len", "model_stage", "stage", "text",
+                                          "warning_code"};
 
 static int Scanner_init(Scanner *sc, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"events", "fields", "length_edges", "pending_cap", "stamp", NULL};

@@ -18,6 +18,7 @@ class Segment(TypedDict):
     durations: list[float]                         # completions' durations in file order
     rids: list[str]                                # their request ids
     failed: list[tuple[str, str, float, str]]      # (error code, model stage, time, id)
+    counted: list[tuple[bytes, str, float, str | None]]  # WARNING+: (level, code, time, id)
     orphans: list[tuple[str, str]]                 # (id, error code or "") without a length
 
 class Scanner:

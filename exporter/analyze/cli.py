@@ -9,7 +9,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from datetime import datetime
 from functools import partial
@@ -26,7 +26,7 @@ from exporter.analyze.reader import (
     split_ranges,
 )
 from exporter.analyze.render import dump_json, render_report, render_timeline
-from exporter.analyze.report import Report
+from exporter.analyze.report import GATEWAY_EVENT, Report
 from exporter.analyze.scan import NATIVE, ChunkScanner, Window
 from exporter.logs.parsers import Record, RecordParser
 from exporter.logs.timelines import timeline_dict
@@ -64,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=parse_time, help="only records at/after this time")
     parser.add_argument("--until", type=parse_time, help="only records before this time")
     parser.add_argument("--id", dest="request_id", help="show one request's full timeline")
+    parser.add_argument("--ids", metavar="CODE",
+                        help="list the request ids of the records with this code (warning_code,"
+                             " error_code, or the gateway's HTTP status) within --since/--until,"
+                             " one per line, in log order")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--top", type=int, default=10, help="rows in top-N tables")
     parser.add_argument("--jobs", type=int, default=_default_jobs(),
@@ -181,6 +185,26 @@ def _warn_damage(damaged: list[Damage], strict: bool, err: TextIO) -> int:
     return 2 if first and strict else 0
 
 
+def record_code(record: Record) -> str | None:
+    """The code a record carries: the gateway's HTTP status on its lines, else warning_code,
+    else error_code (as the report counts warnings and errors)."""
+    fields = record.fields
+    if record.event == GATEWAY_EVENT:
+        return str(fields.get("status"))
+    code = fields.get("warning_code") or fields.get("error_code")
+    return None if code is None else str(code)
+
+
+def matching_ids(records: Iterable[Record], code: str, window: Window | None) -> list[str]:
+    """Request ids (first appearance first, each once) of the records with ``code``."""
+    ids: dict[str, None] = {}
+    for record in records:
+        if record.request_id and record_code(record) == code \
+                and (window is None or window.keeps(record.time)):
+            ids.setdefault(record.request_id)
+    return list(ids)
+
+
 def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Run the analysis; 0 ok, 1 request id not found, 2 no file to read (or, with
     ``--strict``, a file not read whole)."""
@@ -219,6 +243,16 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
             return 1
         timeline = timeline_dict(wanted, found)
         out.write(dump_json(timeline) if args.json else render_timeline(timeline))
+        return status
+    if args.ids is not None:
+        ids = matching_ids(iter_records(files, parser, stats, needle=args.ids.encode()),
+                           args.ids, window)
+        status = _warn_damage(missing + stats.damaged, args.strict, err)
+        if not ids:
+            print(f"analyze: no request with code {args.ids}", file=err)
+            return 1
+        out.write(dump_json({"code": args.ids, "request_ids": ids}) if args.json
+                  else "".join(rid + "\n" for rid in ids))
         return status
     ordered = order_files(files, parser)
     pieces = [(path, span) for path in ordered for span in split_ranges(path, PIECE)]

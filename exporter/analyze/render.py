@@ -70,6 +70,20 @@ def render_report(data: dict[str, Any], stats: dict[str, Any]) -> str:
     lines += ["", "Slowest syntheses"]
     lines += table(["request", "duration ms"],
                    [[s["request_id"], s["duration_ms"]] for s in data["slowest"]])
+    lines += ["", "Warnings and errors by code (rejections, cache warnings, failures)"]
+    lines += table(["level", "code", "count", "first seen", "last seen", "example request"],
+                   [[r["level"], r["code"], r["count"], _ts(r["first_seen"]),
+                     _ts(r["last_seen"]), r["example_request_id"] or "-"]
+                    for r in data["records_by_code"]])
+    lines += ["", "Failures and rejections per minute"]
+    lines += table(["minute", "failed", "rejected", "gateway 5xx"],
+                   [[_ts(m["minute"]), m["failed"], m["rejected"], m["gateway_5xx"]]
+                    for m in data["per_minute"]])
+    gateway = data["gateway"]
+    if gateway is not None:
+        lines += ["", f"Gateway status codes ({gateway['requests']} requests)"]
+        lines += table(["code", "upstream code", "count"],
+                       [[g["code"], g["upstream_code"], g["count"]] for g in gateway["by_code"]])
     return "\n".join(lines) + "\n"
 
 

@@ -17,12 +17,18 @@ from itertools import repeat
 from operator import floordiv
 from typing import Any
 
+from exporter.logs.gateway import upstream_tries
 from exporter.logs.parsers import Record
+from exporter.logs.pipeline import InvalidField
 
 _GROWTH = 1.02                       # bucket width: quantile relative error <= 1 %
 _LOG_GROWTH = math.log(_GROWTH)
 _log = math.log
 PENDING_CAP = 100_000                # open requests remembered for their text_len
+CODES_CAP = 1000                     # distinct (level, code) and gateway codes; then "other"
+MINUTES_CAP = 100_000                # minutes in the failure timeline (about 69 days)
+COUNTED_LEVELS = frozenset({"WARNING", "ERROR", "CRITICAL"})
+GATEWAY_EVENT, REJECTED_EVENT = "gateway_request", "request_rejected"
 LENGTH_EDGES = (64, 128, 256, 512, 1024, 2047, 2048, 4096)
 EXACT_CAP = 4096                     # up to this many values quantiles are exact
 
@@ -133,6 +139,16 @@ def as_duration(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def text_length(fields: Mapping[str, object]) -> object:
+    """A record's text_len as the parser typed it; where it has none, the length of its
+    ``text`` field (IndexTTS logs the text itself), which the report never keeps."""
+    if "text_len" not in fields:
+        text = fields.get("text")
+        if isinstance(text, str):
+            return len(text)
+    return fields.get("text_len")
+
+
 @lru_cache(maxsize=65536)
 def length_bucket(text_len: int) -> str:
     """Label for a text length; 2048 gets its own bucket (the seed's failing length)."""
@@ -161,6 +177,29 @@ class _ErrorCode:
         if self.example is None or key < self.example:
             self.example = key
 
+    def merge(self, other: _ErrorCode) -> None:
+        self.count += other.count
+        self.first = other.first if self.first is None or other.first is None else \
+            min(self.first, other.first)
+        self.last = other.last if self.last is None or other.last is None else \
+            max(self.last, other.last)
+        if other.example is not None:
+            self.offer_example(other.example)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"count": self.count, "first_seen": self.first, "last_seen": self.last,
+                "example_request_id": self.example[1] if self.example else None}
+
+
+def _note(entry: _ErrorCode, when: float | None, rid: str | None) -> None:
+    """One occurrence: count, first/last seen, the earliest request as the example."""
+    entry.count += 1
+    if when is not None:
+        entry.first = when if entry.first is None else min(entry.first, when)
+        entry.last = when if entry.last is None else max(entry.last, when)
+    if rid:
+        entry.offer_example((math.inf if when is None else when, rid))
+
 
 @dataclass
 class Report:
@@ -177,6 +216,11 @@ class Report:
     slowest: list[tuple[float, str]] = field(default_factory=list)
     pending: OrderedDict[str, int] = field(default_factory=OrderedDict)
     orphans: list[tuple[str, str]] = field(default_factory=list)  # (rid, error code or "")
+    # WARNING and above by (level, code): rejections, cache warnings, failures
+    records: dict[tuple[str, str], _ErrorCode] = field(default_factory=dict)
+    # minute (Unix seconds // 60) -> counts of failed, rejected, gateway_5xx
+    minutes: dict[int, Counter[str]] = field(default_factory=dict)
+    gateway: Counter[tuple[str, str]] = field(default_factory=Counter)  # (code, upstream)
     first_time: float | None = None
     last_time: float | None = None
 
@@ -191,6 +235,14 @@ class Report:
         if record.time is not None:
             self.note_time(record.time)
         event = record.event
+        if record.level in COUNTED_LEVELS:
+            fields = record.fields
+            code = fields.get("warning_code") or fields.get("error_code") or "none"
+            self.record_code(record.level, str(code), record.time, record.request_id)
+        if event == REJECTED_EVENT:
+            self.per_minute(record.time, "rejected")
+        elif event == GATEWAY_EVENT:
+            self.gateway_request(record.fields, record.time)
         if event == "synthesis_complete":
             self.complete(record.request_id, record.fields, record.time)
         elif event == "stage_time":
@@ -198,10 +250,44 @@ class Report:
         elif event == "synthesis_start":
             self.note_start(record)
 
+    def record_code(self, level: str, code: str, when: float | None,
+                    rid: str | None) -> None:
+        """A WARNING/ERROR/CRITICAL record and its code (warning_code, else error_code)."""
+        key = (level, code)
+        if key not in self.records and len(self.records) >= CODES_CAP:
+            key = (level, "other")
+        _note(self.records.setdefault(key, _ErrorCode()), when, rid)
+
+    def per_minute(self, when: float | None, what: str, count: int = 1) -> None:
+        """``count`` events of kind ``what`` in the minute of ``when`` (no time: not placed)."""
+        if when is None or not math.isfinite(when):
+            return
+        minute = int(when // 60)
+        counts = self.minutes.get(minute)
+        if counts is None:
+            if len(self.minutes) >= MINUTES_CAP:
+                return
+            counts = self.minutes[minute] = Counter()
+        counts[what] += count
+
+    def gateway_request(self, fields: Mapping[str, object], when: float | None) -> None:
+        """One line of the gateway's access log (nginx, log_format tts_gateway)."""
+        code = str(fields.get("status", "unknown"))
+        try:
+            tries = upstream_tries(fields.get("upstream_status"), "upstream_status")
+        except InvalidField:
+            tries = []
+        key = (code, tries[-1] if tries else "none")
+        if key not in self.gateway and len(self.gateway) >= CODES_CAP:
+            key = ("other", "other")
+        self.gateway[key] += 1
+        if code.startswith("5"):
+            self.per_minute(when, "gateway_5xx")
+
     def note_start(self, record: Record) -> None:
         """Remember a request's text length for its synthesis_complete (also called for
         starts outside --since/--until, so a failure inside the window still gets its length)."""
-        self.start(record.request_id, record.fields.get("text_len"))
+        self.start(record.request_id, text_length(record.fields))
 
     def start(self, rid: str | None, text_len: object) -> None:
         """A synthesis_start's id and text_len, as the parser typed them."""
@@ -237,7 +323,7 @@ class Report:
         if duration is not None:
             self.durations.add(duration)
             self._offer_slow((duration, rid or ""))
-        text_len = fields.get("text_len")
+        text_len = text_length(fields)
         start_len = self.pending.pop(rid, None) if rid is not None else None
         if not isinstance(text_len, int) or isinstance(text_len, bool):
             text_len = start_len
@@ -262,6 +348,8 @@ class Report:
             self._offer_slow(item)
 
     def _offer_slow(self, item: tuple[float, str]) -> None:
+        if item[0] <= 0:            # a cache hit took no synthesis time: not a slow request
+            return
         if len(self.slowest) < self.top:
             heapq.heappush(self.slowest, item)
         elif item > self.slowest[0]:
@@ -277,13 +365,8 @@ class Report:
                 rid: str | None) -> None:
         """A failed synthesis: its error code and model stage, time and request id."""
         self.by_stage[model_stage] += 1
-        entry = self.errors.setdefault(code, _ErrorCode())
-        entry.count += 1
-        if when is not None:
-            entry.first = when if entry.first is None else min(entry.first, when)
-            entry.last = when if entry.last is None else max(entry.last, when)
-        if rid:
-            entry.offer_example((math.inf if when is None else when, rid))
+        _note(self.errors.setdefault(code, _ErrorCode()), when, rid)
+        self.per_minute(when, "failed")
 
     def count_length(self, label: str, code: str, count: int = 1) -> None:
         """``count`` completions in the text-length bucket ``label``, failed with ``code``
@@ -305,13 +388,18 @@ class Report:
         for name, hist in later.stages.items():
             self.stages.setdefault(name, LogHistogram()).merge(hist)
         for code, e in later.errors.items():
-            mine = self.errors.setdefault(code, _ErrorCode())
-            mine.count += e.count
-            mine.first = e.first if mine.first is None or e.first is None else \
-                min(mine.first, e.first)
-            mine.last = e.last if mine.last is None or e.last is None else max(mine.last, e.last)
-            if e.example is not None:
-                mine.offer_example(e.example)
+            self.errors.setdefault(code, _ErrorCode()).merge(e)
+        for (level, code), e in later.records.items():
+            key = (level, code) if (level, code) in self.records \
+                or len(self.records) < CODES_CAP else (level, "other")
+            self.records.setdefault(key, _ErrorCode()).merge(e)
+        for minute, counts in later.minutes.items():
+            for what, n in counts.items():
+                self.per_minute(minute * 60.0, what, n)
+        for key, n in later.gateway.items():
+            if key not in self.gateway and len(self.gateway) >= CODES_CAP:
+                key = ("other", "other")
+            self.gateway[key] += n
         for label, counts in later.by_length.items():
             self.by_length.setdefault(label, Counter()).update(counts)
         self.by_stage.update(later.by_stage)
@@ -366,4 +454,16 @@ class Report:
             "stages": {name: h.summary() for name, h in sorted(self.stages.items())},
             "slowest": [{"request_id": rid, "duration_ms": d}
                         for d, rid in sorted(self.slowest, reverse=True)],
+            "records_by_code": [{"level": level, "code": code, **e.to_dict()}
+                                for (level, code), e in sorted(
+                                    self.records.items(),
+                                    key=lambda kv: (-kv[1].count, kv[0]))[: self.top]],
+            "per_minute": [{"minute": minute * 60, "failed": c["failed"],
+                            "rejected": c["rejected"], "gateway_5xx": c["gateway_5xx"]}
+                           for minute, c in sorted(self.minutes.items())],
+            "gateway": None if not self.gateway else {
+                "requests": sum(self.gateway.values()),
+                "by_code": [{"code": code, "upstream_code": upstream, "count": n}
+                            for (code, upstream), n in sorted(
+                                self.gateway.items(), key=lambda kv: (-kv[1], kv[0]))]},
         }

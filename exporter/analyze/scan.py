@@ -13,12 +13,14 @@ Exact by construction: the scanner takes only lines whose meaning under :class:`
 their shape fixes, and converts only values whose conversion it can vouch for (as ``orjson``
 and :func:`convert_value` would make them). At any other line ("residue": a digit-led line that
 is no text record, broken JSON, keys in another order, escapes in a value the report reads, a
-field given twice (repeated, or under two of its aliases), quoted values the report reads) it
-stops, and that line goes through the full parser here, in its place, before the scanner
-resumes. Joins that need file order (a completion taking its start's text length) go through
-the report's own pending map in that order. ``--no-fast`` reads every line with the parser;
-tests/unit/test_analyze_scan.py compares the two on tricky lines, random corruptions and
-randomly generated lines, with and without a window.
+field given twice (repeated, or under two of its aliases), quoted values the report reads, a
+``text`` without ``text_len``, a rejection or gateway line, a warning or error whose code or
+id is not a plain string) it stops, and that line goes through the full parser here, in its
+place, before the scanner resumes. Joins that need file order (a completion taking its
+start's text length) go through the report's own pending map in that order. Warnings and
+errors come back as (level, code, time, id) for the report's counts by code. ``--no-fast``
+reads every line with the parser; tests/unit/test_analyze_scan.py compares the two on tricky
+lines, random corruptions and randomly generated lines, with and without a window.
 
 Times: stamps of one layout, minute and zone sort as text in time order, so for the time
 range the scanner keeps the smallest and largest stamp of each such class and only those are
@@ -49,8 +51,11 @@ NATIVE = _NativeScanner is not None
 """Whether the compiled scanner is built (``pip install`` builds it; see pyproject.toml)."""
 
 START, COMPLETE, STAGE = "synthesis_start", "synthesis_complete", "stage_time"
+# Events the scanner leaves to the parser whatever their shape (see _scan.c apply_record)
+GATEWAY, REJECTED = "gateway_request", "request_rejected"
 # Fields the report reads, by canonical name
-_READ_FIELDS = ("id", "status", "duration_ms", "error_code", "text_len", "model_stage", "stage")
+_READ_FIELDS = ("id", "status", "duration_ms", "error_code", "text_len", "model_stage", "stage",
+                "text", "warning_code")
 # Keys of the JSON head the scanner requires; an alias that feeds a read field from one of
 # them would change what the head means
 _HEAD_KEYS = frozenset({"time", "level", "logger", "event"})
@@ -92,7 +97,7 @@ def scanner_tables(parser: RecordParser) -> tuple[dict[bytes, str], dict[bytes, 
             if name in _HEAD_KEYS:
                 return None
             fields[name.encode()] = canonical
-    names = set(parser.event_names) | {START, COMPLETE, STAGE}
+    names = set(parser.event_names) | {START, COMPLETE, STAGE, GATEWAY, REJECTED}
     events = {name.encode(): parser.event_names.get(name, name) for name in names}
     return events, fields
 
@@ -155,6 +160,8 @@ class ChunkScanner:
             report.orphan(rid, code)
         for code, model_stage, when, rid in segment["failed"]:
             report.failure(code, model_stage, when, rid)
+        for level, counted_code, when, counted_rid in segment["counted"]:
+            report.record_code(self._level(level), counted_code, when, counted_rid)
         for stage, values in segment["stages"].items():
             report.stage_values(stage, values)
 

@@ -9,7 +9,7 @@ and nothing is counted twice, whatever moment the process died at.
 
 The file is JSON::
 
-    {"version": 2,
+    {"version": 3,
      "files": [{"path": "logs/tts-app.log", "dev": 2049, "ino": 131, "fingerprint": "9c1f…",
                 "fingerprint_len": 256, "offset": 52311}],
      "metrics": {"tts_exporter_log_lines": [[["parsed"], 812.0]], …}}
@@ -37,22 +37,29 @@ from typing import Any
 
 log = logging.getLogger("exporter.logs.checkpoint")
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 StateCheck = Callable[[object], None]
 """Raises ValueError, saying where, unless a checkpoint's ``metrics`` restore completely."""
 
 
-def _overflow_by_family(metrics: dict[str, Any]) -> None:
-    """Version 1 counted label overflows by label only; version 2 by family and label. Which
-    family a version 1 overflow happened in is not known."""
-    overflow = metrics.get("tts_exporter_label_overflow")
-    for sample in overflow if isinstance(overflow, list) else ():
-        if isinstance(sample, list) and sample and isinstance(sample[0], list):
-            sample[0] = ["unknown", *sample[0]]
+def _label_added(family: str, value: str, first: bool) -> Callable[[dict[str, Any]], None]:
+    """A migration giving every sample of a counter ``family`` one more label (first or
+    last), set to ``value``: what the new label would have said is not known."""
+    def migrate(metrics: dict[str, Any]) -> None:
+        samples = metrics.get(family)
+        for sample in samples if isinstance(samples, list) else ():
+            if isinstance(sample, list) and sample and isinstance(sample[0], list):
+                sample[0] = [value, *sample[0]] if first else [*sample[0], value]
+    return migrate
 
 
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {1: _overflow_by_family}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {
+    # Version 1 counted label overflows by label only, version 2 by family and label.
+    1: _label_added("tts_exporter_label_overflow", "unknown", first=True),
+    # Version 3 counts syntheses by the model version that ran them.
+    2: _label_added("tts_syntheses", "unknown", first=False),
+}
 """``version: migrate(metrics)``, which turns that version's metrics into the next one's."""
 
 

@@ -28,7 +28,8 @@ from watchdog.observers import Observer
 
 from exporter.config import Config, LogsConfig
 from exporter.logs.checkpoint import Checkpoint, CheckpointStore
-from exporter.logs.pipeline import LogPipeline, RecordCallback
+from exporter.logs.gateway import log_sink
+from exporter.logs.pipeline import RecordCallback
 from exporter.logs.tailer import LineSink, Tailer, watch_root
 from exporter.metrics import SidecarMetrics
 
@@ -49,7 +50,8 @@ class _Wake(FileSystemEventHandler):
 
 
 class LogTailComponent:
-    """Tails ``logs.paths`` into ``sink`` (normally the :class:`LogPipeline`)."""
+    """Tails ``logs.paths`` and ``logs.sources`` into ``sink`` (normally the
+    :class:`SourceRouter` of the app's and the gateway's pipelines)."""
 
     routes: list[web.RouteDef]
 
@@ -65,7 +67,7 @@ class LogTailComponent:
         self.metrics = metrics
         self.clock = clock
         self.store = CheckpointStore(config.checkpoint_path)
-        self.tailer = Tailer(config.paths, metrics, sink, config.max_line_bytes,
+        self.tailer = Tailer(config.tailed_paths(), metrics, sink, config.max_line_bytes,
                              config.read_chunk_bytes,
                              exclude=[str(self.store.path), str(self.store.temp_path)])
         self._wake = threading.Event()
@@ -79,11 +81,12 @@ class LogTailComponent:
     @classmethod
     def from_config(cls, config: Config, metrics: SidecarMetrics,
                     on_records: RecordCallback | None = None) -> LogTailComponent:
-        """The sidecar's tailer, feeding the real pipeline. Restarts are counted from
-        ``service_start`` records only when no ``/status`` probe counts them already."""
-        pipeline = LogPipeline(metrics, config.logs, config.metrics, on_records=on_records,
-                               count_restarts=not config.probe.url)
-        return cls(config.logs, metrics, pipeline)
+        """The sidecar's tailer, feeding the real pipelines (the app's and the gateway's, by
+        file). Restarts are counted from ``service_start`` records only when no ``/status``
+        probe counts them already."""
+        sink = log_sink(metrics, config.logs, config.metrics, on_records=on_records,
+                        count_restarts=not config.probe.url)
+        return cls(config.logs, metrics, sink)
 
     # --- synchronous core (the worker thread; tests call it directly) -------------------
 
@@ -148,7 +151,7 @@ class LogTailComponent:
         """(Re)try watches for the glob roots; a root missing now is retried every pass."""
         if self._observer is None:
             return
-        for pattern in self.config.paths:
+        for pattern in self.config.tailed_paths():
             root, recursive = watch_root(pattern)
             if root in self._watched or not os.path.isdir(root):
                 continue

@@ -25,7 +25,9 @@ the cache up before synthesising, so failures looked it up too); ``synthesis_sec
 ``audio_seconds`` only grow for successful syntheses that were not cache hits, so their ratio
 is the model's real-time factor; label values from logs go through the :class:`LabelCap` of
 their family and label, and each family keeps to its series budget (see ``exporter.metrics``),
-overflows counting in ``tts_exporter_label_overflow_total{family,label}``. Each line is
+overflows counting in ``tts_exporter_label_overflow_total{family,label}``. A ``text`` field
+gives only its length (where the line has no ``text_len``); the text itself never reaches a
+metric. Syntheses without ``model_version`` count as ``unknown``. Each line is
 validated whole before any metric changes, so a line counts completely or not at all.
 Continuation lines (tracebacks) change no metric, so no per-source state is needed and
 :meth:`LogPipeline.forget` has nothing to drop;
@@ -109,6 +111,19 @@ def _label(cap: LabelCap, raw: object) -> str:
     return value
 
 
+def _text_length(fields: dict[str, Any]) -> int | None:
+    """The length, in characters, of a ``text`` field (the text is never kept): a JSON string
+    as it is, a text-format value without its quotes and escapes."""
+    text = fields.get("text")
+    if text is None:
+        return None
+    if type(text) is not str:
+        raise InvalidField("text")
+    if text[:1] in ('"', "'"):
+        text = str(convert_value(text))
+    return len(text)
+
+
 def _flag(fields: dict[str, Any], name: str) -> bool:
     try:
         return fields.get(name) in _TRUE
@@ -138,19 +153,20 @@ class LogPipeline:
         m = metrics
         self._method, self._route, self._code = m.http_requests.caps
         (self._duration_route,) = m.http_duration.caps
-        self._status, self._error_code = m.syntheses.caps
+        self._status, self._error_code, self._model_version = m.syntheses.caps
+        (self._cache_path,) = m.cache_usage.caps
         (self._stage,) = m.stage_duration.caps
         self._record_code = m.log_records.caps[1]
         self._handlers: dict[str, Callable[[dict[str, Any], Any], None]] = {
             "http_request": self._http_request,
             "synthesis_complete": self._synthesis_complete,
-            "synthesis_start": self._noop,
+            "synthesis_start": self._synthesis_start,
             "stage_time": self._stage_time,
             "first_audio": self._first_audio,
             "audio_metrics": self._audio_metrics,
             "service_start": self._service_start,
-            "cache_health": self._noop,
-            "cache_dir_usage": self._noop,
+            "cache_health": self._cache_usage,
+            "cache_dir_usage": self._cache_usage,
         }
 
     def forget(self, source: str) -> None:
@@ -221,9 +237,6 @@ class LogPipeline:
 
     # --- event handlers: every check (which may raise InvalidField) before any update --------
 
-    def _noop(self, fields: dict[str, Any], request_id: object) -> None:
-        pass
-
     def _http_request(self, fields: dict[str, Any], request_id: object) -> None:
         duration = _number(fields, "duration_ms")
         method = _raw_label(fields.get("method"), "method", "")
@@ -240,20 +253,31 @@ class LogPipeline:
     def _synthesis_complete(self, fields: dict[str, Any], request_id: object) -> None:
         duration = _number(fields, "duration_ms")
         text_len = _number(fields, "text_len")
+        if text_len is None:
+            text_len = _text_length(fields)
         audio_ms = _number(fields, "audio_duration_ms")
         queue_ms = _number(fields, "queue_ms")
+        audio_kb = _number(fields, "audio_size_kb")
+        rms, centroid = _number(fields, "rms"), _number(fields, "spectral_centroid")
         status = _raw_label(fields.get("status"), "status", "unknown")
         success = status == "success"
         error_code = "none" if success else _raw_label(fields.get("error_code") or None,
                                                        "error_code", "unknown")
+        model_version = _raw_label(fields.get("model_version") or None, "model_version",
+                                   "unknown")
         cache_hit = _flag(fields, "cache_hit")
         m = self.metrics
-        m.syntheses.inc((_label(self._status, status), _label(self._error_code, error_code)))
+        m.syntheses.inc((_label(self._status, status), _label(self._error_code, error_code),
+                         _label(self._model_version, model_version)))
         m.cache_lookups.inc(())
         if cache_hit:
             m.cache_hits.inc(())
         if _flag(fields, "cache_saved"):
             m.cache_saves.inc(())
+        if _flag(fields, "fallback_used"):
+            m.synthesis_fallbacks.inc(())
+        if audio_kb is not None:
+            m.audio_bytes.inc((), audio_kb * 1024)
         if duration is not None:
             m.synthesis_duration.observe((), duration / 1000.0, request_id)
         if text_len is not None:
@@ -263,6 +287,23 @@ class LogPipeline:
         if success and not cache_hit and duration is not None and audio_ms is not None:
             m.synthesis_seconds.inc((), duration / 1000.0)
             m.audio_seconds.inc((), audio_ms / 1000.0)
+        self._observe_audio(rms, centroid, request_id)
+
+    def _synthesis_start(self, fields: dict[str, Any], request_id: object) -> None:
+        # A start that carries the text itself and no text_len (IndexTTS) is where its length
+        # is known; its synthesis_complete carries neither. A start with text_len adds nothing:
+        # the complete line counts that.
+        if "text_len" not in fields:
+            text_len = _text_length(fields)
+            if text_len is not None:
+                self.metrics.text_length.observe((), text_len, request_id)
+
+    def _cache_usage(self, fields: dict[str, Any], request_id: object) -> None:
+        used = _number(fields, "used_percent")
+        if used is not None:
+            path = _raw_label(fields.get("path") or None, "path", "unknown")
+            self.metrics.cache_usage.set_limited((_label(self._cache_path, path),),
+                                                 used / 100.0)
 
     def _stage_time(self, fields: dict[str, Any], request_id: object) -> None:
         # The most frequent event (one per stage per synthesis).
@@ -281,8 +322,11 @@ class LogPipeline:
             self.metrics.time_to_first_audio.observe((), duration / 1000.0, request_id)
 
     def _audio_metrics(self, fields: dict[str, Any], request_id: object) -> None:
-        rms = _number(fields, "rms")
-        centroid = _number(fields, "spectral_centroid")
+        self._observe_audio(_number(fields, "rms"), _number(fields, "spectral_centroid"),
+                            request_id)
+
+    def _observe_audio(self, rms: float | None, centroid: float | None,
+                       request_id: object) -> None:
         if rms is not None:
             self.metrics.audio_rms.observe((), rms, request_id)
         if centroid is not None:

@@ -6,6 +6,7 @@ model weights) and documented at the top of the file; run/ is the repo's runtime
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ def compose() -> dict[str, Any]:
 
 def test_services() -> None:
     services = compose()["services"]
-    assert set(services) == {"app", "sidecar", "prometheus", "alertmanager", "grafana"}
+    assert set(services) == {"gateway", "app", "sidecar", "prometheus", "alertmanager",
+                             "grafana"}
     for name in ("app", "sidecar"):
         dockerfile = services[name]["build"]["dockerfile"]
         assert (COMPOSE.parent / services[name]["build"]["context"] / dockerfile).is_file()
@@ -80,3 +82,20 @@ def test_sidecar_config_is_valid_and_reads_the_mounted_token() -> None:
     assert token_file in mounts
     alertmanager = compose()["services"]["alertmanager"]["volumes"]
     assert any(v.split(":")[1] == token_file for v in alertmanager)
+
+
+def test_the_gateway_logs_where_the_sidecar_tails_it_as_the_gateway_format() -> None:
+    """Issue 18 finding 1: nginx's access log on the shared log volume, a gateway source."""
+    services = compose()["services"]
+    gateway = {v.split(":")[1]: v.split(":")[0] for v in services["gateway"]["volumes"]}
+    sidecar = {v.split(":")[1]: v.split(":")[0] for v in services["sidecar"]["volumes"]}
+    conf = (COMPOSE.parent / gateway["/etc/nginx/conf.d/default.conf"]).read_text()
+    log_path = Path(re.search(r"access_log (\S+) tts_gateway;", conf)[1])  # type: ignore[index]
+    assert gateway[str(log_path.parent)] == sidecar["/var/lib/tts/logs"]
+    exporter = yaml.safe_load((COMPOSE.parent / sidecar["/etc/tts-sentinel/exporter.yaml"])
+                              .read_text())
+    # the sidecar runs in /var/lib/tts (Dockerfile.exporter): relative paths start there
+    sources = {str(Path("/var/lib/tts") / path): source["format"]
+               for source in exporter["logs"]["sources"] for path in source["paths"]}
+    assert sources["/var/lib/tts/logs/" + log_path.name] == "gateway"
+    assert exporter["gate"]["mode"] == "auth_request"

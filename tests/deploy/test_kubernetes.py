@@ -9,6 +9,7 @@ so their structure is checked here and the embedded rules go through ``promtool 
 from __future__ import annotations
 
 import copy
+import re
 import shutil
 import subprocess
 import sys
@@ -182,3 +183,41 @@ def test_sidecar_beyond_loopback_serves_tls_and_basic_auth() -> None:
     assert endpoint["basicAuth"]["username"] and endpoint["basicAuth"]["password"]
     exporter = embedded("tts-exporter-config", "exporter.yaml")
     assert {"/ingress", "/healthz"} == set(exporter["server"]["unauthenticated_paths"])
+
+
+def with_nginx() -> dict[str, Any]:
+    """The Deployment with nginx/deployment-patch.yaml applied as kubectl's strategic merge
+    does for it (containers and volumes merge by name)."""
+    deployment = copy.deepcopy(find("Deployment"))
+    patch = yaml.safe_load((K8S / "nginx" / "deployment-patch.yaml").read_text())
+    spec, extra = deployment["spec"]["template"]["spec"], patch["spec"]["template"]["spec"]
+    for key in ("containers", "volumes"):
+        names = {item["name"] for item in spec[key]}
+        assert not names & {item["name"] for item in extra[key]}
+        spec[key] += extra[key]
+    return deployment
+
+
+def test_the_optional_nginx_container_logs_where_the_sidecar_reads_the_gateway() -> None:
+    """Issue 18 finding 1: nginx in the pod, its access log on the logs emptyDir."""
+    deployment = with_nginx()
+    kv.validate(deployment, kv.latest_version(), strict=True)
+    spec = deployment["spec"]["template"]["spec"]
+    nginx = next(c for c in spec["containers"] if c["name"] == "nginx")
+    nginx_mounts = {m["mountPath"]: m["name"] for m in nginx["volumeMounts"]}
+    config_volume = next(v for v in spec["volumes"]
+                         if v["name"] == nginx_mounts["/etc/nginx/conf.d"])
+    config_map = yaml.safe_load((K8S / "nginx" / "configmap.yaml").read_text())
+    kv.validate(config_map, kv.latest_version(), strict=True)
+    assert config_map["metadata"]["name"] == config_volume["configMap"]["name"]
+    conf = config_map["data"]["default.conf"]
+    assert not re.search(r"^\s*auth_request ", conf, re.M)
+    assert "listen 8000;" in conf and "proxy_set_header X-Request-ID $request_id;" in conf
+    log_path = Path(re.search(r"access_log (\S+) tts_gateway;", conf)[1])  # type: ignore[index]
+    sidecar_mounts = {m["name"]: m["mountPath"] for m in container("sidecar")["volumeMounts"]}
+    volume = nginx_mounts[str(log_path.parent)]
+    seen_by_sidecar = Path(sidecar_mounts[volume]) / log_path.name
+    exporter = embedded("tts-exporter-config", "exporter.yaml")
+    assert {"paths": [str(seen_by_sidecar)], "format": "gateway"} in exporter["logs"]["sources"]
+    ports = {p["name"]: p["containerPort"] for p in nginx["ports"]}
+    assert ports["gateway"] == 8000

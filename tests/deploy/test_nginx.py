@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
-import shutil
-import subprocess
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,40 +19,10 @@ from pathlib import Path
 import pytest
 from local_stack import Stack, StackOptions, free_port, http_get, wait_until
 
-from .conftest import REPO
-
-NGINX_DIR = REPO / "config" / "nginx"
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+from .conftest import NGINX, post_tts, run_nginx
 
 pytestmark = [pytest.mark.external, pytest.mark.slow,
               pytest.mark.skipif(NGINX is None, reason="nginx is not installed")]
-
-
-def render_nginx(prefix: Path, listen: int, app: int, sidecar: int) -> Path:
-    """The shipped tts.conf with its addresses replaced, wrapped in the test template."""
-    conf = (NGINX_DIR / "tts.conf").read_text()
-    for pattern, new in ((r"listen 127\.0\.0\.1:8000;", f"listen 127.0.0.1:{listen};"),
-                         (r"server 127\.0\.0\.1:8080;", f"server 127.0.0.1:{app};"),
-                         (r"server 127\.0\.0\.1:9109;", f"server 127.0.0.1:{sidecar};")):
-        conf, count = re.subn(pattern, new, conf)
-        assert count == 1, f"tts.conf no longer has exactly one {pattern!r}"
-    tts_conf = prefix / "tts.conf"
-    tts_conf.write_text(conf)
-    wrapper = (NGINX_DIR / "test-nginx.conf.template").read_text()
-    wrapper = wrapper.replace("{prefix}", str(prefix)).replace("{tts_conf}", str(tts_conf))
-    path = prefix / "nginx.conf"
-    path.write_text(wrapper)
-    return path
-
-
-def post_tts(url: str, text: str) -> tuple[int, dict[str, str], bytes]:
-    request = urllib.request.Request(url, method="POST", data=json.dumps({"text": text}).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, dict(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
 
 
 @pytest.fixture
@@ -65,21 +32,10 @@ def gated(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Stac
                                                "gpu": {"poll_interval_s": 0.1}},
                            app_overrides=getattr(request, "param", {}))
     with Stack(tmp_path / "stack", options) as stack:
-        prefix = tmp_path / "nginx"
-        prefix.mkdir()
         port = free_port()
-        conf = render_nginx(prefix, port, stack.ports["app"], stack.ports["exporter"])
-        proc = subprocess.Popen(
-            [str(NGINX), "-c", str(conf), "-p", str(prefix),
-             "-g", f"daemon off; pid {prefix}/nginx.pid; error_log {prefix}/error.log;"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            wait_until(lambda: http_get(f"http://127.0.0.1:{port}/healthz")[0] == 200, 10,
-                       what="nginx proxying /healthz")
+        with run_nginx(tmp_path / "nginx", port, stack.ports["app"], stack.ports["exporter"],
+                       stack.workdir / "logs"):
             yield stack, f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            proc.wait(10)
 
 
 def test_gate_closes_and_reopens_through_nginx(gated: tuple[Stack, str]) -> None:

@@ -411,3 +411,107 @@ def test_a_file_vanishing_while_others_are_read_ends_only_that_file(
     [damage] = stats.damaged
     assert (damage.file, damage.line, damage.offset) == (str(rotated[3]), 0, 0)
     assert damage.reason == "cannot be read (No such file or directory)"
+
+
+def test_indextts_text_gives_its_length_to_the_report(tmp_path: Path,
+                                                     indextts_lines: bytes) -> None:
+    """Issue 18 finding 2: a start with text= and no text_len (IndexTTS) puts its failure in
+    the right length bucket, on the compiled path and the parser's alike."""
+    log = tmp_path / "indextts.log"
+    log.write_bytes(indextts_lines + "2024-06-12 14:27:00,000 - app.tts_engine - INFO - "
+                    "synthesis_start: id=ts_fail, text=\"{}\"\n"
+                    "2024-06-12 14:27:01,000 - app.tts_engine - ERROR - synthesis_complete: "
+                    "id=ts_fail, status=failed, error_code=SCIPY_FFT_INVALID, duration_ms=9\n"
+                    .format("字" * 2048).encode())
+    for mode in ((), ("--no-fast",)):
+        result = _cli("--json", *mode, str(log))
+        assert result.returncode == 0, result.stderr
+        lengths = json.loads(result.stdout)["failures_by_text_length"]
+        assert {b["bucket"]: (b["total"], b["failed"]) for b in lengths} == {
+            "0-64": (1, 0), "2048": (1, 1)}, mode
+        assert "今天" not in result.stdout
+
+
+def test_id_joins_the_gateway_line_with_the_apps(tmp_path: Path) -> None:
+    """Issue 18 finding 1: `analyze --id` over the app's log and nginx's access log."""
+    app = tmp_path / "app.log"
+    app.write_text(json.dumps({"time": "2026-11-22T10:00:01.100+00:00", "level": "INFO",
+                               "event": "synthesis_complete", "request_id": "4f1c",
+                               "status": "success", "duration_ms": 290}) + "\n")
+    gateway = tmp_path / "gateway.access.log"
+    gateway.write_text(json.dumps({
+        "event": "gateway_request", "time": "2026-11-22T10:00:02+00:00", "request_id": "4f1c",
+        "method": "POST", "uri": "/v1/tts", "status": "200", "upstream_status": "200",
+        "request_time": "0.320", "upstream_response_time": "0.300"}) + "\n")
+    result = _cli("--json", "--id", "4f1c", str(app), str(gateway))
+    assert result.returncode == 0, result.stderr
+    timeline = json.loads(result.stdout)
+    assert [r["event"] for r in timeline["records"]] == ["synthesis_complete",
+                                                         "gateway_request"]
+    assert timeline["records"][1]["fields"]["request_time"] == "0.320"
+
+
+# --- issue 18 finding 3: analyze finds the rejections ---------------------------------------
+
+GATE = GOLDEN / "gate"
+GATE_FILES = [str(GATE / "app.log"), str(GATE / "gateway.access.log")]
+
+
+@pytest.mark.parametrize("mode", [(), ("--no-fast",), ("--jobs", "2")])
+def test_gate_closure_report_matches_golden(mode: tuple[str, ...]) -> None:
+    """A 3.5-minute gate closure: 84 INGRESS_CLOSED rejections by code and by minute, the
+    cache warning, the gateway's codes (503 while closed, 502 while the app restarts, a 499);
+    the compiled scanner, the parser and parallel workers agree."""
+    result = _cli("--json", *mode, *GATE_FILES)
+    assert result.returncode == 0, result.stderr
+    data = _basenames(json.loads(result.stdout))
+    assert data == _golden("gate/expected_report.json")
+    codes = {(r["level"], r["code"]): r["count"] for r in data["records_by_code"]}
+    assert codes[("WARNING", "INGRESS_CLOSED")] == 84
+    assert codes[("WARNING", "CACHE_DIR_USAGE_HIGH")] == 1
+    assert sum(m["rejected"] for m in data["per_minute"]) == 84
+    gateway = {(g["code"], g["upstream_code"]): g["count"] for g in data["gateway"]["by_code"]}
+    assert gateway[("502", "502")] == 2 and gateway[("499", "none")] == 1
+    assert all(s["duration_ms"] > 0 for s in data["slowest"])
+
+
+def test_human_report_shows_rejections_minutes_and_gateway_codes() -> None:
+    out = _cli(*GATE_FILES).stdout
+    lines = out.splitlines()
+    assert any(line.split()[:3] == ["WARNING", "INGRESS_CLOSED", "84"] for line in lines)
+    assert any(line.split()[1:4] == ["0", "24", "24"] for line in lines)   # a closed minute
+    assert "Gateway status codes (195 requests)" in out
+
+
+def _ids_in_log(code: str, since: str, until: str) -> list[str]:
+    ids = []
+    for line in (GATE / "app.log").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("warning_code") == code and since <= record["time"] < until:
+            ids.append(record["request_id"])
+    return ids
+
+
+def test_ids_lists_the_request_ids_of_a_code_in_a_window() -> None:
+    result = _cli("--ids", "INGRESS_CLOSED", "--since", "2026-11-22T10:03:00+00:00",
+                  "--until", "2026-11-22T10:04:00+00:00", *GATE_FILES)
+    assert result.returncode == 0, result.stderr
+    expected = _ids_in_log("INGRESS_CLOSED", "2026-11-22T10:03:00", "2026-11-22T10:04:00")
+    assert result.stdout.split() == expected and len(expected) == 24
+    # the gateway's own codes: requests the app never logged
+    result = _cli("--json", "--ids", "502", *GATE_FILES)
+    assert json.loads(result.stdout) == {"code": "502", "request_ids": ["n-502a", "n-502b"]}
+    assert _cli("--ids", "NO_SUCH_CODE", *GATE_FILES).returncode == 1
+
+
+def test_cache_hits_are_not_among_the_slowest(tmp_path: Path) -> None:
+    """0.0 ms rows (cache hits) once filled the slowest table of a log of mostly hits."""
+    log = tmp_path / "app.log"
+    log.write_text("".join(json.dumps({
+        "time": f"2026-11-22T10:00:0{i}.000+00:00", "level": "INFO", "logger": "a",
+        "event": "synthesis_complete", "request_id": f"r{i}", "status": "success",
+        "duration_ms": 0.0 if i else 700.0, "cache_hit": bool(i)}) + "\n" for i in range(5)))
+    for mode in ((), ("--no-fast",)):
+        data = json.loads(_cli("--json", *mode, str(log)).stdout)
+        assert data["slowest"] == [{"request_id": "r0", "duration_ms": 700.0}]
+        assert data["syntheses"]["total"] == 5

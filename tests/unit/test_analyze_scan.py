@@ -123,6 +123,15 @@ TRICKY_TEXT = [
     '%s - app - ERROR - synthesis_complete: id=m7, status=failed, duration_ms=2, '
     'error_code=OPEN_ESCAPE, text_len=9, note="a\\',
     "%s - app - INFO - synthesis_start: id=m8, text_len=3, note='it\\'s', voice=x",
+    # IndexTTS logs the text itself and no text_len: its length in characters counts
+    '%s - app - INFO - synthesis_start: id=t1, text="今天天气真好", lang=zh',
+    "%s - app - INFO - synthesis_complete: id=t1, status=failed, error_code=E, duration_ms=3",
+    '%s - app - INFO - synthesis_complete: id=t2, status=failed, error_code=E, text="a, \\"b"',
+    "%s - app - INFO - synthesis_start: id=t3, text=, text_len=x",
+    '{%s, "level": "INFO", "logger": "a", "event": "synthesis_start", "request_id": "t4", '
+    '"text": "\\u00e9t\\u00e9"}',
+    '{%s, "level": "INFO", "logger": "a", "event": "synthesis_complete", "request_id": "t4", '
+    '"status": "failed", "error_code": "J", "text": null}',
     "Traceback (most recent call last):",
     "   ",
     "",
@@ -345,8 +354,10 @@ _TEXT_VALUES = ['ts_1', 'ts_2', 'failed', 'success', '12', '-0', '86 chars', '52
                 '"esc\\"aped"', 'a=b']
 _KEYS = ['id', 'request_id', 'task_id', 'status', 'result', 'duration_ms', 'elapsed_ms',
          'error_code', 'err_code', 'code', 'text_len', 'text_length', 'chars', 'model_stage',
-         'stage', 'lang', 'note', 'level', 'time', 'event', 'traceback']
+         'stage', 'lang', 'note', 'level', 'time', 'event', 'traceback', 'text',
+         'warning_code', 'warn_code', 'upstream_status']
 _EVENTS = ['synthesis_start', 'synthesis_complete', 'stage_time', 'http_request', 'infer_done',
+           'gateway_request', 'request_rejected',
            'infer_start', 'audio_metrics', 'Synthesis_complete', '']
 _LEVELS = ['INFO', 'ERROR', 'WARN', 'warn', 'Info', 'CRITICAL', 'L' * 60]
 

@@ -396,7 +396,7 @@ def test_a_version_1_checkpoint_is_migrated_not_discarded(rig: Rig) -> None:
     """Version 1 counted label overflows by label only: its totals and offsets still hold."""
     append(rig.log, [synthesis_lines(30)])
     saved, fresh = read_all(rig)
-    saved["version"] = 1
+    written_before_model_version(saved, version=1)
     saved["metrics"]["tts_exporter_label_overflow"] = [[["error_code"], 3.0]]
     path = Path(rig.config.checkpoint_path)
     path.write_text(json.dumps(saved))
@@ -407,3 +407,25 @@ def test_a_version_1_checkpoint_is_migrated_not_discarded(rig: Rig) -> None:
     expected = totals(fresh)
     expected["tts_exporter_label_overflow"] = [[["unknown", "error_code"], 3.0]]
     assert totals(metrics) == expected             # resumed at the offsets: nothing twice
+
+
+def written_before_model_version(saved: dict[str, Any], version: int) -> None:
+    """``saved`` as a version 1 or 2 sidecar wrote it: syntheses without model_version."""
+    saved["version"] = version
+    for sample in saved["metrics"]["tts_syntheses"]:
+        sample[0] = sample[0][:2]
+
+
+def test_a_checkpoint_from_before_model_version_loads_with_it_unknown(rig: Rig) -> None:
+    """Issue 18: syntheses gained a model_version label; older totals keep counting."""
+    append(rig.log, [synthesis_lines(30)])
+    saved, fresh = read_all(rig)
+    written_before_model_version(saved, version=2)
+    assert all(len(labels) == 2 for labels, _ in saved["metrics"]["tts_syntheses"])
+    path = Path(rig.config.checkpoint_path)
+    path.write_text(json.dumps(saved))
+    component, metrics = rig.pipeline_component()
+    component.step()
+    assert not list(path.parent.glob("offsets.json.corrupt-*"))
+    assert {labels[2] for labels in metrics.syntheses.values} == {"unknown"}
+    assert totals(metrics) == totals(fresh)

@@ -52,8 +52,8 @@ def test_synthesis_complete_feeds_business_metrics() -> None:
     p.process("a", b"2024-06-12 14:22:38,415 - eng - ERROR - synthesis_complete: id=r3, "
                    b"status=failed, duration_ms=90, error_code=SCIPY_FFT_INVALID, "
                    b"text_len=2048 chars, model_stage=llm_postproc\n")
-    assert m.syntheses.get(("success", "none")) == 2
-    assert m.syntheses.get(("failed", "SCIPY_FFT_INVALID")) == 1
+    assert m.syntheses.get(("success", "none", "unknown")) == 2
+    assert m.syntheses.get(("failed", "SCIPY_FFT_INVALID", "unknown")) == 1
     assert m.cache_lookups.get(()) == 3
     assert m.cache_hits.get(()) == 1
     assert m.cache_saves.get(()) == 1
@@ -127,7 +127,7 @@ def test_label_cap_maps_new_values_to_other_and_counts_overflow() -> None:
     for code in ("A", "B", "C", "D"):
         p.process("a", jline(event="synthesis_complete", status="failed", error_code=code,
                              duration_ms=1))
-    assert m.syntheses.get(("failed", "other")) == 2
+    assert m.syntheses.get(("failed", "other", "unknown")) == 2
     assert m.label_overflow.get(("tts_syntheses_total", "error_code")) == 2
 
 
@@ -196,7 +196,7 @@ def test_a_list_or_object_label_value_makes_only_its_line_invalid(bad: dict[str,
     assert log_derived(m) == unchanged          # no partial update from the bad line
     p.process("a", good[0] + good[1] + jline(level="ERROR", **bad) + good[2] + good[3])
     assert outcomes(m) == {"parsed": 6, "invalid_field": 2}
-    assert m.syntheses.get(("success", "none")) == 6
+    assert m.syntheses.get(("success", "none", "unknown")) == 6
     assert m.synthesis_duration.count() == 6
     assert m.log_records.values == {}            # the ERROR lines were not counted either
     good_only, expected = pipeline()
@@ -321,3 +321,69 @@ def test_any_value_in_any_field_costs_one_outcome_and_never_a_decrease(
     assert sum(counted.values()) == len(lines)
     assert "error" not in counted            # every failure was an expected, counted one
     assert generate_latest(build_registry(m))    # the exposition renders
+
+
+# --- issue 18 finding 2: the IndexTTS lines' fields that were dropped ----------------------
+
+def test_indextts_lines_lose_no_field(indextts_lines: bytes) -> None:
+    p, m = pipeline()
+    p.process("indextts.log", indextts_lines)
+    assert outcomes(m) == {"parsed": 5.0}
+    # rms/spectral_centroid inside synthesis_complete feed the audio-quality histograms
+    assert (m.audio_rms.count(), m.audio_rms.total()) == (1, 0.024)
+    assert (m.audio_centroid.count(), m.audio_centroid.total()) == (1, 2150.0)
+    assert m.cache_usage.get(("/app/cache",)) == pytest.approx(0.927)
+    assert m.synthesis_fallbacks.get() == 1
+    assert m.audio_bytes.get() == 124 * 1024
+    # the text's length (6 characters), not its bytes, and only once for the request
+    assert (m.text_length.count(), m.text_length.total()) == (1, 6.0)
+    assert m.syntheses.values == {("success", "none", "unknown"): 3.0}
+    assert m.log_records.get(("WARNING", "VOICE_FALLBACK")) == 1
+
+
+def test_the_text_itself_is_never_exported(indextts_lines: bytes) -> None:
+    p, m = pipeline()
+    p.process("indextts.log", indextts_lines)
+    exposition = generate_latest(build_registry(m)).decode()
+    assert "今天" not in exposition
+    assert "tts_cache_usage_ratio{path=\"/app/cache\"} 0.927" in exposition
+
+
+def test_text_length_comes_from_text_when_text_len_is_absent_and_never_twice() -> None:
+    p, m = pipeline()
+    p.process("a", jline(event="synthesis_start", request_id="r1", text="héllo, \"you\""))
+    p.process("a", b'2024-06-12 14:22:37,892 - e - INFO - synthesis_complete: id=r2, '
+                   b'status=success, text="a \\"quoted\\", b"\n')
+    # the app's own lines: text_len on start and complete, counted on the complete only
+    p.process("a", jline(event="synthesis_start", request_id="r3", text_len=40, text="x"))
+    p.process("a", jline(event="synthesis_complete", request_id="r3", status="success",
+                         text_len=40))
+    # 'héllo, "you"' is 12 characters, 'a "quoted", b' 13
+    assert (m.text_length.count(), m.text_length.total()) == (3, 12 + 13 + 40)
+    p.process("a", jline(event="synthesis_start", request_id="r4", text=["not", "text"]))
+    assert outcomes(m)["invalid_field"] == 1
+
+
+def test_model_version_labels_syntheses_and_is_bounded() -> None:
+    p, m = pipeline(cap=3)
+    for i in range(6):
+        p.process("a", jline(event="synthesis_complete", request_id=f"r{i}", status="success",
+                             model_version=f"v{i}"))
+    p.process("a", jline(event="synthesis_complete", request_id="r9", status="success"))
+    assert m.syntheses.values == {("success", "none", "v0"): 1.0, ("success", "none", "v1"): 1.0,
+                                  ("success", "none", "v2"): 1.0,
+                                  ("success", "none", "other"): 4.0}
+    assert m.label_overflow.get(("tts_syntheses_total", "model_version")) == 4
+
+
+def test_cache_usage_paths_keep_to_the_series_budget() -> None:
+    metrics = SidecarMetrics()
+    p = LogPipeline(metrics, LogsConfig(), MetricsConfig(label_value_cap=50,
+                                                         max_series_per_family=4))
+    for i in range(10):
+        p.process("a", jline(event="cache_health", level="WARNING", path=f"/c{i}",
+                             used_percent=50 + i))
+    assert len(metrics.cache_usage.values) == 5          # 4 paths, then 'other'
+    assert metrics.cache_usage.get(("other",)) == pytest.approx(0.59)
+    p.process("a", jline(event="cache_dir_usage", path="/c0", used_percent="lots"))
+    assert outcomes(metrics)["invalid_field"] == 1
