@@ -91,13 +91,18 @@ def test_one_request_id_from_nginx_through_the_app_and_502_when_the_app_is_down(
                    stack.workdir / "logs"):
         status, headers, body = post_tts(f"http://127.0.0.1:{port}/v1/tts", "Hello, gateway.")
         assert status == 200, body[:200]
-        wait_for_count(stack, ("200", "200"), 1)
+        wait_for_count(stack, ("200", "200"), 2)        # run_nginx's /healthz, then the POST
         line = json.loads((stack.workdir / "logs" / GATEWAY_LOG).read_text().splitlines()[-1])
         request_id = line["request_id"]
         assert headers.get("X-Request-ID") == request_id        # the app adopted nginx's id
-        _, timeline = http_get(stack.url("exporter", f"/requests/{request_id}"))
-        events = [r["event"] for r in json.loads(timeline)["records"]]
-        assert "gateway_request" in events and "synthesis_complete" in events
+
+        def events() -> list[str]:
+            _, timeline = http_get(stack.url("exporter", f"/requests/{request_id}"))
+            return [r["event"] for r in json.loads(timeline)["records"]]
+
+        # the app's lines reach its log within its writer's flush interval
+        wait_until(lambda: {"gateway_request", "synthesis_complete"} <= set(events()), 10,
+                   what="the gateway's and the app's records under one request id")
 
         stack.processes["app"].stop()
         for _ in range(3):

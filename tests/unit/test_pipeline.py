@@ -210,7 +210,7 @@ def test_null_label_values_count_as_missing_ones() -> None:
                + jline(event="synthesis_complete", level="ERROR", status=None, error_code=None))
     assert outcomes(m) == {"parsed": 2}
     assert m.http_requests.values == {("", "unknown", ""): 1.0}
-    assert m.syntheses.values == {("unknown", "unknown"): 1.0}
+    assert m.syntheses.values == {("unknown", "unknown", "unknown"): 1.0}
     assert m.log_records.values == {("ERROR", "none"): 1.0}
 
 
