@@ -12,7 +12,7 @@ later. A backend may declare ``languages: frozenset[str]``; without it the app a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -66,4 +66,19 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None:
+        ...
+
+
+@runtime_checkable
+class BatchBackend(Backend, Protocol):
+    """A backend that can synthesize several compatible requests in one model call."""
+
+    def batch_key(self, request: SynthesisRequest) -> Hashable | None:
+        """Requests with equal keys may share a call; None: this one always runs alone."""
+        ...
+
+    def synthesize_batch(self, requests: list[SynthesisRequest], on_stage: StageCallback
+                         ) -> Iterator[tuple[int, np.ndarray]]:
+        """Like ``synthesize`` for all of ``requests`` (equal ``batch_key``): yields
+        (index into ``requests``, chunk); ``on_stage`` reports the call's stages once."""
         ...
