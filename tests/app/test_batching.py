@@ -286,10 +286,28 @@ def test_chattts_seeded_request_is_identical_alone_and_under_batching(
     backend = BatchingBackend(tiny_chattts, max_size=4, max_wait_s=0.5)
     seeded = req("seeded text.", seed=7)
     alone = np.concatenate(list(tiny_chattts.synthesize(seeded, lambda s, d: None)))
-    results = run_concurrently(backend, [req("first."), seeded, req("second one."),
-                                         req("third one here.")])
+    # Same-seed and unseeded neighbours: either could share its call if seeds were batched.
+    results = run_concurrently(backend, [req("first.", seed=7), seeded,
+                                         req("second one.", seed=7), req("third one here.")])
     assert isinstance(results[1], np.ndarray) and np.array_equal(results[1], alone)
     assert backend.batch_size_of(seeded) == 1
+
+
+@chattts
+def test_chattts_batch_rows_do_not_reproduce_their_solo_audio(tiny_chattts: Any) -> None:
+    """Why seeded requests run alone: ChatTTS 0.2.5 samples a batch from one generator
+    reseeded per step, so a text's tokens depend on its row and neighbours. If this starts
+    failing, ChatTTS made batches reproducible and seeded requests could be batched too."""
+    def audio(requests: list[SynthesisRequest]) -> list[np.ndarray]:
+        chunks: dict[int, list[np.ndarray]] = {}
+        for index, chunk in tiny_chattts.synthesize_batch(requests, lambda s, d: None):
+            chunks.setdefault(index, []).append(chunk)
+        return [np.concatenate(chunks[i]) for i in range(len(requests))]
+
+    texts = [req("first text.", seed=7), req("the second text.", seed=7)]
+    alone = [audio([r])[0] for r in texts]
+    batched = audio(texts)
+    assert not np.array_equal(alone[1], batched[1])
 
 
 @chattts
