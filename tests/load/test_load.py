@@ -7,6 +7,7 @@ import json
 import subprocess
 import wave
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,20 +88,31 @@ def test_a_failed_job_is_shed_or_failed_by_its_code() -> None:
     assert classify_job_error(None).outcome == "failed"
 
 
+def run_locust(stack: Any, out: Path, seconds: int) -> dict[str, Any]:
+    result = subprocess.run(locust_command(stack.url("app"), 4, 4, f"{seconds}s", out),
+                            env=locust_environment(), capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary: dict[str, Any] = json.loads(out.read_text())
+    return summary
+
+
 @pytest.mark.slow
 def test_locustfile_headless_against_the_local_stack(tmp_path: Path) -> None:
     local_stack = load_local_stack()
     options = local_stack.StackOptions(prometheus=False, alertmanager=False)
-    out = tmp_path / "summary.json"
     with local_stack.Stack(tmp_path / "stack", options) as stack:
-        result = subprocess.run(locust_command(stack.url("app"), 4, 4, "6s", out),
-                                env=locust_environment(), capture_output=True, text=True,
-                                timeout=120, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    summary = json.loads(out.read_text())
-    kinds = summary["by_kind"]
-    assert summary["failed"] == 0 and summary["success"] > 0, summary
+        served = run_locust(stack, tmp_path / "open.json", 6)
+        stack.set_vram(0.95)               # the sidecar closes the gate: misses are shed
+        local_stack.wait_until(lambda: stack.synthesize("Gate closed?")[0] == 503,
+                               timeout=10, what="the gate to close")
+        gated = run_locust(stack, tmp_path / "closed.json", 4)
+    kinds = served["by_kind"]
+    assert served["failed"] == 0 and served["success"] > 0, served
     for kind in ("hit", "miss", "job"):
-        assert kinds.get(f"{kind}/success", 0) > 0, summary
-    assert kinds.get("bad/rejected", 0) > 0 and "bad/success" not in kinds, summary
-    assert summary["p99_ms"] >= summary["p50_ms"] > 0 and summary["rps"] > 0
+        assert kinds.get(f"{kind}/success", 0) > 0, served
+    assert kinds.get("bad/rejected", 0) > 0 and "bad/success" not in kinds, served
+    assert served["p99_ms"] >= served["p50_ms"] > 0 and served["rps"] > 0
+    # 503 INGRESS_CLOSED is shed, not failed; no miss is a success while the gate is shut
+    assert gated["shed"] > 0 and gated["failed"] == 0, gated
+    assert "miss/success" not in gated["by_kind"], gated
