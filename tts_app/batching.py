@@ -4,8 +4,11 @@
 as they are: it reports ``max_size`` times the model instances as its concurrency, so up to
 ``max_size`` requests per instance reach it at once, each in its own worker thread. The
 first request of a compatible group (equal ``batch_key``) leads: it waits up to
-``max_wait_ms`` for up to ``max_size - 1`` more, runs one ``synthesize_batch`` call in its
-own thread and hands every other member its chunks through that member's queue. Every
+``max_wait_ms`` for up to ``max_size - 1`` more, and past that for as long as every model
+instance is busy (a group fills while the model works, as serving stacks' dynamic batchers
+do, so a steady load settles into full batches rather than splitting into small ones). It
+then runs one ``synthesize_batch`` call in its own thread and hands every other member its
+chunks through that member's queue. Every
 member reports the call's stages as its own, plus ``batch_wait`` (its time in the group).
 
 A failed batch fails only what it must: members that got no audio yet run again alone
@@ -60,6 +63,7 @@ class BatchingBackend:
         self._clock = clock
         self._cond = threading.Condition()
         self._open: dict[Hashable, list[_Member]] = {}
+        self._calls = 0       # model calls started and not finished (guarded by _cond)
         # The size of the call each request ran in; weak so an abandoned request leaves nothing.
         self._sizes: weakref.WeakKeyDictionary[SynthesisRequest, int] = \
             weakref.WeakKeyDictionary()
@@ -112,18 +116,31 @@ class BatchingBackend:
                 deadline = self._clock() + self.max_wait_s
                 while self._open.get(key) is group:
                     remaining = deadline - self._clock()
-                    if remaining <= 0:
+                    if remaining <= 0 and self._calls < self.inner.instances:
                         del self._open[key]
                         break
-                    self._cond.wait(remaining)
+                    # past the deadline: woken when a call ends or the group fills
+                    self._cond.wait(remaining if remaining > 0 else None)
+            if group[0] is me:
+                self._calls += 1
         if group[0] is me:
             yield from self._lead(group)
         else:
             yield from self._follow(me)
 
     def _alone(self, me: _Member) -> Iterator[np.ndarray]:
-        self._started([me])
-        yield from self.inner.synthesize(me.request, me.on_stage)
+        with self._cond:
+            self._calls += 1
+        try:
+            self._started([me])
+            yield from self.inner.synthesize(me.request, me.on_stage)
+        finally:
+            self._call_ended()
+
+    def _call_ended(self) -> None:
+        with self._cond:
+            self._calls -= 1
+            self._cond.notify_all()
 
     def _started(self, members: list[_Member]) -> None:
         now = self._clock()
@@ -177,6 +194,7 @@ class BatchingBackend:
             if len(members) == 1 or me.delivered:
                 raise
         finally:
+            self._call_ended()
             for member in others:
                 member.inbox.put(_Alone() if isinstance(outcome, Exception) and
                                  len(members) > 1 and not member.delivered else outcome)

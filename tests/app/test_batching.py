@@ -200,6 +200,31 @@ def test_followers_get_their_audio_when_the_leader_stops_reading() -> None:
     assert np.array_equal(np.concatenate(follower), tone("the follower."))
 
 
+def test_a_group_keeps_filling_while_the_model_is_busy() -> None:
+    backend, inner = batcher(max_size=8, max_wait_s=0.01)
+    entered, release = threading.Event(), threading.Event()
+    original = inner.synthesize_batch
+
+    def held(requests: list[SynthesisRequest], on_stage: StageCallback) -> Any:
+        if requests[0].text == "first.":
+            entered.set()
+            release.wait(10)
+        return original(requests, on_stage)
+
+    inner.synthesize_batch = held        # type: ignore[method-assign]
+    threads = [threading.Thread(target=lambda t=text: list(backend.synthesize(
+        req(t), lambda s, d: None))) for text in ("first.", "a.", "bb.", "ccc.")]
+    threads[0].start()
+    assert entered.wait(10)            # "first." holds the only model instance
+    for thread in threads[1:]:         # arrive well apart, each past the last one's max_wait
+        thread.start()
+        threading.Event().wait(0.05)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert [sorted(call) for call in inner.calls] == [["first."], ["a.", "bb.", "ccc."]]
+
+
 def test_batching_wraps_only_backends_that_batch_and_only_when_enabled() -> None:
     espeak = EspeakBackend()
     assert with_batching(espeak, BatchConfig(max_size=8)) is espeak
