@@ -82,7 +82,10 @@ class BatchingBackend:
         self.inner.model_version = value
 
     def __getattr__(self, name: str) -> Any:
-        # Optional backend conventions (``languages``, ...) read through to the model.
+        # Optional backend conventions (``languages``, ``gpu_devices``, ...) read through to
+        # the model; "inner" itself is only missing while the object is being built.
+        if name == "inner":
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def load(self) -> None:
@@ -166,20 +169,18 @@ class BatchingBackend:
         """Run the batch; yield the leader's chunks, queue everyone else's.
 
         The leader's own consumer may stop early (generator closed); the call still runs to
-        the end for the others.
+        the end for the others. The call's stage times reach every member that keeps its
+        result; a member run again alone reports that run's stages instead.
         """
         me, others = members[0], members[1:]
         self._started(members)
         listening = True
-        outcome: _Item = _End()
-
-        def fan_out(stage: str, duration_ms: float) -> None:
-            for member in members:
-                member.on_stage(stage, duration_ms)
-
+        failure: Exception | None = None
+        stages: list[tuple[str, float]] = []
         try:
             requests = [member.request for member in members]
-            for index, chunk in self.inner.synthesize_batch(requests, fan_out):
+            for index, chunk in self.inner.synthesize_batch(
+                    requests, lambda stage, ms: stages.append((stage, ms))):
                 member = members[index]
                 member.delivered = True
                 if member is not me:
@@ -190,15 +191,19 @@ class BatchingBackend:
                     except GeneratorExit:
                         listening = False
         except Exception as exc:
-            outcome = exc
-            if len(members) == 1 or me.delivered:
+            failure = exc
+            if listening and (len(members) == 1 or me.delivered):
                 raise
         finally:
             self._call_ended()
+            for member in members:
+                if failure is None or len(members) == 1 or member.delivered:
+                    for stage, duration_ms in stages:
+                        member.on_stage(stage, duration_ms)
             for member in others:
-                member.inbox.put(_Alone() if isinstance(outcome, Exception) and
-                                 len(members) > 1 and not member.delivered else outcome)
-        if isinstance(outcome, Exception) and listening:
+                member.inbox.put(_End() if failure is None else
+                                 failure if member.delivered else _Alone())
+        if failure is not None and listening:
             yield from self._alone(me)
 
 
