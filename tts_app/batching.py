@@ -8,8 +8,8 @@ first request of a compatible group (equal ``batch_key``) leads: it waits up to
 instance is busy (a group fills while the model works, as serving stacks' dynamic batchers
 do, so a steady load settles into full batches rather than splitting into small ones). It
 then runs one ``synthesize_batch`` call in its own thread and hands every other member its
-chunks through that member's queue. Every
-member reports the call's stages as its own, plus ``batch_wait`` (its time in the group).
+chunks through that member's queue. Every member reports the call's stages as its own,
+plus ``batch_wait`` (its time in the group).
 
 A failed batch fails only what it must: members that got no audio yet run again alone
 (one bad text, or a batch too big for the GPU, then fails only its own request); members
