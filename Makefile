@@ -118,6 +118,12 @@ bench: deps
 check: venv
 	$(PY) -m pytest -q -m "not slow and not external"
 
+# Locust against the local stack (app + sidecar): hits, misses, jobs, bad requests; a response
+# is a success only as a valid, plausible, non-silent WAV. Fails when any response failed.
+.PHONY: load
+load: deps
+	$(PY) tests/load/run_load.py $(LOAD_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check exporter tts_app tests config
 	$(VENV)/bin/mypy

@@ -21,6 +21,7 @@ import threading
 from aiohttp import web
 
 from tts_app.backends import make_backend
+from tts_app.batching import with_batching
 from tts_app.config import AppConfig, ConfigError, load_config
 from tts_app.logging import StructuredLog
 from tts_app.server import STATE, build_app
@@ -62,6 +63,7 @@ async def serve(config: AppConfig, config_file: str) -> int:
     except OSError as exc:
         raise StartupError(f"{config_file}: log.path: cannot open {config.log.path!r} "
                            f"({exc.strerror})") from None
+    backend = with_batching(backend, config.batch)
     app = build_app(config, backend, log)
     state = app[STATE]
     runner = web.AppRunner(app, access_log=None, handle_signals=False,

@@ -173,6 +173,19 @@ class JobsConfig:
     max_bytes: int = field(default=256 << 20, metadata=_at_least(0))   # finished jobs' audio
 
 
+def _between(low: float, high: float) -> dict[str, Check]:
+    return {"check": lambda v: None if low <= v <= high else f"expected {low} to {high}"}
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    # Concurrent compatible requests sharing one model call (backends that batch: chattts);
+    # 1 turns batching off. Each model instance then runs up to this many requests at once.
+    max_size: int = field(default=8, metadata=_between(1, 64))
+    # How long the first request of a batch waits for others before the call starts.
+    max_wait_ms: float = field(default=10.0, metadata=_between(0, 1000))
+
+
 @dataclass(frozen=True)
 class AppConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -184,6 +197,7 @@ class AppConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
 
 def load_config(path: str | Path) -> AppConfig:

@@ -23,6 +23,7 @@ import numpy as np
 from tts_app import audio
 from tts_app.admission import Admission
 from tts_app.backends.base import Backend, SynthesisRequest
+from tts_app.batching import batch_size_of
 from tts_app.cache import DiskCache, cache_key
 from tts_app.errors import AppError, SynthesisError
 from tts_app.logging import StructuredLog
@@ -197,23 +198,25 @@ class SynthesisService:
         finally:
             self.admission.release()
         duration_ms = (time.perf_counter() - started) * 1000
+        batch_size = batch_size_of(self.backend, request)
         for stage, stage_ms in stages:
             self.log.event("stage_time", request_id, stage=stage, duration_ms=round(stage_ms, 3))
         pcm = b"".join(flight.chunks)
         if error is None:
-            self._finish_ok(spec, flight, pcm, duration_ms, stages, metrics)
+            self._finish_ok(spec, flight, pcm, duration_ms, stages, metrics, batch_size)
         else:
             self.log.event("synthesis_complete", request_id, level="ERROR", status="failed",
                            duration_ms=round(duration_ms, 3), error_code=error.code,
                            cache_hit=False, cache_saved=False, audio_size_kb=0,
                            audio_duration_ms=0, text_len=len(spec.text),
                            model_stage=error_stage or (stages[-1][0] if stages else "none"),
-                           message=error.message)
+                           message=error.message, batch_size=batch_size)
         self.flights.pop(flight.key, None)
         flight.finish(error)
 
     def _finish_ok(self, spec: TtsSpec, flight: Flight, pcm: bytes, duration_ms: float,
-                   stages: list[tuple[str, float]], metrics: tuple[float, float]) -> None:
+                   stages: list[tuple[str, float]], metrics: tuple[float, float],
+                   batch_size: int = 1) -> None:
         request_id = flight.request_id
         self.log.event("audio_metrics", request_id, rms=round(metrics[0], 6),
                        spectral_centroid=round(metrics[1], 1))
@@ -232,7 +235,7 @@ class SynthesisService:
                        audio_duration_ms=round(audio.pcm_duration_ms(
                            len(pcm), self.backend.sample_rate), 1),
                        text_len=len(spec.text),
-                       model_stage=stages[-1][0] if stages else "none")
+                       model_stage=stages[-1][0] if stages else "none", batch_size=batch_size)
 
     def _work(self, request: SynthesisRequest, flight: Flight, loop: asyncio.AbstractEventLoop,
               stages: list[tuple[str, float]]) -> tuple[float, float]:

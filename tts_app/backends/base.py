@@ -13,7 +13,7 @@ A backend that runs on CUDA implements :class:`GpuReporting`; one that does not 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,3 +99,18 @@ def gpu_status(backend: Backend) -> dict[str, Any]:
     backend that never holds a GPU, nothing when it cannot tell."""
     devices = backend.gpu_devices() if isinstance(backend, GpuReporting) else []
     return {} if devices is None else {"gpu_devices": [asdict(d) for d in devices]}
+
+
+@runtime_checkable
+class BatchBackend(Backend, Protocol):
+    """A backend that can synthesize several compatible requests in one model call."""
+
+    def batch_key(self, request: SynthesisRequest) -> Hashable | None:
+        """Requests with equal keys may share a call; None: this one always runs alone."""
+        ...
+
+    def synthesize_batch(self, requests: list[SynthesisRequest], on_stage: StageCallback
+                         ) -> Iterator[tuple[int, np.ndarray]]:
+        """Like ``synthesize`` for all of ``requests`` (equal ``batch_key``): yields
+        (index into ``requests``, chunk); ``on_stage`` reports the call's stages once."""
+        ...

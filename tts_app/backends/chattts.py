@@ -126,54 +126,83 @@ class ChatTTSBackend:
 
     def synthesize(self, request: SynthesisRequest, on_stage: StageCallback
                    ) -> Iterator[np.ndarray]:
+        for _, chunk in self.synthesize_batch([request], on_stage):
+            yield chunk
+
+    def batch_key(self, request: SynthesisRequest) -> tuple[Any, ...] | None:
+        """Requests with equal keys may share one ``infer`` call (tts_app.batching).
+
+        ChatTTS takes one speaker, prompt, sampling setting and seed per call. A request with
+        an explicit seed asks for reproducible audio, which a batch cannot give (its rows
+        draw from one shared generator), so it is never batched (None).
+        """
+        params = request.params
+        if params.seed is not None:
+            return None
+        return (self._voices[request.voice], request.lang, params.temperature, params.top_p,
+                params.top_k, self._speed(params.speed))
+
+    def synthesize_batch(self, requests: list[SynthesisRequest], on_stage: StageCallback
+                         ) -> Iterator[tuple[int, np.ndarray]]:
+        """One ``infer`` call for requests of equal ``batch_key``: (index, chunk) pairs.
+
+        A batch of more than one runs unstreamed: ChatTTS streams a batch as one padded
+        array per step, with no per-text end.
+        """
         instance = self._pool.get()
         try:
             with instance.lock:
-                yield from self._run(instance, request, on_stage)
+                yield from self._run(instance, requests, on_stage)
         finally:
             self._pool.put(instance)
 
-    def _run(self, instance: _Instance, request: SynthesisRequest, on_stage: StageCallback
-             ) -> Iterator[np.ndarray]:
+    @staticmethod
+    def _speed(speed: float) -> int:
+        return min(9, max(0, round(5 * speed)))
+
+    def _run(self, instance: _Instance, requests: list[SynthesisRequest],
+             on_stage: StageCallback) -> Iterator[tuple[int, np.ndarray]]:
         import ChatTTS
 
         torch = self._torch
+        request = requests[0]
         chat, params = instance.chat, request.params
         seed = params.seed if params.seed is not None else self._voices[request.voice]
+        stream = self.stream and len(requests) == 1
         stage = "text_normalize"
         try:
             started = time.perf_counter()
-            text = request.text
+            texts = [r.text for r in requests]
             if self.refine_text:
-                refined = chat.infer(text, refine_text_only=True, split_text=False,
-                                     params_refine_text=ChatTTS.Chat.RefineTextParams(
-                                         show_tqdm=False, manual_seed=seed))
-                text = refined[0] if isinstance(refined, list) else refined
+                texts = list(chat.infer(texts, refine_text_only=True, split_text=False,
+                                        params_refine_text=ChatTTS.Chat.RefineTextParams(
+                                            show_tqdm=False, manual_seed=seed)))
             on_stage("text_normalize", (time.perf_counter() - started) * 1000)
             stage = "llm_prompt_gen"
             started = time.perf_counter()
-            speed = min(9, max(0, round(5 * params.speed)))
             code_params = ChatTTS.Chat.InferCodeParams(
-                prompt=f"[speed_{speed}]", spk_emb=self._speaker(instance, seed),
+                prompt=f"[speed_{self._speed(params.speed)}]",
+                spk_emb=self._speaker(instance, seed),
                 temperature=params.temperature, top_P=params.top_p, top_K=params.top_k,
                 max_new_token=self.max_new_token, show_tqdm=False, manual_seed=seed)
             on_stage("llm_prompt_gen", (time.perf_counter() - started) * 1000)
             stage = "llm_inference"
             model_ms = render_ms = 0.0
             started = time.perf_counter()
-            result = chat.infer(text, stream=self.stream, lang=request.lang,
+            result = chat.infer(texts, stream=stream, lang=request.lang,
                                 skip_refine_text=True, split_text=False,
                                 do_text_normalization=False,
                                 params_refine_text=ChatTTS.Chat.RefineTextParams(
                                     show_tqdm=False),
                                 params_infer_code=code_params)
-            for wavs in (result if self.stream else [result]):
+            for wavs in (result if stream else [result]):
                 model_ms += (time.perf_counter() - started) * 1000
                 render_started = time.perf_counter()
-                chunk = _to_chunk(wavs)
+                chunks = [_to_chunk(wavs, index) for index in range(len(requests))]
                 render_ms += (time.perf_counter() - render_started) * 1000
-                if chunk.size:
-                    yield chunk
+                for index, chunk in enumerate(chunks):
+                    if chunk.size:
+                        yield index, chunk
                 started = time.perf_counter()
             model_ms += (time.perf_counter() - started) * 1000
             on_stage("llm_inference", model_ms)
@@ -233,9 +262,9 @@ def _nvml_uuid(index: int, cuda_uuid: str) -> str:
     return ("MIG-" if mig else "GPU-") + cuda_uuid.removeprefix("GPU-").removeprefix("MIG-")
 
 
-def _to_chunk(wavs: Any) -> np.ndarray:
-    """ChatTTS returns one array per text (batch of 1): float32 mono in [-1, 1]."""
-    wav = wavs[0] if isinstance(wavs, (list, tuple)) or getattr(wavs, "ndim", 1) > 1 \
+def _to_chunk(wavs: Any, index: int = 0) -> np.ndarray:
+    """ChatTTS returns one array per text: text ``index``'s, float32 mono in [-1, 1]."""
+    wav = wavs[index] if isinstance(wavs, (list, tuple)) or getattr(wavs, "ndim", 1) > 1 \
         else wavs
     if wav is None:
         return np.zeros(0, dtype=np.float32)
