@@ -104,30 +104,86 @@ def test_second_request_waits_while_one_runs(backend: ChatTTSBackend) -> None:
     assert second_done.is_set()
 
 
-@pytest.mark.parametrize(("raised", "code"), [
-    ("oom", "GPU_OOM"), ("runtime", "MODEL_ERROR")])
+# Every way torch reports an exhausted accelerator: its OutOfMemoryError types, and the plain
+# RuntimeErrors of the CUDA runtime, cuBLAS (matmuls: Linear) and cuDNN (convolutions: Conv1d).
+OOM_FORMS: list[tuple[str, str, Any]] = [
+    ("cuda_oom_type", "Linear", lambda torch: torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB")),
+    ("torch_oom_type", "Linear", lambda torch: torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 MiB")),
+    ("cuda_runtime", "Linear", lambda torch: RuntimeError(
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")),
+    ("cublas", "Linear", lambda torch: RuntimeError(
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")),
+    ("cudnn_not_allocated", "Conv1d", lambda torch: RuntimeError(
+        "cuDNN error: CUDNN_STATUS_NOT_ALLOCATED")),
+    ("cudnn_alloc_failed", "Conv1d", lambda torch: RuntimeError(
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED")),
+]
+
+
+def fail_layer(monkeypatch: pytest.MonkeyPatch, layer: str, error: BaseException) -> None:
+    """Make every ``torch.nn.<layer>`` of the loaded model raise ``error`` when it runs."""
+    import torch
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(getattr(torch.nn, layer), "forward", broken)
+
+
+@pytest.mark.parametrize(("raised", "code"), [("oom", "GPU_OOM"), ("runtime", "MODEL_ERROR")])
 def test_model_faults_become_synthesis_errors(backend: ChatTTSBackend, raised: str,
                                               code: str, monkeypatch: pytest.MonkeyPatch
                                               ) -> None:
     import torch
 
-    def broken(*args: Any, **kwargs: Any) -> Any:
-        if raised == "oom":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        raise RuntimeError("shape mismatch")
-
-    instance = backend._pool.queue[0]
-    monkeypatch.setattr(instance.chat, "infer", broken)
+    fail_layer(monkeypatch, "Linear",
+               torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+               if raised == "oom" else RuntimeError("shape mismatch"))
     with pytest.raises(SynthesisError) as failure:
         synthesize(backend, request(seed=1))
     assert failure.value.code == code
     assert failure.value.stage == "llm_inference"
 
 
+def tiny_backend(model_dir: Path) -> ChatTTSBackend:
+    return ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
+                          config_hook=functools.partial(configure, directory=model_dir))
+
+
+async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted(
+        start_app: Any, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    app = await start_app(backend=tiny_backend(model_dir))
+    freed: list[int] = []
+    # On this CPU-only host, pretend CUDA is present to see the cache being freed.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
+    for count, (name, layer, make) in enumerate(OOM_FORMS, start=1):
+        with monkeypatch.context() as patch:
+            fail_layer(patch, layer, make(torch))
+            response = await app.client.post("/v1/tts", json={"text": f"form {name}."})
+            body = await response.json()
+        assert (response.status, body["error"]["code"]) == (503, "GPU_OOM"), (name, body)
+        assert "Retry-After" in response.headers
+        assert len(freed) == count, name
+        status = await (await app.client.get("/status")).json()
+        assert status["gpu_oom_total"] == {"cpu": count}, name
+    other = {"text": "not memory."}
+    with monkeypatch.context() as patch:
+        fail_layer(patch, "Linear", RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        response = await app.client.post("/v1/tts", json=other)
+    assert (await response.json())["error"]["code"] == "MODEL_ERROR"
+    assert len(freed) == len(OOM_FORMS)
+    assert (await app.client.post("/v1/tts", json=other)).status == 200   # instance still serves
+    codes = [r["error_code"] for r in app.records("synthesis_complete")]
+    assert codes == ["GPU_OOM"] * len(OOM_FORMS) + ["MODEL_ERROR", "none"]
+
+
 async def test_app_serves_chattts_wav_over_http(start_app: Any, model_dir: Path) -> None:
-    chattts = ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
-                             config_hook=functools.partial(configure, directory=model_dir))
-    app = await start_app(backend=chattts)
+    app = await start_app(backend=tiny_backend(model_dir))
     response = await app.client.post("/v1/tts", json={"text": "hello there.",
                                                        "format": "wav"})
     body = await response.read()

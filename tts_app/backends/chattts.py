@@ -8,14 +8,17 @@ the espeak backend is configured. Assets come from a local directory that holds 
 
 ChatTTS mutates the parameter objects it is given and its ``infer`` defaults are shared
 objects, so every request builds fresh ``RefineTextParams``/``InferCodeParams``. One Chat
-object is not safe for concurrent use: each instance has a lock and ``instances`` copies
-are loaded; the app's worker pool is sized from ``instances``.
+object is not safe for concurrent use: ``instances`` copies are loaded into an
+:class:`InstancePool` that lends each to one request at a time; the app's worker pool is
+sized from ``instances``. Every CUDA out-of-memory form (torch's OutOfMemoryError types and
+the RuntimeErrors of cuBLAS/cuDNN) is GPU_OOM: the cache is freed and ``gpu_oom_total`` counts it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import queue
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -24,12 +27,33 @@ from typing import Any
 
 import numpy as np
 
-from tts_app.backends.base import StageCallback, SynthesisRequest
+from tts_app.backends.base import InstancePool, StageCallback, SynthesisRequest
 from tts_app.errors import SynthesisError
 
 SAMPLE_RATE = 24000
 DEFAULT_VOICES = {"default": 2222}     # voice name -> speaker seed
 HF_SNAPSHOTS = "models--2Noise--ChatTTS/snapshots"
+# How cuBLAS, cuDNN and the CUDA runtime word an allocation failure when it does not surface
+# as torch's OutOfMemoryError type (they raise a plain RuntimeError).
+_OOM_MESSAGE = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED"
+                          r"|CUDNN_STATUS_NOT_ALLOCATED|CUDA_ERROR_OUT_OF_MEMORY"
+                          r"|cudaErrorMemoryAllocation", re.IGNORECASE)
+
+
+def is_cuda_oom(exc: BaseException, torch: Any) -> bool:
+    """Every form in which torch reports that the accelerator ran out of memory."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+    return isinstance(exc, oom_types) or (isinstance(exc, RuntimeError)
+                                          and _OOM_MESSAGE.search(str(exc)) is not None)
+
+
+def free_cuda_cache(torch: Any) -> None:
+    """Return cached blocks to the driver after an OOM; a no-op without CUDA. A CUDA error
+    can leave the context unusable, so this must not raise on top of the original fault."""
+    if torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.empty_cache()
 
 
 def resolve_model_dir(model_dir: str | Path) -> Path:
@@ -55,11 +79,10 @@ def asset_digest(model_dir: Path) -> str:
 
 
 class _Instance:
-    """One loaded ``ChatTTS.Chat``; ``lock`` serialises requests on it."""
+    """One loaded ``ChatTTS.Chat``; the pool lends it to one request at a time."""
 
     def __init__(self, chat: Any) -> None:
         self.chat = chat
-        self.lock = threading.Lock()
         self.speakers: dict[int, str] = {}
 
 
@@ -84,26 +107,38 @@ class ChatTTSBackend:
         self.max_new_token = max_new_token
         self.config_hook = config_hook
         self.model_version = "chattts-0.2.5/unloaded"
-        self._pool: queue.Queue[_Instance] = queue.Queue()
+        self._pool: InstancePool[_Instance] = InstancePool(lambda i: i.chat.unload())
         self._torch: Any = None
+        self._directory: Path | None = None
+        self._device: Any = None
+        self._oom_lock = threading.Lock()
+        self.gpu_oom_total: dict[str, int] = {}
 
     def load(self) -> None:
-        import ChatTTS
         import torch  # optional extra: only when this backend is configured
 
         self._torch = torch
-        directory = resolve_model_dir(self.model_dir)
-        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if self.device == "auto" else self.device)
+        self._directory = resolve_model_dir(self.model_dir)
+        self._device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
+                                    else "cpu" if self.device == "auto" else self.device)
         for _ in range(self.instances):
-            chat = ChatTTS.Chat()
-            if self.config_hook is not None:
-                self.config_hook(chat)
-            if not chat.load(source="custom", custom_path=str(directory), device=device,
-                             compile=False):
-                raise RuntimeError(f"ChatTTS could not load the assets in {directory}")
-            self._pool.put(_Instance(chat))
-        self.model_version = asset_digest(directory)
+            self.rebuild()
+        self.model_version = asset_digest(self._directory)
+
+    def rebuild(self) -> None:
+        """Load one Chat from the assets ``load`` resolved and put it into service."""
+        import ChatTTS
+
+        chat = ChatTTS.Chat()
+        if self.config_hook is not None:
+            self.config_hook(chat)
+        if not chat.load(source="custom", custom_path=str(self._directory), device=self._device,
+                         compile=False):
+            raise RuntimeError(f"ChatTTS could not load the assets in {self._directory}")
+        self._pool.add(_Instance(chat))
+
+    def retire(self, request: SynthesisRequest) -> bool:
+        return self._pool.retire(request)
 
     def _speaker(self, instance: _Instance, seed: int) -> str:
         """A deterministic speaker embedding for ``seed`` (global RNG left untouched)."""
@@ -116,12 +151,8 @@ class ChatTTSBackend:
 
     def synthesize(self, request: SynthesisRequest, on_stage: StageCallback
                    ) -> Iterator[np.ndarray]:
-        instance = self._pool.get()
-        try:
-            with instance.lock:
-                yield from self._run(instance, request, on_stage)
-        finally:
-            self._pool.put(instance)
+        with self._pool.checkout(request) as instance:
+            yield from self._run(instance, request, on_stage)
 
     def _run(self, instance: _Instance, request: SynthesisRequest, on_stage: StageCallback
              ) -> Iterator[np.ndarray]:
@@ -171,16 +202,22 @@ class ChatTTSBackend:
             on_stage("audio_render", render_ms)
         except SynthesisError:
             raise
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
-            raise SynthesisError("GPU_OOM", f"CUDA out of memory: {exc}", stage=stage) from exc
-        except Exception as exc:   # any model fault -> MODEL_ERROR (503), never a bare 500
+        except Exception as exc:   # any model fault -> 503 (GPU_OOM or MODEL_ERROR), never 500
+            if is_cuda_oom(exc, torch):
+                free_cuda_cache(torch)
+                self._count_oom()
+                raise SynthesisError("GPU_OOM", f"CUDA out of memory: {exc}",
+                                     stage=stage) from exc
             raise SynthesisError("MODEL_ERROR", f"{type(exc).__name__}: {exc}",
                                  stage=stage) from exc
 
+    def _count_oom(self) -> None:
+        device = str(self._device)
+        with self._oom_lock:
+            self.gpu_oom_total[device] = self.gpu_oom_total.get(device, 0) + 1
+
     def close(self) -> None:
-        while not self._pool.empty():
-            self._pool.get_nowait().chat.unload()
+        self._pool.close()
 
 
 def _to_chunk(wavs: Any) -> np.ndarray:
