@@ -8,8 +8,9 @@ loop, which owns every piece of state here (no locks needed).
 
 A synthesis past ``timeout_s`` is answered 503 at once, but its thread cannot be stopped: the
 instance it holds is retired and a replacement loaded, and the admission slot stays taken
-until the replacement is in service, so a queued request never waits behind a hung call while
-``/status`` counts it as running. With no instance left in service (replacements are capped by
+until the replacement is in service (or, for an instance the backend could not retire, until
+the call returns), so a queued request never waits behind a hung call while ``/status``
+counts it as running. With no instance left in service (replacements are capped by
 ``max_hung_instances``) the service stops being live.
 """
 
@@ -95,8 +96,9 @@ class SynthesisService:
         self.tasks: set[asyncio.Task[None]] = set()
         self.instances_total = max(1, backend.instances)
         self.hung = 0         # timed-out calls whose thread has not returned yet
-        self.lost = 0         # instances out of service and not replaced (each holds a slot)
-        self.rebuilding = False
+        self.lost = 0         # retired instances not replaced yet (each holds a slot)
+        self.held = 0         # hung calls on an instance the backend could not retire
+        self._rebuilder: asyncio.Task[None] | None = None
         # Hung threads keep their worker: replacements are loaded only while at most
         # max_hung calls hang, so instances + max_hung workers always leave one per slot.
         self._pool = ThreadPoolExecutor(max_workers=self.instances_total + max_hung_instances,
@@ -104,12 +106,16 @@ class SynthesisService:
 
     @property
     def instances_healthy(self) -> int:
-        return self.instances_total - self.lost
+        return self.instances_total - self.lost - self.held
+
+    @property
+    def rebuilding(self) -> bool:
+        return self._rebuilder is not None
 
     @property
     def live(self) -> bool:
-        """False once no instance is in service and none is being loaded: only a restart helps."""
-        return self.instances_healthy > 0 or self.rebuilding
+        """False once no instance is in service and none is being loaded or may come back."""
+        return self.instances_healthy > 0 or self.rebuilding or self.held > 0
 
     def key(self, spec: TtsSpec) -> str:
         return cache_key(self.backend.name, self.backend.model_version, spec.voice, spec.lang,
@@ -232,7 +238,8 @@ class SynthesisService:
             abandoned.set()
             error = AppError("MODEL_ERROR", f"synthesis took longer than {self.timeout_s}s",
                              self.admission.retry_after_s)
-            slot_kept = self._abandon(request, work)
+            self._abandon(request, work)
+            slot_kept = True
         except Exception as exc:   # a backend bug must still answer 503, never a bare 500
             error = AppError("MODEL_ERROR", f"{type(exc).__name__}: {exc}",
                              self.admission.retry_after_s)
@@ -316,33 +323,36 @@ class SynthesisService:
 
     # --- instances whose synthesis hung
     def _abandon(self, request: SynthesisRequest,
-                 work: asyncio.Future[tuple[float, float]]) -> bool:
-        """Retire the instance a timed-out call holds; True when its slot is kept (returned
-        only once a replacement is in service)."""
+                 work: asyncio.Future[tuple[float, float]]) -> None:
+        """Take a timed-out call's instance out of service; its admission slot stays taken
+        until a replacement is loaded (retired) or the call returns (not retired)."""
         retired = self.backend.retire(request)
         self.hung += 1
         if retired:
             self.lost += 1
+        else:
+            self.held += 1
         self.log.event("instance_hung", request.request_id, level="ERROR",
                        error_code="MODEL_ERROR", retired=retired, timeout_s=self.timeout_s,
                        instances_healthy=self.instances_healthy, instances_hung=self.hung)
-        work.add_done_callback(self._hung_returned)
+        work.add_done_callback(lambda done: self._hung_returned(done, retired))
         self._maybe_rebuild()
-        return retired
 
-    def _hung_returned(self, work: asyncio.Future[tuple[float, float]]) -> None:
+    def _hung_returned(self, work: asyncio.Future[tuple[float, float]], retired: bool) -> None:
         if not work.cancelled():
             work.exception()     # retrieved: nobody awaits a call that was given up on
         self.hung -= 1
-        self.log.event("instance_hung_returned", instances_hung=self.hung)
+        if not retired:          # its instance went back into service with the call
+            self.held -= 1
+            self.admission.return_slot()
+        self.log.event("instance_hung_returned", instances_hung=self.hung,
+                       instances_healthy=self.instances_healthy)
         self._maybe_rebuild()
 
     def _maybe_rebuild(self) -> None:
-        if self.lost and not self.rebuilding and self.hung <= self.max_hung:
-            self.rebuilding = True
-            task = asyncio.get_running_loop().create_task(self._rebuild())
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+        # Not among self.tasks: draining waits for requests, not for a model to load.
+        if self.lost and self._rebuilder is None and self.hung <= self.max_hung:
+            self._rebuilder = asyncio.get_running_loop().create_task(self._rebuild())
 
     async def _rebuild(self) -> None:
         started = time.perf_counter()
@@ -354,7 +364,7 @@ class SynthesisService:
                            instances_healthy=self.instances_healthy)
             return
         finally:
-            self.rebuilding = False
+            self._rebuilder = None
         self.lost -= 1
         self.admission.return_slot()
         self.log.event("instance_rebuilt", instances_healthy=self.instances_healthy,

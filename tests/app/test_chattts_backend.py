@@ -37,10 +37,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_assets(tmp_path_factory.mktemp("chattts"))
 
 
+def tiny_backend(model_dir: Path) -> ChatTTSBackend:
+    return ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
+                          config_hook=functools.partial(configure, directory=model_dir))
+
+
 @pytest.fixture(scope="module")
 def backend(model_dir: Path) -> ChatTTSBackend:
-    loaded = ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
-                            config_hook=functools.partial(configure, directory=model_dir))
+    loaded = tiny_backend(model_dir)
     loaded.load()
     return loaded
 
@@ -104,6 +108,27 @@ def test_second_request_waits_while_one_runs(backend: ChatTTSBackend) -> None:
     assert second_done.is_set()
 
 
+def test_retired_instance_is_unloaded_and_a_rebuilt_one_serves(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ChatTTS
+
+    backend = tiny_backend(model_dir)
+    backend.load()
+    unloaded: list[object] = []
+    monkeypatch.setattr(ChatTTS.Chat, "unload", lambda chat: unloaded.append(chat))
+    stuck = request(seed=1)
+    running = backend.synthesize(stuck, lambda stage, ms: None)
+    next(running)                  # holds the only instance, as a hung call does
+    assert backend.retire(stuck)
+    backend.rebuild()
+    audio, _ = synthesize(backend, request(seed=2))    # the replacement serves meanwhile
+    assert audio.size > 0 and unloaded == []
+    running.close()                # the hung call returns: its instance is unloaded
+    assert len(unloaded) == 1
+    backend.close()                # only the replacement was left in service
+    assert len(unloaded) == 2
+
+
 # Every way torch reports an exhausted accelerator: its OutOfMemoryError types, and the plain
 # RuntimeErrors of the CUDA runtime, cuBLAS (matmuls: Linear) and cuDNN (convolutions: Conv1d).
 OOM_FORMS: list[tuple[str, str, Any]] = [
@@ -145,11 +170,6 @@ def test_model_faults_become_synthesis_errors(backend: ChatTTSBackend, raised: s
         synthesize(backend, request(seed=1))
     assert failure.value.code == code
     assert failure.value.stage == "llm_inference"
-
-
-def tiny_backend(model_dir: Path) -> ChatTTSBackend:
-    return ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
-                          config_hook=functools.partial(configure, directory=model_dir))
 
 
 async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.app.conftest import Running, StartApp
-from tests.app.fakes import HangingBackend
+from tests.app.fakes import GatedBackend, HangingBackend
 
 TIMEOUT_S = 0.5
 
@@ -92,3 +92,23 @@ async def test_no_instance_left_fails_liveness_until_one_is_back(
     assert status["instances_healthy"] == 1 and hanging.rebuilds == 1
     assert (await app.client.get("/healthz")).status == 200
     assert (await app.client.post("/v1/tts", json={"text": "Anyone there?"})).status == 200
+
+
+async def test_call_hung_before_taking_an_instance_holds_its_slot_until_it_returns(
+        start_app: StartApp) -> None:
+    backend = GatedBackend()       # blocks before its instance is checked out: none to retire
+    app = await start_app({"backend": {"timeout_s": TIMEOUT_S}}, backend=backend)
+    backend.release.clear()
+    try:
+        hung = await app.client.post("/v1/tts", json={"text": "Stuck at the door."})
+        assert (await hung.json())["error"]["code"] == "MODEL_ERROR"
+        status = await (await app.client.get("/status")).json()
+        assert (status["running"], status["instances_healthy"], status["instances_hung"]) == (
+            0, 0, 1), status
+        assert app.records("instance_hung")[0]["retired"] is False
+        assert (await app.client.get("/healthz")).status == 200   # the call may come back
+    finally:
+        backend.release.set()
+    status = await status_when(app, lambda s: s["instances_hung"] == 0)
+    assert status["instances_healthy"] == 1, status
+    assert (await app.client.post("/v1/tts", json={"text": "Through now."})).status == 200
