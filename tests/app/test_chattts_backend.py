@@ -177,6 +177,7 @@ async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted
     import torch
 
     app = await start_app(backend=tiny_backend(model_dir))
+    assert (await (await app.client.get("/status")).json())["gpu_oom_total"] == {"cpu": 0}
     freed: list[int] = []
     # On this CPU-only host, pretend CUDA is present to see the cache being freed.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

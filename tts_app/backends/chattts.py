@@ -121,6 +121,8 @@ class ChatTTSBackend:
         self._directory = resolve_model_dir(self.model_dir)
         self._device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
                                     else "cpu" if self.device == "auto" else self.device)
+        # Keys fixed here, so /status can copy the mapping while workers count.
+        self.gpu_oom_total = {str(self._device): 0}
         for _ in range(self.instances):
             self.rebuild()
         self.model_version = asset_digest(self._directory)
@@ -212,9 +214,8 @@ class ChatTTSBackend:
                                  stage=stage) from exc
 
     def _count_oom(self) -> None:
-        device = str(self._device)
         with self._oom_lock:
-            self.gpu_oom_total[device] = self.gpu_oom_total.get(device, 0) + 1
+            self.gpu_oom_total[str(self._device)] += 1
 
     def close(self) -> None:
         self._pool.close()
