@@ -385,5 +385,4 @@ class SynthesisService:
         return {"waiting": self.admission.waiting, "running": self.admission.running,
                 "capacity": self.admission.capacity,
                 "instances_total": self.instances_total,
-                "instances_healthy": self.instances_healthy, "instances_hung": self.hung,
-                "gpu_oom_total": dict(getattr(self.backend, "gpu_oom_total", {}))}
+                "instances_healthy": self.instances_healthy, "instances_hung": self.hung}

@@ -12,6 +12,7 @@ import functools
 import inspect
 import os
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +177,12 @@ async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted
         start_app: Any, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    app = await start_app(backend=tiny_backend(model_dir))
-    assert (await (await app.client.get("/status")).json())["gpu_oom_total"] == {"cpu": 0}
+    backend = tiny_backend(model_dir)
+    app = await start_app(backend=backend)
     freed: list[int] = []
-    # On this CPU-only host, pretend CUDA is present to see the cache being freed.
+    # Loaded on this CPU-only host: pretend it is CUDA device 0, to see the cache being freed
+    # and the OOM counted on its device (what /status reports per device).
+    monkeypatch.setattr(backend, "_device", types.SimpleNamespace(type="cuda", index=0))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
     for count, (name, layer, make) in enumerate(OOM_FORMS, start=1):
@@ -190,14 +193,13 @@ async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted
         assert (response.status, body["error"]["code"]) == (503, "GPU_OOM"), (name, body)
         assert "Retry-After" in response.headers
         assert len(freed) == count, name
-        status = await (await app.client.get("/status")).json()
-        assert status["gpu_oom_total"] == {"cpu": count}, name
+        assert backend.gpu_oom_total == {0: count}, name
     other = {"text": "not memory."}
     with monkeypatch.context() as patch:
         fail_layer(patch, "Linear", RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
         response = await app.client.post("/v1/tts", json=other)
     assert (await response.json())["error"]["code"] == "MODEL_ERROR"
-    assert len(freed) == len(OOM_FORMS)
+    assert len(freed) == len(OOM_FORMS) and backend.gpu_oom_total == {0: len(OOM_FORMS)}
     assert (await app.client.post("/v1/tts", json=other)).status == 200   # instance still serves
     codes = [r["error_code"] for r in app.records("synthesis_complete")]
     assert codes == ["GPU_OOM"] * len(OOM_FORMS) + ["MODEL_ERROR", "none"]

@@ -8,18 +8,13 @@ as ``BackendClass(**options)`` with the mapping under ``backend.<name>`` in the 
 (an unknown option is a TypeError, reported as a config error), and ``load()`` is called
 later. A backend may declare ``languages: frozenset[str]``; without it the app accepts
 ``limits.languages``. ``model_version`` may change during ``load()``; it is read afterwards.
-A backend on an accelerator may declare ``gpu_oom_total: dict[str, int]`` (out-of-memory
-failures per device, e.g. ``{"cuda:0": 2}``); ``/status`` reports it.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -45,64 +40,6 @@ class SynthesisRequest:
 
 
 StageCallback = Callable[[str, float], None]    # (stage name, duration_ms)
-T = TypeVar("T")
-
-
-class InstancePool(Generic[T]):
-    """A backend's loaded model instances, lent to one synthesis at a time.
-
-    A synthesis that outlives its time limit cannot be stopped (a thread cannot be killed),
-    so the app *retires* the instance it holds: whenever that call finally returns, the
-    instance is handed to ``discard`` (unloaded) instead of going back into service, and a
-    replacement is loaded with :meth:`add`. Thread-safe: checkouts run in worker threads.
-    """
-
-    def __init__(self, discard: Callable[[T], None]) -> None:
-        self._discard = discard
-        self._idle: queue.Queue[T] = queue.Queue()
-        # id(request) -> its instance: X-Request-ID comes from clients and need not be unique
-        self._busy: dict[int, T] = {}
-        self._retired: set[int] = set()    # id() of busy instances that must not return
-        self._lock = threading.Lock()
-
-    def add(self, instance: T) -> None:
-        self._idle.put(instance)
-
-    @contextmanager
-    def checkout(self, request: SynthesisRequest) -> Iterator[T]:
-        instance = self._idle.get()
-        with self._lock:
-            self._busy[id(request)] = instance
-        try:
-            yield instance
-        finally:
-            with self._lock:
-                self._busy.pop(id(request), None)
-                retired = id(instance) in self._retired
-                self._retired.discard(id(instance))
-            if retired:
-                self._discard(instance)
-            else:
-                self._idle.put(instance)
-
-    def retire(self, request: SynthesisRequest) -> bool:
-        """Take the instance ``request`` holds out of service; False if it holds none."""
-        with self._lock:
-            instance = self._busy.get(id(request))
-            if instance is None:
-                return False
-            self._retired.add(id(instance))
-            return True
-
-    def close(self) -> None:
-        """Discard every idle instance (busy ones are discarded when they return)."""
-        with self._lock:
-            self._retired.update(id(instance) for instance in self._busy.values())
-        while True:
-            try:
-                self._discard(self._idle.get_nowait())
-            except queue.Empty:
-                return
 
 
 @runtime_checkable

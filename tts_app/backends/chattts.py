@@ -11,7 +11,8 @@ objects, so every request builds fresh ``RefineTextParams``/``InferCodeParams``.
 object is not safe for concurrent use: ``instances`` copies are loaded into an
 :class:`InstancePool` that lends each to one request at a time; the app's worker pool is
 sized from ``instances``. Every CUDA out-of-memory form (torch's OutOfMemoryError types and
-the RuntimeErrors of cuBLAS/cuDNN) is GPU_OOM: the cache is freed and ``gpu_oom_total`` counts it.
+the RuntimeErrors of cuBLAS/cuDNN) is GPU_OOM: the cache is freed and ``gpu_oom_total``
+counts it per device.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ import hashlib
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tts_app.backends.base import InstancePool, StageCallback, SynthesisRequest
+from tts_app.backends.base import StageCallback, SynthesisRequest
+from tts_app.backends.pool import InstancePool
 from tts_app.errors import SynthesisError
 
 SAMPLE_RATE = 24000
@@ -111,8 +114,9 @@ class ChatTTSBackend:
         self._torch: Any = None
         self._directory: Path | None = None
         self._device: Any = None
-        self._oom_lock = threading.Lock()
-        self.gpu_oom_total: dict[str, int] = {}
+        # CUDA out-of-memory errors by device index, reported on /status as gpu_oom_total.
+        self.gpu_oom_total: Counter[int] = Counter()
+        self._oom_lock = threading.Lock()    # worker threads count
 
     def load(self) -> None:
         import torch  # optional extra: only when this backend is configured
@@ -121,8 +125,6 @@ class ChatTTSBackend:
         self._directory = resolve_model_dir(self.model_dir)
         self._device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
                                     else "cpu" if self.device == "auto" else self.device)
-        # Keys fixed here, so /status can copy the mapping while workers count.
-        self.gpu_oom_total = {str(self._device): 0}
         for _ in range(self.instances):
             self.rebuild()
         self.model_version = asset_digest(self._directory)
@@ -137,7 +139,7 @@ class ChatTTSBackend:
         if not chat.load(source="custom", custom_path=str(self._directory), device=self._device,
                          compile=False):
             raise RuntimeError(f"ChatTTS could not load the assets in {self._directory}")
-        self._pool.add(_Instance(chat))
+        self._pool.put(_Instance(chat))
 
     def retire(self, request: SynthesisRequest) -> bool:
         return self._pool.retire(request)
@@ -214,8 +216,13 @@ class ChatTTSBackend:
                                  stage=stage) from exc
 
     def _count_oom(self) -> None:
-        with self._oom_lock:
-            self.gpu_oom_total[str(self._device)] += 1
+        if self._device.type == "cuda":  # an OOM raised on a CPU load has no device
+            with self._oom_lock:
+                self.gpu_oom_total[self._cuda_index()] += 1
+
+    def _cuda_index(self) -> int:
+        index = self._device.index
+        return int(self._torch.cuda.current_device() if index is None else index)
 
     def close(self) -> None:
         self._pool.close()

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tts_app.backends.base import InstancePool, StageCallback, SynthesisRequest
+from tts_app.backends.base import StageCallback, SynthesisRequest
+from tts_app.backends.pool import InstancePool
 from tts_app.errors import SynthesisError
 
 AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -136,7 +137,7 @@ class EspeakBackend:
     def _load(self, path: str) -> _Instance:
         instance = _Instance(path, self._data)
         self.sample_rate = instance.sample_rate
-        self._pool.add(instance)
+        self._pool.put(instance)
         return instance
 
     def rebuild(self) -> None:
