@@ -220,12 +220,12 @@ class ChatTTSBackend:
             with self._oom_lock:
                 self.gpu_oom_total[self._cuda_index()] += 1
 
+    def close(self) -> None:
+        self._pool.close()
+
     def _cuda_index(self) -> int:
         index = self._device.index
         return int(self._torch.cuda.current_device() if index is None else index)
-
-    def close(self) -> None:
-        self._pool.close()
 
 
 def _to_chunk(wavs: Any) -> np.ndarray:
