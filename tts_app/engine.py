@@ -158,7 +158,7 @@ class SynthesisService:
         if error is None:
             self._log_hit(spec, request_id, size, shared=True)
         else:
-            self._log_complete(spec, request_id, error, 0.0, 0.0, cache_hit=True,
+            self._log_complete(spec, request_id, error, 0.0, None, cache_hit=True,
                                cache_skip="shared", model_stage="shared", shared=True)
 
     async def collect(self, spec: TtsSpec, request_id: str, flight: Flight) -> bytes:
@@ -187,27 +187,36 @@ class SynthesisService:
     def _log_hit(self, spec: TtsSpec, request_id: str, size: int, shared: bool = False) -> None:
         header = 44 if spec.format == "wav" else 0
         extra: dict[str, Any] = {"shared": True} if shared else {}
-        self._log_complete(spec, request_id, None, 0.0, 0.0, cache_hit=True,
+        self._log_complete(spec, request_id, None, 0.0, None, cache_hit=True,
                            cache_skip="shared" if shared else "hit", model_stage="cache",
                            size=size, pcm_bytes=max(0, size - header), **extra)
 
     def _log_complete(self, spec: TtsSpec, request_id: str, error: AppError | None,
-                      duration_ms: float, queue_ms: float, cache_hit: bool, model_stage: str,
-                      cache_skip: str = "", size: int = 0, pcm_bytes: int = 0,
-                      **extra: Any) -> None:
-        """The one synthesis_complete line of a request; ``cache_skip`` says why nothing was
-        stored on disk (empty when it was). ``queue_ms``: time waited for a model instance."""
-        fields: dict[str, Any] = {} if error is None else {"message": error.message}
-        self.log.event(
-            "synthesis_complete", request_id, level="INFO" if error is None else "ERROR",
-            status="success" if error is None else "failed", duration_ms=round(duration_ms, 3),
-            queue_ms=round(queue_ms, 3), error_code="none" if error is None else error.code,
-            cache_hit=cache_hit, cache_saved=not cache_skip,
-            **({"cache_skip": cache_skip} if cache_skip else {}),
+                      duration_ms: float, queue_ms: float | None, cache_hit: bool,
+                      model_stage: str, cache_skip: str = "", size: int = 0,
+                      pcm_bytes: int = 0, **extra: Any) -> None:
+        """The one synthesis_complete line of a request. ``queue_ms`` (time waited for a model
+        instance) is left out for requests that never asked for one (cache hits, shared
+        syntheses): their zeros would hide queueing in the wait histogram under a cache-heavy
+        load. ``cache_skip`` says why the audio is not on disk (empty when it is)."""
+        fields: dict[str, Any] = {
+            "status": "success" if error is None else "failed",
+            "duration_ms": round(duration_ms, 3)}
+        if queue_ms is not None:
+            fields["queue_ms"] = round(queue_ms, 3)
+        fields.update(error_code="none" if error is None else error.code, cache_hit=cache_hit,
+                      cache_saved=not cache_skip)
+        if cache_skip:
+            fields["cache_skip"] = cache_skip
+        fields.update(
             audio_size_kb=round(size / 1024, 1),
             audio_duration_ms=round(audio.pcm_duration_ms(pcm_bytes, self.backend.sample_rate), 1),
             text_len=len(spec.text), model_stage=model_stage,
-            model_version=self.backend.model_version, **fields, **extra)
+            model_version=self.backend.model_version, **extra)
+        if error is not None:
+            fields["message"] = error.message
+        self.log.event("synthesis_complete", request_id,
+                       level="INFO" if error is None else "ERROR", **fields)
 
     # --- the synthesis itself
     async def _run(self, spec: TtsSpec, flight: Flight) -> None:
