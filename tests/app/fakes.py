@@ -3,7 +3,8 @@
 ``GatedBackend`` is the real espeak backend that waits for a test-controlled event before
 synthesizing, so "in flight" and "queue full" are states a test holds instead of races.
 ``FailingBackend`` raises what a GPU model raises (GPU_OOM, MODEL_ERROR, a bare bug).
-``HangingBackend`` never returns from some syntheses (a wedged model) until the test says.
+``HangingBackend`` never returns from some syntheses (a wedged model) until the test says;
+``SilentBackend`` "succeeds" with silence; ``BreakingBackend`` fails mid-stream.
 """
 
 from __future__ import annotations
