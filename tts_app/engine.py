@@ -341,8 +341,9 @@ class SynthesisService:
             self.lost += 1
         else:
             self.held += 1
+        # Own codes, so tts_log_records_total tells hangs apart from the request's MODEL_ERROR.
         self.log.event("instance_hung", request.request_id, level="ERROR",
-                       error_code="MODEL_ERROR", retired=retired, timeout_s=self.timeout_s,
+                       error_code="MODEL_HUNG", retired=retired, timeout_s=self.timeout_s,
                        instances_healthy=self.instances_healthy, instances_hung=self.hung)
         work.add_done_callback(lambda done: self._hung_returned(done, retired))
         self._maybe_rebuild()
@@ -368,7 +369,8 @@ class SynthesisService:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.backend.rebuild)
         except Exception as exc:   # tried again when a hung call returns
-            self.log.event("instance_rebuild_failed", level="ERROR", error_code="MODEL_ERROR",
+            self.log.event("instance_rebuild_failed", level="ERROR",
+                           error_code="MODEL_REBUILD_FAILED",
                            exception_type=type(exc).__name__, exception_msg=str(exc),
                            instances_healthy=self.instances_healthy)
             return

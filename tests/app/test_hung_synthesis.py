@@ -70,7 +70,8 @@ async def test_hung_synthesis_gets_503_and_its_instance_is_replaced(
     events = [r["event"] for r in app.records() if r["event"].startswith("instance_")]
     assert events == ["instance_hung", "instance_rebuilt", "instance_hung_returned"]
     hung_record = app.records("instance_hung")[0]
-    assert hung_record["level"] == "ERROR" and hung_record["retired"] is True
+    assert (hung_record["level"], hung_record["error_code"], hung_record["retired"]) == (
+        "ERROR", "MODEL_HUNG", True)
 
 
 async def test_no_instance_left_fails_liveness_until_one_is_back(

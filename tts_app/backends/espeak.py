@@ -1,9 +1,9 @@
 """Real speech from libespeak-ng (shipped in PyPI ``espeakng-loader``), loaded with ctypes.
 
 libespeak-ng keeps all its state in process globals and is not thread-safe, so one loaded
-copy of the library is one instance, lent to one request at a time. To run ``instances`` syntheses in
-parallel, extra instances load private copies of the shared object (a distinct file path
-gives the dynamic loader a distinct handle with its own globals). ctypes releases the GIL
+copy of the library is one instance, lent to one request at a time. To run ``instances``
+syntheses in parallel, extra instances load private copies of the shared object (a distinct
+file path gives the dynamic loader a distinct handle with its own globals). ctypes releases the GIL
 during the call, so instances really run in parallel on separate cores. A retired instance
 (its synthesis hung) is replaced by another private copy, never by a reload of the same path.
 """
