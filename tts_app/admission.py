@@ -108,8 +108,14 @@ class Admission:
             self.waiting -= 1
         self.running += 1
 
-    def release(self) -> None:
+    def release(self, keep_slot: bool = False) -> None:
+        """``keep_slot``: the request is over but its model instance left service (a hung
+        synthesis); :meth:`return_slot` gives the slot back once a replacement is loaded."""
         self.running -= 1
+        if not keep_slot:
+            self._slots.release()
+
+    def return_slot(self) -> None:
         self._slots.release()
 
     def limits(self) -> dict[str, int]:

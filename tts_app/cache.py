@@ -2,9 +2,10 @@
 
 Production traffic repeats texts (~60 % in the seed service), so a hit must be cheap: the
 memory layer answers without touching the disk, the disk layer costs one small file read.
-Writes are atomic (temporary file + rename) so a crash never leaves a torn entry; any write
-error (ENOSPC, read-only, missing directory) is reported to the caller, never raised, because
-a cache that cannot write must not fail the request that produced the audio.
+Writes are atomic (temporary file + rename) so a crash never leaves a torn entry; a body
+that is not stored (larger than the whole cache, or a write error such as ENOSPC, read-only,
+missing directory) is reported to the caller with its reason, never raised, because a cache
+that cannot write must not fail the request that produced the audio.
 All methods run on the event loop thread; entries are small, so their I/O is brief.
 """
 
@@ -15,11 +16,20 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from tts_app.backends.base import SynthesisParams
 
 SUFFIX = ".audio"
+
+
+@dataclass(frozen=True, slots=True)
+class NotSaved:
+    """Why :meth:`DiskCache.put` stored nothing on disk."""
+
+    reason: str                       # "too_large" | "write_failed"
+    error: OSError | None = None
 
 
 def cache_key(backend: str, model_version: str, voice: str, lang: str, text: str,
@@ -86,11 +96,11 @@ class DiskCache:
         self._remember(key, body)
         return body
 
-    def put(self, key: str, body: bytes) -> OSError | None:
-        """Store ``body``; returns the write error instead of raising it."""
+    def put(self, key: str, body: bytes) -> NotSaved | None:
+        """Store ``body``; None when it is on disk, else why not (never raises)."""
         self._remember(key, body)
         if len(body) > self.max_bytes:
-            return None
+            return NotSaved("too_large")
         path = self._path(key)
         tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
         try:
@@ -101,7 +111,7 @@ class DiskCache:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            return exc
+            return NotSaved("write_failed", exc)
         self.total_bytes += len(body) - self._index.pop(key, 0)
         self._index[key] = len(body)
         self._evict()

@@ -101,8 +101,13 @@ class BackendConfig:
     espeak: dict[str, Any] = field(default_factory=dict)
     chattts: dict[str, Any] = field(default_factory=dict)
     warmup_text: str = "Warm-up."
-    # Per-synthesis wall-clock limit; beyond it the request fails with MODEL_ERROR.
+    # Per-synthesis wall-clock limit; beyond it the request fails with MODEL_ERROR and the
+    # instance it holds is taken out of service (its thread cannot be stopped).
     timeout_s: float = field(default=120.0, metadata=_at_least(0.1))
+    # Replacements are loaded only while at most this many timed-out syntheses still hold
+    # their instance (each holds its memory); beyond it capacity shrinks, and with no
+    # instance left /healthz answers 503 so the orchestrator restarts the process.
+    max_hung_instances: int = field(default=1, metadata=_at_least(0))
 
     def options(self) -> dict[str, Any]:
         return dict(self.espeak if self.name == "espeak" else self.chattts)
@@ -158,6 +163,13 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class AudioConfig:
+    # Audio whose RMS is below this is logged as a WARNING with warning_code=AUDIO_SILENT
+    # and not cached (a model producing silence is broken, not quiet). 0 disables the check.
+    silence_rms: float = field(default=0.001, metadata=_at_least(0))
+
+
+@dataclass(frozen=True)
 class GateConfig:
     file: str = "state/ingress.json"
     # The file is stat()ed at most this often; re-read only when mtime/size changed.
@@ -195,6 +207,7 @@ class AppConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)

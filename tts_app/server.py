@@ -61,7 +61,9 @@ class AppState:
                                    config.admission.retry_after_s)
         self.cache = self._open_cache(config)
         self.service = SynthesisService(backend, self.cache, self.admission, log,
-                                        config.backend.timeout_s)
+                                        config.backend.timeout_s,
+                                        config.backend.max_hung_instances,
+                                        config.audio.silence_rms)
         self.gate = GateWatcher(
             config.gate.file, config.gate.check_interval_s, config.gate.default_retry_after_s,
             clock, on_invalid=lambda problem: log.event(
@@ -171,6 +173,9 @@ STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
 # aiohttp >= 3.12 wants typed request keys; older releases take the plain string.
 REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") \
     else "request_id"
+# Set by _stream when a synthesis fails after the 200 headers went out.
+STREAM_ABORTED: Any = web.RequestKey("stream_aborted", AppError) \
+    if hasattr(web, "RequestKey") else "stream_aborted"
 
 
 # Generated request ids: a random per-process prefix and a counter (32 hex digits, unique
@@ -209,8 +214,14 @@ def error_response(exc: AppError, request_id: str, default_retry: int) -> web.Re
 
 def _log_request(state: AppState, request: web.Request, request_id: str, route: str,
                  status: int, started: float) -> None:
+    # A stream that failed after its 200 headers is logged with the status its error would
+    # have had, so the service-layer error ratio counts it; status_sent is what went out.
+    aborted: AppError | None = request.get(STREAM_ABORTED)
+    extra: dict[str, Any] = {} if aborted is None else {
+        "outcome": "aborted", "error_code": aborted.code, "status_sent": status}
     state.log.event("http_request", request_id, method=request.method, route=route,
-                    status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3))
+                    status=status if aborted is None else aborted.status,
+                    duration_ms=round((time.perf_counter() - started) * 1000, 3), **extra)
 
 
 def _rejected(state: AppState, exc: AppError, request_id: str, route: str) -> web.Response:
@@ -325,6 +336,7 @@ async def _stream(request: web.Request, state: AppState, spec: TtsSpec,
         state.log.event("stream_aborted", request_id, level="ERROR", error_code=exc.code,
                         message=exc.message)
         state.service.follower_done(spec, request_id, source, 0, exc)
+        request[STREAM_ABORTED] = exc
         if request.transport is not None:
             request.transport.abort()    # a truncated chunked body tells the client it failed
         return response
@@ -358,15 +370,21 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(job.describe(), headers={"X-Job-Status": job.status})
 
 
-async def healthz(_request: web.Request) -> web.Response:
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: 503 once no model instance is left in service (all hung), so a restart
+    is the only way back."""
+    if not request.app[STATE].service.live:
+        return web.json_response({"status": "failed", "reason": "no_model_instance"},
+                                 status=503)
     return web.json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    ok = state.ready and not state.draining
+    ok = state.ready and not state.draining and state.service.live
     reason = "ready" if ok else ("draining" if state.draining else
-                                 ("failed" if state.failed else "loading"))
+                                 ("failed" if state.failed else "loading"
+                                  if not state.ready else "no_model_instance"))
     if ok and state.log.failing:
         # Still ready: requests are answered correctly without their log lines, and taking
         # every replica on a full log volume out of service would turn a blind spot into an

@@ -106,8 +106,9 @@ def validate(data: dict[str, Any], max_chars: int, voices: Collection[str],
                        "text must be a string" if text is not None else "text is missing")
     # Whitespace and Unicode normalization make "same text, different spacing" one cache entry.
     text = " ".join(unicodedata.normalize("NFC", text).split())
-    if not text:
-        raise AppError("TEXT_EMPTY")
+    if not any(map(_speakable, text)):
+        raise AppError("TEXT_EMPTY", "text has nothing to speak (only spaces, format or "
+                                     "control characters)" if text else None)
     if len(text) > max_chars:
         raise AppError("TEXT_TOO_LONG", f"text has {len(text)} characters; the limit is "
                                         f"{max_chars}")
@@ -134,6 +135,12 @@ def validate(data: dict[str, Any], max_chars: int, voices: Collection[str],
     canonical = json.dumps([text, voice, lang, fmt, stream, params.seed, params.temperature,
                             params.top_p, params.top_k, params.speed], ensure_ascii=False)
     return TtsSpec(text, voice, lang, fmt, stream, params, canonical)
+
+
+def _speakable(char: str) -> bool:
+    """Letters, digits, punctuation, symbols; not controls, format characters (zero-width
+    spaces, direction marks), separators or lone combining marks, which render as nothing."""
+    return unicodedata.category(char)[0] not in "CZM"
 
 
 def _string(data: dict[str, Any], name: str, default: str) -> str:

@@ -3,6 +3,8 @@
 ``GatedBackend`` is the real espeak backend that waits for a test-controlled event before
 synthesizing, so "in flight" and "queue full" are states a test holds instead of races.
 ``FailingBackend`` raises what a GPU model raises (GPU_OOM, MODEL_ERROR, a bare bug).
+``HangingBackend`` never returns from some syntheses (a wedged model) until the test says;
+``SilentBackend`` "succeeds" with silence; ``BreakingBackend`` fails mid-stream.
 """
 
 from __future__ import annotations
@@ -73,4 +75,54 @@ class PausingBackend(EspeakBackend):
         for index, chunk in enumerate(super().synthesize(request, on_stage)):
             if index == 1 and request.request_id != "warmup":
                 self.resume.wait(10)
+            yield chunk
+
+
+class HangingBackend(EspeakBackend):
+    """Texts starting with "hang" block inside the model, holding their instance, until
+    ``unhang`` is set; ``rebuild`` (a replacement instance) waits for ``rebuild_gate``."""
+
+    def __init__(self, instances: int = 1) -> None:
+        super().__init__(instances=instances)
+        self.unhang = threading.Event()
+        self.rebuild_gate = threading.Event()
+        self.rebuild_gate.set()
+        self.rebuilds = 0
+
+    def synthesize(self, request: SynthesisRequest, on_stage: StageCallback
+                   ) -> Iterator[np.ndarray]:
+        hang = request.text.lower().startswith("hang")
+        for chunk in super().synthesize(request, on_stage):
+            if hang:
+                self.unhang.wait(30)
+            yield chunk
+
+    def rebuild(self) -> None:
+        self.rebuild_gate.wait(30)
+        super().rebuild()
+        self.rebuilds += 1
+
+    def release_all(self) -> None:
+        self.unhang.set()
+        self.rebuild_gate.set()
+
+
+class SilentBackend(EspeakBackend):
+    """A model that "succeeds" with digital silence (a broken decoder)."""
+
+    def synthesize(self, request: SynthesisRequest, on_stage: StageCallback
+                   ) -> Iterator[np.ndarray]:
+        for chunk in super().synthesize(request, on_stage):
+            yield np.zeros_like(chunk) if request.request_id != "warmup" else chunk
+
+
+class BreakingBackend(EspeakBackend):
+    """Speaks the first sentence, then fails as a model does mid-stream."""
+
+    def synthesize(self, request: SynthesisRequest, on_stage: StageCallback
+                   ) -> Iterator[np.ndarray]:
+        for index, chunk in enumerate(super().synthesize(request, on_stage)):
+            if index == 1 and request.request_id != "warmup":
+                raise SynthesisError("MODEL_ERROR", "decoder produced NaN",
+                                     stage="audio_render")
             yield chunk

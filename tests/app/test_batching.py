@@ -55,6 +55,12 @@ class ToneBatchBackend:
     def close(self) -> None:
         pass
 
+    def retire(self, request: SynthesisRequest) -> bool:
+        return False        # one lock, no instances to take out of service
+
+    def rebuild(self) -> None:
+        pass
+
     def batch_key(self, request: SynthesisRequest) -> Any:
         params = request.params
         return None if params.seed is not None else (request.lang, params.temperature)
@@ -344,7 +350,7 @@ def test_chattts_batch_out_of_gpu_memory_runs_each_text_alone(
         tiny_chattts: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    chat = tiny_chattts._pool.queue[0].chat
+    chat = tiny_chattts._pool._idle.queue[0].chat
     original = chat.infer
     sizes: list[int] = []
 

@@ -1,4 +1,4 @@
-"""DiskCache: keys, LRU eviction by size, restart rescan, atomic writes, write failures."""
+"""DiskCache: keys, LRU eviction by size, restart rescan, atomic writes, bodies not saved."""
 
 from __future__ import annotations
 
@@ -69,5 +69,13 @@ def test_write_failure_is_returned_not_raised(tmp_path: Path) -> None:
     blocker.write_text("a regular file where the cache directory should be")
     cache = DiskCache(blocker / "cache", max_bytes=10_000, memory_max_bytes=0)
     problem = cache.put(key("a"), b"data")
-    assert isinstance(problem, OSError)
+    assert problem is not None and problem.reason == "write_failed"
+    assert isinstance(problem.error, OSError)
     assert cache.get(key("a")) is None and cache.total_bytes == 0
+
+
+def test_body_larger_than_the_cache_is_reported_not_saved(tmp_path: Path) -> None:
+    cache = DiskCache(tmp_path, max_bytes=100, memory_max_bytes=0)
+    problem = cache.put(key("big"), b"b" * 101)
+    assert problem is not None and (problem.reason, problem.error) == ("too_large", None)
+    assert list(tmp_path.rglob("*.audio")) == [] and cache.total_bytes == 0

@@ -12,6 +12,7 @@ import functools
 import inspect
 import os
 import threading
+import types
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +38,14 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_assets(tmp_path_factory.mktemp("chattts"))
 
 
+def tiny_backend(model_dir: Path) -> ChatTTSBackend:
+    return ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
+                          config_hook=functools.partial(configure, directory=model_dir))
+
+
 @pytest.fixture(scope="module")
 def backend(model_dir: Path) -> ChatTTSBackend:
-    loaded = ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
-                            config_hook=functools.partial(configure, directory=model_dir))
+    loaded = tiny_backend(model_dir)
     loaded.load()
     return loaded
 
@@ -104,30 +109,104 @@ def test_second_request_waits_while_one_runs(backend: ChatTTSBackend) -> None:
     assert second_done.is_set()
 
 
-@pytest.mark.parametrize(("raised", "code"), [
-    ("oom", "GPU_OOM"), ("runtime", "MODEL_ERROR")])
+def test_retired_instance_is_unloaded_and_a_rebuilt_one_serves(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ChatTTS
+
+    backend = tiny_backend(model_dir)
+    backend.load()
+    unloaded: list[object] = []
+    monkeypatch.setattr(ChatTTS.Chat, "unload", lambda chat: unloaded.append(chat))
+    stuck = request(seed=1)
+    running = backend.synthesize(stuck, lambda stage, ms: None)
+    next(running)                  # holds the only instance, as a hung call does
+    assert backend.retire(stuck)
+    backend.rebuild()
+    audio, _ = synthesize(backend, request(seed=2))    # the replacement serves meanwhile
+    assert audio.size > 0 and unloaded == []
+    running.close()                # the hung call returns: its instance is unloaded
+    assert len(unloaded) == 1
+    backend.close()                # only the replacement was left in service
+    assert len(unloaded) == 2
+
+
+# Every way torch reports an exhausted accelerator: its OutOfMemoryError types, and the plain
+# RuntimeErrors of the CUDA runtime, cuBLAS (matmuls: Linear) and cuDNN (convolutions: Conv1d).
+OOM_FORMS: list[tuple[str, str, Any]] = [
+    ("cuda_oom_type", "Linear", lambda torch: torch.cuda.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB")),
+    ("torch_oom_type", "Linear", lambda torch: torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 20.00 MiB")),
+    ("cuda_runtime", "Linear", lambda torch: RuntimeError(
+        "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported")),
+    ("cublas", "Linear", lambda torch: RuntimeError(
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")),
+    ("cudnn_not_allocated", "Conv1d", lambda torch: RuntimeError(
+        "cuDNN error: CUDNN_STATUS_NOT_ALLOCATED")),
+    ("cudnn_alloc_failed", "Conv1d", lambda torch: RuntimeError(
+        "cuDNN error: CUDNN_STATUS_ALLOC_FAILED")),
+]
+
+
+def fail_layer(monkeypatch: pytest.MonkeyPatch, layer: str, error: BaseException) -> None:
+    """Make every ``torch.nn.<layer>`` of the loaded model raise ``error`` when it runs."""
+    import torch
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr(getattr(torch.nn, layer), "forward", broken)
+
+
+@pytest.mark.parametrize(("raised", "code"), [("oom", "GPU_OOM"), ("runtime", "MODEL_ERROR")])
 def test_model_faults_become_synthesis_errors(backend: ChatTTSBackend, raised: str,
                                               code: str, monkeypatch: pytest.MonkeyPatch
                                               ) -> None:
     import torch
 
-    def broken(*args: Any, **kwargs: Any) -> Any:
-        if raised == "oom":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        raise RuntimeError("shape mismatch")
-
-    instance = backend._pool.queue[0]
-    monkeypatch.setattr(instance.chat, "infer", broken)
+    fail_layer(monkeypatch, "Linear",
+               torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+               if raised == "oom" else RuntimeError("shape mismatch"))
     with pytest.raises(SynthesisError) as failure:
         synthesize(backend, request(seed=1))
     assert failure.value.code == code
     assert failure.value.stage == "llm_inference"
 
 
+async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted(
+        start_app: Any, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    backend = tiny_backend(model_dir)
+    app = await start_app(backend=backend)
+    freed: list[int] = []
+    # Loaded on this CPU-only host: pretend it is CUDA device 0, to see the cache being freed
+    # and the OOM counted on its device (what /status reports per device).
+    monkeypatch.setattr(backend, "_device", types.SimpleNamespace(type="cuda", index=0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(1))
+    for count, (name, layer, make) in enumerate(OOM_FORMS, start=1):
+        with monkeypatch.context() as patch:
+            fail_layer(patch, layer, make(torch))
+            response = await app.client.post("/v1/tts", json={"text": f"form {name}."})
+            body = await response.json()
+        assert (response.status, body["error"]["code"]) == (503, "GPU_OOM"), (name, body)
+        assert "Retry-After" in response.headers
+        assert len(freed) == count, name
+        assert backend.gpu_oom_total == {0: count}, name
+    other = {"text": "not memory."}
+    with monkeypatch.context() as patch:
+        fail_layer(patch, "Linear", RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+        response = await app.client.post("/v1/tts", json=other)
+    assert (await response.json())["error"]["code"] == "MODEL_ERROR"
+    assert len(freed) == len(OOM_FORMS) and backend.gpu_oom_total == {0: len(OOM_FORMS)}
+    assert (await app.client.post("/v1/tts", json=other)).status == 200   # instance still serves
+    codes = [r["error_code"] for r in app.records("synthesis_complete")]
+    assert codes == ["GPU_OOM"] * len(OOM_FORMS) + ["MODEL_ERROR", "none"]
+
+
 async def test_app_serves_chattts_wav_over_http(start_app: Any, model_dir: Path) -> None:
-    chattts = ChatTTSBackend(model_dir=str(model_dir), device="cpu", max_new_token=MAX_TOKENS,
-                             config_hook=functools.partial(configure, directory=model_dir))
-    app = await start_app(backend=chattts)
+    app = await start_app(backend=tiny_backend(model_dir))
     response = await app.client.post("/v1/tts", json={"text": "hello there.",
                                                        "format": "wav"})
     body = await response.read()

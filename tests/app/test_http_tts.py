@@ -175,3 +175,36 @@ async def test_stream_delivers_first_chunk_before_synthesis_ends(start_app: Star
     rest = await response.read()
     assert len(rest) > 10000
     assert app.records("synthesis_complete")[0]["status"] == "success"
+
+
+async def test_queue_ms_is_the_wait_for_a_model_instance(start_app: StartApp) -> None:
+    backend = GatedBackend()          # one instance
+    app = await start_app(backend=backend)
+    backend.release.clear()
+    first = asyncio.create_task(app.client.post("/v1/tts", json={"text": "First in line."},
+                                                headers={"X-Request-ID": "first"}))
+    assert await asyncio.to_thread(backend.entered.acquire, True, 5)
+    second = asyncio.create_task(app.client.post("/v1/tts", json={"text": "Second in line."},
+                                                 headers={"X-Request-ID": "second"}))
+    await asyncio.sleep(0.4)          # the second waits for the only instance meanwhile
+    backend.release.set()
+    assert [r.status for r in await asyncio.gather(first, second)] == [200, 200]
+    completes = {r["request_id"]: r for r in app.records("synthesis_complete")}
+    assert completes["second"]["queue_ms"] >= 300
+    assert completes["first"]["queue_ms"] < completes["second"]["queue_ms"]
+    # synthesis time no longer hides queueing: the second's duration excludes its wait
+    assert completes["second"]["duration_ms"] < completes["second"]["queue_ms"]
+    version = app.state.backend.model_version
+    assert {r["model_version"] for r in completes.values()} == {version}
+    hit = await app.client.post("/v1/tts", json={"text": "First in line."})
+    assert hit.headers["X-Cache"] == "hit"
+    last = app.records("synthesis_complete")[-1]
+    assert "queue_ms" not in last and last["model_version"] == version   # never queued
+
+
+async def test_text_log_carries_queue_ms_and_model_version(start_app: StartApp) -> None:
+    app = await start_app({"log": {"format": "text"}})
+    await app.client.post("/v1/tts", json={"text": "Text line."})
+    (line,) = [x for x in app.log_path.read_text().splitlines() if " - synthesis_complete: " in x]
+    assert ", queue_ms=" in line
+    assert f", model_version={app.state.backend.model_version}" in line

@@ -66,6 +66,15 @@ class Backend(Protocol):
         """
         ...
 
+    def retire(self, request: SynthesisRequest) -> bool:
+        """Take the instance serving ``request`` out of service (its synthesis timed out
+        and its thread cannot be stopped); it is unloaded when that call returns. Quick."""
+        ...
+
+    def rebuild(self) -> None:
+        """Blocking: load one more instance into service (replaces a retired one)."""
+        ...
+
     def close(self) -> None:
         ...
 

@@ -8,16 +8,20 @@ the espeak backend is configured. Assets come from a local directory that holds 
 
 ChatTTS mutates the parameter objects it is given and its ``infer`` defaults are shared
 objects, so every request builds fresh ``RefineTextParams``/``InferCodeParams``. One Chat
-object is not safe for concurrent use: each instance has a lock and ``instances`` copies
-are loaded; the app's worker pool is sized from ``instances``.
+object is not safe for concurrent use: ``instances`` copies are loaded into an
+:class:`InstancePool` that lends each to one request at a time; the app's worker pool is
+sized from ``instances``. Every CUDA out-of-memory form (torch's OutOfMemoryError types and
+the RuntimeErrors of cuBLAS/cuDNN) is GPU_OOM: the cache is freed and ``gpu_oom_total``
+counts it per device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-import queue
+import re
 import threading
 import time
 from collections import Counter
@@ -28,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tts_app.backends.base import GpuDevice, StageCallback, SynthesisRequest
+from tts_app.backends.pool import InstancePool
 from tts_app.errors import SynthesisError
 
 log = logging.getLogger("tts_app.chattts")
@@ -35,6 +40,27 @@ log = logging.getLogger("tts_app.chattts")
 SAMPLE_RATE = 24000
 DEFAULT_VOICES = {"default": 2222}     # voice name -> speaker seed
 HF_SNAPSHOTS = "models--2Noise--ChatTTS/snapshots"
+# How cuBLAS, cuDNN and the CUDA runtime word an allocation failure when it does not surface
+# as torch's OutOfMemoryError type (they raise a plain RuntimeError).
+_OOM_MESSAGE = re.compile(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|CUDNN_STATUS_ALLOC_FAILED"
+                          r"|CUDNN_STATUS_NOT_ALLOCATED|CUDA_ERROR_OUT_OF_MEMORY"
+                          r"|cudaErrorMemoryAllocation", re.IGNORECASE)
+
+
+def is_cuda_oom(exc: BaseException, torch: Any) -> bool:
+    """Every form in which torch reports that the accelerator ran out of memory."""
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+    return isinstance(exc, oom_types) or (isinstance(exc, RuntimeError)
+                                          and _OOM_MESSAGE.search(str(exc)) is not None)
+
+
+def free_cuda_cache(torch: Any) -> None:
+    """Return cached blocks to the driver after an OOM; a no-op without CUDA. A CUDA error
+    can leave the context unusable, so this must not raise on top of the original fault."""
+    if torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.empty_cache()
 
 
 def resolve_model_dir(model_dir: str | Path) -> Path:
@@ -60,11 +86,10 @@ def asset_digest(model_dir: Path) -> str:
 
 
 class _Instance:
-    """One loaded ``ChatTTS.Chat``; ``lock`` serialises requests on it."""
+    """One loaded ``ChatTTS.Chat``; the pool lends it to one request at a time."""
 
     def __init__(self, chat: Any) -> None:
         self.chat = chat
-        self.lock = threading.Lock()
         self.speakers: dict[int, str] = {}
 
 
@@ -89,31 +114,40 @@ class ChatTTSBackend:
         self.max_new_token = max_new_token
         self.config_hook = config_hook
         self.model_version = "chattts-0.2.5/unloaded"
-        self._pool: queue.Queue[_Instance] = queue.Queue()
+        self._pool: InstancePool[_Instance] = InstancePool(lambda i: i.chat.unload())
         self._torch: Any = None
+        self._directory: Path | None = None
         self._device: Any = None
         # CUDA out-of-memory errors by device index, reported on /status as gpu_oom_total.
         self.gpu_oom_total: Counter[int] = Counter()
         self._gpu_report_failing = False
+        self._oom_lock = threading.Lock()    # worker threads count
 
     def load(self) -> None:
-        import ChatTTS
         import torch  # optional extra: only when this backend is configured
 
         self._torch = torch
-        directory = resolve_model_dir(self.model_dir)
-        device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
-                              else "cpu" if self.device == "auto" else self.device)
-        self._device = device
+        self._directory = resolve_model_dir(self.model_dir)
+        self._device = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available()
+                                    else "cpu" if self.device == "auto" else self.device)
         for _ in range(self.instances):
-            chat = ChatTTS.Chat()
-            if self.config_hook is not None:
-                self.config_hook(chat)
-            if not chat.load(source="custom", custom_path=str(directory), device=device,
-                             compile=False):
-                raise RuntimeError(f"ChatTTS could not load the assets in {directory}")
-            self._pool.put(_Instance(chat))
-        self.model_version = asset_digest(directory)
+            self.rebuild()
+        self.model_version = asset_digest(self._directory)
+
+    def rebuild(self) -> None:
+        """Load one Chat from the assets ``load`` resolved and put it into service."""
+        import ChatTTS
+
+        chat = ChatTTS.Chat()
+        if self.config_hook is not None:
+            self.config_hook(chat)
+        if not chat.load(source="custom", custom_path=str(self._directory), device=self._device,
+                         compile=False):
+            raise RuntimeError(f"ChatTTS could not load the assets in {self._directory}")
+        self._pool.put(_Instance(chat))
+
+    def retire(self, request: SynthesisRequest) -> bool:
+        return self._pool.retire(request)
 
     def _speaker(self, instance: _Instance, seed: int) -> str:
         """A deterministic speaker embedding for ``seed`` (global RNG left untouched)."""
@@ -149,12 +183,9 @@ class ChatTTSBackend:
         A batch of more than one runs unstreamed: ChatTTS streams a batch as one padded
         array per step, with no per-text end.
         """
-        instance = self._pool.get()
-        try:
-            with instance.lock:
-                yield from self._run(instance, requests, on_stage)
-        finally:
-            self._pool.put(instance)
+        # A timed-out batch retires the instance its first request checked out.
+        with self._pool.checkout(requests[0]) as instance:
+            yield from self._run(instance, requests, on_stage)
 
     @staticmethod
     def _speed(speed: float) -> int:
@@ -210,18 +241,22 @@ class ChatTTSBackend:
             on_stage("audio_render", render_ms)
         except SynthesisError:
             raise
-        except torch.cuda.OutOfMemoryError as exc:
-            if self._device.type == "cuda":  # an OOM raised on a CPU load has no device
-                self.gpu_oom_total[self._cuda_index()] += 1
-            torch.cuda.empty_cache()
-            raise SynthesisError("GPU_OOM", f"CUDA out of memory: {exc}", stage=stage) from exc
-        except Exception as exc:   # any model fault -> MODEL_ERROR (503), never a bare 500
+        except Exception as exc:   # any model fault -> 503 (GPU_OOM or MODEL_ERROR), never 500
+            if is_cuda_oom(exc, torch):
+                free_cuda_cache(torch)
+                self._count_oom()
+                raise SynthesisError("GPU_OOM", f"CUDA out of memory: {exc}",
+                                     stage=stage) from exc
             raise SynthesisError("MODEL_ERROR", f"{type(exc).__name__}: {exc}",
                                  stage=stage) from exc
 
+    def _count_oom(self) -> None:
+        if self._device.type == "cuda":  # an OOM raised on a CPU load has no device
+            with self._oom_lock:
+                self.gpu_oom_total[self._cuda_index()] += 1
+
     def close(self) -> None:
-        while not self._pool.empty():
-            self._pool.get_nowait().chat.unload()
+        self._pool.close()
 
     def _cuda_index(self) -> int:
         index = self._device.index

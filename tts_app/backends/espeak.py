@@ -1,20 +1,20 @@
 """Real speech from libespeak-ng (shipped in PyPI ``espeakng-loader``), loaded with ctypes.
 
 libespeak-ng keeps all its state in process globals and is not thread-safe, so one loaded
-copy of the library is one instance guarded by one lock. To run ``instances`` syntheses in
-parallel, extra instances load private copies of the shared object (a distinct file path
-gives the dynamic loader a distinct handle with its own globals). ctypes releases the GIL
-during the call, so instances really run in parallel on separate cores.
+copy of the library is one instance, lent to one request at a time. To run ``instances``
+syntheses in parallel, extra instances load private copies of the shared object (a distinct
+file path gives the dynamic loader a distinct handle with its own globals). ctypes releases the GIL
+during the call, so instances really run in parallel on separate cores. A retired instance
+(its synthesis hung) is replaced by another private copy, never by a reload of the same path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import queue
+import itertools
 import re
 import shutil
 import tempfile
-import threading
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from tts_app.backends.base import StageCallback, SynthesisRequest
+from tts_app.backends.pool import InstancePool
 from tts_app.errors import SynthesisError
 
 AUDIO_OUTPUT_SYNCHRONOUS = 2
@@ -109,9 +110,11 @@ class EspeakBackend:
         self.voices = frozenset(("default", *VOICES))
         self.languages = frozenset(LANG_DEFAULT_VOICE)
         self.model_version = "espeak-ng"
-        self._pool: queue.Queue[_Instance] = queue.Queue()
+        self._pool: InstancePool[_Instance] = InstancePool(
+            lambda instance: instance.lib.espeak_Terminate())
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
-        self._lock = threading.Lock()
+        self._copies = itertools.count()
+        self._library = self._data = ""
 
     def load(self) -> None:
         import espeakng_loader
@@ -125,17 +128,28 @@ class EspeakBackend:
         if not Path(library).is_file():
             raise SynthesisError("MODEL_NOT_READY", f"no libespeak-ng at {library}",
                                  stage="load")
-        if self.instances > 1:
-            self._tmpdir = tempfile.TemporaryDirectory(prefix="tts-espeak-")
-        for index in range(self.instances):
-            path = library
-            if index > 0 and self._tmpdir is not None:
-                path = str(Path(self._tmpdir.name) / f"libespeak-ng-{index}.so")
-                shutil.copyfile(library, path)
-            instance = _Instance(path, data)
-            self.sample_rate = instance.sample_rate
-            self._pool.put(instance)
+        self._library, self._data = library, data
+        instance = self._load(library)
+        for _ in range(self.instances - 1):
+            self.rebuild()
         self.model_version = f"espeak-ng-{instance.version}/{self.rate_wpm}wpm"
+
+    def _load(self, path: str) -> _Instance:
+        instance = _Instance(path, self._data)
+        self.sample_rate = instance.sample_rate
+        self._pool.put(instance)
+        return instance
+
+    def rebuild(self) -> None:
+        """One more instance from a private copy of the library (its own globals)."""
+        if self._tmpdir is None:
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="tts-espeak-")
+        path = str(Path(self._tmpdir.name) / f"libespeak-ng-{next(self._copies)}.so")
+        shutil.copyfile(self._library, path)
+        self._load(path)
+
+    def retire(self, request: SynthesisRequest) -> bool:
+        return self._pool.retire(request)
 
     def synthesize(self, request: SynthesisRequest, on_stage: StageCallback
                    ) -> Iterator[np.ndarray]:
@@ -145,12 +159,7 @@ class EspeakBackend:
         voice = VOICES.get(request.voice) or LANG_DEFAULT_VOICE.get(request.lang, "en-us")
         rate = max(80, min(450, round(self.rate_wpm * request.params.speed)))
         on_stage("text_normalize", (time.perf_counter() - start) * 1000)
-        try:
-            instance = self._pool.get(timeout=60)
-        except queue.Empty:
-            raise SynthesisError("MODEL_ERROR", "no espeak instance free",
-                                 stage="synthesis") from None
-        try:
+        with self._pool.checkout(request) as instance:
             for sentence in sentences:
                 t0 = time.perf_counter()
                 samples = instance.synth(sentence, voice, rate)
@@ -160,13 +169,9 @@ class EspeakBackend:
                 on_stage("audio_render", (time.perf_counter() - t1) * 1000)
                 if chunk.size:
                     yield chunk
-        finally:
-            self._pool.put(instance)
 
     def close(self) -> None:
-        while not self._pool.empty():
-            instance = self._pool.get_nowait()
-            instance.lib.espeak_Terminate()
+        self._pool.close()
         if self._tmpdir is not None:
             self._tmpdir.cleanup()
             self._tmpdir = None
