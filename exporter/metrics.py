@@ -445,6 +445,7 @@ RMS_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
 SPECTRAL_CENTROID_BUCKETS_HZ = [250.0, 500.0, 750.0, 1000.0, 1500.0, 2000.0, 3000.0, 4000.0,
                                 6000.0, 8000.0]
 FIRST_AUDIO_BUCKETS_S = [0.05, 0.1, 0.2, 0.3, 0.5, 0.8, 1.0, 1.5, 2.5, 5.0]
+BATCH_SIZE_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
 STAGE_BUCKETS_S = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
@@ -495,6 +496,10 @@ class SidecarMetrics:
         self.app_restarts = m.counter("tts_app_restarts_total",
                                       "App restarts seen (a new started_at on /status, or a "
                                       "service_start log record).")
+        self.app_instances = m.gauge("tts_app_instances",
+                                     "The app's model instances by state (healthy: in service; "
+                                     "hung: a synthesis past backend.timeout_s still holds it).",
+                                     ["state"])
         self.app_log_write_errors = m.counter("tts_app_log_write_errors_total",
                                               "Log records the app could not write (disk full, "
                                               "I/O error), as its /status counts them.")
@@ -574,6 +579,10 @@ class SidecarMetrics:
         self.queue_wait = m.histogram("tts_queue_wait_seconds",
                                       "Time a synthesis waited for a model instance before it "
                                       "started, seconds.", (), duration_buckets_s)
+        self.batch_size = m.histogram("tts_batch_size",
+                                      "Size of the model batch each fresh synthesis ran in "
+                                      "(1 = alone); counts requests, not model calls.", (),
+                                      BATCH_SIZE_BUCKETS)
         self.text_length = m.histogram("tts_text_length_chars",
                                        "Length of the text of each synthesis request, characters.",
                                        (), text_length_buckets)
@@ -667,7 +676,8 @@ class SidecarMetrics:
         checkpoint persists next to the offsets."""
         families = [
             self.http_requests, self.http_duration, self.syntheses, self.synthesis_duration,
-            self.stage_duration, self.time_to_first_audio, self.queue_wait, self.text_length,
+            self.stage_duration, self.time_to_first_audio, self.queue_wait, self.batch_size,
+            self.text_length,
             self.cache_lookups,
             self.cache_hits, self.cache_saves, self.audio_seconds, self.synthesis_seconds,
             self.audio_rms, self.audio_centroid, self.log_records, self.log_lines,

@@ -257,6 +257,7 @@ class LogPipeline:
             text_len = _text_length(fields)
         audio_ms = _number(fields, "audio_duration_ms")
         queue_ms = _number(fields, "queue_ms")
+        batch_size = _number(fields, "batch_size")
         audio_kb = _number(fields, "audio_size_kb")
         rms, centroid = _number(fields, "rms"), _number(fields, "spectral_centroid")
         status = _raw_label(fields.get("status"), "status", "unknown")
@@ -284,6 +285,8 @@ class LogPipeline:
             m.text_length.observe((), text_len, request_id)
         if queue_ms is not None:
             m.queue_wait.observe((), queue_ms / 1000.0, request_id)
+        if batch_size is not None and not cache_hit:
+            m.batch_size.observe((), batch_size, request_id)
         if success and not cache_hit and duration is not None and audio_ms is not None:
             m.synthesis_seconds.inc((), duration / 1000.0)
             m.audio_seconds.inc((), audio_ms / 1000.0)

@@ -5,6 +5,7 @@ The contract (what the co-packaged app serves; any service answering it can be w
 
     {"waiting": 3, "running": 2, "capacity": 64, "started_at": 1718200000.5, "pid": 4242,
      "backend": "chattts", "model_version": "0.2.5", "ready": true, "log_write_errors": 0,
+     "instances_healthy": 2, "instances_hung": 0,
      "gpu_devices": [{"index": 0, "uuid": "GPU-8f3a…", "memory_allocated_bytes": 2.1e9,
                       "memory_reserved_bytes": 3.0e9, "gpu_oom_total": 0}]}
 
@@ -19,12 +20,16 @@ Output::
     tts_app_gpu_memory_reserved_bytes{device="0",uuid="GPU-8f3a…"} 3.0e9
     tts_app_gpu_oom_total{device="0",uuid="GPU-8f3a…"} 0
     tts_app_log_write_errors_total 7
+    tts_app_instances{state="healthy"} 2
+    tts_app_instances{state="hung"} 0
 
 ``pid``, ``ready`` and ``gpu_devices`` are optional: a new ``started_at`` alone is a restart;
 ``gpu_devices`` lists the CUDA devices the app holds (an empty list: none, e.g. the espeak
 backend; absent: the app does not say), which ``gpu.devices: auto`` follows. Its memory fields
 are optional per device (absent: that series is). ``log_write_errors`` is optional too
-(log records the app could not write, cumulative since it started; >= 0).
+(log records the app could not write, cumulative since it started; >= 0), and so are
+``instances_healthy`` and ``instances_hung`` (model instances in service, and those a
+synthesis past its time limit still holds).
 
 On a failed probe (refused, timeout, non-200, not the contract) ``tts_app_up`` is 0 and the
 queue and app GPU gauges disappear: the last queue depth of a dead process is not a fact any
@@ -70,6 +75,11 @@ class AppGpu:
     gpu_oom_total: float | None = None
 
 
+# Optional non-negative counts the app may report; absent ones leave their series out.
+_COUNTS = (("log_write_errors", int), ("instances_healthy", int), ("instances_hung", int))
+_OPTIONAL = frozenset(("pid", *(key for key, _ in _COUNTS)))
+
+
 @dataclass(frozen=True)
 class AppStatus:
     """The part of ``/status`` the sidecar uses."""
@@ -82,6 +92,8 @@ class AppStatus:
     ready: bool = True
     gpu_devices: tuple[AppGpu, ...] | None = None
     log_write_errors: int | None = None
+    instances_healthy: int | None = None
+    instances_hung: int | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -89,13 +101,14 @@ class AppStatus:
             raise ProbeError("expected a JSON object")
         values: dict[str, Any] = {}
         for key, wanted in (("waiting", int), ("running", int), ("capacity", int),
-                            ("started_at", float), ("pid", int), ("log_write_errors", int)):
+                            ("started_at", float), ("pid", int), *_COUNTS):
             value = data.get(key)
-            if key in ("pid", "log_write_errors") and value is None:   # optional
+            if key in _OPTIONAL and value is None:
                 continue
             values[key] = _number(key, value, wanted is float)
-        if values.get("log_write_errors", 0) < 0:
-            raise ProbeError("log_write_errors: expected an integer >= 0")
+        for key, _ in _COUNTS:
+            if values.get(key, 0) < 0:
+                raise ProbeError(f"{key}: expected an integer >= 0")
         ready = data.get("ready", True)
         if not isinstance(ready, bool):
             raise ProbeError(f"ready: expected true or false, got {ready!r}")
@@ -210,6 +223,10 @@ class AppProbe:
             if status.log_write_errors is not None:
                 # The app's own count since it started; its restart is a counter reset.
                 m.app_log_write_errors.values[()] = float(status.log_write_errors)
+            for state, count in (("healthy", status.instances_healthy),
+                                 ("hung", status.instances_hung)):
+                if count is not None:
+                    m.app_instances.set((state,), float(count))
             self._publish_gpus(status.gpu_devices or ())
         if self.on_status is not None:
             self.on_status(status)
@@ -260,4 +277,5 @@ class AppProbe:
             m.collector_errors.inc(("probe",))
             for family in (m.requests_waiting, m.requests_running, m.requests_capacity):
                 family.remove(())
+            m.app_instances.clear()
             self._drop_gpu_series()

@@ -249,6 +249,21 @@ def test_queue_ms_feeds_the_queue_wait_histogram() -> None:
     assert "tts_queue_wait_seconds" in m.log_derived_names()
 
 
+def test_batch_size_counts_fresh_syntheses_by_the_batch_they_ran_in() -> None:
+    p, m = pipeline()
+    p.process("a", jline(event="synthesis_complete", request_id="r1", status="success",
+                         duration_ms=500, batch_size=8, cache_hit=False)
+               + jline(event="synthesis_complete", request_id="r2", status="success",
+                       duration_ms=0, batch_size=8, cache_hit=True)     # a hit ran in no batch
+               + jline(event="synthesis_complete", request_id="r3", status="success",
+                       duration_ms=5, batch_size=-2)
+               + b"2024-06-12 14:22:38,415 - eng - INFO - synthesis_complete: id=r4, "
+                 b"status=failed, error_code=GPU_OOM, batch_size=2\n")
+    assert m.batch_size.count() == 2 and m.batch_size.total() == 10
+    assert outcomes(m) == {"parsed": 3, "invalid_field": 1}
+    assert "tts_batch_size" in m.log_derived_names()
+
+
 # --- hostile input: any JSON value in any field of any event ---------------------------------
 
 EVENTS = ["http_request", "synthesis_complete", "synthesis_start", "stage_time", "first_audio",
@@ -257,7 +272,8 @@ EVENTS = ["http_request", "synthesis_complete", "synthesis_start", "stage_time",
 FIELDS = ["request_id", "id", "level", "status", "result", "duration_ms", "latency_ms",
           "error_code", "code", "warning_code", "cache_hit", "cache_saved", "model_stage",
           "audio_size_kb", "audio_duration_ms", "text_len", "chars", "stage", "rms",
-          "spectral_centroid", "method", "route", "endpoint", "queue_ms", "pid", "version",
+          "spectral_centroid", "method", "route", "endpoint", "queue_ms", "batch_size", "pid",
+          "version",
           "time", "voice", "lang"]
 
 

@@ -249,3 +249,16 @@ async def test_log_write_errors_are_exported_as_the_apps_counter(
 async def test_status_without_log_write_errors_still_parses() -> None:
     status = AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0})
     assert status.log_write_errors is None
+
+
+async def test_model_instances_by_state_are_exported_and_dropped_with_the_app(
+        app_server: tuple[FakeApp, TestServer]) -> None:
+    fake, server = app_server
+    fake.body = {**fake.body, "instances_healthy": 1, "instances_hung": 1}
+    probe, m = await started_probe(server)
+    assert m.app_instances.values == {("healthy",): 1.0, ("hung",): 1.0}
+    for bad in (-1, 1.5, True, "2"):
+        fake.body = {**fake.body, "instances_hung": bad}
+        await probe.probe_once()
+        assert m.app_up.get() == 0.0 and m.app_instances.values == {}   # not a fact any more
+    await probe.stop()
