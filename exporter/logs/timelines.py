@@ -43,6 +43,9 @@ def timeline_dict(request_id: str, records: list[Record], dropped: int = 0) -> d
         offset = (round((record.time - start) * 1000, 3)
                   if record.time is not None and start is not None else None)
         fields = {k: v for k, v in record.fields.items() if k not in _ENVELOPE}
+        if "text" in fields:     # what a client asked to have spoken is theirs, not on-call's
+            text = fields.pop("text")
+            fields.setdefault("text_len", len(text) if isinstance(text, str) else None)
         entry: dict[str, Any] = {"time": record.time, "offset_ms": offset, "level": record.level,
                                  "event": record.event, "fields": fields,
                                  "message": record.message}
@@ -57,7 +60,8 @@ def timeline_dict(request_id: str, records: list[Record], dropped: int = 0) -> d
                 fields.get("error_code") not in (None, "none")):
             errors.append({"offset_ms": offset, "event": record.event,
                            "error_code": fields.get("error_code"),
-                           "message": record.message or record.raw[-200:]})
+                           "message": record.message or (
+                               None if "text" in record.fields else record.raw[-200:])})
         if record.event == "synthesis_complete":
             complete = fields
     end = next((r.time for r in reversed(records) if r.time is not None), None)

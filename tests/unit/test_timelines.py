@@ -239,3 +239,22 @@ async def test_listing_requests_does_not_stall_the_gate(tmp_path: Path) -> None:
     finally:
         await server.close()
     assert statistics.median(latencies) < scan_s, (statistics.median(latencies), scan_s)
+
+
+def test_a_timeline_shows_the_length_of_the_text_never_the_text() -> None:
+    """IndexTTS writes the text to be spoken on its start lines (issue 18): /requests/{id}
+    gives its length, in the text format and in JSON, also where the line is an error."""
+    store = TimelineStore()
+    line = ('2024-06-12 14:22:37,892 - app.tts_engine - ERROR - synthesis_start: id=ts_7f3a, '
+            'text="今天天气真好", lang=zh, error_code=BAD_TEXT')
+    parsed = PARSER.fields(line)
+    assert parsed is not None
+    store.add("f", [("ts_7f3a", parsed[1], line, None)])
+    _add(store, "ts_7f3a", "synthesis_complete", 1718200000.0, text="secret words",
+         status="success")
+    timeline = store.get("ts_7f3a")
+    assert timeline is not None
+    shown = json.dumps(timeline, ensure_ascii=False)
+    assert "今天天气真好" not in shown and "secret words" not in shown
+    assert [r["fields"]["text_len"] for r in timeline["records"]] == [6, 12]
+    assert timeline["errors"][0]["error_code"] == "BAD_TEXT"
