@@ -21,7 +21,7 @@ import numpy as np
 Outcome = Literal["success", "rejected", "shed", "failed"]
 SHED = frozenset({(429, "QUEUE_FULL"), (429, "RATE_LIMITED"), (503, "INGRESS_CLOSED"),
                   (503, "SHUTTING_DOWN")})
-# The 4xx a malformed request may get (the app's error table: API.md C).
+# The 4xx a malformed request may get (the app's error table: tts_app/errors.py).
 REJECTIONS = frozenset({(400, "BAD_REQUEST"), (400, "TEXT_EMPTY"), (413, "TEXT_TOO_LONG"),
                         (422, "TEXT_INVALID_CHARS"), (422, "VOICE_UNKNOWN"),
                         (422, "LANG_UNSUPPORTED")})
