@@ -18,13 +18,15 @@ from typing import Literal
 
 import numpy as np
 
+from tts_app.errors import ERRORS
+
 Outcome = Literal["success", "rejected", "shed", "failed"]
 SHED = frozenset({(429, "QUEUE_FULL"), (429, "RATE_LIMITED"), (503, "INGRESS_CLOSED"),
                   (503, "SHUTTING_DOWN")})
-# The 4xx a malformed request may get (the app's error table: tts_app/errors.py).
-REJECTIONS = frozenset({(400, "BAD_REQUEST"), (400, "TEXT_EMPTY"), (413, "TEXT_TOO_LONG"),
-                        (422, "TEXT_INVALID_CHARS"), (422, "VOICE_UNKNOWN"),
-                        (422, "LANG_UNSUPPORTED")})
+# The answers a malformed request may get: every 4xx of the app's error table except the
+# shedding ones (tts_app/errors.py is the one place error codes live).
+REJECTIONS = frozenset((spec.status, code) for code, spec in ERRORS.items()
+                       if 400 <= spec.status < 500 and (spec.status, code) not in SHED)
 SILENCE_RMS = 0.01            # about -40 dBFS; speech sits far above, dither and clicks below
 MIN_S_PER_CHAR = 0.02         # faster than any speech (50 characters a second)
 MAX_S_PER_CHAR = 0.3          # slower than any speech, plus a fixed allowance

@@ -77,7 +77,8 @@ def test_errors_are_shed_or_failed_by_their_code(status: int, body: bytes,
     (400, error("BAD_REQUEST"), "rejected"), (422, error("TEXT_INVALID_CHARS"), "rejected"),
     (413, error("TEXT_TOO_LONG"), "rejected"), (200, wav(speech(2.0)), "failed"),
     (400, b"bad", "failed"), (500, error("INTERNAL"), "failed"),
-    (429, error("RATE_LIMITED"), "shed")])
+    (429, error("RATE_LIMITED"), "shed"), (413, error("BODY_TOO_LARGE"), "rejected"),
+    (408, error("REQUEST_TIMEOUT"), "rejected"), (503, error("BODY_TOO_LARGE"), "failed")])
 def test_a_bad_request_is_never_a_success(status: int, body: bytes, outcome: str) -> None:
     assert classify_rejection(status, body).outcome == outcome
 
