@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 # The CPU build of torch that this machine keeps on disk; elsewhere pip takes it from the index
 # with the CPU wheel index so that no CUDA wheels are pulled in.
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
-DEBIAN_PKGS := prometheus prometheus-alertmanager mtail wrk nginx
+DEBIAN_PKGS := prometheus prometheus-alertmanager mtail wrk nginx redis-server
 
 .PHONY: run test bench lint venv deps debs node clean cpu-torchaudio compiler
 

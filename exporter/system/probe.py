@@ -19,12 +19,16 @@ Output::
     tts_app_gpu_memory_reserved_bytes{device="0",uuid="GPU-8f3a…"} 3.0e9
     tts_app_gpu_oom_total{device="0",uuid="GPU-8f3a…"} 0
     tts_app_log_write_errors_total 7
+    tts_app_store_up 1                   # from "store": {"kind", "healthy", "fallbacks_total"}
+    tts_app_store_fallbacks_total 0
 
 ``pid``, ``ready`` and ``gpu_devices`` are optional: a new ``started_at`` alone is a restart;
 ``gpu_devices`` lists the CUDA devices the app holds (an empty list: none, e.g. the espeak
 backend; absent: the app does not say), which ``gpu.devices: auto`` follows. Its memory fields
 are optional per device (absent: that series is). ``log_write_errors`` is optional too
-(log records the app could not write, cumulative since it started; >= 0).
+(log records the app could not write, cumulative since it started; >= 0). ``store`` is
+optional: where jobs, keys and the cache are shared (``kind``), whether that store answers
+(``healthy``) and the calls that fell back to local state since the app started.
 
 On a failed probe (refused, timeout, non-200, not the contract) ``tts_app_up`` is 0 and the
 queue and app GPU gauges disappear: the last queue depth of a dead process is not a fact any
@@ -82,6 +86,7 @@ class AppStatus:
     ready: bool = True
     gpu_devices: tuple[AppGpu, ...] | None = None
     log_write_errors: int | None = None
+    store: AppStore | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -100,8 +105,27 @@ class AppStatus:
         if not isinstance(ready, bool):
             raise ProbeError(f"ready: expected true or false, got {ready!r}")
         devices = data.get("gpu_devices")
+        store = data.get("store")
         return cls(**values, ready=ready,
-                   gpu_devices=None if devices is None else _gpu_devices(devices))
+                   gpu_devices=None if devices is None else _gpu_devices(devices),
+                   store=None if store is None else AppStore.parse(store))
+
+
+@dataclass(frozen=True)
+class AppStore:
+    """The app's shared store (``/status`` ``store``): answering, and fallbacks so far."""
+
+    healthy: bool
+    fallbacks_total: int
+
+    @classmethod
+    def parse(cls, data: Any) -> AppStore:
+        if not isinstance(data, dict) or not isinstance(data.get("healthy"), bool):
+            raise ProbeError("store: expected an object with healthy: true or false")
+        fallbacks = _number("store.fallbacks_total", data.get("fallbacks_total"), real=False)
+        if fallbacks < 0:
+            raise ProbeError("store.fallbacks_total: expected an integer >= 0")
+        return cls(data["healthy"], fallbacks)
 
 
 def _number(key: str, value: Any, real: bool) -> Any:
@@ -211,6 +235,10 @@ class AppProbe:
                 # The app's own count since it started; its restart is a counter reset.
                 m.app_log_write_errors.values[()] = float(status.log_write_errors)
             self._publish_gpus(status.gpu_devices or ())
+            if status.store is not None:
+                m.app_store_up.set((), 1.0 if status.store.healthy else 0.0)
+                # the app's own count since it started; its restart is a counter reset
+                m.app_store_fallbacks.values[()] = float(status.store.fallbacks_total)
         if self.on_status is not None:
             self.on_status(status)
 
@@ -258,6 +286,7 @@ class AppProbe:
         with m.registry.lock:
             m.app_up.set((), 0.0)
             m.collector_errors.inc(("probe",))
-            for family in (m.requests_waiting, m.requests_running, m.requests_capacity):
+            for family in (m.requests_waiting, m.requests_running, m.requests_capacity,
+                           m.app_store_up):
                 family.remove(())
             self._drop_gpu_series()

@@ -24,7 +24,8 @@ def compose() -> dict[str, Any]:
 
 def test_services() -> None:
     services = compose()["services"]
-    assert set(services) == {"app", "sidecar", "prometheus", "alertmanager", "grafana"}
+    assert set(services) == {"app", "sidecar", "redis", "prometheus", "alertmanager",
+                             "grafana"}
     for name in ("app", "sidecar"):
         dockerfile = services[name]["build"]["dockerfile"]
         assert (COMPOSE.parent / services[name]["build"]["context"] / dockerfile).is_file()
@@ -80,3 +81,16 @@ def test_sidecar_config_is_valid_and_reads_the_mounted_token() -> None:
     assert token_file in mounts
     alertmanager = compose()["services"]["alertmanager"]["volumes"]
     assert any(v.split(":")[1] == token_file for v in alertmanager)
+
+
+def test_the_app_config_points_at_the_redis_service() -> None:
+    services = compose()["services"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in services["app"]["volumes"]}
+    config = yaml.safe_load((COMPOSE.parent / mounted["/etc/tts-sentinel/app.yaml"]).read_text())
+    redis = services["redis"]["command"]
+    address = f"{redis[redis.index('--bind') + 1]}:{redis[redis.index('--port') + 1]}"
+    assert config["store"]["url"] == f"redis://{address}/0"
+    assert redis[redis.index("--save") + 1] == ""      # nothing to persist: every key has a TTL
+    assert redis[redis.index("--maxmemory-policy") + 1] == "volatile-lru"
+    from tts_app.config import config_from_mapping
+    config_from_mapping(config)  # raises when invalid

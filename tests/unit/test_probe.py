@@ -249,3 +249,22 @@ async def test_log_write_errors_are_exported_as_the_apps_counter(
 async def test_status_without_log_write_errors_still_parses() -> None:
     status = AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0})
     assert status.log_write_errors is None
+
+
+async def test_the_apps_store_health_and_fallbacks_are_exported(
+        app_server: tuple[FakeApp, TestServer]) -> None:
+    fake, server = app_server
+    fake.body = {**fake.body, "store": {"kind": "redis", "healthy": True, "fallbacks_total": 0}}
+    probe, m = await started_probe(server)
+    assert m.app_store_up.get() == 1.0 and m.app_store_fallbacks.get() == 0
+    fake.body = {**fake.body, "store": {"kind": "redis", "healthy": False,
+                                        "fallbacks_total": 42}}
+    await probe.probe_once()
+    assert m.app_store_up.get() == 0.0 and m.app_store_fallbacks.get() == 42
+    for bad in ({"healthy": "no", "fallbacks_total": 1}, {"healthy": True,
+                                                         "fallbacks_total": -1}, [1]):
+        fake.body = {**fake.body, "store": bad}
+        await probe.probe_once()
+        assert m.app_up.get() == 0.0 and m.app_store_up.get() is None
+        assert m.app_store_fallbacks.get() == 42
+    await probe.stop()
