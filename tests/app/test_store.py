@@ -4,8 +4,6 @@ spares an outage its timeouts, one log line per outage, and values that are not 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,9 +52,7 @@ async def test_a_stopped_redis_costs_one_bounded_timeout_then_nothing_until_retr
     store = RedisStore(StoreConfig(url=redis_server.url, timeout_s=0.2, retry_interval_s=5),
                        log, clock)
     assert await store.put("k", b"v", 60)
-    assert redis_server.process is not None
-    os.kill(redis_server.process.pid, signal.SIGSTOP)      # up, but never answers
-    try:
+    with redis_server.frozen():
         started = time.monotonic()
         assert await store.get("k") is None
         assert time.monotonic() - started < 2.0
@@ -67,8 +63,6 @@ async def test_a_stopped_redis_costs_one_bounded_timeout_then_nothing_until_retr
         assert time.monotonic() - started < 0.5
         assert store.status() == {"kind": "redis", "healthy": False, "fallbacks_total": 101,
                                   "bad_values_total": 0}
-    finally:
-        os.kill(redis_server.process.pid, signal.SIGCONT)
     clock.now += 5
     assert await store.get("k") == b"v"
     assert store.healthy
@@ -124,7 +118,8 @@ async def test_wrong_typed_or_implausible_values_are_counted_misses(
 async def test_one_key_holds_one_body_across_stores(redis_server: RedisServer,
                                                     log: StructuredLog) -> None:
     config = StoreConfig(url=redis_server.url)
-    a, b = SharedJobs(RedisStore(config, log), 60), SharedJobs(RedisStore(config, log), 60)
+    stores = [RedisStore(config, log), RedisStore(config, log)]
+    a, b = SharedJobs(stores[0], 60), SharedJobs(stores[1], 60)
     await a.save("1" * 32, "wav", {"id": "1" * 32, "status": "queued"})
     assert await a.claim("client", "key", "1" * 32, "body one") is None
     assert await b.claim("client", "key", "2" * 32, "body one") == "1" * 32
@@ -132,6 +127,8 @@ async def test_one_key_holds_one_body_across_stores(redis_server: RedisServer,
         await b.claim("client", "key", "3" * 32, "body two")
     assert conflict.value.code == "IDEMPOTENCY_CONFLICT"
     assert await b.claim("other client", "key", "4" * 32, "body two") is None
+    for store in stores:
+        await store.close()
 
 
 def test_plausible_audio_accepts_what_the_app_writes_only() -> None:
@@ -170,14 +167,10 @@ async def test_a_redis_that_stops_answering_delays_a_request_by_a_bounded_time(
     running = await start_app({"store": {"url": redis_server.url, "timeout_s": 0.2}})
     client = running.client
     assert (await client.post("/v1/tts", json={"text": "Warm the pool."})).status == 200
-    assert redis_server.process is not None
-    os.kill(redis_server.process.pid, signal.SIGSTOP)
-    try:
+    with redis_server.frozen():
         started = time.monotonic()
         response = await client.post("/v1/tts", json={"text": "Redis is frozen."})
         assert response.status == 200 and (await response.read())[:4] == b"RIFF"
         assert time.monotonic() - started < 3.0         # one 0.2 s timeout, then local
-    finally:
-        os.kill(redis_server.process.pid, signal.SIGCONT)
     store = (await (await client.get("/status")).json())["store"]
     assert store["healthy"] is False and store["fallbacks_total"] >= 1

@@ -153,6 +153,9 @@ def test_a_garbage_or_wrong_type_redis_value_is_a_counted_miss_never_a_500(
         fleet: list[AppProcess], redis_server: RedisServer) -> None:
     a, b, c = fleet
     assert a.call("/v1/tts", {"text": "Someone will scribble over me."})[0] == 200
+    stack.wait_until(lambda: redis_server.command(   # shared just after the answer
+        "EVAL", "return #redis.call('keys', 'tts:audio:*')", "0") == b":1", 10,
+        what="the audio shared")
     assert redis_server.command("EVAL", "for _, k in ipairs(redis.call('keys', 'tts:audio:*'))"
                                 " do redis.call('set', k, 'garbage') end return 0", "0") == b":0"
     status, _h, body = b.call("/v1/tts", {"text": "Someone will scribble over me."})
