@@ -189,7 +189,9 @@ class StoreConfig:
     # After a failed call Redis is left alone this long, so an outage costs no timeouts.
     retry_interval_s: float = field(default=2.0, metadata=_at_least(0.01))
     cache_ttl_s: int = field(default=86400, metadata=_at_least(1))
-    # Audio bodies larger than this are not shared (Redis memory: see maxmemory).
+    # The shared audio together stays within this (the oldest entries go first); a body
+    # larger than cache_max_entry_bytes is not shared at all.
+    cache_max_bytes: int = field(default=1 << 30, metadata=_at_least(1024))
     cache_max_entry_bytes: int = field(default=8 << 20, metadata=_at_least(1024))
     # The lease on a cache key held by the replica synthesizing it, renewed while it runs:
     # a replica that dies lets its waiters take over within this.

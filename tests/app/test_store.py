@@ -174,3 +174,30 @@ async def test_a_redis_that_stops_answering_delays_a_request_by_a_bounded_time(
         assert time.monotonic() - started < 3.0         # one 0.2 s timeout, then local
     store = (await (await client.get("/status")).json())["store"]
     assert store["healthy"] is False and store["fallbacks_total"] >= 1
+
+
+async def test_the_shared_audio_stays_within_its_byte_budget_oldest_out_first(
+        redis_server: RedisServer, log: StructuredLog) -> None:
+    store = RedisStore(StoreConfig(url=redis_server.url), log)
+    for i in range(10):
+        await store.put_bounded(f"audio:{i}", bytes(1000), 60, "cache", 4500)
+    kept = [i for i in range(10) if await store.get(f"audio:{i}") is not None]
+    assert kept == [6, 7, 8, 9]
+    assert await store.get("cache:total") == b"4000"
+    await store.put_bounded("audio:9", bytes(2000), 60, "cache", 4500)   # rewritten, not twice
+    assert await store.get("cache:total") == b"4000"
+    assert [i for i in range(10) if await store.get(f"audio:{i}") is not None] == [7, 8, 9]
+    await store.close()
+
+
+async def test_entries_past_their_ttl_leave_the_budget(redis_server: RedisServer,
+                                                       log: StructuredLog) -> None:
+    store = RedisStore(StoreConfig(url=redis_server.url), log)
+    await store.put_bounded("audio:long", bytes(1000), 60, "cache", 4500)
+    for i in range(3):
+        await store.put_bounded(f"audio:{i}", bytes(1000), 0.05, "cache", 4500)
+    time.sleep(0.1)
+    await store.put_bounded("audio:new", bytes(1000), 60, "cache", 4500)
+    assert await store.get("cache:total") == b"2000"          # long + new; the 3 expired
+    assert await store.get("audio:long") is not None
+    await store.close()

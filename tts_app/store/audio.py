@@ -94,7 +94,9 @@ class SharedAudio:
             if result.exception() is None:
                 body = encode(result.result())
                 if len(body) <= self._config.cache_max_entry_bytes:
-                    await self._store.put("audio:" + key, body, self._config.cache_ttl_s)
+                    await self._store.put_bounded("audio:" + key, body,
+                                                  self._config.cache_ttl_s, "cache",
+                                                  self._config.cache_max_bytes)
         finally:
             if not result.done():
                 result.cancel()

@@ -23,6 +23,12 @@ class Store(Protocol):
         """Store ``value``; ``only_new``: only when the key is absent. True when written."""
         ...
 
+    async def put_bounded(self, key: str, value: bytes, ttl_s: float, budget: str,
+                          max_bytes: int) -> None:
+        """Store ``value`` as one of the entries of ``budget``, whose values together stay
+        within ``max_bytes`` (the oldest entries go first)."""
+        ...
+
     async def delete(self, key: str) -> None: ...
 
     async def take_lease(self, key: str, ttl_s: float) -> bool:
@@ -56,6 +62,10 @@ class LocalStore:
 
     async def put(self, key: str, value: bytes, ttl_s: float, only_new: bool = False) -> bool:
         return False
+
+    async def put_bounded(self, key: str, value: bytes, ttl_s: float, budget: str,
+                          max_bytes: int) -> None:
+        return None
 
     async def delete(self, key: str) -> None:
         return None

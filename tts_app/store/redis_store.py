@@ -34,6 +34,39 @@ _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
           "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end")
 _RELEASE = ("if redis.call('get', KEYS[1]) == ARGV[1] then "
             "return redis.call('del', KEYS[1]) else return 0 end")
+# A cache entry written under a byte budget, atomically: KEYS = the index (sorted set: entry
+# name by expiry time), the sizes (hash: entry name -> bytes) and the running total; ARGV =
+# entry name, body, TTL in ms, budget. Entries past their TTL leave the index first, then the
+# oldest go until the total fits. The entry names come in ARGV, so this needs a standalone
+# Redis (or one shard), not a cluster.
+_PUT_BOUNDED = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local function forget(name)
+  local size = tonumber(redis.call('HGET', KEYS[2], name) or '0')
+  redis.call('HDEL', KEYS[2], name)
+  redis.call('ZREM', KEYS[1], name)
+  redis.call('DECRBY', KEYS[3], size)
+end
+for _, name in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms)) do forget(name) end
+forget(ARGV[1])
+local ttl = tonumber(ARGV[3])
+redis.call('SET', ARGV[1], ARGV[2], 'PX', ttl)
+redis.call('ZADD', KEYS[1], now_ms + ttl, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], string.len(ARGV[2]))
+local total = redis.call('INCRBY', KEYS[3], string.len(ARGV[2]))
+while total > tonumber(ARGV[4]) do
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+  if not oldest then break end
+  redis.call('DEL', oldest)
+  forget(oldest)
+  total = tonumber(redis.call('GET', KEYS[3]))
+end
+for i = 1, 3 do  -- the index lives as long as its longest-lived entry
+  if redis.call('PTTL', KEYS[i]) < ttl then redis.call('PEXPIRE', KEYS[i], ttl) end
+end
+return total
+"""
 
 
 class RedisStore:
@@ -108,6 +141,13 @@ class RedisStore:
         done = await self._call(name, lambda: self._redis.set(
             name, value, px=max(1, int(ttl_s * 1000)), nx=only_new))
         return done is True
+
+    async def put_bounded(self, key: str, value: bytes, ttl_s: float, budget: str,
+                          max_bytes: int) -> None:
+        name = self._key(key)
+        keys = [self._key(f"{budget}:{part}") for part in ("index", "sizes", "total")]
+        await self._call(name, lambda: self._redis.eval(
+            _PUT_BOUNDED, 3, *keys, name, value, max(1, int(ttl_s * 1000)), max_bytes))
 
     async def delete(self, key: str) -> None:
         name = self._key(key)
