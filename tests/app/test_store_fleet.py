@@ -160,7 +160,7 @@ def test_a_garbage_or_wrong_type_redis_value_is_a_counted_miss_never_a_500(
                                 " do redis.call('set', k, 'garbage') end return 0", "0") == b":0"
     status, _h, body = b.call("/v1/tts", {"text": "Someone will scribble over me."})
     assert status == 200 and body[:4] == b"RIFF"
-    assert b.get_json("/status")["store"]["bad_values_total"] == 1
+    assert b.get_json("/status")["store"]["bad_values_total"] >= 1   # each read of it counts
     assert redis_server.command("EVAL", "for _, k in ipairs(redis.call('keys', 'tts:audio:*'))"
                                 " do redis.call('del', k) redis.call('lpush', k, 'x') end "
                                 "return 0", "0") == b":0"

@@ -1,7 +1,8 @@
 """Jobs and Idempotency-Keys shared between replicas.
 
 A job is a JSON record (``job:<id>``: status, error, timestamps, format) plus, once done, its
-audio (``job:<id>:audio``, the record's ``audio``), both expiring after the jobs' TTL. A key is
+audio (``job:<id>:audio``; the record's ``audio`` says it was written), both expiring after
+the jobs' TTL. A key is
 taken with ``SET NX`` on ``idem:<sha256(client, key)>`` holding the job id and the request's
 digest: whichever replica a retry reaches, the same body finds the same job and another body
 is 409. The record is written before the key is taken, so a replica that finds the key always
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tts_app.errors import AppError
+from tts_app.store.audio import plausible_audio
 from tts_app.store.base import Store
 
 STATUSES = frozenset(("queued", "running", "done", "failed"))
@@ -60,8 +62,8 @@ class SharedJobs:
                    body: bytes | None = None) -> None:
         record: dict[str, Any] = {"id": job_id, "status": describe["status"], "format": fmt,
                                   "describe": describe}
-        if body is not None and await self._store.put(f"job:{job_id}:audio", body, self.ttl_s):
-            record["audio"] = f"job:{job_id}:audio"
+        if body is not None:
+            record["audio"] = await self._store.put(f"job:{job_id}:audio", body, self.ttl_s)
         await self._store.put(f"job:{job_id}", json.dumps(record).encode(), self.ttl_s)
 
     async def claim(self, client: str, key: str, job_id: str, canonical: str) -> str | None:
@@ -102,6 +104,10 @@ class SharedJobs:
             self._store.count_bad_value(f"job:{job_id}", problem)
             return None
         body = None
-        if record["status"] == "done" and isinstance(record.get("audio"), str):
-            body = await self._store.get(record["audio"])
+        if record["status"] == "done" and record.get("audio") is True:
+            body = await self._store.get(f"job:{job_id}:audio")
+            problem = None if body is None else plausible_audio(body, record["format"])
+            if problem is not None:
+                self._store.count_bad_value(f"job:{job_id}:audio", problem)
+                body = None
         return RemoteJob(job_id, record["status"], record["format"], record["describe"], body)
