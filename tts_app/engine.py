@@ -107,7 +107,12 @@ class SynthesisService:
                 self._log_start(spec, request_id, cache_hit=True)
                 self._log_hit(spec, request_id, len(body))
                 return Hit(body)
-        started = self.start(spec, request_id, bounded)
+        try:
+            started = self.start(spec, request_id, bounded)
+        except AppError:
+            if self.shared is not None:      # refused here: let another replica have it
+                self.shared.give_up(key)
+            raise
         if self.shared is not None and isinstance(started, Flight) \
                 and started.request_id == request_id:
             sample_rate = self.backend.sample_rate

@@ -3,6 +3,7 @@ spares an outage its timeouts, one log line per outage, and values that are not 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Iterator
@@ -200,4 +201,19 @@ async def test_entries_past_their_ttl_leave_the_budget(redis_server: RedisServer
     await store.put_bounded("audio:new", bytes(1000), 60, "cache", 4500)
     assert await store.get("cache:total") == b"2000"          # long + new; the 3 expired
     assert await store.get("audio:long") is not None
+    await store.close()
+
+
+async def test_a_replica_that_gives_up_a_text_frees_its_lease_at_once(
+        redis_server: RedisServer, log: StructuredLog) -> None:
+    config = StoreConfig(url=redis_server.url, lease_s=60)
+    store = RedisStore(config, log)
+    shared = SharedAudio(store, config)
+    assert await shared.lookup("key", "wav") is None           # a miss: the lease is ours
+    assert await store.exists("lease:key")
+    shared.give_up("key")                                      # e.g. admission said QUEUE_FULL
+    deadline = time.monotonic() + 5                            # far below lease_s
+    while await store.exists("lease:key") and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not await store.exists("lease:key")
     await store.close()

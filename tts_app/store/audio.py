@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from tts_app.config import StoreConfig
 from tts_app.store.base import Store
@@ -80,7 +81,15 @@ class SharedAudio:
     def publish_when_done(self, key: str, pcm: Awaitable[bytes],
                           encode: Callable[[bytes], bytes]) -> None:
         """Hold the lease while ``pcm`` (the local synthesis) runs; then share its audio."""
-        task = asyncio.get_running_loop().create_task(self._hold(key, pcm, encode))
+        self._spawn(self._hold(key, pcm, encode))
+
+    def give_up(self, key: str) -> None:
+        """This replica will not synthesize ``key`` after all: its lease (if it holds one) goes
+        now, so a replica waiting for the audio takes over without waiting for the lease."""
+        self._spawn(self._store.release_lease("lease:" + key))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
