@@ -25,7 +25,10 @@ def fleet(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[AppProcess
     for name in "abc":
         (tmp_path / name).mkdir()
         apps.append(AppProcess(tmp_path / name, {
-            "store": {"url": redis_server.url, "retry_interval_s": 0.5, "lease_s": 2},
+            # timeout_s with a margin for a loaded CI machine: a spurious timeout is a real
+            # fallback (a second synthesis), not what these tests are about
+            "store": {"url": redis_server.url, "timeout_s": 1.0, "retry_interval_s": 0.5,
+                      "lease_s": 2},
             "log": {"flush_interval_s": 0.01}}))
     try:
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
@@ -140,10 +143,15 @@ def test_redis_killed_mid_load_gives_no_500_and_sharing_recovers_when_it_returns
     assert all(s["fallbacks_total"] > 0 for s in during), during
     stack.wait_until(lambda: all(app.get_json("/status")["store"]["healthy"] for app in fleet),
                      10, what="every replica back on Redis")
-    for app in fleet:
-        down = [r for r in read_log(app.log_path) if r["event"] == "store_unavailable"]
-        assert len(down) == 1, down            # one line per outage, not one per request
-        assert down[0]["warning_code"] == "STORE_UNAVAILABLE"
+    for app, store in zip(fleet, during, strict=True):
+        lines = [r for r in read_log(app.log_path)
+                 if r["event"] in ("store_unavailable", "store_recovered")]
+        # one line when an outage starts, one when it ends, never one per request (a slow
+        # moment of Redis before the kill is an outage of its own)
+        assert [r["event"] for r in lines] == ["store_unavailable", "store_recovered"] * (
+            len(lines) // 2), lines
+        assert 0 < len(lines) // 2 < store["fallbacks_total"]
+        assert {r["warning_code"] for r in lines[::2]} == {"STORE_UNAVAILABLE"}
     # shared again: a job taken on A is visible on B
     status, _h, body = a.call("/v1/tts/jobs", {"text": "After the outage."})
     assert wait_job(b, json.loads(body)["id"])[0] == 200
