@@ -10,7 +10,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 TORCH_WHEEL ?= $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 # What the demo starts; the tests and benchmarks also run the others for real.
 DEMO_DEBS   := prometheus prometheus-alertmanager
-DEBIAN_PKGS := $(DEMO_DEBS) mtail wrk nginx
+DEBIAN_PKGS := $(DEMO_DEBS) mtail wrk nginx redis-server
 # apt-get install, as root (through sudo when not root); the packages follow it.
 APT_INSTALL = SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
   $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends

@@ -503,6 +503,13 @@ class SidecarMetrics:
         self.app_log_write_errors = m.counter("tts_app_log_write_errors_total",
                                               "Log records the app could not write (disk full, "
                                               "I/O error), as its /status counts them.")
+        self.app_store_up = m.gauge("tts_app_store_up",
+                                    "1 when the app's shared store (jobs, Idempotency-Keys, "
+                                    "audio cache; Redis) answers, 0 while it falls back to "
+                                    "local state (/status store.healthy).")
+        self.app_store_fallbacks = m.counter("tts_app_store_fallbacks_total",
+                                             "Store calls the app answered from local state "
+                                             "because the shared store was down or slow.")
 
         # --- GPU health next to the gate (NVML; each absent where the GPU cannot report it),
         # which GPUs are followed, and the app's own GPU memory as PyTorch sees it.

@@ -196,6 +196,34 @@ class BatchConfig:
     max_size: int = field(default=8, metadata=_between(1, 64))
     # How long the first request of a batch waits for others before the call starts.
     max_wait_ms: float = field(default=10.0, metadata=_between(0, 1000))
+def _store_url(value: str) -> str | None:
+    if value == "local" or value.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return "expected local or a Redis URL (redis://HOST:PORT/DB, rediss://..., unix://...)"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    # local: jobs, Idempotency-Keys and the cache live in this process (one replica);
+    # a Redis URL shares them between replicas (tts_app.store).
+    url: str = field(default="local", metadata={"check": _store_url})
+    # Every Redis call is abandoned after this; the request then goes on with local state.
+    timeout_s: float = field(default=0.25, metadata=_at_least(0.001))
+    # After a failed call Redis is left alone this long, so an outage costs no timeouts.
+    retry_interval_s: float = field(default=2.0, metadata=_at_least(0.01))
+    cache_ttl_s: int = field(default=86400, metadata=_at_least(1))
+    # The shared audio together stays within this (the oldest entries go first); a body
+    # larger than cache_max_entry_bytes is not shared at all.
+    cache_max_bytes: int = field(default=1 << 30, metadata=_at_least(1024))
+    cache_max_entry_bytes: int = field(default=8 << 20, metadata=_at_least(1024))
+    # The lease on a cache key held by the replica synthesizing it, renewed while it runs:
+    # a replica that dies lets its waiters take over within this.
+    lease_s: float = field(default=5.0, metadata=_at_least(0.1))
+    # How long a request waits for another replica's synthesis of the same audio before
+    # synthesizing it locally.
+    wait_s: float = field(default=120.0, metadata=_at_least(0))
+    poll_interval_s: float = field(default=0.05, metadata=_at_least(0.005))
+    key_prefix: str = "tts:"
 
 
 @dataclass(frozen=True)
@@ -211,6 +239,7 @@ class AppConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 def load_config(path: str | Path) -> AppConfig:

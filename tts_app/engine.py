@@ -35,6 +35,7 @@ from tts_app.batching import batch_size_of
 from tts_app.cache import DiskCache, NotSaved, cache_key
 from tts_app.errors import AppError, SynthesisError
 from tts_app.logging import StructuredLog
+from tts_app.store.audio import SharedAudio
 from tts_app.validation import TtsSpec
 
 
@@ -122,6 +123,35 @@ class SynthesisService:
         return cache_key(self.backend.name, self.backend.model_version, spec.voice, spec.lang,
                          spec.text, spec.params, spec.format)
 
+    # The audio cache shared with other replicas; None: this replica's cache only.
+    shared: SharedAudio | None = None
+
+    async def begin(self, spec: TtsSpec, request_id: str, bounded: bool = True) -> Hit | Flight:
+        """:meth:`start`, asking the shared cache first when nothing here has the audio (this
+        may wait for another replica's synthesis of it); a new synthesis is shared when done."""
+        key = self.key(spec)
+        if self.shared is not None and key not in self.flights and (
+                self.cache is None or self.cache.get(key) is None):
+            body = await self.shared.lookup(key, spec.format)
+            if body is not None:
+                if self.cache is not None:
+                    self.cache.put(key, body)
+                self._log_start(spec, request_id, cache_hit=True)
+                self._log_hit(spec, request_id, len(body))
+                return Hit(body)
+        try:
+            started = self.start(spec, request_id, bounded)
+        except AppError:
+            if self.shared is not None:      # refused here: let another replica have it
+                self.shared.give_up(key)
+            raise
+        if self.shared is not None and isinstance(started, Flight) \
+                and started.request_id == request_id:
+            sample_rate = self.backend.sample_rate
+            self.shared.publish_when_done(key, started.pcm(), lambda pcm: audio.encode(
+                pcm, sample_rate, spec.format))
+        return started
+
     def start(self, spec: TtsSpec, request_id: str, bounded: bool = True) -> Hit | Flight:
         """Answer from the cache, join an identical flight, or start a new one.
 
@@ -175,7 +205,7 @@ class SynthesisService:
 
     async def render(self, spec: TtsSpec, request_id: str, bounded: bool = True) -> bytes:
         """The whole response body (jobs and non-streaming requests)."""
-        started = self.start(spec, request_id, bounded)
+        started = await self.begin(spec, request_id, bounded)
         if isinstance(started, Hit):
             return started.body
         return await self.collect(spec, request_id, started)

@@ -6,6 +6,8 @@ gets 409. A key is scoped to the client identity (:mod:`tts_app.identity`): anot
 same key is another job, never a replay of someone else's audio. Finished jobs are kept for
 ``ttl_s`` (and at most ``max_kept`` jobs and ``max_bytes`` of audio, oldest forgotten first, so
 a burst of long texts cannot exhaust memory) so the audio can be fetched later.
+With a shared store (:mod:`tts_app.store.jobs`) jobs and keys are also visible to, and
+honoured by, every other replica; the job still runs on the replica that took it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tts_app.errors import AppError
+from tts_app.store.jobs import RemoteJob, SharedJobs
 from tts_app.validation import TtsSpec
 
 Clock = Callable[[], float]
@@ -36,6 +39,11 @@ def idempotency_key(raw: str | None) -> str | None:
     return raw
 
 
+def _is_job_id(text: str) -> bool:
+    """A shape this module's ids have (uuid4 hex): anything else is no key to look up."""
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
+
+
 @dataclass(eq=False)
 class Job:
     id: str
@@ -48,6 +56,10 @@ class Job:
     finished: float | None = None
     idempotency_key: tuple[str, str] | None = None     # (client identity, key)
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    @property
+    def format(self) -> str:
+        return self.spec.format
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "status": self.status, "created": self.created,
@@ -73,13 +85,14 @@ class JobStore:
         self._clock = clock
         self.jobs: OrderedDict[str, Job] = OrderedDict()
         self._by_key: dict[tuple[str, str], str] = {}
+        self.shared: SharedJobs | None = None    # set when jobs are shared between replicas
 
     @property
     def pending(self) -> int:
         return sum(1 for job in self.jobs.values() if job.status in ("queued", "running"))
 
-    def submit(self, spec: TtsSpec, request_id: str, client: str,
-               key: str | None) -> tuple[Job, bool]:
+    async def submit(self, spec: TtsSpec, request_id: str, client: str,
+                     key: str | None) -> tuple[Job | RemoteJob, bool]:
         """Return (job, created). Raises IDEMPOTENCY_CONFLICT or QUEUE_FULL."""
         self._expire()
         idempotency_key = None if key is None else (client, key)
@@ -94,21 +107,33 @@ class JobStore:
             raise AppError("QUEUE_FULL", "too many pending jobs", self.retry_after_s)
         job = Job(uuid.uuid4().hex, spec, request_id, self._clock(),
                   idempotency_key=idempotency_key)
+        if self.shared is not None:
+            await self.shared.save(job.id, spec.format, job.describe())
+            other = None if key is None else await self.shared.claim(client, key, job.id,
+                                                                     spec.canonical)
+            if other is not None:
+                remote = self.jobs.get(other) or await self.shared.load(other)
+                if remote is not None:
+                    return remote, False
         self.jobs[job.id] = job
         if idempotency_key is not None:
             self._by_key[idempotency_key] = job.id
         job.task = asyncio.get_running_loop().create_task(self._run(job))
         return job, True
 
-    def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str) -> Job | RemoteJob:
         self._expire()
-        job = self.jobs.get(job_id)
+        job: Job | RemoteJob | None = self.jobs.get(job_id)
+        if job is None and self.shared is not None and _is_job_id(job_id):
+            job = await self.shared.load(job_id)
         if job is None:
             raise AppError("JOB_NOT_FOUND", f"no job with id {job_id!r}")
         return job
 
     async def _run(self, job: Job) -> None:
         job.status = "running"
+        if self.shared is not None:
+            await self.shared.save(job.id, job.format, job.describe())
         try:
             job.body = await self._render(job.spec, job.request_id)
             job.status = "done"
@@ -118,6 +143,8 @@ class JobStore:
         finally:
             job.finished = self._clock()
             self._expire()
+        if self.shared is not None:
+            await self.shared.save(job.id, job.format, job.describe(), job.body)
 
     async def drain(self, timeout_s: float) -> None:
         tasks = [job.task for job in self.jobs.values() if job.task and not job.task.done()]

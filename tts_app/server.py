@@ -37,8 +37,11 @@ from tts_app.config import AppConfig
 from tts_app.engine import Flight, Hit, SynthesisService
 from tts_app.errors import ERRORS, AppError
 from tts_app.identity import ClientIdentity
-from tts_app.jobs import JobStore, idempotency_key
+from tts_app.jobs import Job, JobStore, idempotency_key
 from tts_app.logging import StructuredLog
+from tts_app.store import open_store
+from tts_app.store.audio import SharedAudio
+from tts_app.store.jobs import RemoteJob, SharedJobs
 from tts_app.validation import TtsSpec, parse_body, validate
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -78,6 +81,10 @@ class AppState:
         self.jobs = JobStore(lambda spec, rid: self.service.render(spec, rid, bounded=False),
                              config.jobs.max_pending, config.jobs.max_kept, config.jobs.ttl_s,
                              config.admission.retry_after_s, config.jobs.max_bytes)
+        self.store = open_store(config.store, log)
+        if self.store.shared:
+            self.service.shared = SharedAudio(self.store, config.store)
+            self.jobs.shared = SharedJobs(self.store, config.jobs.ttl_s)
         self.ready = False
         self.failed: str | None = None
         self.draining = False
@@ -272,7 +279,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-def _content_type(spec: TtsSpec, sample_rate: int) -> str:
+def _content_type(spec: TtsSpec | Job | RemoteJob, sample_rate: int) -> str:
     return "audio/wav" if spec.format == "wav" else f"audio/L16; rate={sample_rate}; channels=1"
 
 
@@ -283,7 +290,7 @@ async def tts(request: web.Request) -> web.StreamResponse:
     try:
         spec = await state.read_spec(request)
         request_id = request[REQUEST_ID]
-        source = state.service.start(spec, request_id)
+        source = await state.service.begin(spec, request_id)
         if spec.stream:
             return await _stream(request, state, spec, source)
         content_type = _content_type(spec, state.backend.sample_rate)
@@ -350,7 +357,7 @@ async def submit_job(request: web.Request) -> web.Response:
     client = state.admit(request)
     key = idempotency_key(request.headers.get("Idempotency-Key"))
     spec = await state.read_spec(request)
-    job, created = state.jobs.submit(spec, request[REQUEST_ID], client, key)
+    job, created = await state.jobs.submit(spec, request[REQUEST_ID], client, key)
     location = f"/v1/tts/jobs/{job.id}"
     headers = {"Location": location}
     if not created:
@@ -361,11 +368,11 @@ async def submit_job(request: web.Request) -> web.Response:
 
 async def get_job(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    job = state.jobs.get(request.match_info["job_id"])
+    job = await state.jobs.get(request.match_info["job_id"])
     wants_json = "application/json" in request.headers.get("Accept", "")
     if job.status == "done" and job.body is not None and not wants_json:
         return web.Response(body=job.body, headers={
-            "Content-Type": _content_type(job.spec, state.backend.sample_rate),
+            "Content-Type": _content_type(job, state.backend.sample_rate),
             "X-Job-Status": "done"})
     return web.json_response(job.describe(), headers={"X-Job-Status": job.status})
 
@@ -403,6 +410,7 @@ async def status(request: web.Request) -> web.Response:
         "version": __version__, "ingress_open": gate.open,
         "cache_entries": len(state.cache) if state.cache is not None else 0,
         "jobs_pending": state.jobs.pending, **gpu_status(state.backend)}
+    body["store"] = state.store.status()
     body.update(state.admission.limits(), log_write_errors=state.log.write_errors)
     return web.json_response(body)
 
@@ -425,6 +433,9 @@ def build_app(config: AppConfig, backend: Backend, log: StructuredLog,
         state.warm_task = asyncio.get_running_loop().create_task(state.warm_up())
 
     async def stop(_app: web.Application) -> None:
+        if state.service.shared is not None:
+            await state.service.shared.close()
+        await state.store.close()
         state.service.close()
         await asyncio.get_running_loop().run_in_executor(None, backend.close)
 

@@ -38,6 +38,7 @@ APP_OVERRIDES: dict[str, Any] = {
     "log": {"path": "/var/lib/tts/logs/tts-app.log"},
     "cache": {"dir": "/var/lib/tts/cache"},
     "gate": {"file": "/var/lib/tts/state/ingress.json"},
+    "store": {"url": "redis://tts-redis:6379/0"},     # redis.yaml: shared by every replica
 }
 EXPORTER_OVERRIDES: dict[str, Any] = {
     "server": {"listen": "0.0.0.0:9109"},
@@ -61,6 +62,8 @@ COMPOSE_EXPORTER_OVERRIDES: dict[str, Any] = {
     "gate": {"mode": "auth_request"},
     "logs": {"sources": [{"paths": ["logs/gateway.access.log"], "format": "gateway"}]},
 }
+# The compose redis service listens on the host's loopback.
+COMPOSE_APP_OVERRIDES: dict[str, Any] = {"store": {"url": "redis://127.0.0.1:6379/0"}}
 
 # The optional nginx container of the pod (nginx/deployment-patch.yaml) runs the shipped
 # tts.conf with two changes: it listens on the pod's port 8000, and it does not ask the gate
@@ -107,10 +110,9 @@ def config_maps() -> str:
     return HEADER.format(source="config/app.yaml and config/exporter.yaml") + dump(docs)
 
 
-def compose_exporter_config() -> str:
-    config = deep_merge(yaml.safe_load((REPO / "config" / "exporter.yaml").read_text()),
-                        COMPOSE_EXPORTER_OVERRIDES)
-    return HEADER.format(source="config/exporter.yaml") + dump([config])
+def compose_config(source: str, overrides: dict[str, Any]) -> str:
+    config = deep_merge(yaml.safe_load((REPO / "config" / source).read_text()), overrides)
+    return HEADER.format(source=f"config/{source}") + dump([config])
 
 
 def nginx_config_map() -> str:
@@ -128,7 +130,10 @@ def nginx_config_map() -> str:
 
 # Output paths relative to this directory.
 GENERATED = {"prometheusrule.yaml": prometheus_rule, "configmaps.yaml": config_maps,
-             "../docker/exporter.compose.yaml": compose_exporter_config,
+             "../docker/exporter.compose.yaml":
+                 lambda: compose_config("exporter.yaml", COMPOSE_EXPORTER_OVERRIDES),
+             "../docker/app.compose.yaml": lambda: compose_config("app.yaml",
+                                                                  COMPOSE_APP_OVERRIDES),
              "nginx/configmap.yaml": nginx_config_map}
 
 

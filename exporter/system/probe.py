@@ -22,6 +22,8 @@ Output::
     tts_app_log_write_errors_total 7
     tts_app_instances{state="healthy"} 2
     tts_app_instances{state="hung"} 0
+    tts_app_store_up 1                   # from "store": {"kind", "healthy", "fallbacks_total"}
+    tts_app_store_fallbacks_total 0
 
 ``pid``, ``ready`` and ``gpu_devices`` are optional: a new ``started_at`` alone is a restart;
 ``gpu_devices`` lists the CUDA devices the app holds (an empty list: none, e.g. the espeak
@@ -30,6 +32,9 @@ are optional per device (absent: that series is). ``log_write_errors`` is option
 (log records the app could not write, cumulative since it started; >= 0), and so are
 ``instances_healthy`` and ``instances_hung`` (model instances in service, and those a
 synthesis past its time limit still holds).
+(log records the app could not write, cumulative since it started; >= 0). ``store`` is
+optional: where jobs, keys and the cache are shared (``kind``), whether that store answers
+(``healthy``) and the calls that fell back to local state since the app started.
 
 On a failed probe (refused, timeout, non-200, not the contract) ``tts_app_up`` is 0 and the
 queue and app GPU gauges disappear: the last queue depth of a dead process is not a fact any
@@ -94,6 +99,7 @@ class AppStatus:
     log_write_errors: int | None = None
     instances_healthy: int | None = None
     instances_hung: int | None = None
+    store: AppStore | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -113,8 +119,27 @@ class AppStatus:
         if not isinstance(ready, bool):
             raise ProbeError(f"ready: expected true or false, got {ready!r}")
         devices = data.get("gpu_devices")
+        store = data.get("store")
         return cls(**values, ready=ready,
-                   gpu_devices=None if devices is None else _gpu_devices(devices))
+                   gpu_devices=None if devices is None else _gpu_devices(devices),
+                   store=None if store is None else AppStore.parse(store))
+
+
+@dataclass(frozen=True)
+class AppStore:
+    """The app's shared store (``/status`` ``store``): answering, and fallbacks so far."""
+
+    healthy: bool
+    fallbacks_total: int
+
+    @classmethod
+    def parse(cls, data: Any) -> AppStore:
+        if not isinstance(data, dict) or not isinstance(data.get("healthy"), bool):
+            raise ProbeError("store: expected an object with healthy: true or false")
+        fallbacks = _number("store.fallbacks_total", data.get("fallbacks_total"), real=False)
+        if fallbacks < 0:
+            raise ProbeError("store.fallbacks_total: expected an integer >= 0")
+        return cls(data["healthy"], fallbacks)
 
 
 def _number(key: str, value: Any, real: bool) -> Any:
@@ -228,6 +253,10 @@ class AppProbe:
                 if count is not None:
                     m.app_instances.set((state,), float(count))
             self._publish_gpus(status.gpu_devices or ())
+            if status.store is not None:
+                m.app_store_up.set((), 1.0 if status.store.healthy else 0.0)
+                # the app's own count since it started; its restart is a counter reset
+                m.app_store_fallbacks.values[()] = float(status.store.fallbacks_total)
         if self.on_status is not None:
             self.on_status(status)
 
@@ -275,7 +304,8 @@ class AppProbe:
         with m.registry.lock:
             m.app_up.set((), 0.0)
             m.collector_errors.inc(("probe",))
-            for family in (m.requests_waiting, m.requests_running, m.requests_capacity):
+            for family in (m.requests_waiting, m.requests_running, m.requests_capacity,
+                           m.app_store_up):
                 family.remove(())
             m.app_instances.clear()
             self._drop_gpu_series()

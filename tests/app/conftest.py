@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -173,6 +179,18 @@ class AppProcess:
     def get_json(self, path: str) -> Any:
         return json.loads(stack.http_get(self.base + path)[1])
 
+    def call(self, path: str, payload: Any = None, headers: dict[str, str] | None = None,
+             ) -> tuple[int, dict[str, str], bytes]:
+        """GET (no payload) or POST JSON ``path``; (status, headers, body) for any status."""
+        request = urllib.request.Request(
+            self.base + path, data=None if payload is None else json.dumps(payload).encode(),
+            headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, dict(exc.headers), exc.read()
+
     def post(self, text: str) -> tuple[int, str, bytes]:
         """POST /v1/tts; (status, Content-Type, body) for any status."""
         request = urllib.request.Request(self.base + "/v1/tts",
@@ -183,3 +201,56 @@ class AppProcess:
                 return response.status, response.headers["Content-Type"], response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.headers["Content-Type"] or "", exc.read()
+
+
+class RedisServer:
+    """A real ``redis-server`` on loopback (no persistence), stoppable and restartable on
+    the same port to play an outage."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = stack.free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._workdir = workdir
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self._workdir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.wait_until(lambda: self.command("PING") == b"+PONG", 10, what="redis-server up")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """Redis up (connections accepted) but answering nothing: a slow Redis at its worst."""
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+    def command(self, *args: str) -> bytes | None:
+        """One command in RESP; the raw first reply line, None when Redis does not answer."""
+        request = f"*{len(args)}\r\n" + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in args)
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as conn:
+                conn.sendall(request.encode())
+                return conn.recv(65536).split(b"\r\n")[0]
+        except OSError:
+            return None
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make test installs it: DEBIAN_PKGS)")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

@@ -60,6 +60,8 @@ def test_shipped_nginx_is_a_trusted_proxy_that_drops_client_identity_claims() ->
      "identity.trusted_proxies", "'10.0.0.300/8' is not one"),
     ({"identity": {"trusted_proxies": "127.0.0.1"}}, "identity.trusted_proxies", "a list"),
     ({"server": {"body_timeout_s": 0}}, "server.body_timeout_s", ">= 0.1"),
+    ({"store": {"url": "mysql://db:3306"}}, "store.url", "expected local or a Redis URL"),
+    ({"store": {"timeout_s": 0}}, "store.timeout_s", ">= 0.001"),
     ({"server": {"header_timeout_s": "soon"}}, "server.header_timeout_s", "a number"),
     ({"admission": {"rate_limit": {"global_rate_per_s": 0}}},
      "admission.rate_limit.global_rate_per_s", ">= 0.001"),

@@ -25,7 +25,7 @@ def compose() -> dict[str, Any]:
 
 def test_services() -> None:
     services = compose()["services"]
-    assert set(services) == {"gateway", "app", "sidecar", "prometheus", "alertmanager",
+    assert set(services) == {"gateway", "app", "sidecar", "redis", "prometheus", "alertmanager",
                              "grafana"}
     for name in ("app", "sidecar"):
         dockerfile = services[name]["build"]["dockerfile"]
@@ -99,3 +99,16 @@ def test_the_gateway_logs_where_the_sidecar_tails_it_as_the_gateway_format() -> 
                for source in exporter["logs"]["sources"] for path in source["paths"]}
     assert sources["/var/lib/tts/logs/" + log_path.name] == "gateway"
     assert exporter["gate"]["mode"] == "auth_request"
+
+
+def test_the_app_config_points_at_the_redis_service() -> None:
+    services = compose()["services"]
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in services["app"]["volumes"]}
+    config = yaml.safe_load((COMPOSE.parent / mounted["/etc/tts-sentinel/app.yaml"]).read_text())
+    redis = services["redis"]["command"]
+    address = f"{redis[redis.index('--bind') + 1]}:{redis[redis.index('--port') + 1]}"
+    assert config["store"]["url"] == f"redis://{address}/0"
+    assert redis[redis.index("--save") + 1] == ""      # nothing to persist: every key has a TTL
+    assert redis[redis.index("--maxmemory-policy") + 1] == "volatile-lru"
+    from tts_app.config import config_from_mapping
+    config_from_mapping(config)  # raises when invalid

@@ -45,7 +45,7 @@ def find(kind: str, name: str | None = None) -> dict[str, Any]:
 
 
 def container(name: str) -> dict[str, Any]:
-    spec = find("Deployment")["spec"]["template"]["spec"]
+    spec = find("Deployment", "tts")["spec"]["template"]["spec"]
     return next(c for c in spec["containers"] if c["name"] == name)
 
 
@@ -60,11 +60,11 @@ def test_core_manifests_pass_strict_schema_validation() -> None:
             continue
         kv.validate(doc, kv.latest_version(), strict=True)
         checked += 1
-    assert checked >= 7  # Deployment, Service, PDB, HPA, 2 config ConfigMaps, adapter
+    assert checked >= 9  # 2 Deployments, 2 Services, PDB, HPA, 2 config ConfigMaps, adapter
 
 
 def test_validator_rejects_a_broken_deployment() -> None:
-    broken = copy.deepcopy(find("Deployment"))
+    broken = copy.deepcopy(find("Deployment", "tts"))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["prot"] = 1
     with pytest.raises(kv.ValidationError):
         kv.validate(broken, kv.latest_version(), strict=True)
@@ -86,11 +86,11 @@ def test_crd_structure() -> None:
             assert ("record" in item) != ("alert" in item) and item["expr"]
     monitor = find("PodMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= \
-        find("Deployment")["spec"]["template"]["metadata"]["labels"].items()
+        find("Deployment", "tts")["spec"]["template"]["metadata"]["labels"].items()
     ports = {p["name"] for p in container("sidecar")["ports"]}
     assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} <= ports
     # The rules match job="tts-exporter": the PodMonitor's jobLabel must produce that value.
-    labels = find("Deployment")["spec"]["template"]["metadata"]["labels"]
+    labels = find("Deployment", "tts")["spec"]["template"]["metadata"]["labels"]
     assert labels[monitor["spec"]["jobLabel"]] == "tts-exporter"
 
 
@@ -133,7 +133,7 @@ def test_pod_shares_logs_cache_and_gate_file() -> None:
     assert app["gate"]["file"] == exporter["gate"]["gate_file"]
     assert Path(app["log"]["path"]).match(exporter["logs"]["paths"][0])
     assert exporter["disk"]["paths"] == [app["cache"]["dir"]]
-    spec = find("Deployment")["spec"]["template"]["spec"]
+    spec = find("Deployment", "tts")["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {c["name"]: {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
               for c in spec["containers"]}
@@ -149,13 +149,14 @@ def test_pod_shares_logs_cache_and_gate_file() -> None:
 
 
 def test_gpu_resources_and_tolerations() -> None:
-    spec = find("Deployment")["spec"]["template"]["spec"]
+    spec = find("Deployment", "tts")["spec"]["template"]["spec"]
     assert container("app")["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     env = {e["name"]: e["value"] for e in container("sidecar")["env"]}
     assert env["NVIDIA_VISIBLE_DEVICES"] and "nvidia.com/gpu" not in \
         container("sidecar")["resources"].get("limits", {})
-    assert find("PodDisruptionBudget")["spec"]["selector"] == find("Deployment")["spec"]["selector"]
+    assert find("PodDisruptionBudget")["spec"]["selector"] == \
+        find("Deployment", "tts")["spec"]["selector"]
 
 
 def test_hpa_scales_on_the_adapter_metrics() -> None:
@@ -166,7 +167,7 @@ def test_hpa_scales_on_the_adapter_metrics() -> None:
                for m in hpa["spec"]["metrics"]}
     assert set(targets) <= exposed
     assert targets["tts_http_request_p99_seconds"] == "800m"  # 0.8 s
-    assert hpa["spec"]["scaleTargetRef"]["name"] == find("Deployment")["metadata"]["name"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == find("Deployment", "tts")["metadata"]["name"]
 
 
 def test_sidecar_beyond_loopback_serves_tls_and_basic_auth() -> None:
@@ -188,7 +189,7 @@ def test_sidecar_beyond_loopback_serves_tls_and_basic_auth() -> None:
 def with_nginx() -> dict[str, Any]:
     """The Deployment with nginx/deployment-patch.yaml applied as kubectl's strategic merge
     does for it (containers and volumes merge by name)."""
-    deployment = copy.deepcopy(find("Deployment"))
+    deployment = copy.deepcopy(find("Deployment", "tts"))
     patch = yaml.safe_load((K8S / "nginx" / "deployment-patch.yaml").read_text())
     spec, extra = deployment["spec"]["template"]["spec"], patch["spec"]["template"]["spec"]
     for key in ("containers", "volumes"):
@@ -221,3 +222,13 @@ def test_the_optional_nginx_container_logs_where_the_sidecar_reads_the_gateway()
     assert {"paths": [str(seen_by_sidecar)], "format": "gateway"} in exporter["logs"]["sources"]
     ports = {p["name"]: p["containerPort"] for p in nginx["ports"]}
     assert ports["gateway"] == 8000
+def test_the_replicas_share_the_redis_service() -> None:
+    url = embedded("tts-app-config", "app.yaml")["store"]["url"]
+    service = find("Service", "tts-redis")
+    assert url == f"redis://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}/0"
+    redis = find("Deployment", "tts-redis")
+    assert service["spec"]["selector"].items() <= \
+        redis["spec"]["template"]["metadata"]["labels"].items()
+    args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--save") + 1] == ""      # nothing to persist: every key has a TTL
+    assert args[args.index("--maxmemory-policy") + 1] == "volatile-lru"

@@ -261,4 +261,20 @@ async def test_model_instances_by_state_are_exported_and_dropped_with_the_app(
         fake.body = {**fake.body, "instances_hung": bad}
         await probe.probe_once()
         assert m.app_up.get() == 0.0 and m.app_instances.values == {}   # not a fact any more
+async def test_the_apps_store_health_and_fallbacks_are_exported(
+        app_server: tuple[FakeApp, TestServer]) -> None:
+    fake, server = app_server
+    fake.body = {**fake.body, "store": {"kind": "redis", "healthy": True, "fallbacks_total": 0}}
+    probe, m = await started_probe(server)
+    assert m.app_store_up.get() == 1.0 and m.app_store_fallbacks.get() == 0
+    fake.body = {**fake.body, "store": {"kind": "redis", "healthy": False,
+                                        "fallbacks_total": 42}}
+    await probe.probe_once()
+    assert m.app_store_up.get() == 0.0 and m.app_store_fallbacks.get() == 42
+    for bad in ({"healthy": "no", "fallbacks_total": 1}, {"healthy": True,
+                                                         "fallbacks_total": -1}, [1]):
+        fake.body = {**fake.body, "store": bad}
+        await probe.probe_once()
+        assert m.app_up.get() == 0.0 and m.app_store_up.get() is None
+        assert m.app_store_fallbacks.get() == 42
     await probe.stop()
