@@ -168,6 +168,10 @@ STATE: web.AppKey[AppState] = web.AppKey("state", AppState)
 # aiohttp >= 3.12 wants typed request keys; older releases take the plain string.
 REQUEST_ID: Any = web.RequestKey("request_id", str) if hasattr(web, "RequestKey") \
     else "request_id"
+# The error table's code of an error response, for its http_request line (the sidecar splits
+# shed from failed requests by it).
+ERROR_CODE: Any = web.ResponseKey("error_code", str) if hasattr(web, "ResponseKey") \
+    else "error_code"
 
 
 def _request_id(request: web.Request) -> str:
@@ -183,13 +187,17 @@ def error_response(exc: AppError, request_id: str, default_retry: int) -> web.Re
     response = web.Response(status=exc.status, text=body, content_type="application/json")
     if exc.spec.retryable:
         response.headers["Retry-After"] = str(exc.retry_after_s or default_retry)
+    response[ERROR_CODE] = exc.code
     return response
 
 
 def _log_request(state: AppState, request: web.Request, request_id: str, route: str,
-                 status: int, started: float) -> None:
+                 status: int, started: float, response: web.StreamResponse | None = None) -> None:
+    error = {"error_code": response[ERROR_CODE]} \
+        if response is not None and ERROR_CODE in response else {}
     state.log.event("http_request", request_id, method=request.method, route=route,
-                    status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3))
+                    status=status, duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                    **error)
 
 
 def _rejected(state: AppState, exc: AppError, request_id: str, route: str) -> web.Response:
@@ -227,7 +235,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(AppError("INTERNAL"), request_id, 1)
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
-    _log_request(state, request, request_id, route, response.status, started)
+    _log_request(state, request, request_id, route, response.status, started, response)
     return response
 
 

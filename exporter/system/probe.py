@@ -68,6 +68,10 @@ class AppGpu:
     gpu_oom_total: float | None = None
 
 
+_OPTIONAL = frozenset({"pid", "queue_size", "queue_limit"})
+"""/status fields an app may leave out (started_at alone tells a restart)."""
+
+
 @dataclass(frozen=True)
 class AppStatus:
     """The part of ``/status`` the sidecar uses."""
@@ -79,6 +83,8 @@ class AppStatus:
     pid: int | None = None
     ready: bool = True
     gpu_devices: tuple[AppGpu, ...] | None = None
+    queue_size: int | None = None    # optional: apps before these fields omit them
+    queue_limit: int | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -86,9 +92,10 @@ class AppStatus:
             raise ProbeError("expected a JSON object")
         values: dict[str, Any] = {}
         for key, wanted in (("waiting", int), ("running", int), ("capacity", int),
-                            ("started_at", float), ("pid", int)):
+                            ("started_at", float), ("pid", int), ("queue_size", int),
+                            ("queue_limit", int)):
             value = data.get(key)
-            if key == "pid" and value is None:  # optional: started_at alone tells a restart
+            if key in _OPTIONAL and value is None:
                 continue
             values[key] = _number(key, value, wanted is float)
         ready = data.get("ready", True)
@@ -200,6 +207,12 @@ class AppProbe:
             m.requests_waiting.set((), float(status.waiting))
             m.requests_running.set((), float(status.running))
             m.requests_capacity.set((), float(status.capacity))
+            for family, value in ((m.queue_size, status.queue_size),
+                                  (m.queue_limit, status.queue_limit)):
+                if value is None:
+                    family.remove(())
+                else:
+                    family.set((), float(value))
             if restarted:
                 m.app_restarts.inc()
             self._publish_gpus(status.gpu_devices or ())
@@ -250,6 +263,7 @@ class AppProbe:
         with m.registry.lock:
             m.app_up.set((), 0.0)
             m.collector_errors.inc(("probe",))
-            for family in (m.requests_waiting, m.requests_running, m.requests_capacity):
+            for family in (m.requests_waiting, m.requests_running, m.requests_capacity,
+                           m.queue_size, m.queue_limit):
                 family.remove(())
             self._drop_gpu_series()

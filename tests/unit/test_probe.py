@@ -225,3 +225,20 @@ def test_gpu_devices_and_ready_are_optional() -> None:
     with pytest.raises(ProbeError, match="ready: expected true or false"):
         AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0,
                          "ready": "yes"})
+
+
+async def test_queue_size_and_limit_are_exported_when_status_has_them(
+        app_server: tuple[FakeApp, TestServer]) -> None:
+    """Issue 19 #1: tts_requests_capacity is the model instances; 429 starts at
+    queue_limit (instances + queue_size), which the Queue panel and TTSQueueBacklog need."""
+    fake, server = app_server
+    probe, m = await started_probe(server)
+    assert not m.queue_limit.values              # an app without the field: no series
+    fake.body.update(capacity=2, queue_size=16, queue_limit=18)
+    await probe.probe_once()
+    assert (m.requests_capacity.get(), m.queue_size.get(), m.queue_limit.get()) == \
+        (2.0, 16.0, 18.0)
+    fake.status = 500
+    await probe.probe_once()
+    assert not m.queue_size.values and not m.queue_limit.values
+    await probe.stop()
