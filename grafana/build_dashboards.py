@@ -81,14 +81,14 @@ def timeseries(title: str, description: str, queries: list[dict[str, Any]], unit
 
 def stat(title: str, description: str, queries: list[dict[str, Any]], unit: str,
          thresholds: dict[str, Any], width: int = 4, height: int = 5,
-         mappings: list[dict[str, Any]] | None = None, no_value: str = "no data",
+         mappings: list[dict[str, Any]] | None = None, no_value: str | None = None,
          text_mode: str = "value_and_name") -> dict[str, Any]:
+    defaults: dict[str, Any] = {"unit": unit, "mappings": mappings or [],
+                                "thresholds": thresholds, "color": {"mode": "thresholds"}}
+    if no_value is not None:
+        defaults["noValue"] = no_value
     return {"type": "stat", "title": title, "description": description, "datasource": DS,
-            "targets": queries,
-            "fieldConfig": {"defaults": {"unit": unit, "mappings": mappings or [],
-                                         "thresholds": thresholds, "noValue": no_value,
-                                         "color": {"mode": "thresholds"}},
-                            "overrides": []},
+            "targets": queries, "fieldConfig": {"defaults": defaults, "overrides": []},
             "options": {"colorMode": "background", "graphMode": "area",
                         "justifyMode": "auto", "textMode": text_mode, "orientation": "auto",
                         "reduceOptions": {"calcs": ["lastNotNull"], "fields": "",
@@ -127,11 +127,13 @@ def quantile(q: float, bucket: str, by: str = "le") -> str:
 
 # --- On-call (one pod, or the pods picked in $instance) ---------------------------------------
 
-SUCCESS = (f'sum(rate(tts_http_requests_total{{{TTS}, code=~"2.."}}{W}))\n'
-           f"/ sum({RATE_TTS})")
+# Denominators are kept only above 0: no traffic (or nothing but shed) reads as the panel's
+# "no value" text, not as NaN.
+SUCCESS = (f'(sum(rate(tts_http_requests_total{{{TTS}, code=~"2.."}}{W}))\n'
+           f" or sum({RATE_TTS}) * 0)\n/ (sum({RATE_TTS}) > 0)")
 AVAILABILITY = (f"1 - (\n  sum(rate(tts_http_requests_total{{{FAILED}}}{W}))\n"
                 f"  or sum({RATE_TTS}) * 0\n)\n"
-                f'/ sum(rate(tts_http_requests_total{{{TTS}, error!~"{SHED}"}}{W}))')
+                f'/ (sum(rate(tts_http_requests_total{{{TTS}, error!~"{SHED}"}}{W})) > 0)')
 GATE_CLOSED_FOR = (f"(time() - tts_ingress_last_transition_timestamp_seconds{{{INST}}})\n"
                    f"and on (instance, job) (tts_ingress_open{{{INST}}} == 0)")
 TOP = [
@@ -169,7 +171,8 @@ TOP = [
                    (f"sum by (error) (rate(tts_http_requests_total{{{FAILED}}}{W}))",
                     "failed {{error}}")),
                "reqps", width=12, stack=True,
-               colors={"served": GREEN, "shed .*": ORANGE, "failed .*": RED}),
+               colors={"served": GREEN, "shed .*": ORANGE, "failed .*": RED},
+               no_value="no /v1/tts traffic"),
     timeseries("Error budget burn rate", "Failed / not shed, over the 0.5 % budget, per "
                "window of the paging pairs: above 14.4 on 1 h and 5 min (or 6 on 6 h and "
                "30 min) TTSAvailabilityBudgetBurnFast fires.", targets(*[
@@ -191,17 +194,19 @@ SYSTEM = [
                    (f"tts_gpu_memory_total_bytes{{{INST}}}", "{{instance}} GPU {{gpu}} total"),
                    (f"tts_gpu_process_memory_bytes{{{INST}}}", "GPU {{gpu}} pid {{pid}}"),
                    (f"tts_app_gpu_memory_reserved_bytes{{{INST}}}",
-                    "app reserved {{device}}")), "bytes", width=8),
+                    "app reserved {{device}}")), "bytes", width=8,
+               no_value="no GPU readings"),
     timeseries("Gate timeline", "1 while open; each closing reason is drawn as its own 1.",
                targets((f"tts_ingress_open{{{INST}}}", "{{instance}} open"),
                        (f"tts_ingress_closed_reason{{{INST}}}", "closed by {{reason}}")),
-               "none", width=8, hi=1.2, colors={".* open": GREEN, "closed by .*": RED}),
+               "none", width=8, hi=1.2, colors={".* open": GREEN, "closed by .*": RED},
+               no_value="no gate readings"),
     stat("App", "The sidecar's probe of the app's /status (TTSAppDown).",
          targets((f"tts_app_up{{{INST}}}", "{{instance}}")), "none",
          steps((RED, None), (GREEN, 1)), mappings=one_zero("up", "DOWN"), height=6),
     stat("App restarts (30 min)", "TTSAppRestarting fires at 3.",
          targets((f"increase(tts_app_restarts_total{{{INST}}}[30m])", "{{instance}}")), "none",
-         steps((GREEN, None), (ORANGE, 1), (RED, 3)), height=6),
+         steps((GREEN, None), (ORANGE, 1), (RED, 3)), height=6, no_value="no restart"),
     stat("GPU telemetry", "0: no fresh GPU reading, the VRAM gate is blind.",
          targets((f"tts_gpu_up{{{INST}}}", "{{instance}}")), "none",
          steps((RED, None), (GREEN, 1)), height=6),
@@ -230,8 +235,9 @@ SERVICE = [
                colors={"2.. none": GREEN, "5.. .*": RED, "4.. .*": ORANGE}),
     timeseries("5xx ratio", "5xx / all requests (gate 503s included; the availability panel "
                "leaves them out).", targets((
-                   f'sum(rate(tts_http_requests_total{{{INST}, {PROBES}, code=~"5.."}}{W}))\n'
-                   f"/ sum(rate(tts_http_requests_total{{{INST}, {PROBES}}}{W}))", "5xx")),
+                   f'(sum(rate(tts_http_requests_total{{{INST}, {PROBES}, code=~"5.."}}{W}))\n'
+                   f" or sum(rate(tts_http_requests_total{{{INST}, {PROBES}}}{W})) * 0)\n"
+                   f"/ (sum(rate(tts_http_requests_total{{{INST}, {PROBES}}}{W})) > 0)", "5xx")),
                "percentunit", hi=1, thresholds=steps((GREEN, None), (RED, 0.05)),
                no_value="no requests"),
     timeseries("Latency P50 / P99 by route", "", targets(
@@ -247,7 +253,7 @@ SERVICE = [
                    (f"sum(tts_requests_queue_size{{{INST}}})", "queue slots"),
                    (f"sum(tts_requests_running{{{INST}}})", "running"),
                    (f"sum(tts_requests_queue_limit{{{INST}}})", "429 limit")), "short",
-               colors={"queue slots": ORANGE, "429 limit": RED}),
+               colors={"queue slots": ORANGE, "429 limit": RED}, no_value="no /status"),
     timeseries("Queue wait and time to first audio", "P50/P99 of the wait for a model "
                "instance and of the first streamed chunk.", targets(
                    (quantile(0.5, f"tts_queue_wait_seconds_bucket{{{INST}}}"), "queue wait p50"),
@@ -255,7 +261,7 @@ SERVICE = [
                    (quantile(0.5, f"tts_time_to_first_audio_seconds_bucket{{{INST}}}"),
                     "first audio p50"),
                    (quantile(0.99, f"tts_time_to_first_audio_seconds_bucket{{{INST}}}"),
-                    "first audio p99")), "s"),
+                    "first audio p99")), "s", no_value="no syntheses"),
 ]
 
 BUSINESS = [
@@ -277,8 +283,9 @@ BUSINESS = [
         (quantile(0.5, f"tts_text_length_chars_bucket{{{INST}}}"), "p50"),
         (quantile(0.99, f"tts_text_length_chars_bucket{{{INST}}}"), "p99")), "none"),
     timeseries("Cache hit ratio", "Syntheses served from the audio cache / all syntheses.",
-               targets((f"sum(rate(tts_cache_hits_total{{{INST}}}{W}))\n"
-                        f"/ sum(rate(tts_cache_lookups_total{{{INST}}}{W}))", "hit ratio")),
+               targets((f"(sum(rate(tts_cache_hits_total{{{INST}}}{W}))\n"
+                        f" or sum(rate(tts_cache_lookups_total{{{INST}}}{W})) * 0)\n"
+                        f"/ (sum(rate(tts_cache_lookups_total{{{INST}}}{W})) > 0)", "hit ratio")),
                "percentunit", hi=1, no_value="no syntheses"),
     timeseries("Real-time factor", "Seconds of compute per second of fresh audio (cache hits "
                "excluded); above 1 the service is slower than speech.", targets((
@@ -316,7 +323,8 @@ SIDECAR = [
         (f"sum by (collector) (rate(tts_exporter_collector_errors_total{{{INST}}}{W}))",
          "{{collector}} errors"),
         (f"sum by (family, label) (rate(tts_exporter_label_overflow_total{{{INST}}}{W}))",
-         "overflow {{family}} {{label}}")), "ops", width=5, height=7),
+         "overflow {{family}} {{label}}")), "ops", width=5, height=7,
+        no_value="no errors"),
     timeseries("Gate transitions", "", targets(
         (f"sum by (to) (increase(tts_ingress_transitions_total{{{INST}}}{W}))", "to {{to}}")),
         "none", width=5, height=7),
@@ -373,8 +381,8 @@ FLEET = [
     per_replica(timeseries("/v1/tts failed (of not shed)", "Failed / (all - shed), per "
                            "replica.", targets((
                                f"sum by (instance) (rate(tts_http_requests_total{{{FAILED}}}"
-                               f"{W}))\n/ sum by (instance) (rate(tts_http_requests_total"
-                               f'{{{TTS}, error!~"{SHED}"}}{W}))', "{{instance}}")),
+                               f"{W}))\n/ (sum by (instance) (rate(tts_http_requests_total"
+                               f'{{{TTS}, error!~"{SHED}"}}{W})) > 0)', "{{instance}}")),
                            "percentunit", hi=1, thresholds=steps((GREEN, None), (RED, 0.005)),
                            no_value="no failures")),
     per_replica(timeseries("/v1/tts shed", "429 and gate 503 per second, per replica.",
@@ -384,7 +392,8 @@ FLEET = [
     per_replica(timeseries("Queue fill", "Waiting / queue slots; 1 = next request gets 429.",
                            targets((f"tts_requests_waiting{{{INST}}} / (tts_requests_queue_size"
                                     f"{{{INST}}} > 0)", "{{instance}}")), "percentunit", hi=1,
-                           thresholds=steps((GREEN, None), (ORANGE, 0.5), (RED, 1)))),
+                           thresholds=steps((GREEN, None), (ORANGE, 0.5), (RED, 1)),
+                           no_value="no queue size on /status")),
 ]
 
 GATE_ANNOTATION = {
