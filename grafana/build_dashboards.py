@@ -134,8 +134,12 @@ SUCCESS = (f'(sum(rate(tts_http_requests_total{{{TTS}, code=~"2.."}}{W}))\n'
 AVAILABILITY = (f"1 - (\n  sum(rate(tts_http_requests_total{{{FAILED}}}{W}))\n"
                 f"  or sum({RATE_TTS}) * 0\n)\n"
                 f'/ (sum(rate(tts_http_requests_total{{{TTS}, error!~"{SHED}"}}{W})) > 0)')
+# The gate stats read series that never vanish while the gate is open (0 instead), so neither
+# Grafana's "last not null" nor a range query keeps showing a closing that is over.
 GATE_CLOSED_FOR = (f"(time() - tts_ingress_last_transition_timestamp_seconds{{{INST}}})\n"
-                   f"and on (instance, job) (tts_ingress_open{{{INST}}} == 0)")
+                   f"* on (instance, job) (1 - tts_ingress_open{{{INST}}})")
+GATE_REASONS = (f"tts_ingress_closed_reason{{{INST}}}\n"
+                f"or last_over_time(tts_ingress_closed_reason{{{INST}}}[1h]) * 0")
 TOP = [
     row("Health: /v1/tts and the gate"),
     stat("/v1/tts success", "Share of POST /v1/tts answered 2xx: what clients got, shed "
@@ -156,12 +160,16 @@ TOP = [
     stat("Ingress gate", "1 = open. Closed: the app answers 503 INGRESS_CLOSED to /v1/tts.",
          targets((f"tts_ingress_open{{{INST}}}", "{{instance}}")), "none",
          steps((RED, None), (GREEN, 1)), mappings=one_zero("open", "CLOSED")),
-    stat("Gate closed since", "How long the gate has been closed (empty while open).",
+    stat("Gate closed since", "How long the gate has been closed (0: open).",
          targets((GATE_CLOSED_FOR, "{{instance}}")), "s",
-         steps((ORANGE, None), (RED, 600)), no_value="open"),
-    stat("Gate closed by", "Each reason keeping the gate closed: vram, alert:<name>, manual.",
-         targets((f"tts_ingress_closed_reason{{{INST}}} == 1", "{{instance}} {{reason}}")),
-         "none", steps((RED, None)), no_value="no reason: open", text_mode="name"),
+         steps((GREEN, None), (ORANGE, 1), (RED, 600)),
+         mappings=[{"type": "value", "options": {"0": {"text": "open", "color": GREEN,
+                                                       "index": 0}}}]),
+    stat("Gate closed by", "Each reason of the last hour: closing the gate now (red) or lifted "
+         "(green); vram, alert:<name>, manual.",
+         targets((GATE_REASONS, "{{instance}} {{reason}}")), "none",
+         steps((GREEN, None), (RED, 1)), mappings=one_zero("closing", "lifted"),
+         no_value="no reason in the last hour"),
     timeseries("/v1/tts answers: served, shed, failed", "Requests per second to POST "
                "/v1/tts by the shed/failed rule of the SLOs; the error label is the app's "
                "code.", targets(
@@ -281,7 +289,7 @@ BUSINESS = [
         "s", stack=True),
     timeseries("Text length", "Characters per synthesis request.", targets(
         (quantile(0.5, f"tts_text_length_chars_bucket{{{INST}}}"), "p50"),
-        (quantile(0.99, f"tts_text_length_chars_bucket{{{INST}}}"), "p99")), "none"),
+        (quantile(0.99, f"tts_text_length_chars_bucket{{{INST}}}"), "p99")), "suffix: chars"),
     timeseries("Cache hit ratio", "Syntheses served from the audio cache / all syntheses.",
                targets((f"(sum(rate(tts_cache_hits_total{{{INST}}}{W}))\n"
                         f" or sum(rate(tts_cache_lookups_total{{{INST}}}{W})) * 0)\n"
@@ -366,9 +374,9 @@ FLEET = [
     row("Per replica (click a line for its on-call dashboard)"),
     per_replica(timeseries("Gate open", "1 open, 0 closed; reasons below.", targets(
         (f"tts_ingress_open{{{INST}}}", "{{instance}}")), "none", width=8, hi=1.2)),
-    per_replica(timeseries("Gate closed by", "", targets(
-        (f"tts_ingress_closed_reason{{{INST}}} == 1", "{{instance}} {{reason}}")), "none",
-        width=8, hi=1.2, no_value="every gate open")),
+    per_replica(timeseries("Gate closed by", "1 while the reason closes the gate.", targets(
+        (GATE_REASONS, "{{instance}} {{reason}}")), "none", width=8, hi=1.2,
+        no_value="no reason in the last hour")),
     per_replica(timeseries("VRAM (fullest GPU)", "", targets(
         (f"max by (instance) (gpu:tts_gpu_memory_used:ratio{{{INST}}})", "{{instance}}")),
         "percentunit", width=8, hi=1,
@@ -398,15 +406,18 @@ FLEET = [
 
 GATE_ANNOTATION = {
     "name": "Ingress gate", "datasource": DS, "enable": True, "iconColor": RED,
-    # Only closings and the openings that follow one: a sidecar's start-up sets the gate
-    # open without a transition, so it draws nothing.
-    "expr": (f"(\n  label_replace(tts_ingress_open{{{INST}}} == 0, \"state\", \"closed\", "
-             f"\"\", \"\")\n"
+    # One mark per transition, at its own time (useValueForTime). The sidecar's start-up sets
+    # the timestamp without a transition: nothing is drawn until the first real one.
+    "expr": (f"tts_ingress_last_transition_timestamp_seconds{{{INST}}} * 1000\n"
+             f"* on (instance, job) group_left (state) (\n"
+             f"    label_replace(tts_ingress_open{{{INST}}} == 0, \"state\", \"closed\", \"\", "
+             f"\"\") + 1\n"
              f"  or label_replace(tts_ingress_open{{{INST}}} == 1, \"state\", \"opened\", \"\", "
              f"\"\")\n)\n"
-             f"and on (instance, job) (changes(tts_ingress_open{{{INST}}}[$__rate_interval]) > 0)"),
-    "step": "$__interval", "titleFormat": "Ingress {{state}}", "textFormat": "{{instance}}",
-    "tagKeys": "state,instance"}
+             f"and on (instance, job) (sum by (instance, job) "
+             f"(tts_ingress_transitions_total{{{INST}}}) > 0)"),
+    "step": "$__interval", "useValueForTime": True, "titleFormat": "Ingress {{state}}",
+    "textFormat": "{{instance}}", "tagKeys": "state,instance"}
 BUILTIN_ANNOTATION = {"builtIn": 1, "datasource": {"type": "grafana", "uid": "-- Grafana --"},
                       "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)",
                       "name": "Annotations & Alerts", "type": "dashboard"}
