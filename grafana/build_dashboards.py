@@ -138,8 +138,10 @@ AVAILABILITY = (f"1 - (\n  sum(rate(tts_http_requests_total{{{FAILED}}}{W}))\n"
 # Grafana's "last not null" nor a range query keeps showing a closing that is over.
 GATE_CLOSED_FOR = (f"(time() - tts_ingress_last_transition_timestamp_seconds{{{INST}}})\n"
                    f"* on (instance, job) (1 - tts_ingress_open{{{INST}}})")
-GATE_REASONS = (f"tts_ingress_closed_reason{{{INST}}}\n"
-                f"or last_over_time(tts_ingress_closed_reason{{{INST}}}[1h]) * 0")
+# Both sides keep the same labels (no metric name), so a lifted reason continues its own series.
+GATE_REASONS = (f"max by (instance, job, reason) (tts_ingress_closed_reason{{{INST}}})\n"
+                f"or max by (instance, job, reason) "
+                f"(last_over_time(tts_ingress_closed_reason{{{INST}}}[1h])) * 0")
 TOP = [
     row("Health: /v1/tts and the gate"),
     stat("/v1/tts success", "Share of POST /v1/tts answered 2xx: what clients got, shed "
