@@ -34,6 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.external]
 RATE_INTERVAL = "10s"
 WITHIN_S = 60.0
 DASHBOARD = json.loads((REPO / "grafana" / "dashboards" / "tts-oncall.json").read_text())
+(GATE_ANNOTATION,) = [a["expr"].replace("$instance", ".*")
+                      for a in DASHBOARD["annotations"]["list"] if "expr" in a]
 
 
 def panel_queries(title: str) -> list[str]:
@@ -109,6 +111,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         yield running
 
 
+def test_the_gate_annotation_marks_no_opening_at_start_up(stack: Any) -> None:
+    """The sidecar's start-up sets the gate open without a transition: no mark (the old
+    annotation drew a spurious "opened")."""
+    assert stack.query(GATE_ANNOTATION) == []
+
+
 def test_vram_crossing_shows_on_the_top_row_and_clears(stack: Any) -> None:
     started = time.monotonic()
     stack.set_vram(0.95)
@@ -131,6 +139,7 @@ def test_vram_crossing_shows_on_the_top_row_and_clears(stack: Any) -> None:
     within("every reason lifted", lambda: set(panel(stack, "Gate closed by").values()) == {0},
            ended)
     within("closed since back at 0 (open)", lambda: value(stack, "Gate closed since") == 0, ended)
+    assert stack.query(GATE_ANNOTATION)           # the transitions are marked
     within("/v1/tts success back at 100 %", lambda: value(stack, "/v1/tts success") == 1.0,
            ended)
     within("the 5xx ratio back at 0", lambda: value(stack, "5xx ratio") == 0, ended)
