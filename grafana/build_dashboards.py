@@ -170,7 +170,9 @@ TOP = [
     stat("Gate closed by", "Each reason of the last hour: closing the gate now (red) or lifted "
          "(green); vram, alert:<name>, manual.",
          targets((GATE_REASONS, "{{instance}} {{reason}}")), "none",
-         steps((GREEN, None), (RED, 1)), mappings=one_zero("closing", "lifted"),
+         steps((GREEN, None), (RED, 1)), mappings=[{"type": "value", "options": {
+             "1": {"text": "closing", "color": RED, "index": 0},
+             "0": {"text": "lifted", "color": GREEN, "index": 1}}}],
          no_value="no reason in the last hour"),
     timeseries("/v1/tts answers: served, shed, failed", "Requests per second to POST "
                "/v1/tts by the shed/failed rule of the SLOs; the error label is the app's "
