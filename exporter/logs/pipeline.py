@@ -76,6 +76,8 @@ texts are ``longer``, a line without ``text_len`` is ``unknown``."""
 
 
 def error_label(code: object, status: object) -> str:
+    """The ``error`` label of an http_request line: its app error code, ``none`` for a line
+    without one that did not fail, ``other`` for anything else (never a new value)."""
     if code is None or code == "":
         failed = str(status)[:1] in ("4", "5")
         return "other" if failed else "none"
