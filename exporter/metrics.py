@@ -556,8 +556,10 @@ class SidecarMetrics:
 
         # --- Service layer: HTTP as the app logged it, queue as /status reports it.
         self.http_requests = m.counter("tts_http_requests_total",
-                                       "HTTP requests the app served, by route template and "
-                                       "status code.", ["method", "route", "code"])
+                                       "HTTP requests the app served, by route template, "
+                                       "status code and the app's error code ('none' on "
+                                       "success, 'other' for a code the app does not define).",
+                                       ["method", "route", "code", "error"])
         self.http_duration = m.histogram("tts_http_request_duration_seconds",
                                          "HTTP request latency as the app measured it, seconds.",
                                          ["route"], duration_buckets_s)
@@ -566,7 +568,14 @@ class SidecarMetrics:
         self.requests_running = m.gauge("tts_requests_running",
                                         "Requests being synthesised now.")
         self.requests_capacity = m.gauge("tts_requests_capacity",
-                                         "Queue capacity; beyond it the app answers 429.")
+                                         "Model instances: requests that can be synthesised "
+                                         "at once.")
+        self.queue_size = m.gauge("tts_requests_queue_size",
+                                  "Requests that may wait for a model instance (/status "
+                                  "queue_size).")
+        self.queue_limit = m.gauge("tts_requests_queue_limit",
+                                   "Requests admitted at once (running + waiting, /status "
+                                   "queue_limit); the next one gets 429 QUEUE_FULL.")
 
         # --- Business layer: syntheses, stages, text, cache, audio.
         self.syntheses = m.counter("tts_syntheses_total",
@@ -575,7 +584,9 @@ class SidecarMetrics:
                                    "when the log line does not say).",
                                    ["status", "error_code", "model_version"])
         self.synthesis_duration = m.histogram("tts_synthesis_duration_seconds",
-                                              "End-to-end synthesis time, seconds.", (),
+                                              "End-to-end synthesis time, seconds, by text "
+                                              "length class (characters: 100, 400, 2000, "
+                                              "longer, unknown).", ["length_class"],
                                               duration_buckets_s)
         self.stage_duration = m.histogram("tts_stage_duration_seconds",
                                           "Time spent in one model stage, seconds.", ["stage"],

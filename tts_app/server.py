@@ -190,6 +190,11 @@ STREAM_ABORTED: Any = web.RequestKey("stream_aborted", AppError) \
 _ID_PREFIX = os.urandom(8).hex()
 _ID_COUNTER = itertools.count(1)
 
+# The error table's code of an error response, for its http_request line (the sidecar splits
+# shed from failed requests by it).
+ERROR_CODE: Any = web.ResponseKey("error_code", str) if hasattr(web, "ResponseKey") \
+    else "error_code"
+
 
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("X-Request-ID", "")
@@ -216,16 +221,20 @@ def error_response(exc: AppError, request_id: str, default_retry: int) -> web.Re
     headers = {"Content-Type": _JSON}
     if exc.spec.retryable:
         headers["Retry-After"] = str(exc.retry_after_s or default_retry)
-    return web.Response(status=exc.status, body=body, headers=headers)
+    response = web.Response(status=exc.status, body=body, headers=headers)
+    response[ERROR_CODE] = exc.code
+    return response
 
 
 def _log_request(state: AppState, request: web.Request, request_id: str, route: str,
-                 status: int, started: float) -> None:
+                 status: int, started: float, response: web.StreamResponse | None = None) -> None:
     # A stream that failed after its 200 headers is logged with the status its error would
     # have had, so the service-layer error ratio counts it; status_sent is what went out.
     aborted: AppError | None = request.get(STREAM_ABORTED)
     extra: dict[str, Any] = {} if aborted is None else {
         "outcome": "aborted", "error_code": aborted.code, "status_sent": status}
+    if aborted is None and response is not None and ERROR_CODE in response:
+        extra["error_code"] = response[ERROR_CODE]
     state.log.event("http_request", request_id, method=request.method, route=route,
                     status=status if aborted is None else aborted.status,
                     duration_ms=round((time.perf_counter() - started) * 1000, 3), **extra)
@@ -275,7 +284,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
     if not response.prepared:
         response.headers["X-Request-ID"] = request_id
-    _log_request(state, request, request_id, route, response.status, started)
+    _log_request(state, request, request_id, route, response.status, started, response)
     return response
 
 

@@ -9,6 +9,13 @@ script's output.
 
     python config/kubernetes/gen_manifests.py          # rewrite the generated files
     python config/kubernetes/gen_manifests.py --check  # exit 1 if they are out of date
+    python config/kubernetes/gen_manifests.py --runbook-base-url \
+        https://git.example.com/ops/tts-sentinel/-/blob/main/alerts/runbooks.md
+
+The rules' ``runbook_url`` is ``alerts/runbooks.md#<alert>``, relative to the repository; the
+PrometheusRule gets ``<runbook base URL>#<alert>`` (the monitoring mixins' runbook URL pattern),
+so a deployment points its alerts at wherever it hosts the runbooks. The committed file uses
+the default, which keeps the repository-relative link.
 """
 
 from __future__ import annotations
@@ -91,8 +98,18 @@ def dump(documents: list[dict[str, Any]]) -> str:
                          allow_unicode=True)
 
 
-def prometheus_rule() -> str:
+RUNBOOKS = "alerts/runbooks.md"
+"""What the hand-written rules' runbook_url starts with, and the default base URL."""
+
+
+def prometheus_rule(runbook_base_url: str = RUNBOOKS) -> str:
     rules = yaml.safe_load((REPO / "alerts" / "tts.rules.yaml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            annotations = rule.get("annotations", {})
+            base, hash_, anchor = annotations.get("runbook_url", "").partition("#")
+            if base == RUNBOOKS and hash_:
+                annotations["runbook_url"] = f"{runbook_base_url}#{anchor}"
     doc = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
            "metadata": {"name": "tts-sentinel", "labels": {**LABELS, "release": "prometheus"}},
            "spec": {"groups": rules["groups"]}}
@@ -141,10 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
+    parser.add_argument("--runbook-base-url", default=RUNBOOKS, metavar="URL",
+                        help="where alerts/runbooks.md is served (default: %(default)s, "
+                             "relative to the repository)")
     args = parser.parse_args(argv)
     stale = []
     for filename, render in GENERATED.items():
-        path, text = HERE / filename, render()
+        path = HERE / filename
+        text = prometheus_rule(args.runbook_base_url) if render is prometheus_rule else render()
         if path.exists() and path.read_text() == text:
             continue
         stale.append(filename)

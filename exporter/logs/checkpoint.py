@@ -9,7 +9,7 @@ and nothing is counted twice, whatever moment the process died at.
 
 The file is JSON::
 
-    {"version": 3,
+    {"version": 4,
      "files": [{"path": "logs/tts-app.log", "dev": 2049, "ino": 131, "fingerprint": "9c1f…",
                 "fingerprint_len": 256, "offset": 52311}],
      "metrics": {"tts_exporter_log_lines": [[["parsed"], 812.0]], …}}
@@ -35,9 +35,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.logs.pipeline import error_label
+
 log = logging.getLogger("exporter.logs.checkpoint")
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 StateCheck = Callable[[object], None]
 """Raises ValueError, saying where, unless a checkpoint's ``metrics`` restore completely."""
@@ -54,11 +56,29 @@ def _label_added(family: str, value: str, first: bool) -> Callable[[dict[str, An
     return migrate
 
 
+def _error_and_length_class(metrics: dict[str, Any]) -> None:
+    """Version 3 added the ``error`` label to tts_http_requests (an old series gets what a line
+    without error_code gets: none, or other for a 4xx/5xx) and ``length_class`` to
+    tts_synthesis_duration_seconds (old series: unknown)."""
+    requests = metrics.get("tts_http_requests")
+    for sample in requests if isinstance(requests, list) else ():
+        if isinstance(sample, list) and sample and isinstance(sample[0], list) \
+                and len(sample[0]) == 3:
+            sample[0].append(error_label(None, sample[0][2]))
+    duration = metrics.get("tts_synthesis_duration_seconds")
+    series = duration.get("series") if isinstance(duration, dict) else None
+    for sample in series if isinstance(series, list) else ():
+        if isinstance(sample, list) and sample and sample[0] == []:
+            sample[0].append("unknown")
+
+
 MIGRATIONS: dict[int, Callable[[dict[str, Any]], None]] = {
     # Version 1 counted label overflows by label only, version 2 by family and label.
     1: _label_added("tts_exporter_label_overflow", "unknown", first=True),
     # Version 3 counts syntheses by the model version that ran them.
     2: _label_added("tts_syntheses", "unknown", first=False),
+    # Version 4 splits requests by the app's error code and latency by text length.
+    3: _error_and_length_class,
 }
 """``version: migrate(metrics)``, which turns that version's metrics into the next one's."""
 

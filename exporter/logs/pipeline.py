@@ -62,6 +62,36 @@ MAX_NUMBER = 1e15
 and small enough that no sum can reach infinity (2**64 observations of it stay below 2e34)."""
 
 
+APP_ERROR_CODES = frozenset({
+    "BAD_REQUEST", "TEXT_EMPTY", "TEXT_TOO_LONG", "BODY_TOO_LARGE", "REQUEST_TIMEOUT",
+    "TEXT_INVALID_CHARS", "VOICE_UNKNOWN", "LANG_UNSUPPORTED", "JOB_NOT_FOUND", "NOT_FOUND",
+    "METHOD_NOT_ALLOWED", "IDEMPOTENCY_CONFLICT", "QUEUE_FULL", "RATE_LIMITED",
+    "INGRESS_CLOSED", "GPU_OOM", "MODEL_ERROR", "MODEL_NOT_READY", "SHUTTING_DOWN", "INTERNAL"})
+"""The app's error table (tts_app/errors.py; the sidecar does not import the app, a unit test
+keeps the two equal): the values the ``error`` label of tts_http_requests_total may take, with
+``none`` (no error code on a success) and ``other`` (anything else), so the rules can tell shed
+requests from failed ones without log content choosing label values."""
+
+LENGTH_CLASSES = ((100, "100"), (400, "400"), (2000, "2000"))
+"""Upper bounds (characters) of the text length classes of the synthesis latency SLO; longer
+texts are ``longer``, a line without ``text_len`` is ``unknown``."""
+
+
+def error_label(code: object, status: object) -> str:
+    """The ``error`` label of an http_request line: its app error code, ``none`` for a line
+    without one that did not fail, ``other`` for anything else (never a new value)."""
+    if code is None or code == "":
+        failed = str(status)[:1] in ("4", "5")
+        return "other" if failed else "none"
+    return code if isinstance(code, str) and code in APP_ERROR_CODES else "other"
+
+
+def _length_class(text_len: float | None) -> str:
+    if text_len is None:
+        return "unknown"
+    return next((name for bound, name in LENGTH_CLASSES if text_len <= bound), "longer")
+
+
 class InvalidField(ValueError):
     """A field an event needs holds a value the pipeline cannot use."""
 
@@ -151,7 +181,7 @@ class LogPipeline:
             values_per_label=metrics_config.label_value_cap,
             value_max_bytes=metrics_config.label_value_max_bytes))
         m = metrics
-        self._method, self._route, self._code = m.http_requests.caps
+        self._method, self._route, self._code, self._error = m.http_requests.caps
         (self._duration_route,) = m.http_duration.caps
         self._status, self._error_code, self._model_version = m.syntheses.caps
         (self._cache_path,) = m.cache_usage.caps
@@ -243,9 +273,10 @@ class LogPipeline:
         route = _raw_label(fields.get("route") or fields.get("endpoint") or None, "route",
                            "unknown")
         status = _raw_label(fields.get("status"), "status", "")
+        error = error_label(fields.get("error_code"), status)
         m = self.metrics
         m.http_requests.inc((_label(self._method, method), _label(self._route, route),
-                             _label(self._code, status)))
+                             _label(self._code, status), _label(self._error, error)))
         if duration is not None:
             m.http_duration.observe((_label(self._duration_route, route),), duration / 1000.0,
                                     request_id)
@@ -280,7 +311,8 @@ class LogPipeline:
         if audio_kb is not None:
             m.audio_bytes.inc((), audio_kb * 1024)
         if duration is not None:
-            m.synthesis_duration.observe((), duration / 1000.0, request_id)
+            m.synthesis_duration.observe((_length_class(text_len),), duration / 1000.0,
+                                         request_id)
         if text_len is not None:
             m.text_length.observe((), text_len, request_id)
         if queue_ms is not None:

@@ -81,7 +81,8 @@ class AppGpu:
 
 
 # Optional non-negative counts the app may report; absent ones leave their series out.
-_COUNTS = (("log_write_errors", int), ("instances_healthy", int), ("instances_hung", int))
+_COUNTS = (("log_write_errors", int), ("instances_healthy", int), ("instances_hung", int),
+           ("queue_size", int), ("queue_limit", int))
 _OPTIONAL = frozenset(("pid", *(key for key, _ in _COUNTS)))
 
 
@@ -100,6 +101,8 @@ class AppStatus:
     instances_healthy: int | None = None
     instances_hung: int | None = None
     store: AppStore | None = None
+    queue_size: int | None = None
+    queue_limit: int | None = None
 
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
@@ -243,6 +246,12 @@ class AppProbe:
             m.requests_waiting.set((), float(status.waiting))
             m.requests_running.set((), float(status.running))
             m.requests_capacity.set((), float(status.capacity))
+            for family, value in ((m.queue_size, status.queue_size),
+                                  (m.queue_limit, status.queue_limit)):
+                if value is None:
+                    family.remove(())
+                else:
+                    family.set((), float(value))
             if restarted:
                 m.app_restarts.inc()
             if status.log_write_errors is not None:
@@ -305,7 +314,7 @@ class AppProbe:
             m.app_up.set((), 0.0)
             m.collector_errors.inc(("probe",))
             for family in (m.requests_waiting, m.requests_running, m.requests_capacity,
-                           m.app_store_up):
+                           m.app_store_up, m.queue_size, m.queue_limit):
                 family.remove(())
             m.app_instances.clear()
             self._drop_gpu_series()

@@ -50,6 +50,17 @@ async def test_validation_errors(start_app: StartApp, payload: dict[str, Any],
     assert len(app.records("http_request")) == 1
 
 
+async def test_http_request_line_names_the_error_code_and_no_code_on_success(
+        start_app: StartApp) -> None:
+    """Issue 19 #2: the sidecar tells shed from failed requests by this field."""
+    app = await start_app()
+    await expect_error(await app.client.post("/v1/tts", json={"text": ""}), "TEXT_EMPTY")
+    assert (await app.client.get("/healthz")).status == 200
+    lines = app.records("http_request")
+    assert [(r["status"], r.get("error_code")) for r in lines] == [(400, "TEXT_EMPTY"),
+                                                                   (200, None)]
+
+
 async def test_malformed_json_and_oversized_body(start_app: StartApp) -> None:
     app = await start_app()
     await expect_error(await app.client.post("/v1/tts", data=b"{not json"), "BAD_REQUEST")

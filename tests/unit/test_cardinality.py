@@ -103,7 +103,7 @@ def test_each_family_and_label_has_its_own_cap() -> None:
     p.process("a", b"".join(line(event="synthesis_complete", status=f"junk{i}")
                             for i in range(20)))
     p.process("a", line(event="http_request", method="GET", route="/v1/tts", status=200))
-    assert m.http_requests.values == {("GET", "/v1/tts", "200"): 1.0}
+    assert m.http_requests.values == {("GET", "/v1/tts", "200", "none"): 1.0}
     assert m.syntheses.get((OVERFLOW_LABEL_VALUE, "unknown", "unknown")) == 15
     assert m.label_overflow.get(("tts_syntheses_total", "status")) == 15
 

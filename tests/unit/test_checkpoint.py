@@ -429,3 +429,26 @@ def test_a_checkpoint_from_before_model_version_loads_with_it_unknown(rig: Rig) 
     assert not list(path.parent.glob("offsets.json.corrupt-*"))
     assert {labels[2] for labels in metrics.syntheses.values} == {"unknown"}
     assert totals(metrics) == totals(fresh)
+
+
+def test_a_version_3_checkpoint_gets_the_error_and_length_class_labels(rig: Rig) -> None:
+    """Issue 19 #2: version 3 had no `error` label on tts_http_requests_total and no
+    `length_class` on tts_synthesis_duration_seconds; its series take those labels' defaults
+    instead of failing the checkpoint's validation (which would re-read every log)."""
+    append(rig.log, [synthesis_lines(3)])
+    saved, _ = read_all(rig)
+    saved["version"] = 3
+    saved["metrics"]["tts_http_requests"] = [[["POST", "/v1/tts", "200"], 5.0],
+                                             [["POST", "/v1/tts", "503"], 2.0]]
+    durations = saved["metrics"]["tts_synthesis_duration_seconds"]
+    counts = [sum(column) for column in zip(*(s[1] for s in durations["series"]), strict=True)]
+    durations["series"] = [[[], counts, 0.3]]
+    path = Path(rig.config.checkpoint_path)
+    path.write_text(json.dumps(saved))
+    component, metrics = rig.pipeline_component()
+    component.step()
+    assert not list(path.parent.glob("offsets.json.corrupt-*"))
+    assert metrics.http_requests.values == {("POST", "/v1/tts", "200", "none"): 5.0,
+                                            ("POST", "/v1/tts", "503", "other"): 2.0}
+    assert metrics.synthesis_duration.count(("unknown",)) == 3
+    assert metrics.synthesis_duration.total(("unknown",)) == 0.3

@@ -13,7 +13,7 @@ from prometheus_client import generate_latest
 
 from exporter.config import Config, LogsConfig, MetricsConfig
 from exporter.logs.parsers import Record
-from exporter.logs.pipeline import LogPipeline
+from exporter.logs.pipeline import APP_ERROR_CODES, LogPipeline
 from exporter.metrics import CounterFamily, HistogramFamily, SidecarMetrics
 from exporter.server import build_registry
 
@@ -37,9 +37,43 @@ def test_http_request_counts_by_method_route_code_and_observes_latency() -> None
     p, m = pipeline()
     p.process("app.log", jline(event="http_request", request_id="r1", method="POST",
                                route="/v1/tts", status=200, duration_ms=250))
-    assert m.http_requests.get(("POST", "/v1/tts", "200")) == 1
+    assert m.http_requests.get(("POST", "/v1/tts", "200", "none")) == 1
     assert m.http_duration.count(("/v1/tts",)) == 1
     assert m.http_duration.total(("/v1/tts",)) == 0.25
+
+
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"status": 200}, "none"),
+    ({"status": 429, "error_code": "QUEUE_FULL"}, "QUEUE_FULL"),
+    ({"status": 503, "error_code": "INGRESS_CLOSED"}, "INGRESS_CLOSED"),
+    ({"status": 503, "error_code": "GPU_OOM", "outcome": "aborted"}, "GPU_OOM"),
+    ({"status": 502}, "other"),                          # a 5xx without a code is not "none"
+    ({"status": 503, "error_code": "X" * 300}, "other"),  # not the app's: no new label value
+    ({"status": 503, "error_code": 7}, "other"),
+])
+def test_http_request_error_label_is_the_apps_code_or_none_or_other(
+        fields: dict[str, Any], error: str) -> None:
+    """Issue 19 #2: shed (QUEUE_FULL, INGRESS_CLOSED, ...) and failed requests are told apart
+    by the app's error code; log content cannot add values beyond the error table."""
+    p, m = pipeline()
+    p.process("a", jline(event="http_request", method="POST", route="/v1/tts", **fields))
+    assert m.http_requests.values == {("POST", "/v1/tts", str(fields["status"]), error): 1.0}
+
+
+def test_app_error_codes_are_the_apps_error_table() -> None:
+    from tts_app.errors import ERRORS
+    assert set(ERRORS) == APP_ERROR_CODES
+
+
+@pytest.mark.parametrize(("text_len", "length_class"), [
+    (1, "100"), (100, "100"), (101, "400"), (400, "400"), (2000, "2000"), (2001, "longer"),
+    (None, "unknown")])
+def test_synthesis_latency_is_split_by_text_length_class(text_len: int | None,
+                                                         length_class: str) -> None:
+    p, m = pipeline()
+    p.process("a", jline(event="synthesis_complete", status="success", duration_ms=300,
+                         text_len=text_len))
+    assert list(m.synthesis_duration.series) == [(length_class,)]
 
 
 def test_synthesis_complete_feeds_business_metrics() -> None:
@@ -60,7 +94,8 @@ def test_synthesis_complete_feeds_business_metrics() -> None:
     # Real-time factor counts only syntheses the model did: not the cache hit, not failures.
     assert m.synthesis_seconds.get(()) == 0.5
     assert m.audio_seconds.get(()) == 2.0
-    assert m.synthesis_duration.count() == 3
+    assert m.synthesis_duration.count(("100",)) == 2
+    assert m.synthesis_duration.count(("longer",)) == 1
     assert m.text_length.count() == 3
     assert m.log_records.get(("ERROR", "SCIPY_FFT_INVALID")) == 1
 
@@ -135,7 +170,7 @@ def test_exemplars_carry_request_ids() -> None:
     p, m = pipeline()
     p.process("a", jline(event="synthesis_complete", request_id="req-42", status="success",
                          duration_ms=700))
-    series = m.synthesis_duration.series[()]
+    series = m.synthesis_duration.series[("unknown",)]
     assert [e[0] for e in series.exemplars if e] == ["req-42"]
 
 
@@ -197,7 +232,7 @@ def test_a_list_or_object_label_value_makes_only_its_line_invalid(bad: dict[str,
     p.process("a", good[0] + good[1] + jline(level="ERROR", **bad) + good[2] + good[3])
     assert outcomes(m) == {"parsed": 6, "invalid_field": 2}
     assert m.syntheses.get(("success", "none", "unknown")) == 6
-    assert m.synthesis_duration.count() == 6
+    assert m.synthesis_duration.count(("100",)) == 6
     assert m.log_records.values == {}            # the ERROR lines were not counted either
     good_only, expected = pipeline()
     good_only.process("a", b"".join(good[:2]) * 3)
@@ -209,7 +244,7 @@ def test_null_label_values_count_as_missing_ones() -> None:
     p.process("a", jline(event="http_request", method=None, route=None, status=None)
                + jline(event="synthesis_complete", level="ERROR", status=None, error_code=None))
     assert outcomes(m) == {"parsed": 2}
-    assert m.http_requests.values == {("", "unknown", ""): 1.0}
+    assert m.http_requests.values == {("", "unknown", "", "none"): 1.0}
     assert m.syntheses.values == {("unknown", "unknown", "unknown"): 1.0}
     assert m.log_records.values == {("ERROR", "none"): 1.0}
 

@@ -261,6 +261,9 @@ async def test_model_instances_by_state_are_exported_and_dropped_with_the_app(
         fake.body = {**fake.body, "instances_hung": bad}
         await probe.probe_once()
         assert m.app_up.get() == 0.0 and m.app_instances.values == {}   # not a fact any more
+    await probe.stop()
+
+
 async def test_the_apps_store_health_and_fallbacks_are_exported(
         app_server: tuple[FakeApp, TestServer]) -> None:
     fake, server = app_server
@@ -277,4 +280,20 @@ async def test_the_apps_store_health_and_fallbacks_are_exported(
         await probe.probe_once()
         assert m.app_up.get() == 0.0 and m.app_store_up.get() is None
         assert m.app_store_fallbacks.get() == 42
+
+
+async def test_queue_size_and_limit_are_exported_when_status_has_them(
+        app_server: tuple[FakeApp, TestServer]) -> None:
+    """Issue 19 #1: tts_requests_capacity is the model instances; 429 starts at
+    queue_limit (instances + queue_size), which the Queue panel and TTSQueueBacklog need."""
+    fake, server = app_server
+    probe, m = await started_probe(server)
+    assert not m.queue_limit.values              # an app without the field: no series
+    fake.body.update(capacity=2, queue_size=16, queue_limit=18)
+    await probe.probe_once()
+    assert (m.requests_capacity.get(), m.queue_size.get(), m.queue_limit.get()) == \
+        (2.0, 16.0, 18.0)
+    fake.status = 500
+    await probe.probe_once()
+    assert not m.queue_size.values and not m.queue_limit.values
     await probe.stop()
