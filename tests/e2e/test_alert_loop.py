@@ -43,7 +43,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield running
 
 
+def gateway_line(status: str, upstream: str) -> str:
+    """One access-log line as nginx writes it with the shipped ``log_format tts_gateway``."""
+    return json.dumps({
+        "event": "gateway_request", "time": time.strftime("%Y-%m-%dT%H:%M:%S+00:00",
+                                                          time.gmtime()),
+        "request_id": f"gw{time.monotonic_ns()}", "method": "POST", "uri": "/v1/tts",
+        "status": status, "upstream_status": upstream, "request_time": "0.020",
+        "upstream_response_time": "0.015" if upstream != "-" else "-",
+        "upstream_connect_time": "0.001", "body_bytes_sent": "4096",
+        "upstream_addr": "127.0.0.1:8080"}) + "\n"
+
+
 def send_traffic(stack: Any) -> None:
+    # The gateway's access log beside the app's (no nginx in this stack; the real one is
+    # tests/deploy/test_gateway_nginx.py): its recording rules and panels need requests too.
+    with (stack.workdir / "logs" / "gateway.access.log").open("a") as log:
+        log.writelines([gateway_line("200", "200")] * 5 + [gateway_line("502", "-")])
     for i in range(6):
         assert stack.synthesize(f"Traffic sentence number {i}.")[0] == 200
     assert stack.synthesize("Traffic sentence number 0.")[0] == 200  # a cache hit
