@@ -31,6 +31,13 @@ metric. Syntheses without ``model_version`` count as ``unknown``. Each line is
 validated whole before any metric changes, so a line counts completely or not at all.
 Continuation lines (tracebacks) change no metric, so no per-source state is needed and
 :meth:`LogPipeline.forget` has nothing to drop;
+IndexTTS text lines are recognised by compiled code (``Classifier`` in
+exporter/analyze/_scan.c, the recogniser analyze's scanner uses), which hands each line whose
+shape fixes its meaning to the same handlers as (level, event, fields) — only the fields in
+:data:`READ_FIELDS`, numbers already converted where ``float()`` gives the same — so the
+per-line regex and dict work is gone; every other line goes through :class:`RecordParser`
+in its place, as all lines do where the extension is not built (tests/unit/
+test_pipeline_native.py checks that both give identical metrics);
 ``on_records`` receives, once per chunk, the record lines that carry a request id (not their
 tracebacks) with their id, event and status; ``RecordParser`` parses them again when needed.
 """
@@ -39,13 +46,31 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.config import LogsConfig, MetricsConfig
-from exporter.logs.parsers import MalformedLine, RecordParser, convert_value
+from exporter.logs.parsers import LEVEL_ALIASES, MalformedLine, RecordParser, convert_value
 from exporter.metrics import LabelCap, SeriesLimits, SidecarMetrics
 
+if TYPE_CHECKING:
+    from exporter.analyze._scan import ClassifiedLine
+
+try:
+    from exporter.analyze._scan import Classifier
+except ImportError:     # a source tree whose C part was never built: the parser reads every line
+    Classifier = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger("exporter.logs.pipeline")
+
+NUMBER_FIELDS = ("duration_ms", "text_len", "audio_duration_ms", "queue_ms", "audio_size_kb",
+                 "rms", "spectral_centroid", "used_percent")
+"""Fields the handlers read with :func:`_number`."""
+LABEL_FIELDS = ("status", "error_code", "warning_code", "model_version", "method", "route",
+                "endpoint", "stage", "path", "cache_hit", "cache_saved", "fallback_used")
+"""Fields whose few values recur (labels, flags)."""
+READ_FIELDS = ("id", "text", *NUMBER_FIELDS, *LABEL_FIELDS)
+"""Every field a handler (or ``process``) reads: the only ones the classifier extracts, so a
+handler that reads a new field needs it here (tests/unit/test_pipeline_native.py checks)."""
 
 KeptLine = tuple[object, str, str, object]
 """(request id, event, line, status field) of a record line that carries a request id."""
@@ -141,6 +166,7 @@ class LogPipeline:
         metrics_config: MetricsConfig,
         on_records: RecordCallback | None = None,
         count_restarts: bool = True,
+        native: bool = True,
     ) -> None:
         self.metrics = metrics
         self.parser = RecordParser(logs.aliases)
@@ -168,35 +194,48 @@ class LogPipeline:
             "cache_health": self._cache_usage,
             "cache_dir_usage": self._cache_usage,
         }
+        tables = self.parser.name_tables(READ_FIELDS, self._handlers)
+        self._classifier = (
+            Classifier(*tables, NUMBER_FIELDS, LABEL_FIELDS, LEVEL_ALIASES)
+            if native and Classifier is not None and tables is not None else None)
 
     def forget(self, source: str) -> None:
         """Nothing is kept per source: records are complete on their first line."""
 
     def process(self, source: str, data: bytes) -> None:
         """Count every complete line in ``data`` (caller holds the metrics lock)."""
-        text = data.decode("utf-8", "replace")
-        if "\r" in text:
-            text = text.replace("\r\n", "\n")
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        parsed_lines = continuation = malformed = 0
+        items: list[str | ClassifiedLine]
+        if self._classifier is not None:
+            items, continuation = self._classifier.classify(data)
+        else:
+            text = data.decode("utf-8", "replace")
+            if "\r" in text:
+                text = text.replace("\r\n", "\n")
+            items = text.split("\n")  # type: ignore[assignment]
+            if items and items[-1] == "":
+                items.pop()
+            continuation = 0
+        parsed_lines = malformed = 0
         other: dict[str, int] = {}
         fields_of = self.parser.fields
         json_fields = self.parser.json_fields  # most lines: skip fields()' dispatch
         handlers = self._handlers
         on_records = self.on_records
         keep: list[KeptLine] = []
-        for line in lines:
-            try:
-                parsed = json_fields(line) if line[:1] == "{" else fields_of(line)
-            except MalformedLine:
-                malformed += 1
-                continue
-            if parsed is None:
-                continuation += 1
-                continue
-            level, event, fields = parsed
+        for item in items:
+            if isinstance(item, str):  # a line for the parser
+                line = item
+                try:
+                    parsed = json_fields(line) if line[:1] == "{" else fields_of(line)
+                except MalformedLine:
+                    malformed += 1
+                    continue
+                if parsed is None:
+                    continuation += 1
+                    continue
+                level, event, fields = parsed
+            else:  # what the classifier read: the same values as the parser's
+                level, event, fields, line = item
             request_id = fields.get("id")
             if request_id and on_records is not None:
                 keep.append((request_id, event, line, fields.get("status")))
