@@ -93,12 +93,12 @@ class InvalidField(ValueError):
 
 def _number(fields: dict[str, Any], name: str) -> float | None:
     value: Any = fields.get(name)
+    if value is None:  # most of the optional numbers, most of the time
+        return None
     kind = type(value)
     number: float
-    if kind is int or kind is float:
+    if kind is float or kind is int:
         number = value
-    elif value is None:
-        return None
     elif kind is str:
         try:
             number = float(value)  # text format: "523"
