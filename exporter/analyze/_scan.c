@@ -1,4 +1,6 @@
-/* Compiled chunk scanner for `tts-exporter analyze` (module exporter.analyze._scan).
+/* Compiled chunk scanner for `tts-exporter analyze` (module exporter.analyze._scan), and
+ * the live pipeline's line classifier (Classifier, at the end), which reads lines with the
+ * same recogniser (parse_text, parse_pairs over a Names table).
  *
  * Why C: Python's regex engine and interpreter cost 8-16 ns per byte of log; this walks a
  * chunk and does the report's bookkeeping in a few ns per byte (README: Figures), so analyze

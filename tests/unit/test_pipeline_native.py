@@ -280,3 +280,19 @@ def test_handlers_read_only_the_fields_the_classifier_extracts() -> None:
             pass
     assert set(pipeline._handlers) <= seen
     assert _Recording.read <= set(READ_FIELDS), _Recording.read - set(READ_FIELDS)
+
+
+def test_without_the_extension_the_parser_reads_every_line(
+        monkeypatch: pytest.MonkeyPatch, indextts_lines: bytes) -> None:
+    """A source tree whose C part was never built imports no Classifier: the pipeline then
+    parses every line, with the same result."""
+    monkeypatch.setattr("exporter.logs.pipeline.Classifier", None)
+    metrics = SidecarMetrics()
+    pipeline = LogPipeline(metrics, LogsConfig(), MetricsConfig())
+    assert pipeline._classifier is None
+    pipeline.process("app.log", indextts_lines)
+    monkeypatch.undo()
+    reference = _Run(True, 50, LogsConfig())
+    reference.pipeline.process("app.log", indextts_lines)
+    assert metrics.log_lines.values == reference.metrics.log_lines.values
+    assert metrics.syntheses.values == reference.metrics.syntheses.values
