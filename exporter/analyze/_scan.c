@@ -1368,6 +1368,16 @@ static PyTypeObject ScannerType = {
  * (types, ranges, labels, budgets, metrics) stays with the pipeline's Python handlers. */
 
 enum { K_STRING, K_NUMBER, K_LABEL };
+/* What a spec entry extracts (pipeline.py NUMBER, RAW, FLAG): a checked number, the value as
+ * written, or whether the value is one of the true flag values. */
+enum { S_NUMBER = 1, S_RAW, S_FLAG };
+
+#define MAX_SPEC 24
+
+typedef struct {
+    int n;
+    unsigned char code[MAX_SPEC], kind[MAX_SPEC];
+} Spec;
 
 #define CACHE_SLOTS 512
 #define CACHE_KEY 32
@@ -1388,6 +1398,10 @@ typedef struct {
     PyObject *fields;              /* tuple: field code -> canonical field name */
     PyObject *level_names;         /* dict: level as written (bytes) -> parser's level */
     PyObject *empty;               /* "" */
+    PyObject *true_values;         /* the flag values that are true */
+    double max_number;
+    Spec *specs;                   /* per event code (n = 0: the event has none) */
+    Py_ssize_t n_events;
     int n_fields;
     unsigned char kind[MAX_FIELDS];
     CacheSlot levels[LEVEL_SLOTS];
@@ -1467,8 +1481,39 @@ static PyObject *field_value(Classifier *c, int code, const Value *v) {
     return c->kind[code] == K_LABEL ? cached_str(c, v->s, v->n) : ascii_str(v->s, v->n);
 }
 
-/* (level, event, fields, line) of a text record line, or NULL: the parser's (no error set)
- * or an error. */
+/* The values the event's spec names, as the pipeline's _extract gives them; None where a
+ * number is not one this code vouches for (the handler then reads the fields); NULL: error. */
+static PyObject *spec_values(Classifier *c, const Line *line, const Spec *spec) {
+    PyObject *values = PyTuple_New(spec->n);
+    for (int i = 0; values != NULL && i < spec->n; i++) {
+        const Value *v = &line->field[spec->code[i]];
+        PyObject *item;
+        double number;
+        if (v->kind == V_NONE) {
+            item = Py_NewRef(spec->kind[i] == S_FLAG ? Py_False : Py_None);
+        } else if (spec->kind[i] == S_NUMBER) {
+            if (!live_number(v, &number) || !(number <= c->max_number)) {
+                Py_DECREF(values);
+                return Py_NewRef(Py_None);
+            }
+            item = PyFloat_FromDouble(number);
+        } else {
+            item = field_value(c, spec->code[i], v);
+            if (item != NULL && spec->kind[i] == S_FLAG) {
+                int truth = PySet_Contains(c->true_values, item);
+                Py_SETREF(item, truth < 0 ? NULL : Py_NewRef(truth ? Py_True : Py_False));
+            }
+        }
+        if (item == NULL)
+            Py_CLEAR(values);
+        else
+            PyTuple_SET_ITEM(values, i, item);
+    }
+    return values;
+}
+
+/* (level, event, fields, line, values or None) of a text record line, or NULL: the parser's
+ * (no error set) or an error. */
 static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
     for (const char *q = p; q < e; q++)
         if ((unsigned char)*q < 0x20 || (unsigned char)*q >= 0x7f)
@@ -1498,13 +1543,18 @@ static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
         }
         Py_DECREF(value);
     }
-    PyObject *item = PyTuple_New(4);
-    if (item == NULL)
+    PyObject *values = line.event != EV_OTHER && c->specs[line.event].n > 0
+                       ? spec_values(c, &line, &c->specs[line.event]) : Py_NewRef(Py_None);
+    PyObject *item = values == NULL ? NULL : PyTuple_New(5);
+    if (item == NULL) {
+        Py_XDECREF(values);
         goto fail;
+    }
     PyTuple_SET_ITEM(item, 0, level);
     PyTuple_SET_ITEM(item, 1, event);
     PyTuple_SET_ITEM(item, 2, fields);
     PyTuple_SET_ITEM(item, 3, text);
+    PyTuple_SET_ITEM(item, 4, values);
     return item;
 fail:
     Py_XDECREF(level);
@@ -1591,6 +1641,10 @@ static void Classifier_clear_tables(Classifier *c) {
     Py_CLEAR(c->fields);
     Py_CLEAR(c->level_names);
     Py_CLEAR(c->empty);
+    Py_CLEAR(c->true_values);
+    PyMem_Free(c->specs);
+    c->specs = NULL;
+    c->n_events = 0;
     for (int i = 0; i < c->n_levels; i++)
         Py_CLEAR(c->levels[i].value);
     c->n_levels = 0;
@@ -1598,14 +1652,65 @@ static void Classifier_clear_tables(Classifier *c) {
         Py_CLEAR(c->cache[i].value);
 }
 
+/* The specs (event name -> ((field name, kind), ...)) by event code. */
+static int fill_specs(Classifier *c, PyObject *specs, PyObject *event_list,
+                      PyObject *field_list) {
+    PyObject *event, *spec;
+    Py_ssize_t pos = 0;
+    c->n_events = PyList_GET_SIZE(event_list);
+    c->specs = PyMem_Calloc((size_t)c->n_events, sizeof(Spec));
+    if (c->specs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    while (PyDict_Next(specs, &pos, &event, &spec)) {
+        Py_ssize_t code = PySequence_Index(event_list, event);
+        PyObject *entries = PySequence_Fast(spec, "a spec must be a sequence");
+        if (code < 0 || entries == NULL) {
+            Py_XDECREF(entries);
+            return -1;
+        }
+        Spec *s = &c->specs[code];
+        s->n = (int)PySequence_Fast_GET_SIZE(entries);
+        for (int i = 0; i < s->n; i++) {
+            const char *name;
+            int kind;
+            if (s->n > MAX_SPEC || !PyArg_ParseTuple(PySequence_Fast_GET_ITEM(entries, i),
+                                                     "si", &name, &kind)
+                || kind < S_NUMBER || kind > S_FLAG) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "a spec entry is (field, 1|2|3)");
+                Py_DECREF(entries);
+                return -1;
+            }
+            PyObject *field = PyUnicode_FromString(name);
+            Py_ssize_t field_code = field ? PySequence_Index(field_list, field) : -1;
+            Py_XDECREF(field);
+            if (field_code < 0) {
+                Py_DECREF(entries);
+                return -1;             /* a spec may name only fields the classifier reads */
+            }
+            s->code[i] = (unsigned char)field_code;
+            s->kind[i] = (unsigned char)kind;
+        }
+        Py_DECREF(entries);
+    }
+    return 0;
+}
+
 static int Classifier_init(Classifier *c, PyObject *args, PyObject *kwargs) {
-    static char *kwlist[] = {"events", "fields", "numbers", "labels", "levels", NULL};
-    PyObject *events, *fields, *numbers, *labels, *levels;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!", kwlist, &events, &fields,
-                                     &numbers, &labels, &PyDict_Type, &levels))
+    static char *kwlist[] = {"events", "fields", "numbers", "labels", "levels", "specs",
+                             "true_values", "max_number", NULL};
+    PyObject *events, *fields, *numbers, *labels, *levels, *specs, *true_values;
+    double max_number;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!d", kwlist, &events, &fields,
+                                     &numbers, &labels, &PyDict_Type, &levels, &PyDict_Type,
+                                     &specs, &PyFrozenSet_Type, &true_values, &max_number))
         return -1;
     Classifier_clear_tables(c);
     c->names.all_pairs = 1;
+    c->max_number = max_number;
+    c->true_values = Py_NewRef(true_values);
     c->level_names = Py_NewRef(levels);
     c->empty = PyUnicode_New(0, 127);
     PyObject *event_list = Py_BuildValue("[s]", ""), *field_list = Py_BuildValue("[s]", "");
@@ -1622,6 +1727,8 @@ static int Classifier_init(Classifier *c, PyObject *args, PyObject *kwargs) {
             goto done;
         c->kind[code] = number ? K_NUMBER : label ? K_LABEL : K_STRING;
     }
+    if (fill_specs(c, specs, event_list, field_list) < 0)
+        goto done;
     c->events = PyList_AsTuple(event_list);
     c->fields = PyList_AsTuple(field_list);
     r = c->events != NULL && c->fields != NULL ? 0 : -1;
@@ -1640,9 +1747,10 @@ static PyMethodDef Classifier_methods[] = {
     {"classify", (PyCFunction)Classifier_classify, METH_O,
      "classify(data) -> (items, continuation)\n\n"
      "The record lines of data (bytes; lines end in \\n, \\r\\n read as \\n) in file order: "
-     "(level, event, fields, line) where the line's shape fixes what RecordParser.fields "
-     "gives (fields: the named ones only, numbers as float where float() gives the same), "
-     "else the line as str for the parser. "
+     "(level, event, fields, line, values) where the line's shape fixes what "
+     "RecordParser.fields gives (fields: the named ones only, numbers as float where float() "
+     "gives the same; values: what the event's spec extracts, or None), else the line as "
+     "str for the parser. "
      "continuation: the blank lines and lines that do not start with '{' or a digit."},
     {NULL, NULL, 0, NULL},
 };
