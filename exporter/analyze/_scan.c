@@ -1768,8 +1768,9 @@ static PyTypeObject ClassifierType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_scan", "Compiled line scanner for tts-exporter analyze and the live pipeline.", -1, NULL,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_scan",
+    "Compiled line scanner for tts-exporter analyze and the live pipeline.", -1, NULL, NULL,
+    NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__scan(void) {
