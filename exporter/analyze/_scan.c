@@ -1481,34 +1481,36 @@ static PyObject *field_value(Classifier *c, int code, const Value *v) {
     return c->kind[code] == K_LABEL ? cached_str(c, v->s, v->n) : ascii_str(v->s, v->n);
 }
 
-/* The values the event's spec names, as the pipeline's _extract gives them; None where a
- * number is not one this code vouches for (the handler then reads the fields); NULL: error. */
-static PyObject *spec_values(Classifier *c, const Line *line, const Spec *spec) {
+/* The values the event's spec names, as the pipeline's _extract gives them, from the line's
+ * field values (`objects`, by field code; NULL where absent); None where a number is not one
+ * this code vouches for (the handler then reads the fields); NULL: error. */
+static PyObject *spec_values(Classifier *c, PyObject *const *objects, const Spec *spec) {
     PyObject *values = PyTuple_New(spec->n);
     for (int i = 0; values != NULL && i < spec->n; i++) {
-        const Value *v = &line->field[spec->code[i]];
-        PyObject *item;
-        double number;
-        if (v->kind == V_NONE) {
-            item = Py_NewRef(spec->kind[i] == S_FLAG ? Py_False : Py_None);
+        PyObject *value = objects[spec->code[i]], *item;
+        if (value == NULL) {
+            item = spec->kind[i] == S_FLAG ? Py_False : Py_None;
         } else if (spec->kind[i] == S_NUMBER) {
-            if (!live_number(v, &number) || !(number <= c->max_number)) {
+            /* a float here is one live_number converted; anything else is the parser's */
+            if (!PyFloat_CheckExact(value) || !(PyFloat_AS_DOUBLE(value) <= c->max_number)) {
                 Py_DECREF(values);
                 return Py_NewRef(Py_None);
             }
-            item = PyFloat_FromDouble(number);
-        } else {
-            item = field_value(c, spec->code[i], v);
-            if (item != NULL && spec->kind[i] == S_FLAG) {
-                int truth = PySet_Contains(c->true_values, item);
-                Py_SETREF(item, truth < 0 ? NULL : Py_NewRef(truth ? Py_True : Py_False));
+            item = value;
+        } else if (spec->kind[i] == S_FLAG) {
+            int truth = PySet_Contains(c->true_values, value);
+            if (truth < 0) {
+                Py_DECREF(values);
+                return NULL;
             }
+            item = truth ? Py_True : Py_False;
+        } else {
+            item = value;
         }
-        if (item == NULL)
-            Py_CLEAR(values);
-        else
-            PyTuple_SET_ITEM(values, i, item);
+        PyTuple_SET_ITEM(values, i, Py_NewRef(item));
     }
+    if (values != NULL)
+        PyObject_GC_UnTrack(values);   /* floats, strings, None, bools: no cycle possible */
     return values;
 }
 
@@ -1529,6 +1531,7 @@ static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
                           : cached_str(c, line.event_name, line.event_len);
     PyObject *fields = PyDict_New();
     PyObject *text = ascii_str(p, e - p);
+    PyObject *objects[MAX_FIELDS] = {NULL};    /* borrowed from `fields` */
     if (level == NULL || event == NULL || fields == NULL || text == NULL)
         goto fail;
     for (int code = 1; code < c->n_fields; code++) {
@@ -1541,10 +1544,11 @@ static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
             Py_XDECREF(value);
             goto fail;
         }
+        objects[code] = value;
         Py_DECREF(value);
     }
     PyObject *values = line.event != EV_OTHER && c->specs[line.event].n > 0
-                       ? spec_values(c, &line, &c->specs[line.event]) : Py_NewRef(Py_None);
+                       ? spec_values(c, objects, &c->specs[line.event]) : Py_NewRef(Py_None);
     PyObject *item = values == NULL ? NULL : PyTuple_New(5);
     if (item == NULL) {
         Py_XDECREF(values);
@@ -1555,6 +1559,11 @@ static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
     PyTuple_SET_ITEM(item, 2, fields);
     PyTuple_SET_ITEM(item, 3, text);
     PyTuple_SET_ITEM(item, 4, values);
+    /* A batch makes thousands of these; the collector need not visit them, as CPython
+     * would decide itself on its next pass: strings, an untracked tuple, and a dict that
+     * stays untracked while it holds only strings and floats. */
+    if (!PyObject_GC_IsTracked(fields))
+        PyObject_GC_UnTrack(item);
     return item;
 fail:
     Py_XDECREF(level);
