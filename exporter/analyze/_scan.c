@@ -1578,6 +1578,10 @@ fail:
 /* classify(data) -> (items, continuation): see Classifier_methods. */
 static PyObject *Classifier_classify(Classifier *c, PyObject *arg) {
     Py_buffer chunk;
+    if (c->events == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Classifier was not initialised");
+        return NULL;
+    }
     if (PyObject_GetBuffer(arg, &chunk, PyBUF_SIMPLE) < 0)
         return NULL;
     PyObject *items = PyList_New(0), *result = NULL;

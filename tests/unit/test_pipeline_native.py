@@ -296,3 +296,17 @@ def test_without_the_extension_the_parser_reads_every_line(
     reference.pipeline.process("app.log", indextts_lines)
     assert metrics.log_lines.values == reference.metrics.log_lines.values
     assert metrics.syntheses.values == reference.metrics.syntheses.values
+
+
+def test_a_classifier_whose_init_failed_refuses_to_classify() -> None:
+    """A half-built classifier (its __init__ raised, or was never called) raises instead of
+    reading through missing tables."""
+    line = f"{STAMP} - app - INFO - stage_time: id=a\n".encode()
+    classifier = Classifier.__new__(Classifier)
+    with pytest.raises(RuntimeError):
+        classifier.classify(line)
+    with pytest.raises(ValueError):  # a spec naming a field the classifier does not read
+        classifier.__init__({b"x": "x"}, {b"id": "id"}, (), (), {}, {"x": (("nope", 1),)},
+                            frozenset(), 1e15)
+    with pytest.raises(RuntimeError):
+        classifier.classify(line)
