@@ -1,4 +1,6 @@
-/* Compiled chunk scanner for `tts-exporter analyze` (module exporter.analyze._scan).
+/* Compiled chunk scanner for `tts-exporter analyze` (module exporter.analyze._scan), and
+ * the live pipeline's line classifier (Classifier, at the end), which reads lines with the
+ * same recogniser (parse_text, parse_pairs over a Names table).
  *
  * Why C: Python's regex engine and interpreter cost 8-16 ns per byte of log; this walks a
  * chunk and does the report's bookkeeping in a few ns per byte (README: Figures), so analyze
@@ -35,6 +37,8 @@
 enum { EV_OTHER, EV_START, EV_COMPLETE, EV_STAGE, EV_GATEWAY, EV_REJECTED, N_EVENTS };
 enum { F_OTHER, F_ID, F_STATUS, F_DURATION, F_CODE, F_TEXT_LEN, F_MODEL_STAGE, F_STAGE,
        F_TEXT, F_WARNING_CODE, N_FIELDS };
+/* Field codes a name table may hold: analyze's N_FIELDS, or the live classifier's own list */
+#define MAX_FIELDS 40
 
 #define TABLE_SLOTS 512
 
@@ -103,6 +107,12 @@ static int table_put(NameTable *t, const char *p, Py_ssize_t n, int code) {
         t->has_long = 1;
     return 0;
 }
+
+/* The names one reader recognises: event and field names (aliases included) by code. */
+typedef struct {
+    NameTable events, fields;
+    int all_pairs;                 /* read every event's pairs, not only those analyze counts */
+} Names;
 
 static void table_free(NameTable *t) {
     for (int i = 0; i < TABLE_SLOTS; i++) {
@@ -191,7 +201,7 @@ typedef struct {
 
 typedef struct {
     PyObject_HEAD
-    NameTable events, fields;
+    Names names;
     long long edges[MAX_EDGES];
     int n_edges;
     Py_ssize_t pending_cap;
@@ -226,7 +236,9 @@ typedef struct {
     const char *stamp, *level;
     Py_ssize_t stamp_len, level_len, zone;
     int event;
-    Value field[N_FIELDS];
+    const char *event_name;        /* a text line's event name as written (NULL: free form) */
+    Py_ssize_t event_len;
+    Value field[MAX_FIELDS];
 } Line;
 
 static inline int is_digit(char c) { return c >= '0' && c <= '9'; }
@@ -419,7 +431,7 @@ static inline int set_field(Line *line, int code, const Value *v) {
 }
 
 /* {"time": "…", "level": "…", "logger": "…", "event": "…"(, "key": scalar)*} */
-static int parse_json(Scanner *sc, const char *p, const char *e, Line *line) {
+static int parse_json(const Names *nm, const char *p, const char *e, Line *line) {
     Value v;
     line->is_text = 0;
     if (!lit(&p, e, "{\"time\": \"", 10) || !json_string(&p, e, &v, 0)
@@ -437,7 +449,7 @@ static int parse_json(Scanner *sc, const char *p, const char *e, Line *line) {
     if (!lit(&p, e, ", \"logger\": \"", 13) || !json_string(&p, e, &v, 0)
         || !lit(&p, e, ", \"event\": \"", 12) || !json_string(&p, e, &v, 0))
         return 0;
-    line->event = table_get(&sc->events, v.s, v.n, EV_OTHER);
+    line->event = table_get(&nm->events, v.s, v.n, EV_OTHER);
     for (;;) {
         if (p < e && *p == '}') {
             p++;
@@ -451,7 +463,7 @@ static int parse_json(Scanner *sc, const char *p, const char *e, Line *line) {
             || (key.n == 5 && memcmp(key.s, "level", 5) == 0)
             || (key.n == 5 && memcmp(key.s, "event", 5) == 0))
             return 0;
-        int code = table_get(&sc->fields, key.s, key.n, F_OTHER);
+        int code = table_get(&nm->fields, key.s, key.n, F_OTHER);
         if (!json_value(&p, e, &v, code == F_OTHER) || !set_field(line, code, &v))
             return 0;
     }
@@ -509,7 +521,7 @@ static int text_number(const Value *v, Py_ssize_t *len, int *is_int) {
 
 /* key=value pairs after "event: " as _PAIR_FAST (or, with quotes, _PAIR_SPLIT) reads them:
  * ", " between pairs, no value ending in a space, quoted values only for unread keys. */
-static int parse_pairs(Scanner *sc, const char *p, const char *e, Line *line) {
+static int parse_pairs(const Names *nm, const char *p, const char *e, Line *line) {
     int quoted = memchr(p, '"', (size_t)(e - p)) != NULL
                  || memchr(p, '\'', (size_t)(e - p)) != NULL;
     for (;;) {
@@ -519,7 +531,7 @@ static int parse_pairs(Scanner *sc, const char *p, const char *e, Line *line) {
         while (p < e && ((*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') || is_digit(*p)
                          || *p == '_' || *p == '.'))
             p++;
-        int code = table_get(&sc->fields, k, p - k, F_OTHER);
+        int code = table_get(&nm->fields, k, p - k, F_OTHER);
         if (p >= e || *p != '=')
             return 0;
         p++;
@@ -567,7 +579,7 @@ static int counted_level(const Line *line) {
 }
 
 /* STAMP - logger - LEVEL - body; 1 a record, 0 residue. */
-static int parse_text(Scanner *sc, const char *p, const char *e, Line *line) {
+static int parse_text(const Names *nm, const char *p, const char *e, Line *line) {
     line->is_text = 1;
     Py_ssize_t n = text_stamp(p, e);
     if (n == 0)
@@ -590,6 +602,8 @@ static int parse_text(Scanner *sc, const char *p, const char *e, Line *line) {
     if (line->level_len == 0 || !lit(&p, e, " - ", 3) || p >= e)
         return 0;
     line->event = EV_OTHER;
+    line->event_name = NULL;
+    line->event_len = 0;
     if (!((*p >= 'a' && *p <= 'z') || *p == '_'))
         /* a free-form message (e.g. "ERROR: scipy.fft failed"): level and time only */
         return (unsigned char)*p > ' ';
@@ -598,13 +612,15 @@ static int parse_text(Scanner *sc, const char *p, const char *e, Line *line) {
         p++;
     if (p == e || *p != ':')
         return 1;                  /* free-form text that starts in lower case */
-    line->event = table_get(&sc->events, name, p - name, EV_OTHER);
-    if (line->event == EV_OTHER && !counted_level(line))
+    line->event = table_get(&nm->events, name, p - name, EV_OTHER);
+    line->event_name = name;
+    line->event_len = p - name;
+    if (line->event == EV_OTHER && !counted_level(line) && !nm->all_pairs)
         return 1;                  /* event or not, the report reads only its level and time */
     p++;
     if (!lit(&p, e, " ", 1))
         return 0;
-    return parse_pairs(sc, p, e, line);
+    return parse_pairs(nm, p, e, line);
 }
 
 /* ---- decimal to double ------------------------------------------------------------------ */
@@ -1204,9 +1220,9 @@ static PyObject *Scanner_scan(Scanner *sc, PyObject *args) {
             continue;
         }
         Line line;
-        memset(line.field, 0, sizeof line.field);
-        int parsed = *p == '{' ? parse_json(sc, p, stripped, &line)
-                               : parse_text(sc, p, stripped, &line);
+        memset(line.field, 0, sizeof line.field[0] * N_FIELDS);
+        int parsed = *p == '{' ? parse_json(&sc->names, p, stripped, &line)
+                               : parse_text(&sc->names, p, stripped, &line);
         int r = parsed ? apply_record(sc, &line, pending, pop) : RESIDUE;
         if (r == FAILED)
             goto done;
@@ -1284,10 +1300,10 @@ static int Scanner_init(Scanner *sc, PyObject *args, PyObject *kwargs) {
     Py_INCREF(stamp);
     Py_XSETREF(sc->stamp, stamp);
     sc->n_minutes = sc->next_minute = 0;
-    table_free(&sc->events);
-    table_free(&sc->fields);
-    if (fill(&sc->events, events, EVENT_NAMES, N_EVENTS) < 0
-        || fill(&sc->fields, fields, FIELD_NAMES, N_FIELDS) < 0)
+    table_free(&sc->names.events);
+    table_free(&sc->names.fields);
+    if (fill(&sc->names.events, events, EVENT_NAMES, N_EVENTS) < 0
+        || fill(&sc->names.fields, fields, FIELD_NAMES, N_FIELDS) < 0)
         return -1;
     PyObject *seq = PySequence_Fast(edges, "length_edges must be a sequence of ints");
     if (seq == NULL)
@@ -1314,8 +1330,8 @@ static int Scanner_init(Scanner *sc, PyObject *args, PyObject *kwargs) {
 static void Scanner_dealloc(Scanner *sc) {
     segment_clear(sc);
     Py_CLEAR(sc->stamp);
-    table_free(&sc->events);
-    table_free(&sc->fields);
+    table_free(&sc->names.events);
+    table_free(&sc->names.fields);
     Py_TYPE(sc)->tp_free((PyObject *)sc);
 }
 
@@ -1341,18 +1357,443 @@ static PyTypeObject ScannerType = {
     .tp_methods = Scanner_methods,
 };
 
+/* ---- the live pipeline's line classifier ------------------------------------------- */
+
+/* Classifier.classify(data) serves exporter.logs.pipeline.LogPipeline with the same line
+ * recogniser (parse_text, parse_pairs) that Scanner uses. For each IndexTTS text line whose
+ * shape fixes its meaning it gives what RecordParser.fields gives (level, event, and the
+ * fields the pipeline reads) without the parser's regexes; every other record-like line
+ * comes back as text for the parser, in its place. Only the conversion of numbers is done
+ * here, where float() on the text value is known to give the same double; everything else
+ * (types, ranges, labels, budgets, metrics) stays with the pipeline's Python handlers. */
+
+enum { K_STRING, K_NUMBER, K_LABEL };
+/* What a spec entry extracts (pipeline.py NUMBER, RAW, FLAG): a checked number, the value as
+ * written, or whether the value is one of the true flag values. */
+enum { S_NUMBER = 1, S_RAW, S_FLAG };
+
+#define MAX_SPEC 24
+
+typedef struct {
+    int n;
+    unsigned char code[MAX_SPEC], kind[MAX_SPEC];
+} Spec;
+
+#define CACHE_SLOTS 512
+#define CACHE_KEY 32
+#define LEVEL_SLOTS 8
+
+/* One str per short byte string (label values, unknown event names), so repeated values
+ * cost no allocation and hit the pipeline's label maps by identity. */
+typedef struct {
+    Py_ssize_t len;
+    char key[CACHE_KEY];
+    PyObject *value;
+} CacheSlot;
+
+typedef struct {
+    PyObject_HEAD
+    Names names;
+    PyObject *events;              /* tuple: event code -> canonical event name */
+    PyObject *fields;              /* tuple: field code -> canonical field name */
+    PyObject *level_names;         /* dict: level as written (bytes) -> parser's level */
+    PyObject *empty;               /* "" */
+    PyObject *true_values;         /* the flag values that are true */
+    double max_number;
+    Spec *specs;                   /* per event code (n = 0: the event has none) */
+    Py_ssize_t n_events;
+    int n_fields;
+    unsigned char kind[MAX_FIELDS];
+    CacheSlot levels[LEVEL_SLOTS];
+    int n_levels;
+    CacheSlot cache[CACHE_SLOTS];
+} Classifier;
+
+/* A str of ASCII bytes (classify() takes only printable ASCII lines). */
+static PyObject *ascii_str(const char *s, Py_ssize_t n) {
+    PyObject *u = PyUnicode_New(n, 127);
+    if (u != NULL)
+        memcpy(PyUnicode_1BYTE_DATA(u), s, (size_t)n);
+    return u;
+}
+
+static PyObject *cached_str(Classifier *c, const char *s, Py_ssize_t n) {
+    if (n > CACHE_KEY)
+        return ascii_str(s, n);
+    CacheSlot *slot = &c->cache[hash_bytes(s, n) & (CACHE_SLOTS - 1)];
+    if (slot->value != NULL && slot->len == n && memcmp(slot->key, s, (size_t)n) == 0)
+        return Py_NewRef(slot->value);
+    PyObject *value = ascii_str(s, n);
+    if (value == NULL)
+        return NULL;
+    Py_XSETREF(slot->value, Py_NewRef(value));
+    slot->len = n;
+    memcpy(slot->key, s, (size_t)n);
+    return value;
+}
+
+/* The level as the parser names it: the level aliases (WARN -> WARNING, ...) applied. */
+static PyObject *level_str(Classifier *c, const char *s, Py_ssize_t n) {
+    for (int i = 0; i < c->n_levels; i++)
+        if (c->levels[i].len == n && memcmp(c->levels[i].key, s, (size_t)n) == 0)
+            return Py_NewRef(c->levels[i].value);
+    PyObject *key = PyBytes_FromStringAndSize(s, n);
+    if (key == NULL)
+        return NULL;
+    PyObject *value = PyDict_GetItemWithError(c->level_names, key);
+    Py_DECREF(key);
+    if (value != NULL)
+        Py_INCREF(value);
+    else if (!PyErr_Occurred())
+        value = ascii_str(s, n);
+    if (value != NULL && n <= CACHE_KEY && c->n_levels < LEVEL_SLOTS) {
+        CacheSlot *slot = &c->levels[c->n_levels++];
+        slot->len = n;
+        memcpy(slot->key, s, (size_t)n);
+        slot->value = Py_NewRef(value);
+    }
+    return value;
+}
+
+/* float(value) as the pipeline's _number reads a text value: digits, optionally a fraction,
+ * alone or before a space (there float() fails and the first word is read). 1 and *out set,
+ * 0 where the value goes to Python as it is written. */
+static int live_number(const Value *v, double *out) {
+    const char *p = v->s, *e = v->s + v->n, *d = p;
+    p = skip_digits(p, e);
+    if (p == d)
+        return 0;
+    if (p < e && *p == '.') {
+        const char *f = ++p;
+        p = skip_digits(p, e);
+        if (p == f)
+            return 0;
+    }
+    if (p < e && *p != ' ')
+        return 0;
+    return to_double(v->s, p - v->s, out);
+}
+
+static PyObject *field_value(Classifier *c, int code, const Value *v) {
+    double number;
+    if (c->kind[code] == K_NUMBER && live_number(v, &number))
+        return PyFloat_FromDouble(number);
+    return c->kind[code] == K_LABEL ? cached_str(c, v->s, v->n) : ascii_str(v->s, v->n);
+}
+
+/* The values the event's spec names, as the pipeline's _extract gives them, from the line's
+ * field values (`objects`, by field code; NULL where absent); None where a number is not one
+ * this code vouches for (the handler then reads the fields); NULL: error. */
+static PyObject *spec_values(Classifier *c, PyObject *const *objects, const Spec *spec) {
+    PyObject *values = PyTuple_New(spec->n);
+    for (int i = 0; values != NULL && i < spec->n; i++) {
+        PyObject *value = objects[spec->code[i]], *item;
+        if (value == NULL) {
+            item = spec->kind[i] == S_FLAG ? Py_False : Py_None;
+        } else if (spec->kind[i] == S_NUMBER) {
+            /* a float here is one live_number converted; anything else is the parser's */
+            if (!PyFloat_CheckExact(value) || !(PyFloat_AS_DOUBLE(value) <= c->max_number)) {
+                Py_DECREF(values);
+                return Py_NewRef(Py_None);
+            }
+            item = value;
+        } else if (spec->kind[i] == S_FLAG) {
+            int truth = PySet_Contains(c->true_values, value);
+            if (truth < 0) {
+                Py_DECREF(values);
+                return NULL;
+            }
+            item = truth ? Py_True : Py_False;
+        } else {
+            item = value;
+        }
+        PyTuple_SET_ITEM(values, i, Py_NewRef(item));
+    }
+    if (values != NULL)
+        PyObject_GC_UnTrack(values);   /* floats, strings, None, bools: no cycle possible */
+    return values;
+}
+
+/* (level, event, fields, line, values or None) of a text record line, or NULL: the parser's
+ * (no error set) or an error. */
+static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
+    for (const char *q = p; q < e; q++)
+        if ((unsigned char)*q < 0x20 || (unsigned char)*q >= 0x7f)
+            return NULL;           /* Unicode rules, control characters: the parser's */
+    Line line;
+    memset(line.field, 0, sizeof line.field[0] * (size_t)c->n_fields);
+    if (!parse_text(&c->names, p, e, &line))
+        return NULL;
+    PyObject *level = level_str(c, line.level, line.level_len);
+    PyObject *event = line.event_name == NULL ? Py_NewRef(c->empty)
+                      : line.event != EV_OTHER
+                          ? Py_NewRef(PyTuple_GET_ITEM(c->events, line.event))
+                          : cached_str(c, line.event_name, line.event_len);
+    PyObject *fields = PyDict_New();
+    PyObject *text = ascii_str(p, e - p);
+    PyObject *objects[MAX_FIELDS] = {NULL};    /* borrowed from `fields` */
+    if (level == NULL || event == NULL || fields == NULL || text == NULL)
+        goto fail;
+    for (int code = 1; code < c->n_fields; code++) {
+        const Value *v = &line.field[code];
+        if (v->kind == V_NONE)
+            continue;
+        PyObject *value = field_value(c, code, v);
+        if (value == NULL
+            || PyDict_SetItem(fields, PyTuple_GET_ITEM(c->fields, code), value) < 0) {
+            Py_XDECREF(value);
+            goto fail;
+        }
+        objects[code] = value;
+        Py_DECREF(value);
+    }
+    PyObject *values = line.event != EV_OTHER && c->specs[line.event].n > 0
+                       ? spec_values(c, objects, &c->specs[line.event]) : Py_NewRef(Py_None);
+    PyObject *item = values == NULL ? NULL : PyTuple_New(5);
+    if (item == NULL) {
+        Py_XDECREF(values);
+        goto fail;
+    }
+    PyTuple_SET_ITEM(item, 0, level);
+    PyTuple_SET_ITEM(item, 1, event);
+    PyTuple_SET_ITEM(item, 2, fields);
+    PyTuple_SET_ITEM(item, 3, text);
+    PyTuple_SET_ITEM(item, 4, values);
+    /* A batch makes thousands of these; the collector need not visit them, as CPython
+     * would decide itself on its next pass: strings, an untracked tuple, and a dict that
+     * stays untracked while it holds only strings and floats. */
+    if (!PyObject_GC_IsTracked(fields))
+        PyObject_GC_UnTrack(item);
+    return item;
+fail:
+    Py_XDECREF(level);
+    Py_XDECREF(event);
+    Py_XDECREF(fields);
+    Py_XDECREF(text);
+    if (!PyErr_Occurred())
+        PyErr_NoMemory();
+    return NULL;
+}
+
+/* classify(data) -> (items, continuation): see Classifier_methods. */
+static PyObject *Classifier_classify(Classifier *c, PyObject *arg) {
+    Py_buffer chunk;
+    if (c->events == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the Classifier was not initialised");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(arg, &chunk, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *items = PyList_New(0), *result = NULL;
+    Py_ssize_t continuation = 0;
+    const char *p = chunk.buf, *end = p + chunk.len;
+    if (items == NULL)
+        goto done;
+    while (p < end) {
+        const char *eol = memchr(p, '\n', (size_t)(end - p));
+        const char *e = eol ? eol : end, *next = eol ? eol + 1 : end;
+        if (eol != NULL && e > p && e[-1] == '\r')
+            e--;                   /* the pipeline reads "\r\n" as "\n" */
+        if (e == p || (*p != '{' && !is_digit(*p))) {
+            continuation++;        /* blank, or continues a record (a traceback) */
+            p = next;
+            continue;
+        }
+        PyObject *item = is_digit(*p) ? classify_text(c, p, e) : NULL;
+        if (item == NULL) {
+            if (PyErr_Occurred())
+                goto done;
+            item = PyUnicode_DecodeUTF8(p, e - p, "replace");
+        }
+        if (push(items, item) < 0)
+            goto done;
+        p = next;
+    }
+    result = Py_BuildValue("(On)", items, continuation);
+done:
+    Py_XDECREF(items);
+    PyBuffer_Release(&chunk);
+    return result;
+}
+
+/* Put every name -> canonical name of `mapping` in `t`, numbering the canonical names from 1
+ * in order of first appearance in `canon` (a list that starts with ""). */
+static int fill_codes(NameTable *t, PyObject *mapping, PyObject *canon, Py_ssize_t max) {
+    PyObject *key, *value;
+    Py_ssize_t i = 0;
+    if (!PyDict_Check(mapping)) {
+        PyErr_SetString(PyExc_TypeError, "names must be a dict of bytes to str");
+        return -1;
+    }
+    while (PyDict_Next(mapping, &i, &key, &value)) {
+        if (!PyBytes_Check(key) || !PyUnicode_Check(value)) {
+            PyErr_SetString(PyExc_TypeError, "names must be a dict of bytes to str");
+            return -1;
+        }
+        int found = PySequence_Contains(canon, value);
+        if (found < 0)
+            return -1;
+        Py_ssize_t code = found ? PySequence_Index(canon, value) : PyList_GET_SIZE(canon);
+        if (code < 0)
+            return -1;
+        if (code >= max) {
+            PyErr_SetString(PyExc_ValueError, "too many field names for the classifier");
+            return -1;
+        }
+        if ((!found && PyList_Append(canon, value) < 0)
+            || table_put(t, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key), (int)code) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void Classifier_clear_tables(Classifier *c) {
+    table_free(&c->names.events);
+    table_free(&c->names.fields);
+    Py_CLEAR(c->events);
+    Py_CLEAR(c->fields);
+    Py_CLEAR(c->level_names);
+    Py_CLEAR(c->empty);
+    Py_CLEAR(c->true_values);
+    PyMem_Free(c->specs);
+    c->specs = NULL;
+    c->n_events = 0;
+    for (int i = 0; i < c->n_levels; i++)
+        Py_CLEAR(c->levels[i].value);
+    c->n_levels = 0;
+    for (int i = 0; i < CACHE_SLOTS; i++)
+        Py_CLEAR(c->cache[i].value);
+}
+
+/* The specs (event name -> ((field name, kind), ...)) by event code. */
+static int fill_specs(Classifier *c, PyObject *specs, PyObject *event_list,
+                      PyObject *field_list) {
+    PyObject *event, *spec;
+    Py_ssize_t pos = 0;
+    c->n_events = PyList_GET_SIZE(event_list);
+    c->specs = PyMem_Calloc((size_t)c->n_events, sizeof(Spec));
+    if (c->specs == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    while (PyDict_Next(specs, &pos, &event, &spec)) {
+        Py_ssize_t code = PySequence_Index(event_list, event);
+        PyObject *entries = PySequence_Fast(spec, "a spec must be a sequence");
+        if (code < 0 || entries == NULL) {
+            Py_XDECREF(entries);
+            return -1;
+        }
+        Spec *s = &c->specs[code];
+        s->n = (int)PySequence_Fast_GET_SIZE(entries);
+        for (int i = 0; i < s->n; i++) {
+            const char *name;
+            int kind;
+            if (s->n > MAX_SPEC || !PyArg_ParseTuple(PySequence_Fast_GET_ITEM(entries, i),
+                                                     "si", &name, &kind)
+                || kind < S_NUMBER || kind > S_FLAG) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_ValueError, "a spec entry is (field, 1|2|3)");
+                Py_DECREF(entries);
+                return -1;
+            }
+            PyObject *field = PyUnicode_FromString(name);
+            Py_ssize_t field_code = field ? PySequence_Index(field_list, field) : -1;
+            Py_XDECREF(field);
+            if (field_code < 0) {
+                Py_DECREF(entries);
+                return -1;             /* a spec may name only fields the classifier reads */
+            }
+            s->code[i] = (unsigned char)field_code;
+            s->kind[i] = (unsigned char)kind;
+        }
+        Py_DECREF(entries);
+    }
+    return 0;
+}
+
+static int Classifier_init(Classifier *c, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"events", "fields", "numbers", "labels", "levels", "specs",
+                             "true_values", "max_number", NULL};
+    PyObject *events, *fields, *numbers, *labels, *levels, *specs, *true_values;
+    double max_number;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!d", kwlist, &events, &fields,
+                                     &numbers, &labels, &PyDict_Type, &levels, &PyDict_Type,
+                                     &specs, &PyFrozenSet_Type, &true_values, &max_number))
+        return -1;
+    Classifier_clear_tables(c);
+    c->names.all_pairs = 1;
+    c->max_number = max_number;
+    c->true_values = Py_NewRef(true_values);
+    c->level_names = Py_NewRef(levels);
+    c->empty = PyUnicode_New(0, 127);
+    PyObject *event_list = Py_BuildValue("[s]", ""), *field_list = Py_BuildValue("[s]", "");
+    int r = -1;
+    if (c->empty == NULL || event_list == NULL || field_list == NULL
+        || fill_codes(&c->names.events, events, event_list, PY_SSIZE_T_MAX) < 0
+        || fill_codes(&c->names.fields, fields, field_list, MAX_FIELDS) < 0)
+        goto done;
+    c->n_fields = (int)PyList_GET_SIZE(field_list);
+    for (int code = 1; code < c->n_fields; code++) {
+        PyObject *name = PyList_GET_ITEM(field_list, code);
+        int number = PySequence_Contains(numbers, name), label = PySequence_Contains(labels, name);
+        if (number < 0 || label < 0)
+            goto done;
+        c->kind[code] = number ? K_NUMBER : label ? K_LABEL : K_STRING;
+    }
+    if (fill_specs(c, specs, event_list, field_list) < 0)
+        goto done;
+    c->events = PyList_AsTuple(event_list);
+    c->fields = PyList_AsTuple(field_list);
+    r = c->events != NULL && c->fields != NULL ? 0 : -1;
+done:
+    Py_XDECREF(event_list);
+    Py_XDECREF(field_list);
+    return r;
+}
+
+static void Classifier_dealloc(Classifier *c) {
+    Classifier_clear_tables(c);
+    Py_TYPE(c)->tp_free((PyObject *)c);
+}
+
+static PyMethodDef Classifier_methods[] = {
+    {"classify", (PyCFunction)Classifier_classify, METH_O,
+     "classify(data) -> (items, continuation)\n\n"
+     "The record lines of data (bytes; lines end in \\n, \\r\\n read as \\n) in file order: "
+     "(level, event, fields, line, values) where the line's shape fixes what "
+     "RecordParser.fields gives (fields: the named ones only, numbers as float where float() "
+     "gives the same; values: what the event's spec extracts, or None), else the line as "
+     "str for the parser. "
+     "continuation: the blank lines and lines that do not start with '{' or a digit."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ClassifierType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "exporter.analyze._scan.Classifier",
+    .tp_basicsize = sizeof(Classifier),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Line classifier for the live pipeline (see exporter/logs/pipeline.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Classifier_init,
+    .tp_dealloc = (destructor)Classifier_dealloc,
+    .tp_methods = Classifier_methods,
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_scan", "Compiled line scanner for tts-exporter analyze.", -1, NULL,
-    NULL, NULL, NULL, NULL,
+    PyModuleDef_HEAD_INIT, "_scan",
+    "Compiled line scanner for tts-exporter analyze and the live pipeline.", -1, NULL, NULL,
+    NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__scan(void) {
-    if (PyType_Ready(&ScannerType) < 0)
+    if (PyType_Ready(&ScannerType) < 0 || PyType_Ready(&ClassifierType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0) {
+    if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0
+        || PyModule_AddObjectRef(m, "Classifier", (PyObject *)&ClassifierType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -27,3 +27,14 @@ class Scanner:
                  stamp: Callable[[str, bool], float | None]) -> None: ...
     def scan(self, chunk: bytes, pos: int, pending: OrderedDict[str, Any],
              window: tuple[float, float] | None) -> tuple[int, bytes | None, Segment]: ...
+
+ClassifiedLine = tuple[str, str, dict[str, Any], str, tuple[Any, ...] | None]
+"""(level, event, fields, line, values): a text record as RecordParser.fields reads it, and
+the values its event's spec names (None: no spec, or a number left to the handler)."""
+
+class Classifier:
+    def __init__(self, events: dict[bytes, str], fields: dict[bytes, str],
+                 numbers: Sequence[str], labels: Sequence[str],
+                 levels: dict[bytes, str], specs: dict[str, tuple[tuple[str, int], ...]],
+                 true_values: frozenset[object], max_number: float) -> None: ...
+    def classify(self, data: bytes) -> tuple[list[str | ClassifiedLine], int]: ...

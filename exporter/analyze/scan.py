@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING
 
 from exporter.analyze.reader import ReadStats, first_stamp
 from exporter.analyze.report import LENGTH_EDGES, PENDING_CAP, Report, length_bucket
-from exporter.logs.parsers import MalformedLine, Record, RecordParser, normalise_level
+from exporter.logs.parsers import (
+    MalformedLine,
+    NameTables,
+    Record,
+    RecordParser,
+    normalise_level,
+)
 
 if TYPE_CHECKING:
     from exporter.analyze._scan import Segment
@@ -83,23 +89,14 @@ class Window:
             report.note_start(record)
 
 
-def scanner_tables(parser: RecordParser) -> tuple[dict[bytes, str], dict[bytes, str]] | None:
+def scanner_tables(parser: RecordParser) -> NameTables | None:
     """Event and field names (with their aliases) for the compiled scanner, or None where
     the alias configuration is one it cannot mirror (a read field's own name aliasing
     another field, or an alias taken from the JSON head): then every line is parsed. (The
     CLI's parser has the default aliases, which it mirrors; other configurations come from
     library callers.)"""
-    fields = {name.encode(): name for name in _READ_FIELDS}
-    for name, canonical in parser.field_names.items():
-        if name in _READ_FIELDS and canonical != name:
-            return None
-        if canonical in _READ_FIELDS:
-            if name in _HEAD_KEYS:
-                return None
-            fields[name.encode()] = canonical
-    names = set(parser.event_names) | {START, COMPLETE, STAGE, GATEWAY, REJECTED}
-    events = {name.encode(): parser.event_names.get(name, name) for name in names}
-    return events, fields
+    return parser.name_tables(_READ_FIELDS, (START, COMPLETE, STAGE, GATEWAY, REJECTED),
+                              _HEAD_KEYS)
 
 
 @dataclass(slots=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,10 +24,14 @@ from orjson import loads as _json_loads
 
 from exporter.config import AliasConfig
 
-__all__ = ["MalformedLine", "ParsedLine", "Record", "RecordParser"]
+__all__ = ["LEVEL_ALIASES", "MalformedLine", "NameTables", "ParsedLine", "Record",
+           "RecordParser"]
 
 ParsedLine = tuple[str, str, dict[str, Any]]
 """(level, event, canonical fields) of one record line: what the hot path works with."""
+NameTables = tuple[dict[bytes, str], dict[bytes, str]]
+"""(events, fields): names as written (aliases included) to canonical names, for the
+compiled readers in exporter/analyze/_scan.c."""
 
 
 class MalformedLine(ValueError):
@@ -67,6 +72,8 @@ _PAIR_SPLIT = re.compile(
 _PAIR_FAST = re.compile(r"([A-Za-z_][\w.]*)=([^,]*)(?:,\s*|$)")
 _NUMBER_WITH_UNIT = re.compile(r"(-?\d+(?:\.\d+)?)\s*(?:chars?|ms|s|kb|KB|B|bytes|%)?")
 _LEVELS = {"WARN": "WARNING", "FATAL": "CRITICAL", "ERR": "ERROR"}
+LEVEL_ALIASES = {name.encode(): level for name, level in _LEVELS.items()}
+"""The level names a text line's upper-case level is read as (others stay as written)."""
 _CANONICAL_LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 _LEVEL_KEYS = ("level", "levelname", "severity")
 _TIME_KEYS = ("time", "timestamp", "ts", "@timestamp", "asctime")
@@ -172,6 +179,23 @@ class RecordParser:
                          if name != canonical}
         self._alias_keys = frozenset(self._aliased)
         self._times = _TimeParser()
+
+    def name_tables(self, read_fields: Collection[str], events: Iterable[str],
+                    reserved: Collection[str] = ()) -> NameTables | None:
+        """The event names (``events`` and every alias) and the names of ``read_fields``
+        (with their aliases) for a compiled reader, or None where the aliases are ones it
+        cannot mirror: a read field's own name aliasing another field, or an alias taken
+        from ``reserved`` (names the reader gives another meaning)."""
+        fields = {name.encode(): name for name in read_fields}
+        for name, canonical in self.field_names.items():
+            if name in read_fields and canonical != name:
+                return None
+            if canonical in read_fields:
+                if name in reserved:
+                    return None
+                fields[name.encode()] = canonical
+        names = set(self.event_names).union(events)
+        return {name.encode(): self.event_names.get(name, name) for name in names}, fields
 
     # --- hot path -------------------------------------------------------------------------
 

@@ -31,6 +31,13 @@ metric. Syntheses without ``model_version`` count as ``unknown``. Each line is
 validated whole before any metric changes, so a line counts completely or not at all.
 Continuation lines (tracebacks) change no metric, so no per-source state is needed and
 :meth:`LogPipeline.forget` has nothing to drop;
+IndexTTS text lines are recognised by compiled code (``Classifier`` in
+exporter/analyze/_scan.c, the recogniser analyze's scanner uses), which hands each line whose
+shape fixes its meaning to the same handlers as (level, event, fields) — only the fields in
+:data:`READ_FIELDS`, numbers already converted where ``float()`` gives the same — so the
+per-line regex and dict work is gone; every other line goes through :class:`RecordParser`
+in its place, as all lines do where the extension is not built (tests/unit/
+test_pipeline_native.py checks that both give identical metrics);
 ``on_records`` receives, once per chunk, the record lines that carry a request id (not their
 tracebacks) with their id, event and status; ``RecordParser`` parses them again when needed.
 """
@@ -39,13 +46,46 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.config import LogsConfig, MetricsConfig
-from exporter.logs.parsers import MalformedLine, RecordParser, convert_value
+from exporter.logs.parsers import LEVEL_ALIASES, MalformedLine, RecordParser, convert_value
 from exporter.metrics import LabelCap, SeriesLimits, SidecarMetrics
 
+if TYPE_CHECKING:
+    from exporter.analyze._scan import ClassifiedLine
+
+try:
+    from exporter.analyze._scan import Classifier
+except ImportError:     # a source tree whose C part was never built: the parser reads every line
+    Classifier = None  # type: ignore[assignment,misc]
+
 log = logging.getLogger("exporter.logs.pipeline")
+
+NUMBER_FIELDS = ("duration_ms", "text_len", "audio_duration_ms", "queue_ms", "batch_size",
+                 "audio_size_kb",
+                 "rms", "spectral_centroid", "used_percent")
+"""Fields the handlers read with :func:`_number`."""
+LABEL_FIELDS = ("status", "error_code", "warning_code", "model_version", "method", "route",
+                "endpoint", "stage", "path", "cache_hit", "cache_saved", "fallback_used")
+"""Fields whose few values recur (labels, flags)."""
+READ_FIELDS = ("id", "text", *NUMBER_FIELDS, *LABEL_FIELDS)
+"""Every field a handler (or ``process``) reads: the only ones the classifier extracts, so a
+handler that reads a new field needs it here (tests/unit/test_pipeline_native.py checks)."""
+
+NUMBER, RAW, FLAG = 1, 2, 3
+"""What a spec entry extracts: :func:`_number` of the field, its value as it is (None when
+absent), :func:`_flag` of it. Numbers: the classifier's own line goes to the handler with its
+fields where it cannot vouch for one."""
+SYNTHESIS_SPEC = (
+    ("duration_ms", NUMBER), ("text_len", NUMBER), ("audio_duration_ms", NUMBER),
+    ("queue_ms", NUMBER), ("batch_size", NUMBER), ("audio_size_kb", NUMBER), ("rms", NUMBER),
+    ("spectral_centroid", NUMBER), ("text", RAW), ("status", RAW), ("error_code", RAW),
+    ("model_version", RAW), ("cache_hit", FLAG), ("cache_saved", FLAG),
+    ("fallback_used", FLAG))
+"""What ``synthesis_complete`` reads, in :meth:`LogPipeline._count_synthesis`'s order: the
+classifier extracts it itself from text lines (the issue-21 hot path), the handler with
+:func:`_extract` from any other line."""
 
 KeptLine = tuple[object, str, str, object]
 """(request id, event, line, status field) of a record line that carries a request id."""
@@ -98,12 +138,12 @@ class InvalidField(ValueError):
 
 def _number(fields: dict[str, Any], name: str) -> float | None:
     value: Any = fields.get(name)
+    if value is None:  # most of the optional numbers, most of the time
+        return None
     kind = type(value)
     number: float
-    if kind is int or kind is float:
+    if kind is float or kind is int:
         number = value
-    elif value is None:
-        return None
     elif kind is str:
         try:
             number = float(value)  # text format: "523"
@@ -141,10 +181,15 @@ def _label(cap: LabelCap, raw: object) -> str:
     return value
 
 
-def _text_length(fields: dict[str, Any]) -> int | None:
-    """The length, in characters, of a ``text`` field (the text is never kept): a JSON string
-    as it is, a text-format value without its quotes and escapes."""
-    text = fields.get("text")
+def _extract(fields: dict[str, Any], spec: tuple[tuple[str, int], ...]) -> list[Any]:
+    """The values ``spec`` names (see :data:`NUMBER`), as the classifier extracts them."""
+    return [_number(fields, name) if kind == NUMBER else _flag(fields, name) if kind == FLAG
+            else fields.get(name) for name, kind in spec]
+
+
+def _text_length(text: Any) -> int | None:
+    """The length, in characters, of a ``text`` field's value (the text is never kept): a JSON
+    string as it is, a text-format value without its quotes and escapes."""
     if text is None:
         return None
     if type(text) is not str:
@@ -171,6 +216,7 @@ class LogPipeline:
         metrics_config: MetricsConfig,
         on_records: RecordCallback | None = None,
         count_restarts: bool = True,
+        native: bool = True,
     ) -> None:
         self.metrics = metrics
         self.parser = RecordParser(logs.aliases)
@@ -198,35 +244,56 @@ class LogPipeline:
             "cache_health": self._cache_usage,
             "cache_dir_usage": self._cache_usage,
         }
+        # Events whose values the classifier extracts itself, with what counts them
+        self._specs: dict[str, tuple[tuple[str, int], ...]] = {
+            "synthesis_complete": SYNTHESIS_SPEC}
+        self._counters: dict[str, Callable[..., None]] = {
+            "synthesis_complete": self._count_synthesis}
+        tables = self.parser.name_tables(READ_FIELDS, self._handlers)
+        self._classifier = (
+            Classifier(*tables, NUMBER_FIELDS, LABEL_FIELDS, LEVEL_ALIASES, self._specs,
+                       _TRUE, MAX_NUMBER)
+            if native and Classifier is not None and tables is not None else None)
 
     def forget(self, source: str) -> None:
         """Nothing is kept per source: records are complete on their first line."""
 
     def process(self, source: str, data: bytes) -> None:
         """Count every complete line in ``data`` (caller holds the metrics lock)."""
-        text = data.decode("utf-8", "replace")
-        if "\r" in text:
-            text = text.replace("\r\n", "\n")
-        lines = text.split("\n")
-        if lines and lines[-1] == "":
-            lines.pop()
-        parsed_lines = continuation = malformed = 0
+        items: list[str | ClassifiedLine]
+        if self._classifier is not None:
+            items, continuation = self._classifier.classify(data)
+        else:
+            text = data.decode("utf-8", "replace")
+            if "\r" in text:
+                text = text.replace("\r\n", "\n")
+            items = text.split("\n")  # type: ignore[assignment]
+            if items and items[-1] == "":
+                items.pop()
+            continuation = 0
+        parsed_lines = malformed = 0
         other: dict[str, int] = {}
         fields_of = self.parser.fields
         json_fields = self.parser.json_fields  # most lines: skip fields()' dispatch
         handlers = self._handlers
+        counters = self._counters
         on_records = self.on_records
         keep: list[KeptLine] = []
-        for line in lines:
-            try:
-                parsed = json_fields(line) if line[:1] == "{" else fields_of(line)
-            except MalformedLine:
-                malformed += 1
-                continue
-            if parsed is None:
-                continuation += 1
-                continue
-            level, event, fields = parsed
+        for item in items:
+            if isinstance(item, str):  # a line for the parser
+                line = item
+                try:
+                    parsed = json_fields(line) if line[:1] == "{" else fields_of(line)
+                except MalformedLine:
+                    malformed += 1
+                    continue
+                if parsed is None:
+                    continuation += 1
+                    continue
+                level, event, fields = parsed
+                values = None
+            else:  # what the classifier read: the same values as the parser's
+                level, event, fields, line, values = item
             request_id = fields.get("id")
             if request_id and on_records is not None:
                 keep.append((request_id, event, line, fields.get("status")))
@@ -234,7 +301,9 @@ class LogPipeline:
             try:
                 # Checked before the handler changes anything, counted after it succeeded.
                 code = self._level_code(fields) if level in _COUNTED_LEVELS else None
-                if handler is not None:
+                if values is not None:  # the event's spec, extracted by the classifier
+                    counters[event](request_id, *values)
+                elif handler is not None:
                     handler(fields, request_id)
                 if code is not None:
                     self.metrics.log_records.inc((level, _label(self._record_code, code)))
@@ -282,31 +351,32 @@ class LogPipeline:
                                     request_id)
 
     def _synthesis_complete(self, fields: dict[str, Any], request_id: object) -> None:
-        duration = _number(fields, "duration_ms")
-        text_len = _number(fields, "text_len")
+        self._count_synthesis(request_id, *_extract(fields, SYNTHESIS_SPEC))
+
+    def _count_synthesis(self, request_id: object, duration: float | None,
+                         text_len: float | None, audio_ms: float | None,
+                         queue_ms: float | None, batch_size: float | None,
+                         audio_kb: float | None, rms: float | None,
+                         centroid: float | None, text: Any, status: Any, error_code: Any,
+                         model_version: Any, cache_hit: bool, cache_saved: bool,
+                         fallback_used: bool) -> None:
+        """A ``synthesis_complete`` from the values of :data:`SYNTHESIS_SPEC`."""
         if text_len is None:
-            text_len = _text_length(fields)
-        audio_ms = _number(fields, "audio_duration_ms")
-        queue_ms = _number(fields, "queue_ms")
-        batch_size = _number(fields, "batch_size")
-        audio_kb = _number(fields, "audio_size_kb")
-        rms, centroid = _number(fields, "rms"), _number(fields, "spectral_centroid")
-        status = _raw_label(fields.get("status"), "status", "unknown")
+            text_len = _text_length(text)
+        status = _raw_label(status, "status", "unknown")
         success = status == "success"
-        error_code = "none" if success else _raw_label(fields.get("error_code") or None,
-                                                       "error_code", "unknown")
-        model_version = _raw_label(fields.get("model_version") or None, "model_version",
-                                   "unknown")
-        cache_hit = _flag(fields, "cache_hit")
+        error_code = "none" if success else _raw_label(error_code or None, "error_code",
+                                                       "unknown")
+        model_version = _raw_label(model_version or None, "model_version", "unknown")
         m = self.metrics
         m.syntheses.inc((_label(self._status, status), _label(self._error_code, error_code),
                          _label(self._model_version, model_version)))
         m.cache_lookups.inc(())
         if cache_hit:
             m.cache_hits.inc(())
-        if _flag(fields, "cache_saved"):
+        if cache_saved:
             m.cache_saves.inc(())
-        if _flag(fields, "fallback_used"):
+        if fallback_used:
             m.synthesis_fallbacks.inc(())
         if audio_kb is not None:
             m.audio_bytes.inc((), audio_kb * 1024)
@@ -329,7 +399,7 @@ class LogPipeline:
         # is known; its synthesis_complete carries neither. A start with text_len adds nothing:
         # the complete line counts that.
         if "text_len" not in fields:
-            text_len = _text_length(fields)
+            text_len = _text_length(fields.get("text"))
             if text_len is not None:
                 self.metrics.text_length.observe((), text_len, request_id)
 

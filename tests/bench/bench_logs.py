@@ -1,9 +1,13 @@
-"""Log throughput, side by side on one file: bare Python loop, mtail, the pipeline, the sidecar.
+"""Log throughput, side by side per file: bare Python loop, mtail, the pipeline, the sidecar.
 
-    python tests/bench/bench_logs.py            # 1,000,000 lines (issue 2's figures)
-    python tests/bench/bench_logs.py --quick    # 100,000 lines
+    python tests/bench/bench_logs.py            # 1,000,000 mixed and 400,000 text lines
+    python tests/bench/bench_logs.py --quick    # 100,000 of each
 
-On one file of the contract's mixed events (tests/bench/make_logs.py) it measures, in one run:
+Two files, each measured by every reader in the same run: the contract's mixed events
+(tests/bench/make_logs.py: both formats, every event; issue 2's figures) and IndexTTS
+text-format ``synthesis_complete`` lines only (issue 21's figures), where mtail runs
+tests/bench/equivalent_text.mtail (one regex in the fixed field order, as an mtail user writes
+it for a fixed-format log). On each file it measures:
 - a bare Python read+regex loop (read lines, one regex extracting the event and its duration,
   a dict increment): the floor cost of looking at every line in Python;
 - Debian's mtail in ``--one_shot`` mode, with tests/bench/equivalent.mtail (the same families,
@@ -12,7 +16,8 @@ On one file of the contract's mixed events (tests/bench/make_logs.py) it measure
 - the sidecar's pipeline in-process (1 MiB reads → LogPipeline.process);
 - the real sidecar end to end in live tail mode: ``python -m exporter`` follows an empty log,
   the whole file is appended at once, and the clock stops when ``/metrics`` has counted every
-  line; then its peak RSS, and its CPU while lines arrive at a steady 3,000 lines/s.
+  line; then its peak RSS, and its CPU while lines of the same kind arrive at a steady 3,000
+  lines/s.
 """
 
 from __future__ import annotations
@@ -33,11 +38,18 @@ sys.path.insert(0, str(REPO / "config"))
 
 from local_stack import free_port, http_get, wait_until  # noqa: E402
 
-from tests.bench.make_logs import generate, write_log  # noqa: E402
+from tests.bench.make_logs import (  # noqa: E402
+    generate,
+    synthesis_text_lines,
+    write_lines,
+    write_log,
+)
 
 # Counts what LogPipeline counts (same families, labels, unit conversions, outcomes), as
 # an mtail user would write it for both formats: the fair comparison.
 MTAIL_PROGRAM = (Path(__file__).parent / "equivalent.mtail").read_text()
+# The same for the text-only file: what the sidecar makes of its lines, one fixed-order regex.
+MTAIL_TEXT_PROGRAM = (Path(__file__).parent / "equivalent_text.mtail").read_text()
 
 # Only event names, durations and error codes: a lower bound on mtail's per-line cost,
 # reported so the ratio is also visible against the cheapest program mtail could run.
@@ -147,10 +159,12 @@ def proc_stat(pid: int) -> tuple[float, int]:
     return cpu, hwm
 
 
-def live_sidecar(path: Path, work: Path, steady_seconds: float) -> dict[str, float]:
-    """The real sidecar following a log: catch-up lines/s, peak RSS, CPU at 3,000 lines/s."""
+def live_sidecar(path: Path, work: Path, steady: list[str]) -> dict[str, float]:
+    """The real sidecar following a log: catch-up lines/s, peak RSS, CPU while ``steady``
+    arrives at 3,000 lines/s."""
+    work = work / f"live-{path.stem}"
     log = work / "live" / "app.log"
-    log.parent.mkdir()
+    log.parent.mkdir(parents=True)
     log.touch()
     port = free_port()
     config = work / "exporter.yaml"
@@ -173,7 +187,6 @@ def live_sidecar(path: Path, work: Path, steady_seconds: float) -> dict[str, flo
         _, rss_after_catch_up = proc_stat(process.pid)
 
         # Steady 3,000 lines/s, written in 100 ms slices as a busy service would.
-        steady = list(generate(int(3000 * steady_seconds), seed=11))
         cpu_before, _ = proc_stat(process.pid)
         begin = time.perf_counter()
         with log.open("a", encoding="utf-8") as out:
@@ -192,22 +205,16 @@ def live_sidecar(path: Path, work: Path, steady_seconds: float) -> dict[str, flo
         process.wait(timeout=15)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100k lines, short steady phase")
-    parser.add_argument("--lines", type=int)
-    args = parser.parse_args()
-    count = args.lines or (100_000 if args.quick else 1_000_000)
-    with tempfile.TemporaryDirectory(prefix="bench-logs-") as tmp:
-        work = Path(tmp)
-        path = write_log(work / "mixed.log", count)
-        size_mb = path.stat().st_size / 2**20
-        print(f"{count:,} mixed lines ({size_mb:.0f} MiB), both formats, every event")
-        bare = bare_loop(path)
-        mtail_rate = mtail(path, work, MTAIL_PROGRAM, "equivalent")
-        mtail_minimal = mtail(path, work, MTAIL_MINIMAL, "minimal")
-        pipeline = in_process(path)
-        live = live_sidecar(path, work, steady_seconds=5 if args.quick else 20)
+def measure(path: Path, work: Path, program: str, steady: list[str]) -> None:
+    """Every reader on one file, then the rows with their ratios to the mtail rows."""
+    size_mb = path.stat().st_size / 2**20
+    lines = sum(1 for _ in path.open("rb"))
+    print(f"{path.name}: {lines:,} lines ({size_mb:.0f} MiB)")
+    bare = bare_loop(path)
+    mtail_rate = mtail(path, work, program, f"equivalent-{path.stem}")
+    mtail_minimal = mtail(path, work, MTAIL_MINIMAL, f"minimal-{path.stem}")
+    pipeline = in_process(path)
+    live = live_sidecar(path, work, steady)
 
     def row(name: str, rate: float | None) -> None:
         if rate is None:
@@ -226,6 +233,26 @@ def main() -> None:
     print(f"  sidecar peak RSS: {live['rss_mb']:.1f} MiB")
     cpu = live["steady_cpu_percent"]
     print(f"  sidecar CPU at a steady 3,000 lines/s: {cpu:.1f} % of one core")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="100k lines of each file, short steady phase")
+    parser.add_argument("--lines", type=int, help="mixed lines")
+    parser.add_argument("--text-lines", type=int, help="text-format lines")
+    args = parser.parse_args()
+    count = args.lines or (100_000 if args.quick else 1_000_000)
+    text_count = args.text_lines or (100_000 if args.quick else 400_000)
+    steady_lines = 3000 * (5 if args.quick else 20)
+    with tempfile.TemporaryDirectory(prefix="bench-logs-") as tmp:
+        work = Path(tmp)
+        print("mixed: both formats, every event")
+        measure(write_log(work / "mixed.log", count), work, MTAIL_PROGRAM,
+                list(generate(steady_lines, seed=11)))
+        print("text: IndexTTS synthesis_complete lines only")
+        measure(write_lines(work / "text.log", synthesis_text_lines(text_count)), work,
+                MTAIL_TEXT_PROGRAM, list(synthesis_text_lines(steady_lines, seed=11)))
 
 
 if __name__ == "__main__":

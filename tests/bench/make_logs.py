@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 STAGES = ("text_normalize", "llm_prompt_gen", "llm_inference", "audio_render")
@@ -103,9 +103,28 @@ def generate(count: int, seed: int = 7) -> Iterator[str]:
 
 
 def write_log(path: Path, count: int, seed: int = 7) -> Path:
+    return write_lines(path, generate(count, seed))
+
+
+def synthesis_text_lines(count: int, seed: int = 7) -> Iterator[str]:
+    """``count`` IndexTTS text-format ``synthesis_complete`` lines, as its deployments write
+    them (the format of the log-monitoring notes): the live text-ingest benchmark's file."""
+    rnd = random.Random(seed)
+    for n in range(count):
+        stamp = f"{10 + n // 3_600_000 % 14:02d}:{n // 60_000 % 60:02d}:" \
+                f"{n // 1000 % 60:02d},{n % 1000:03d}"
+        status = "failed" if rnd.random() < 0.03 else "success"
+        saved = "true" if rnd.random() < 0.7 else "false"
+        yield (f"2026-11-22 {stamp} - app.tts_engine - INFO - synthesis_complete: "
+               f"id=ts_{n:08x}, status={status}, duration_ms={rnd.randint(200, 4000)}, "
+               f"audio_size_kb={rnd.randint(20, 400)}, cache_saved={saved}, "
+               "model_stage=llm_postproc")
+
+
+def write_lines(path: Path, lines: Iterable[str]) -> Path:
     with path.open("w", encoding="utf-8") as out:
         batch: list[str] = []
-        for line in generate(count, seed):
+        for line in lines:
             batch.append(line)
             if len(batch) == 10_000:
                 out.write("\n".join(batch) + "\n")

@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,19 @@ def contract_line(index: int) -> tuple[str, tuple[str, str]]:
     if failed:
         record.update(error_code="GPU_OOM", model_stage="llm_inference")
     return json.dumps(record), ("failed", "GPU_OOM") if failed else ("success", "none")
+
+
+def contract_text_line(index: int) -> tuple[str, tuple[str, str]]:
+    """The same record in the IndexTTS text format (read by the compiled classifier)."""
+    record, labels = contract_line(index)
+    fields = json.loads(record)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S,000", time.gmtime())
+    head = f"{stamp} - {fields.pop('logger')} - {fields.pop('level')} - {fields.pop('event')}"
+    del fields["time"]
+    fields = {"id": fields.pop("request_id"), **fields}
+    pairs = ", ".join(f"{key}={str(value).lower() if type(value) is bool else value}"
+                      for key, value in fields.items())
+    return f"{head}: {pairs}", labels
 
 
 class Sidecar:
@@ -140,7 +154,10 @@ def settle(sidecar: Sidecar, log: AppLog) -> None:
     time.sleep(0.4)
 
 
-def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("line_of", [contract_line, contract_text_line],
+                         ids=["json", "text"])
+def test_sigkill_at_random_points_loses_and_duplicates_nothing(
+        tmp_path: Path, line_of: Callable[[int], tuple[str, tuple[str, str]]]) -> None:
     rng = random.Random(20261122)
     log = tmp_path / "logs" / "app.log"
     log.parent.mkdir()
@@ -151,7 +168,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -
     try:
         for round_ in range(6):
             for _ in range(rng.randint(2, 5)):
-                batch = [contract_line(written + i) for i in range(rng.randint(50, 400))]
+                batch = [line_of(written + i) for i in range(rng.randint(50, 400))]
                 text = "".join(line + "\n" for line, _ in batch)
                 cut = rng.randint(0, len(text))  # a partial line may sit there at the kill
                 with log.open("a") as out:
@@ -166,7 +183,7 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(tmp_path: Path) -
                 os.rename(log, log.with_name("app.1.log"))
             sidecar.kill()
             if round_ % 2:  # lines written while the sidecar is down
-                batch = [contract_line(written + i) for i in range(100)]
+                batch = [line_of(written + i) for i in range(100)]
                 with log.open("a") as out:
                     out.writelines(line + "\n" for line, _ in batch)
                 written += len(batch)

@@ -1,0 +1,312 @@
+"""The live pipeline's compiled classifier (``Classifier`` in exporter/analyze/_scan.c) changes
+nothing but speed: every test feeds the same bytes to a pipeline that uses it and to one that
+reads every line with :class:`RecordParser` (``native=False``, what a source tree without the
+extension does) and compares all they make: every family's values (counters, gauges,
+histogram buckets, sums and exemplars), the outcomes, the overflow counts and the lines
+handed to ``on_records``, on random and hostile lines of both formats.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, ClassVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.config import AliasConfig, LogsConfig, MetricsConfig
+from exporter.logs.parsers import RecordParser
+from exporter.logs.pipeline import READ_FIELDS, Classifier, InvalidField, KeptLine, LogPipeline
+from exporter.metrics import CounterFamily, GaugeFamily, HistogramFamily, SidecarMetrics
+from tests.bench.make_logs import generate
+
+
+@pytest.fixture(autouse=True)
+def _classifier_built() -> None:
+    """Without the extension both pipelines would be the parser: make builds _scan.c, so its
+    absence fails these tests rather than skipping them."""
+    assert Classifier is not None, "exporter/analyze/_scan.c is not built (make builds it)"
+
+
+class _Run:
+    """One pipeline and everything it hands out."""
+
+    def __init__(self, native: bool, cap: int, logs: LogsConfig) -> None:
+        self.metrics = SidecarMetrics()
+        self.kept: list[tuple[str, list[KeptLine]]] = []
+        self.pipeline = LogPipeline(
+            self.metrics, logs, MetricsConfig(label_value_cap=cap, max_series_per_family=40),
+            on_records=lambda source, lines: self.kept.append((source, list(lines))),
+            native=native)
+
+    def state(self) -> dict[str, Any]:
+        """Every family's samples (exemplars without their wall-clock time) and the kept
+        lines."""
+        state: dict[str, Any] = {"kept": self.kept}
+        for family in self.metrics.registry.families():
+            if isinstance(family, CounterFamily | GaugeFamily):
+                state[family.name] = dict(family.values)
+            elif isinstance(family, HistogramFamily):
+                state[family.name] = {
+                    labels: (series.counts, series.sum,
+                             [e and e[:2] for e in series.exemplars])
+                    for labels, series in family.series.items()}
+        return state
+
+
+def _compare(chunks: list[bytes], cap: int = 50, logs: LogsConfig | None = None
+             ) -> dict[str, Any]:
+    """Both pipelines' state after the same chunks (must be equal); the native one's."""
+    logs = logs or LogsConfig()
+    native, parser = _Run(True, cap, logs), _Run(False, cap, logs)
+    assert native.pipeline._classifier is not None
+    assert parser.pipeline._classifier is None
+    for chunk in chunks:
+        native.pipeline.process("app.log", chunk)
+        parser.pipeline.process("app.log", chunk)
+    state = native.state()
+    assert state == parser.state()
+    return state
+
+
+STAMP = "2026-11-22 10:00:01,250"
+# Values at the edges of what the classifier converts itself or leaves to the handlers
+HOSTILE_VALUES = [
+    "0", "7", "523", "1.5", "0.0001", "007", "86 chars", "1.5 ms", "12 x y", "-5", "-0", "+5",
+    "1e3", "1E400", "5_000", "1.", ".5", "nan", "inf", "-inf", "Infinity", "1" * 30,
+    "9" * 400, "9" * 16 + ".5", "1000000000000001", "1e15", "999999999999999.9",
+    "", "success", "failed", "true", "True", "false", "1", "yes", "none", "GPU_OOM", "/v1/tts",
+    "200", '"quoted, value"', "'single'", '"a\\"b"', "x=y", "a b", "\u0663", "caf\u00e9",
+    "x\u00a0", "tab\there", "L" * 300, "\u4eca\u5929",
+]
+TEXT_KEYS = ["id", "request_id", "task_id", "status", "result", "duration_ms", "elapsed_ms",
+             "latency_ms", "error_code", "code", "err_code", "warning_code", "text_len",
+             "chars", "text", "audio_duration_ms", "queue_ms", "audio_size_kb", "rms",
+             "spectral_centroid", "model_version", "cache_hit", "cache_saved",
+             "fallback_used", "method", "route", "endpoint", "stage", "path", "used_percent",
+             "model_stage", "lang", "msg_event", "x.y", "_"]
+EVENTS = ["synthesis_complete", "synthesis_start", "stage_time", "http_request", "first_audio",
+          "audio_metrics", "service_start", "cache_health", "cache_dir_usage", "infer_done",
+          "request", "something_new", "Synthesis_complete", "a.b"]
+LEVELS = ["INFO", "ERROR", "WARNING", "WARN", "ERR", "FATAL", "CRITICAL", "DEBUG", "NOTICE",
+          "Info", "warn", "L" * 40]
+
+
+PLAIN_VALUES = ["0", "12", "523", "86 chars", "0.25", "1.5", "success", "failed", "true",
+                "false", "GPU_OOM", "/v1/tts", "llm_infer", "POST", "200", "v2", "ts_0001"]
+
+
+def _value(rnd: random.Random) -> str:
+    return rnd.choice(HOSTILE_VALUES if rnd.random() < 0.15 else PLAIN_VALUES)
+
+
+def _text_line(rnd: random.Random) -> str:
+    keys = rnd.sample(TEXT_KEYS, rnd.randrange(0, 9))
+    if rnd.random() < 0.05 and keys:
+        keys.append(rnd.choice(keys))                  # a key given twice
+    pairs = ", ".join(f"{k}={_value(rnd)}" for k in keys)
+    body = (f"{rnd.choice(EVENTS)}: {pairs}" if rnd.random() < 0.85
+            else rnd.choice([f"free text {pairs}", f"ERROR: scipy.fft failed, {pairs}",
+                             f"{rnd.choice(EVENTS)}:", f"{rnd.choice(EVENTS)}:  {pairs}"]))
+    stamp = rnd.choice([STAMP] * 6 + ["2026-11-22T10:00:01.5", "2026-11-22 10:00:01",
+                                      "2026-13-40 25:00:00", "2026-11-22 10:00:01,"])
+    sep = rnd.choice([" - "] * 40 + ["  -  ", " -", "- "])
+    return f"{stamp}{sep}app.tts{sep}{rnd.choice(LEVELS)}{sep}{body}"
+
+
+def _json_line(rnd: random.Random) -> str:
+    keys = rnd.sample(TEXT_KEYS, rnd.randrange(0, 7))
+    pairs = "".join(f', "{k}": {rnd.choice(["1", "-2", "1.5", "null", "true", "[1]", "{}"])}'
+                    if rnd.random() < 0.4 else f', "{k}": "{_value(rnd)}"'
+                    for k in keys if k.isidentifier())
+    return (f'{{"time": "2026-11-22T10:00:01Z", "level": "{rnd.choice(LEVELS)}", '
+            f'"event": "{rnd.choice(EVENTS)}"{pairs}}}')
+
+
+def _corrupt(rnd: random.Random, line: str) -> str:
+    cut = rnd.randrange(0, max(1, len(line)))
+    return rnd.choice([
+        line[:cut],                                             # a write cut short
+        line[:cut] + rnd.choice('"\',=: \t\r\x00\x7f') + line[cut + 1:],
+        line + "\r",                                            # a CRLF file
+        line + " ",
+        line.replace(", ", ",", 1),
+        "  " + line,
+    ])
+
+
+def _hostile_lines(seed: int, count: int) -> list[str]:
+    rnd = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        kind = rnd.random()
+        if kind < 0.05:
+            lines.append(rnd.choice(["Traceback (most recent call last):", "", "   ", "\r",
+                                     "  File x", "{", "[1]", "0", "\u00e9"]))
+            continue
+        line = _text_line(rnd) if kind < 0.75 else _json_line(rnd)
+        lines.append(_corrupt(rnd, line) if rnd.random() < 0.1 else line)
+    return lines
+
+
+def _chunks(data: bytes, rnd: random.Random) -> list[bytes]:
+    """``data`` cut at random line ends, as the tailer reads it."""
+    ends = [i + 1 for i, byte in enumerate(data) if byte == 10]
+    cuts = sorted(rnd.sample(ends, min(len(ends), 8)))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True) if b > a]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hostile_lines_of_both_formats_make_identical_metrics(seed: int) -> None:
+    rnd = random.Random(seed)
+    lines = _hostile_lines(seed, 2500) + list(generate(300, seed=seed))
+    rnd.shuffle(lines)
+    data = ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
+    state = _compare(_chunks(data, rnd), cap=rnd.choice([3, 50]))
+    items, _ = _Run(True, 50, LogsConfig()).pipeline._classifier.classify(data)  # type: ignore[union-attr]
+    assert sum(type(item) is tuple for item in items) > 600   # a good share took the C path
+    outcomes = {labels[0]: v for labels, v in state["tts_exporter_log_lines"].items()}
+    # the lines reached every outcome the parser gives, so the comparison covered them all
+    assert {"parsed", "invalid_field", "unknown_event", "free_form", "continuation",
+            "malformed"} <= set(outcomes)
+    assert sum(outcomes.values()) == len(lines)
+    assert "error" not in outcomes
+
+
+def test_label_caps_and_series_budget_overflow_identically() -> None:
+    lines = [f"{STAMP} - app - INFO - http_request: id=r{i}, method=M{i % 7}, route=/r{i}, "
+             f"status={200 + i % 9}, duration_ms={i}" for i in range(400)]
+    lines += [f"{STAMP} - app - ERROR - synthesis_complete: id=s{i}, status=failed, "
+              f"error_code=E{i}, model_version=v{i % 5}, duration_ms=3" for i in range(200)]
+    lines += [f"{STAMP} - app - INFO - stage_time: id=s{i}, stage={'x' * (i % 300)}, "
+              f"duration_ms=2.5" for i in range(300)]
+    state = _compare([("\n".join(lines) + "\n").encode()], cap=4)
+    assert state["tts_exporter_label_overflow"]          # the caps were reached
+
+
+def test_the_apps_text_lines_take_the_compiled_path() -> None:
+    """What IndexTTS and make_logs write is read by the classifier, not left to the parser
+    (else the speed-up would be lost without any test failing)."""
+    text = [line for line in generate(3000, seed=3) if line[:1].isdigit()]
+    pipeline = LogPipeline(SidecarMetrics(), LogsConfig(), MetricsConfig())
+    assert pipeline._classifier is not None
+    items, continuation = pipeline._classifier.classify(("\n".join(text) + "\n").encode())
+    left = [item for item in items if type(item) is str]
+    # only the quoted free-text ERROR lines ("ERROR: scipy.fft failed ...") are the parser's
+    assert len(left) + continuation <= len(text) // 20, left[:3]
+    _compare([("\n".join(text) + "\n").encode()])
+
+
+def test_crlf_blank_and_unterminated_lines_split_as_the_parser_splits_them() -> None:
+    line = f"{STAMP} - app - INFO - stage_time: id=a, stage=llm, duration_ms=5"
+    state = _compare([f"{line}\r\n\r\n{line}\r\r\n\n{line}\r".encode(),
+                      f"{line}\n{line}".encode()])
+    assert state["tts_stage_duration_seconds"][("llm",)][0] != [0] * 9
+
+
+def test_indextts_lines_make_identical_metrics(indextts_lines: bytes) -> None:
+    _compare([indextts_lines])
+
+
+def test_aliases_the_classifier_cannot_mirror_leave_every_line_to_the_parser() -> None:
+    odd = AliasConfig(fields={"result": ["result", "status"]}, events={})
+    pipeline = LogPipeline(SidecarMetrics(), LogsConfig(aliases=odd), MetricsConfig())
+    assert pipeline._classifier is None
+    custom = AliasConfig(fields={"id": ["id", "rid"], "duration_ms": ["took"]},
+                         events={"done": "synthesis_complete"})
+    lines = [f"{STAMP} - app - INFO - done: rid=r{i}, status=success, took={i} ms, "
+             f"audio_size_kb=3" for i in range(50)]
+    state = _compare([("\n".join(lines) + "\n").encode()], logs=LogsConfig(aliases=custom))
+    assert state["tts_syntheses"] == {("success", "none", "unknown"): 50.0}
+
+
+text_values = st.text(alphabet=st.sampled_from(list('0123456789.-e ,="\'\\ab_\u00e9\t')),
+                      max_size=12)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(EVENTS), st.sampled_from(LEVELS),
+                          st.lists(st.tuples(st.sampled_from(TEXT_KEYS), text_values),
+                                   max_size=6)),
+                min_size=1, max_size=10))
+def test_any_text_values_make_identical_metrics(
+        records: list[tuple[str, str, list[tuple[str, str]]]]) -> None:
+    lines = [f"{STAMP} - app - {level} - {event}: " + ", ".join(f"{k}={v}" for k, v in pairs)
+             for event, level, pairs in records]
+    _compare([("\n".join(lines) + "\n").encode()], cap=3)
+
+
+class _Recording(dict[str, Any]):
+    """Fields that note every name a handler looks up."""
+
+    read: ClassVar[set[str]] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(str(key))
+        return super().__contains__(key)
+
+
+def test_handlers_read_only_the_fields_the_classifier_extracts() -> None:
+    """A handler that reads a field missing from READ_FIELDS would see it on the parser's
+    lines and never on the classifier's: this catches it for every handler."""
+    pipeline = LogPipeline(SidecarMetrics(), LogsConfig(), MetricsConfig())
+    parser = RecordParser()
+    seen: set[str] = set()
+    for line in _hostile_lines(5, 4000):
+        try:
+            parsed = parser.fields(line)
+        except ValueError:
+            continue
+        if parsed is None:
+            continue
+        _, event, fields = parsed
+        recording = _Recording(fields)
+        handler = pipeline._handlers.get(event)
+        seen.add(event)
+        try:
+            pipeline._level_code(recording)
+            if handler is not None:
+                handler(recording, fields.get("id"))
+        except InvalidField:
+            pass
+    assert set(pipeline._handlers) <= seen
+    assert _Recording.read <= set(READ_FIELDS), _Recording.read - set(READ_FIELDS)
+
+
+def test_without_the_extension_the_parser_reads_every_line(
+        monkeypatch: pytest.MonkeyPatch, indextts_lines: bytes) -> None:
+    """A source tree whose C part was never built imports no Classifier: the pipeline then
+    parses every line, with the same result."""
+    monkeypatch.setattr("exporter.logs.pipeline.Classifier", None)
+    metrics = SidecarMetrics()
+    pipeline = LogPipeline(metrics, LogsConfig(), MetricsConfig())
+    assert pipeline._classifier is None
+    pipeline.process("app.log", indextts_lines)
+    monkeypatch.undo()
+    reference = _Run(True, 50, LogsConfig())
+    reference.pipeline.process("app.log", indextts_lines)
+    assert metrics.log_lines.values == reference.metrics.log_lines.values
+    assert metrics.syntheses.values == reference.metrics.syntheses.values
+
+
+def test_a_classifier_whose_init_failed_refuses_to_classify() -> None:
+    """A half-built classifier (its __init__ raised, or was never called) raises instead of
+    reading through missing tables."""
+    line = f"{STAMP} - app - INFO - stage_time: id=a\n".encode()
+    classifier = Classifier.__new__(Classifier)
+    with pytest.raises(RuntimeError):
+        classifier.classify(line)
+    with pytest.raises(ValueError):  # a spec naming a field the classifier does not read
+        classifier.__init__({b"x": "x"}, {b"id": "id"}, (), (), {}, {"x": (("nope", 1),)},
+                            frozenset(), 1e15)
+    with pytest.raises(RuntimeError):
+        classifier.classify(line)
