@@ -63,8 +63,7 @@ except ImportError:     # a source tree whose C part was never built: the parser
 log = logging.getLogger("exporter.logs.pipeline")
 
 NUMBER_FIELDS = ("duration_ms", "text_len", "audio_duration_ms", "queue_ms", "batch_size",
-                 "audio_size_kb",
-                 "rms", "spectral_centroid", "used_percent")
+                 "audio_size_kb", "rms", "spectral_centroid", "used_percent")
 """Fields the handlers read with :func:`_number`."""
 LABEL_FIELDS = ("status", "error_code", "warning_code", "model_version", "method", "route",
                 "endpoint", "stage", "path", "cache_hit", "cache_saved", "fallback_used")
