@@ -43,7 +43,7 @@ gpu: {source: "file:/tmp/gpus.json"}
 
 @pytest.mark.parametrize(("text", "key", "expected"), [
     ("gate:\n  close_at: high\n", "gate.close_at", "expected a number"),
-    ("gate:\n  close_at: 1.5\n", "gate.close_at", "between 0 and 1"),
+    ("gate:\n  close_at: 1.5\n", "gate.close_at", "expected a value <= 1"),
     ("gate:\n  close_at: 0.8\n", "gate.reopen_below", "<= gate.close_at"),
     ("gate:\n  mode: nginx\n", "gate.mode", "expected one of 'readiness', 'auth_request'"),
     ("logs:\n  pathz: [a]\n", "logs.pathz", "unknown key; expected one of"),

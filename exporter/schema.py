@@ -1,0 +1,158 @@
+"""One way to declare the shape of outside input: pydantic models, read with :func:`validate`.
+
+The config file, the Alertmanager webhook body, the app's ``/status``, the GPU file and the
+checkpoint are each a :class:`Schema` subclass. A bound is a ``Field(ge=..., le=...)`` on the
+field; a rule across fields is a validator raising :func:`problem`. Every problem is reported
+at once, each with its located path and what was expected::
+
+    metrics.duration_buckets_s[2]: expected a number greater than 1, got 1
+    gate.close_at: expected a value <= 1, got 1.5
+
+pydantic because it reports every error of a document in one pass with the path to each
+(msgspec stops at the first), which is what an operator fixing a config needs.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+
+class Schema(BaseModel):
+    """Frozen, strict (no ``"5"`` for 5, no 1 for true), unknown keys refused, finite numbers."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ForeignSchema(Schema):
+    """Input another program writes (Alertmanager, the app): keys it adds later are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class InvalidInput(ValueError):
+    """Input that does not fit its schema: ``problems`` lists (located path, expectation)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {text}" if key else text for key, text in problems))
+
+
+def problem(message: str) -> PydanticCustomError:
+    """What a validator raises: ``message`` says what was expected (the value is appended)."""
+    return PydanticCustomError("expected", message)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate(model: type[M], data: Any) -> M:
+    """``data`` as a ``model``, or :class:`InvalidInput` listing every problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidInput([(path(error["loc"]), describe(model, error))
+                            for error in exc.errors(include_url=False)]) from None
+    except RecursionError:
+        raise InvalidInput([("", "expected a document nested less deeply")]) from None
+
+
+def path(loc: tuple[int | str, ...]) -> str:
+    """``("logs", "sources", 0, "format")`` as ``logs.sources[0].format``."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+_EXPECTED = {
+    "int_type": "expected an integer", "float_type": "expected a number",
+    "bool_type": "expected true or false", "string_type": "expected a string",
+    "list_type": "expected a list", "tuple_type": "expected a list",
+    "dict_type": "expected a mapping", "model_type": "expected a mapping",
+    "finite_number": "expected a finite number", "missing": "missing",
+    "greater_than": "expected a number greater than {gt}",
+    "greater_than_equal": "expected a value >= {ge}",
+    "less_than": "expected a value < {lt}", "less_than_equal": "expected a value <= {le}",
+    "too_short": "expected at least {min_length} entries",
+    "too_long": "expected at most {max_length} entries",
+    "string_too_short": "expected at least {min_length} characters",
+    "string_too_long": "expected at most {max_length} characters",
+    "literal_error": "expected one of {expected}",
+}
+
+
+def describe(model: type[BaseModel], error: ErrorDetails) -> str:
+    """What was expected, and what came instead."""
+    kind, ctx = error["type"], error.get("ctx", {})
+    if kind == "extra_forbidden":
+        known = _model_at(model, error["loc"][:-1])
+        names = f"; expected one of {', '.join(sorted(known.model_fields))}" if known else ""
+        return f"unknown key{names}"
+    if kind == "literal_error":
+        ctx = {"expected": str(ctx["expected"]).replace(" or ", ", ")}
+    template = _EXPECTED.get(kind)
+    text = template.format(**ctx) if template else error["msg"]
+    return text if kind == "missing" else f"{text}, got {shown(error['input'])}"
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: containers by type, long ones cut."""
+    if isinstance(value, (dict, list, tuple)):
+        return type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
+
+
+def _model_at(model: Any, loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The model class that the mapping at ``loc`` is validated as."""
+    current = _inner_model(model)
+    for part in loc:
+        if current is not None and isinstance(part, str) and part in current.model_fields:
+            current = _inner_model(current.model_fields[part].annotation)
+    return current
+
+
+def _inner_model(tp: Any) -> type[BaseModel] | None:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    return next(filter(None, map(_inner_model, typing.get_args(tp))), None)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (the last would silently win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {shown(key)} (the last would win)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(raw: bytes) -> Any:
+    """Parse a YAML document, or raise :class:`InvalidInput` saying where it is broken."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput([("", f"expected UTF-8 text, got byte 0x{raw[exc.start]:02x} at "
+                                 f"offset {exc.start}")]) from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise InvalidInput([("", f"{where}not valid YAML ({getattr(exc, 'problem', exc)})")]) \
+            from None
+    except ValueError as exc:  # an integer past Python's digit limit
+        raise InvalidInput([("", f"not valid YAML ({exc})")]) from None
+    except RecursionError:
+        raise InvalidInput([("", "expected a document nested less deeply")]) from None
