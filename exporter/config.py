@@ -13,58 +13,16 @@ The schema is the :class:`~exporter.schema.Schema` models below: adding a settin
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, PlainValidator, ValidationInfo, field_validator
 
-from exporter.schema import InvalidInput, Schema, load_yaml, problem, validate
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; the message says where and what was expected, one
-    line per problem (``key``/``problem`` are the first; ``problems`` all of them)."""
-
-    def __init__(self, file: str, key: str, problem: str, *more: tuple[str, str]) -> None:
-        self.file, self.key, self.problem = file, key, problem
-        self.problems = [(key, problem), *more]
-        super().__init__("\n".join(f"{file}: {k}: {p}" if k else f"{file}: {p}"
-                                   for k, p in self.problems))
-
-    @classmethod
-    def of(cls, file: str, invalid: InvalidInput) -> ConfigError:
-        (key, text), *more = invalid.problems
-        return cls(file, key, text, *more)
-
-
-def host_port(value: str) -> str:
-    """``HOST:PORT`` with a port 1-65535 and a host that is an IP address or a DNS name."""
-    host, sep, port = value.rpartition(":")
-    bare = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not _is_host(bare):
-        raise problem("expected HOST:PORT (an IP address or DNS name, a port 1-65535), "
-                      "e.g. 127.0.0.1:9109")
-    return value
-
-
-_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-def _is_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-        return True
-    except ValueError:
-        pass
-    labels = host.rstrip(".").split(".")
-    # all-numeric labels would be an IPv4 address, and that did not parse
-    return 0 < len(host) <= 253 and all(map(_DNS_LABEL.fullmatch, labels)) \
-        and not labels[-1].isdigit()
+from exporter.schema import ConfigError as ConfigError
+from exporter.schema import Schema, from_mapping, listen_address, load_file, problem
 
 
 def increasing(values: Sequence[float]) -> Sequence[float]:
@@ -84,7 +42,7 @@ Ratio = Annotated[float, Field(ge=0, le=1)]
 Text = Annotated[str, Field(max_length=4096)]
 Buckets = Annotated[list[Annotated[float, Field(gt=0, le=1e9)]],
                     Field(min_length=1, max_length=64), AfterValidator(increasing)]
-Listen = Annotated[str, AfterValidator(host_port)]
+Listen = Annotated[str, AfterValidator(listen_address(lowest_port=1))]
 
 
 class ServerConfig(Schema):
@@ -328,25 +286,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     Relative paths inside the file stay relative to the working directory, as operators expect
     from a sidecar started next to the service it watches.
     """
-    return config_from_mapping(read_yaml(path), str(path))
-
-
-def read_yaml(path: str | os.PathLike[str]) -> Any:
-    """The YAML document in ``path`` ({} for an empty file), or :class:`ConfigError`."""
-    try:
-        data = load_yaml(Path(path).read_bytes())
-    except OSError as exc:
-        raise ConfigError(str(path), "", f"cannot read the file ({exc.strerror or exc})") \
-            from None
-    except InvalidInput as exc:
-        raise ConfigError.of(str(path), exc) from None
-    return {} if data is None else data
+    return load_file(Config, path)
 
 
 def config_from_mapping(data: Any, file: str = "<config>") -> Config:
     """Validate an already-parsed mapping (what :func:`load_config` does after YAML)."""
-    try:
-        return validate(Config, data)
-    except InvalidInput as exc:
-        raise ConfigError.of(file, InvalidInput(
-            [(key or "(top level)", text) for key, text in exc.problems])) from None
+    return from_mapping(Config, data, file)

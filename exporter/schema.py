@@ -14,7 +14,12 @@ pydantic because it reports every error of a document in one pass with the path 
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import re
 import typing
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -45,6 +50,34 @@ class InvalidInput(ValueError):
 def problem(message: str) -> PydanticCustomError:
     """What a validator raises: ``message`` says what was expected (the value is appended)."""
     return PydanticCustomError("expected", message)
+
+
+def listen_address(lowest_port: int) -> Callable[[str], str]:
+    """A check of ``HOST:PORT``: a port from ``lowest_port`` to 65535 and a host that is an IP
+    address or a DNS name (``999.1.1.1`` is neither, and would fail only at bind time)."""
+    def check(value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not lowest_port <= int(port) < 65536 \
+                or not _is_host(host.strip("[]")):
+            raise problem(f"expected HOST:PORT (an IP address or DNS name, a port "
+                          f"{lowest_port}-65535), e.g. 127.0.0.1:8080")
+        return value
+    return check
+
+
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    # all-numeric labels would be an IPv4 address, and that did not parse
+    return 0 < len(host) <= 253 and all(map(_DNS_LABEL.fullmatch, labels)) \
+        and not labels[-1].isdigit()
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -156,3 +189,35 @@ def load_yaml(raw: bytes) -> Any:
         raise InvalidInput([("", f"not valid YAML ({exc})")]) from None
     except RecursionError:
         raise InvalidInput([("", "expected a document nested less deeply")]) from None
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message says where and what was expected, one
+    line per problem (``key``/``problem`` are the first; ``problems`` all of them)."""
+
+    def __init__(self, file: str, key: str, problem: str, *more: tuple[str, str]) -> None:
+        self.file, self.key, self.problem = file, key, problem
+        self.problems = [(key, problem), *more]
+        super().__init__("\n".join(f"{file}: {k}: {p}" if k else f"{file}: {p}"
+                                   for k, p in self.problems))
+
+
+def load_file(model: type[M], path: str | os.PathLike[str]) -> M:
+    """The YAML file ``path`` (empty: all defaults) as a ``model``, or :class:`ConfigError`."""
+    try:
+        data = load_yaml(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read the file ({exc.strerror or exc})") \
+            from None
+    except InvalidInput as exc:
+        raise ConfigError(str(path), *exc.problems[0], *exc.problems[1:]) from None
+    return from_mapping(model, {} if data is None else data, str(path))
+
+
+def from_mapping(model: type[M], data: Any, file: str) -> M:
+    """An already-parsed document as a ``model``, or :class:`ConfigError` naming ``file``."""
+    try:
+        return validate(model, data)
+    except InvalidInput as exc:
+        located = [(key or "(top level)", text) for key, text in exc.problems]
+        raise ConfigError(file, *located[0], *located[1:]) from None

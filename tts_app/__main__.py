@@ -1,4 +1,5 @@
 """``python -m tts_app --config FILE`` / ``tts-app``: serve until SIGTERM, then drain.
+``tts-app check-config FILE`` validates a config and exits 0, or 1 listing every problem.
 
 SIGTERM (or SIGINT) stops admission first (``/readyz`` 503, new synthesis 503 SHUTTING_DOWN,
 so a load balancer moves away), lets in-flight work finish within ``server.drain_timeout_s``,
@@ -102,16 +103,45 @@ async def serve(config: AppConfig, config_file: str) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _report("tts-app: ", exc)
+        return 1
+    try:
+        return asyncio.run(serve(config, args.config))
+    except StartupError as exc:
+        print(f"tts-app: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        _report("invalid: ", exc)
+        return 1
+    print(f"{args.file}: valid")
+    return 0
+
+
+def _report(prefix: str, error: ConfigError) -> None:
+    """Every problem on its own line, each naming file and key."""
+    for line in str(error).splitlines():
+        print(prefix + line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tts-app", description="tts-sentinel TTS HTTP app")
     parser.add_argument("--config", default="config/app.yaml", help="YAML config file")
+    parser.set_defaults(func=_run)
+    check = parser.add_subparsers(dest="command").add_parser(
+        "check-config", help="validate a config file and exit 0/1")
+    check.add_argument("file")
+    check.set_defaults(func=_check_config)
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        return asyncio.run(serve(config, args.config))
-    except (ConfigError, StartupError) as exc:
-        print(f"tts-app: {exc}", file=sys.stderr)
-        return 1
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
