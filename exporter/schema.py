@@ -134,11 +134,11 @@ def describe(model: type[BaseModel], error: ErrorDetails) -> str:
 
 
 def shown(value: Any) -> str:
-    """A value as an error message quotes it: containers by type, long ones cut."""
-    if isinstance(value, (dict, list, tuple)):
-        return type(value).__name__
+    """A value as an error message quotes it: long ones cut, long containers by type."""
     text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "..."
+    if len(text) <= 40:
+        return text
+    return type(value).__name__ if isinstance(value, (dict, list, tuple)) else text[:40] + "..."
 
 
 def _model_at(model: Any, loc: tuple[int | str, ...]) -> type[BaseModel] | None:
