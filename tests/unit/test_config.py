@@ -144,7 +144,7 @@ def test_a_value_out_of_its_bound_is_refused_naming_key_and_bound(
 
 
 def test_duplicate_keys_are_refused_instead_of_the_last_winning(tmp_path: Path) -> None:
-    (key, problem), = problems_of(tmp_path, "gate: {close_at: 0.9}\ngate: {close_at: 0.5}\n")
+    (_, problem), = problems_of(tmp_path, "gate: {close_at: 0.9}\ngate: {close_at: 0.5}\n")
     assert "line 2, column 1" in problem and "duplicate key 'gate'" in problem
     (_, problem), = problems_of(tmp_path, "gate:\n  close_at: 0.9\n  close_at: 0.95\n")
     assert "duplicate key 'close_at'" in problem
