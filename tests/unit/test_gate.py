@@ -277,10 +277,10 @@ def test_parse_webhook_keeps_only_close_ingress_alerts() -> None:
 
 
 @pytest.mark.parametrize("body, problem", [
-    ([], "JSON object"),
+    ([], "expected a mapping, got []"),
     (payload(version="3"), "version"),
     ({**payload(), "alerts": {}}, "list"),
-    (payload("x"), "alerts[0]: expected an object"),  # type: ignore[arg-type]
+    (payload("x"), "alerts[0]: expected a mapping"),  # type: ignore[arg-type]
     (payload(alert("A", status="pending")), "alerts[0].status"),
     (payload({"status": "firing", "labels": {"alertname": 1}}), "alerts[0].labels"),
     (payload({"status": "firing", "labels": {"action": "close_ingress"}}), "alertname"),
