@@ -406,15 +406,15 @@ def test_file_source_reads_optional_fields(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("content", "problem"), [
     (None, "cannot read the GPU file"),
     ("{\"gpus\": [", "not valid JSON"),
-    ("[1, 2]", 'expected an object with a "gpus" list'),
-    ('{"gpus": {}}', 'expected an object with a "gpus" list'),
-    ('{"gpus": [7]}', r"gpus\[0\]: expected an object"),
-    ('{"gpus": [{"memory_used_bytes": 1}]}', r"gpus\[0\]\.memory_total_bytes: expected a number"),
+    ("[1, 2]", r"expected a mapping, got \[1, 2\]"),
+    ('{"gpus": {}}', "gpus: expected a list"),
+    ('{"gpus": [7]}', r"gpus\[0\]: expected a mapping"),
+    ('{"gpus": [{"memory_used_bytes": 1}]}', r"gpus\[0\]\.memory_total_bytes: missing"),
     ('{"gpus": [{"memory_used_bytes": "9", "memory_total_bytes": 1}]}', "memory_used_bytes"),
-    ('{"gpus": [{"memory_used_bytes": -1, "memory_total_bytes": 1}]}', "expected a number >= 0"),
-    ('{"gpus": [{"memory_used_bytes": 1, "memory_total_bytes": 0}]}', "expected a number > 0"),
+    ('{"gpus": [{"memory_used_bytes": -1, "memory_total_bytes": 1}]}', "expected a value >= 0"),
+    ('{"gpus": [{"memory_used_bytes": 1, "memory_total_bytes": 0}]}', "greater than 0"),
     ('{"gpus": [{"memory_used_bytes": 1, "memory_total_bytes": 2, "processes": [{"pid": 1}]}]}',
-     r"processes\[0\]: expected pid and memory_bytes"),
+     r"processes\[0\]\.memory_bytes: missing"),
 ])
 def test_file_source_rejects_what_is_not_a_reading(tmp_path: Path, content: str | None,
                                                   problem: str) -> None:
