@@ -26,9 +26,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Annotated, Any, Generic, TypeVar
 
-import jsonschema
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -37,8 +36,28 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
+from pydantic import AfterValidator, Field, create_model
 
 from exporter.config import DEFAULT_DURATION_BUCKETS_S, DEFAULT_TEXT_LENGTH_BUCKETS
+from exporter.schema import ForeignSchema, InvalidInput, problem, validate
+
+_Amount = Annotated[float, Field(ge=0)]
+_Count = Annotated[int, Field(ge=0, le=2**63)]
+_Series = TypeVar("_Series")
+
+
+class _HistogramState(ForeignSchema, Generic[_Series]):
+    bounds: list[float]
+    series: list[_Series]
+
+
+def _buckets_fit(bounds: list[float], state: _HistogramState[Any]) -> _HistogramState[Any]:
+    """Series of today's bounds hold one count per bucket; other bounds are dropped whole (a
+    config change), so their counts are not checked."""
+    if state.bounds == bounds and any(len(s[1]) != len(bounds) + 1 for s in state.series):
+        raise problem(f"expected {len(bounds) + 1} bucket counts in each series")
+    return state
+
 
 OVERFLOW_LABEL_VALUE = "other"
 SERIES_OVERFLOW_LABEL = "*"
@@ -370,40 +389,29 @@ class MetricSet(Collector):
         :meth:`load_state` restores completely: every sample of a known family shaped as
         :meth:`dump_state` writes it, with its labels, finite non-negative values, and (for a
         histogram whose bounds are today's) one count per bucket."""
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(self._state_schema()).iter_errors(state))
-        if error is not None:
-            where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(top level)"
-            raise ValueError(f"metrics{where}: {error.message[:200]}")
+        try:
+            validate(self._state_model(), state)
+        except InvalidInput as exc:
+            raise ValueError("; ".join(f"metrics.{key}: {text}" if key else f"metrics: {text}"
+                                       for key, text in exc.problems)[:2000]) from None
 
-    def _state_schema(self) -> dict[str, Any]:
-        amount = {"type": "number", "minimum": 0, "maximum": sys.float_info.max}
-        count = {"type": "integer", "minimum": 0, "maximum": 2**63}
-        properties: dict[str, Any] = {}
+    def _state_model(self) -> type[ForeignSchema]:
+        """The schema of :meth:`dump_state`'s output for today's families (others are
+        ignored: :meth:`load_state` drops them)."""
+        fields: dict[str, Any] = {}
         for family in self._families.values():
             n = len(family.labelnames)
-            labels = {"type": "array", "items": {"type": "string"}, "minItems": n, "maxItems": n}
+            labels = Annotated[list[str], Field(min_length=n, max_length=n)]
             if isinstance(family, CounterFamily):
-                properties[family.name] = {"type": "array", "items": {
-                    "type": "array", "prefixItems": [labels, amount], "items": False,
-                    "minItems": 2}}
+                sample = Annotated[tuple[labels, _Amount], Field(strict=False)]
+                fields[family.name] = (list[sample] | None, None)
             elif isinstance(family, HistogramFamily):
-                buckets = len(family.bounds) + 1
-                properties[family.name] = {
-                    "type": "object", "required": ["bounds", "series"],
-                    "properties": {
-                        "bounds": {"type": "array", "items": {
-                            "type": "number", "minimum": -sys.float_info.max,
-                            "maximum": sys.float_info.max}},
-                        "series": {"type": "array", "items": {
-                            "type": "array", "items": False, "minItems": 3, "prefixItems": [
-                                labels, {"type": "array", "items": count}, amount]}}},
-                    # Other bounds are dropped whole (a config change), so only today's must
-                    # have one count per bucket.
-                    "if": {"properties": {"bounds": {"const": family.bounds}}},
-                    "then": {"properties": {"series": {"items": {"prefixItems": [
-                        True, {"minItems": buckets, "maxItems": buckets}]}}}}}
-        return {"type": "object", "properties": properties}
+                series = Annotated[tuple[labels, list[_Count], _Amount],
+                                   Field(strict=False)]
+                histogram = Annotated[_HistogramState[series],
+                                      AfterValidator(partial(_buckets_fit, family.bounds))]
+                fields[family.name] = (histogram | None, None)
+        return create_model("MetricsState", __base__=ForeignSchema, **fields)
 
     def load_state(self, state: dict[str, Any]) -> list[str]:
         """Restore what :meth:`dump_state` wrote and :meth:`check_state` accepted; returns
