@@ -12,6 +12,8 @@ import asyncio
 import logging
 import sys
 
+import msgspec
+
 from exporter.analyze.cli import add_arguments
 from exporter.analyze.cli import run as run_analyze
 from exporter.config import ConfigError, load_config
@@ -24,8 +26,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         if args.web_config_file is not None:
-            config = config.model_copy(update={"server": config.server.model_copy(
-                update={"web_config_file": args.web_config_file})})
+            config = msgspec.structs.replace(config, server=msgspec.structs.replace(
+                config.server, web_config_file=args.web_config_file))
         path = config.server.web_config_file
         web_config = load_web_config(path) if path else WebConfig()
     except ConfigError as exc:

@@ -36,14 +36,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import AfterValidator
 
 from exporter.config import AuthConfig, GateConfig
 from exporter.metrics import SidecarMetrics
-from exporter.schema import ForeignSchema, InvalidInput, problem, validate
+from exporter.schema import ForeignSchema, InvalidInput, rules, validate
 from exporter.server import json_body
 
 log = logging.getLogger("exporter.gate")
@@ -183,19 +182,16 @@ class WebhookError(InvalidInput):
     """An Alertmanager payload that is not version 4 or is malformed; the message says where."""
 
 
-def _named(labels: dict[str, str]) -> dict[str, str]:
-    if not labels.get("alertname"):
-        raise problem("expected an alertname label")
-    return labels
-
-
-class _Alert(ForeignSchema):
+class _Alert(ForeignSchema, frozen=True):
     status: Literal["firing", "resolved"]
-    labels: Annotated[dict[str, str], AfterValidator(_named)]
+    labels: dict[str, str]
     fingerprint: str = ""
 
+    def __post_init__(self) -> None:
+        rules(labels=None if self.labels.get("alertname") else "expected an alertname label")
 
-class _Webhook(ForeignSchema):
+
+class _Webhook(ForeignSchema, frozen=True):
     """The part of Alertmanager's webhook body (version 4) the gate reads."""
 
     version: Literal["4"]

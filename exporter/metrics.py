@@ -26,8 +26,10 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any
 
+import msgspec
+from msgspec import Meta
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -36,27 +38,25 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
-from pydantic import AfterValidator, Field, create_model
 
 from exporter.config import DEFAULT_DURATION_BUCKETS_S, DEFAULT_TEXT_LENGTH_BUCKETS
-from exporter.schema import ForeignSchema, InvalidInput, problem, validate
+from exporter.schema import Amount, Finite, ForeignSchema, InvalidInput, rules, validate
 
-_Amount = Annotated[float, Field(ge=0)]
-_Count = Annotated[int, Field(ge=0, le=2**63)]
-_Series = TypeVar("_Series")
+_Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 
-class _HistogramState(ForeignSchema, Generic[_Series]):
-    bounds: list[float]
-    series: list[_Series]
-
-
-def _buckets_fit(bounds: list[float], state: _HistogramState[Any]) -> _HistogramState[Any]:
-    """Series of today's bounds hold one count per bucket; other bounds are dropped whole (a
-    config change), so their counts are not checked."""
-    if state.bounds == bounds and any(len(s[1]) != len(bounds) + 1 for s in state.series):
-        raise problem(f"expected {len(bounds) + 1} bucket counts in each series")
-    return state
+def _histogram_state(name: str, bounds: list[float], labels: Any) -> Any:
+    """The checkpoint's shape of one histogram: series of today's bounds hold one count per
+    bucket; other bounds are dropped whole (a config change), so their counts are not checked."""
+    def buckets_fit(state: Any) -> None:
+        if state.bounds == bounds:
+            rules(series=next((f"expected {len(bounds) + 1} bucket counts in each series, got "
+                               f"{len(s[1])}" for s in state.series
+                               if len(s[1]) != len(bounds) + 1), None))
+    return msgspec.defstruct(name, [("bounds", list[Finite]),
+                                    ("series", list[tuple[labels, list[_Count], Amount]])],
+                             bases=(ForeignSchema,), frozen=True,
+                             namespace={"__post_init__": buckets_fit})
 
 
 OVERFLOW_LABEL_VALUE = "other"
@@ -395,23 +395,19 @@ class MetricSet(Collector):
             raise ValueError("; ".join(f"metrics.{key}: {text}" if key else f"metrics: {text}"
                                        for key, text in exc.problems)[:2000]) from None
 
-    def _state_model(self) -> type[ForeignSchema]:
+    def _state_model(self) -> type[msgspec.Struct]:
         """The schema of :meth:`dump_state`'s output for today's families (others are
         ignored: :meth:`load_state` drops them)."""
-        fields: dict[str, Any] = {}
+        fields: list[tuple[str, Any, Any]] = []
         for family in self._families.values():
             n = len(family.labelnames)
-            labels = Annotated[list[str], Field(min_length=n, max_length=n)]
+            labels = Annotated[list[str], Meta(min_length=n, max_length=n)]
             if isinstance(family, CounterFamily):
-                sample = Annotated[tuple[labels, _Amount], Field(strict=False)]
-                fields[family.name] = (list[sample] | None, None)
+                fields.append((family.name, list[tuple[labels, Amount]] | None, None))
             elif isinstance(family, HistogramFamily):
-                series = Annotated[tuple[labels, list[_Count], _Amount],
-                                   Field(strict=False)]
-                histogram = Annotated[_HistogramState[series],
-                                      AfterValidator(partial(_buckets_fit, family.bounds))]
-                fields[family.name] = (histogram | None, None)
-        return create_model("MetricsState", __base__=ForeignSchema, **fields)
+                state = _histogram_state(family.name, family.bounds, labels)
+                fields.append((family.name, state | None, None))
+        return msgspec.defstruct("MetricsState", fields, bases=(ForeignSchema,), frozen=True)
 
     def load_state(self, state: dict[str, Any]) -> list[str]:
         """Restore what :meth:`dump_state` wrote and :meth:`check_state` accepted; returns

@@ -1,31 +1,38 @@
-"""The app's one way to declare the shape of its config: pydantic models, read with
+"""The app's one way to declare the shape of its config: msgspec structs, read with
 :func:`validate`; every problem is reported at once with its located path::
 
     admission.queue_size: expected a value >= 0, got -1
 
 (``tts_app`` never imports ``exporter``, so this is the app's own copy of the sidecar's
-``exporter/schema.py``, one schema helper per package.)
+``exporter/schema.py``: one schema helper per package.)
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import math
 import os
 import re
 import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+import msgspec
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
-from pydantic_core import ErrorDetails, PydanticCustomError
+from msgspec import Meta
+
+# A rule's problem travels through msgspec as "key<SEP>message".
+_SEP = "\x1f"
 
 
-class Schema(BaseModel):
-    """Frozen, strict (no ``"5"`` for 5, no 1 for true), unknown keys refused, finite numbers."""
+class Schema(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Frozen, strict (no ``"5"`` for 5, no 1 for true), unknown keys refused."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+# Every number has a bound; these keep a float finite (NaN fails every comparison).
+Finite = Annotated[float, Meta(ge=-1e300, le=1e300)]
+Amount = Annotated[float, Meta(ge=0, le=1e300)]
 
 
 class InvalidInput(ValueError):
@@ -36,22 +43,145 @@ class InvalidInput(ValueError):
         super().__init__("; ".join(f"{key}: {text}" if key else text for key, text in problems))
 
 
-def problem(message: str) -> PydanticCustomError:
-    """What a validator raises: ``message`` says what was expected (the value is appended)."""
-    return PydanticCustomError("expected", message)
+def problem(key: str, message: str) -> ValueError:
+    """What a ``__post_init__`` raises: ``key`` is the field, ``message`` what was expected."""
+    return ValueError(f"{key}{_SEP}{message}")
 
 
-def listen_address(lowest_port: int) -> Callable[[str], str]:
-    """A check of ``HOST:PORT``: a port from ``lowest_port`` to 65535 and a host that is an IP
-    address or a DNS name (``999.1.1.1`` is neither, and would fail only at bind time)."""
-    def check(value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not port.isdigit() or not lowest_port <= int(port) < 65536 \
-                or not _is_host(host.strip("[]")):
-            raise problem(f"expected HOST:PORT (an IP address or DNS name, a port "
-                          f"{lowest_port}-65535), e.g. 127.0.0.1:8080")
-        return value
-    return check
+def rules(**problems: str | None) -> None:
+    """Raise the first of ``key=problem`` that is not None (a ``__post_init__`` helper)."""
+    for key, text in problems.items():
+        if text is not None:
+            raise problem(key, text)
+
+
+def increasing(values: list[float]) -> str | None:
+    """Bucket bounds and thresholds: each one once, in order (a repeat would be two series
+    with one ``le`` label)."""
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        return f"expected increasing values, each once, got {shown(values)}"
+    return None
+
+
+S = TypeVar("S")
+
+
+def validate(schema: type[S], data: Any) -> S:
+    """``data`` as a ``schema``, or :class:`InvalidInput` listing every problem."""
+    try:
+        return msgspec.convert(data, schema)
+    except msgspec.ValidationError as exc:
+        raise InvalidInput(_every_problem(schema, data, "", exc)) from None
+    except RecursionError:
+        raise InvalidInput([("", "expected a document nested less deeply")]) from None
+
+
+def _every_problem(tp: Any, value: Any, where: str, first: msgspec.ValidationError) \
+        -> list[tuple[str, str]]:
+    """Each key or item of ``value`` checked on its own; ``first`` (what msgspec found) when
+    none fails alone (a rule across keys, or a bound on the container itself)."""
+    found: list[tuple[str, str]] = []
+    inner = _unwrap(tp, value)
+    if isinstance(inner, type) and issubclass(inner, msgspec.Struct) and isinstance(value, dict):
+        fields = {f.encode_name: f for f in msgspec.structs.fields(inner)}
+        for key, item in value.items():
+            field = fields.get(key)
+            if field is not None:
+                found += _check(field.type, item, _join(where, key))
+            elif inner.__struct_config__.forbid_unknown_fields:
+                found.append((_join(where, str(key)),
+                              f"unknown key; expected one of {', '.join(sorted(fields))}"))
+        found += [(_join(where, name), "missing") for name, field in fields.items()
+                  if field.required and name not in value]
+    elif typing.get_origin(inner) in (list, tuple) and isinstance(value, list) \
+            and typing.get_args(inner)[1:] in ((), (...,)):
+        item_tp = typing.get_args(inner)[0]
+        for i, item in enumerate(value):
+            found += _check(item_tp, item, f"{where}[{i}]")
+    elif typing.get_origin(inner) is dict and isinstance(value, dict):
+        value_tp = typing.get_args(inner)[1]
+        for key, item in value.items():
+            found += _check(value_tp, item, _join(where, str(key)))
+    return found or [_located(first, where, inner, value)]
+
+
+def _check(tp: Any, value: Any, where: str) -> list[tuple[str, str]]:
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        return _every_problem(tp, value, where, exc)
+    return []
+
+
+def _unwrap(tp: Any, value: Any) -> Any:
+    """The type that ``value`` is checked as: ``Annotated`` and ``X | None`` taken off."""
+    if typing.get_origin(tp) is Annotated:
+        return _unwrap(typing.get_args(tp)[0], value)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if len(args) == 1 and value is not None and len(typing.get_args(tp)) == 2:
+        return _unwrap(args[0], value)
+    return tp
+
+
+def _located(error: msgspec.ValidationError, where: str, tp: Any, value: Any) \
+        -> tuple[str, str]:
+    text, _, at = str(error).partition(" - at `$")
+    at = at.rstrip("`")
+    key, sep, rule = text.partition(_SEP)
+    if sep:  # a rule's problem names its own key
+        return _join(_join(where, at.lstrip(".")), key), rule
+    where = where + at if at.startswith("[") else _join(where, at.lstrip("."))
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, f"expected a finite number, got {shown(value)}"
+    if typing.get_origin(tp) is Literal:
+        choices = ", ".join(map(repr, typing.get_args(tp)))
+        return where, f"expected one of {choices}, got {shown(value)}"
+    return where, f"{_plain(text)}, got {shown(value)}" if not at else _plain(text)
+
+
+_TYPES = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+          "array": "a list", "object": "a mapping", "null": "nothing"}
+
+
+def _plain(text: str) -> str:
+    """msgspec's ``Expected `int` >= 1, got `str``` in this project's words."""
+    if match := re.fullmatch(r"Expected `(\w+)` of length ([<>]=) (\d+)", text):
+        unit = "characters" if match[1] == "str" else "entries"
+        return f"expected {'at most' if match[2] == '<=' else 'at least'} {match[3]} {unit}"
+    if match := re.fullmatch(r"Expected `\w+` (>=|<=|>|<) (\S+)", text):
+        op, bound = match[1], match[2]
+        return f"expected a number greater than {bound}" if op == ">" else \
+            f"expected a value {op} {bound}"
+    if match := re.fullmatch(r"Expected `([^`]+)`, got `\w+`", text):
+        kinds = [_TYPES.get(kind, kind) for kind in match[1].split(" | ")]
+        return "expected " + " or ".join(kinds)
+    if text == "Number out of range":
+        return "expected a number"
+    return text[:1].lower() + text[1:]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: long ones cut, long containers by type."""
+    text = repr(value)
+    if len(text) <= 40:
+        return text
+    return type(value).__name__ if isinstance(value, (dict, list, tuple)) else text[:40] + "..."
+
+
+def listen_address(value: str, lowest_port: int) -> str | None:
+    """What is wrong with ``HOST:PORT`` (None: nothing): a port from ``lowest_port`` to 65535
+    and a host that is an IP address or a DNS name (``999.1.1.1`` is neither, and would fail
+    only at bind time)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not lowest_port <= int(port) < 65536 \
+            or not _is_host(host.strip("[]")):
+        return (f"expected HOST:PORT (an IP address or DNS name, a port {lowest_port}-65535), "
+                f"e.g. 127.0.0.1:8080, got {shown(value)}")
+    return None
 
 
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
@@ -67,82 +197,6 @@ def _is_host(host: str) -> bool:
     # all-numeric labels would be an IPv4 address, and that did not parse
     return 0 < len(host) <= 253 and all(map(_DNS_LABEL.fullmatch, labels)) \
         and not labels[-1].isdigit()
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def validate(model: type[M], data: Any) -> M:
-    """``data`` as a ``model``, or :class:`InvalidInput` listing every problem."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidInput([(path(error["loc"]), describe(model, error))
-                            for error in exc.errors(include_url=False)]) from None
-    except RecursionError:
-        raise InvalidInput([("", "expected a document nested less deeply")]) from None
-
-
-def path(loc: tuple[int | str, ...]) -> str:
-    """``("logs", "sources", 0, "format")`` as ``logs.sources[0].format``."""
-    text = ""
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
-    return text
-
-
-_EXPECTED = {
-    "int_type": "expected an integer", "float_type": "expected a number",
-    "bool_type": "expected true or false", "string_type": "expected a string",
-    "list_type": "expected a list", "tuple_type": "expected a list",
-    "dict_type": "expected a mapping", "model_type": "expected a mapping",
-    "finite_number": "expected a finite number", "missing": "missing",
-    "greater_than": "expected a number greater than {gt}",
-    "greater_than_equal": "expected a value >= {ge}",
-    "less_than": "expected a value < {lt}", "less_than_equal": "expected a value <= {le}",
-    "too_short": "expected at least {min_length} entries",
-    "too_long": "expected at most {max_length} entries",
-    "string_too_short": "expected at least {min_length} characters",
-    "string_too_long": "expected at most {max_length} characters",
-    "literal_error": "expected one of {expected}",
-}
-
-
-def describe(model: type[BaseModel], error: ErrorDetails) -> str:
-    """What was expected, and what came instead."""
-    kind, ctx = error["type"], error.get("ctx", {})
-    if kind == "extra_forbidden":
-        known = _model_at(model, error["loc"][:-1])
-        names = f"; expected one of {', '.join(sorted(known.model_fields))}" if known else ""
-        return f"unknown key{names}"
-    if kind == "literal_error":
-        ctx = {"expected": str(ctx["expected"]).replace(" or ", ", ")}
-    template = _EXPECTED.get(kind)
-    text = template.format(**ctx) if template else error["msg"]
-    return text if kind == "missing" else f"{text}, got {shown(error['input'])}"
-
-
-def shown(value: Any) -> str:
-    """A value as an error message quotes it: long ones cut, long containers by type."""
-    text = repr(value)
-    if len(text) <= 40:
-        return text
-    return type(value).__name__ if isinstance(value, (dict, list, tuple)) else text[:40] + "..."
-
-
-def _model_at(model: Any, loc: tuple[int | str, ...]) -> type[BaseModel] | None:
-    """The model class that the mapping at ``loc`` is validated as."""
-    current = _inner_model(model)
-    for part in loc:
-        if current is not None and isinstance(part, str) and part in current.model_fields:
-            current = _inner_model(current.model_fields[part].annotation)
-    return current
-
-
-def _inner_model(tp: Any) -> type[BaseModel] | None:
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return tp
-    return next(filter(None, map(_inner_model, typing.get_args(tp))), None)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -191,8 +245,8 @@ class ConfigError(Exception):
                                    for k, p in self.problems))
 
 
-def load_file(model: type[M], path: str | os.PathLike[str]) -> M:
-    """The YAML file ``path`` (empty: all defaults) as a ``model``, or :class:`ConfigError`."""
+def load_file(schema: type[S], path: str | os.PathLike[str]) -> S:
+    """The YAML file ``path`` (empty: all defaults) as a ``schema``, or :class:`ConfigError`."""
     try:
         data = load_yaml(Path(path).read_bytes())
     except OSError as exc:
@@ -200,13 +254,14 @@ def load_file(model: type[M], path: str | os.PathLike[str]) -> M:
             from None
     except InvalidInput as exc:
         raise ConfigError(str(path), *exc.problems[0], *exc.problems[1:]) from None
-    return from_mapping(model, {} if data is None else data, str(path))
+    return from_mapping(schema, {} if data is None else data, str(path))
 
 
-def from_mapping(model: type[M], data: Any, file: str) -> M:
-    """An already-parsed document as a ``model``, or :class:`ConfigError` naming ``file``."""
+def from_mapping(schema: type[S], data: Any, file: str) -> S:
+    """An already-parsed document as a ``schema``, or :class:`ConfigError` naming ``file``."""
     try:
-        return validate(model, data)
+        return validate(schema, data)
     except InvalidInput as exc:
         located = [(key or "(top level)", text) for key, text in exc.problems]
         raise ConfigError(file, *located[0], *located[1:]) from None
+

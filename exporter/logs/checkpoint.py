@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field
+from msgspec import Meta, structs
 
 from exporter.schema import ForeignSchema, InvalidInput, validate
 
@@ -71,7 +71,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number a checkpoint holds")
 
 
-class FileOffset(ForeignSchema):
+class FileOffset(ForeignSchema, frozen=True):
     """Where reading stopped in one file, and what identifies that file.
 
     ``(dev, ino)`` alone is not enough: after a delete the inode number may be handed to a new
@@ -79,12 +79,12 @@ class FileOffset(ForeignSchema):
     recycled inode will not share.
     """
 
-    path: Annotated[str, Field(max_length=4096)]
-    dev: Annotated[int, Field(ge=0, le=2**64)]
-    ino: Annotated[int, Field(ge=0, le=2**64)]
-    fingerprint: Annotated[str, Field(max_length=256)]
-    fingerprint_len: Annotated[int, Field(ge=0, le=2**63)]
-    offset: Annotated[int, Field(ge=0, le=2**63)]
+    path: Annotated[str, Meta(max_length=4096)]
+    dev: Annotated[int, Meta(ge=0)]  # msgspec bounds every int to 64 bits
+    ino: Annotated[int, Meta(ge=0)]
+    fingerprint: Annotated[str, Meta(max_length=256)]
+    fingerprint_len: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+    offset: Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
     @property
     def key(self) -> tuple[int, int]:
@@ -100,7 +100,8 @@ class Checkpoint:
 
     def to_json(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "written_at": time.time(),
-                           "files": [f.model_dump() for f in self.files], "metrics": self.metrics},
+                           "files": [structs.asdict(f) for f in self.files],
+                           "metrics": self.metrics},
                           separators=(",", ":"))
 
     @classmethod
@@ -117,8 +118,8 @@ class Checkpoint:
         return cls(document.files, document.metrics)
 
 
-class _Document(ForeignSchema):
-    version: Annotated[int, Field(ge=1, le=FORMAT_VERSION)]
+class _Document(ForeignSchema, frozen=True):
+    version: Annotated[int, Meta(ge=1, le=FORMAT_VERSION)]
     files: list[FileOffset]
     metrics: dict[str, Any]
 

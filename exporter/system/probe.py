@@ -45,10 +45,10 @@ from typing import Annotated, Any
 
 import aiohttp
 from aiohttp import web
-from pydantic import Field, field_validator
+from msgspec import Meta
 
 from exporter.metrics import SidecarMetrics
-from exporter.schema import ForeignSchema, InvalidInput, validate
+from exporter.schema import Amount, Finite, ForeignSchema, InvalidInput, validate
 from exporter.system.periodic import every
 
 log = logging.getLogger("exporter.probe")
@@ -63,48 +63,42 @@ MAX_APP_GPU_DEVICES = 64
 MAX_DEVICE_INDEX = 1023      # a CUDA ordinal; it becomes a label, so it is bounded too
 MAX_UUID_CHARS = 128
 
-# A count or size the app reports; bounded so that it stays exact as a float sample.
-Count = Annotated[int, Field(ge=0, le=2**53)]
-Amount = Annotated[float, Field(ge=0)]
+# A count the app reports; bounded so that it stays exact as a float sample.
+Count = Annotated[int, Meta(ge=0, le=2**53)]
 
 
-class AppGpu(ForeignSchema):
+class AppGpu(ForeignSchema, frozen=True):
     """One CUDA device the app holds, with PyTorch's view of its memory where reported."""
 
-    index: Annotated[int, Field(ge=0, le=MAX_DEVICE_INDEX)]
-    uuid: Annotated[str, Field(min_length=1, max_length=MAX_UUID_CHARS)]
+    index: Annotated[int, Meta(ge=0, le=MAX_DEVICE_INDEX)]
+    uuid: Annotated[str, Meta(min_length=1, max_length=MAX_UUID_CHARS)]
     memory_allocated_bytes: Amount | None = None
     memory_reserved_bytes: Amount | None = None
     gpu_oom_total: Amount | None = None
 
 
-class AppStatus(ForeignSchema):
+class AppStatus(ForeignSchema, frozen=True):
     """The part of ``/status`` the sidecar uses (an optional field is one line here)."""
 
     waiting: Count
     running: Count
     capacity: Count
-    started_at: float
+    started_at: Finite
     pid: Count | None = None
     ready: bool = True
-    # a JSON list; held as a tuple (frozen like the rest)
-    gpu_devices: Annotated[tuple[AppGpu, ...], Field(strict=False,
-                                                     max_length=MAX_APP_GPU_DEVICES)] | None = None
+    gpu_devices: Annotated[tuple[AppGpu, ...], Meta(max_length=MAX_APP_GPU_DEVICES)] | None = None
     log_write_errors: Count | None = None
     instances_healthy: Count | None = None
     instances_hung: Count | None = None
 
-    @field_validator("gpu_devices", mode="before")
-    @classmethod
-    def _index_by_position(cls, devices: Any) -> Any:
-        """A device without ``index`` is the one at its position in the list."""
-        if not isinstance(devices, list):
-            return devices
-        return [{"index": i, **device} if isinstance(device, dict) else device
-                for i, device in enumerate(devices)]
-
     @classmethod
     def parse(cls, data: Any) -> AppStatus:
+        """The answer as an AppStatus; a device without ``index`` is the one at its position
+        in the list."""
+        devices = data.get("gpu_devices") if isinstance(data, dict) else None
+        if isinstance(devices, list):
+            data = {**data, "gpu_devices": [{"index": i, **d} if isinstance(d, dict) else d
+                                            for i, d in enumerate(devices)]}
         try:
             return validate(cls, data)
         except InvalidInput as exc:

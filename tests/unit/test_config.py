@@ -49,7 +49,7 @@ gpu: {source: "file:/tmp/gpus.json"}
     ("gate:\n  mode: nginx\n", "gate.mode", "expected one of 'readiness', 'auth_request'"),
     ("logs:\n  pathz: [a]\n", "logs.pathz", "unknown key; expected one of"),
     ("logs:\n  paths: a.log\n", "logs.paths", "expected a list"),
-    ("logs:\n  max_line_bytes: 0\n", "logs.max_line_bytes", "greater than 0"),
+    ("logs:\n  max_line_bytes: 0\n", "logs.max_line_bytes", "expected a value >= 1"),
     ("logs:\n  max_line_bytes: 1.5\n", "logs.max_line_bytes", "expected an integer"),
     ("server:\n  listen: localhost\n", "server.listen", "HOST:PORT"),
     ("gpu:\n  source: cuda\n", "gpu.source", "'nvml', 'none' or 'file:PATH'"),
@@ -175,8 +175,8 @@ gate: {{close_at: high}}
     assert result.returncode == 1 and "Traceback" not in result.stderr
     keys = [line.split(": ")[2] for line in result.stderr.splitlines()]
     assert keys == ["server.listen", "logs.poll_interval_s", "logs.max_line_bytes",
-                    "logs.pathz", "metrics.duration_buckets_s", "gate.close_at",
-                    "disk.thresholds[0]", "disk.thresholds[1]"], result.stderr
+                    "logs.pathz", "metrics.duration_buckets_s", "disk.thresholds[0]",
+                    "disk.thresholds[1]", "gate.close_at"], result.stderr
     assert all(line.startswith(f"invalid: {bad}: ") for line in result.stderr.splitlines())
 
 

@@ -12,9 +12,9 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from msgspec import Meta
 
-from exporter.schema import ForeignSchema, InvalidInput, validate
+from exporter.schema import Amount, ForeignSchema, InvalidInput, validate
 from exporter.system.gpu.nvml import NvmlSource
 from exporter.system.gpu.readings import GpuError, GpuProcess, GpuReading, GpuSource
 
@@ -30,27 +30,24 @@ class NoneSource:
         pass
 
 
-Amount = Annotated[float, Field(ge=0, le=2.0**63)]
-
-
-class FileProcess(ForeignSchema):
-    pid: Annotated[int, Field(ge=0, le=2**32)]
-    name: Annotated[str, Field(max_length=256)] = "unknown"
+class FileProcess(ForeignSchema, frozen=True):
+    pid: Annotated[int, Meta(ge=0, le=2**32)]
     memory_bytes: Amount
+    name: Annotated[str, Meta(max_length=256)] = "unknown"
 
 
-class FileGpu(ForeignSchema):
+class FileGpu(ForeignSchema, frozen=True):
     """One GPU of the file; ``index`` and ``uuid`` default to its position."""
 
-    index: Annotated[int, Field(ge=0, le=1023)] | None = None
-    uuid: Annotated[str, Field(min_length=1, max_length=128)] | None = None
-    name: Annotated[str, Field(max_length=256)] = "file"
     memory_used_bytes: Amount
-    memory_total_bytes: Annotated[float, Field(gt=0, le=2.0**63)]
+    memory_total_bytes: Annotated[float, Meta(gt=0, le=1e300)]
+    index: Annotated[int, Meta(ge=0, le=1023)] | None = None
+    uuid: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    name: Annotated[str, Meta(max_length=256)] = "file"
     utilization_ratio: Amount | None = None
     temperature_celsius: Amount | None = None
     power_watts: Amount | None = None
-    processes: Annotated[list[FileProcess], Field(max_length=4096)] | None = None
+    processes: Annotated[list[FileProcess], Meta(max_length=4096)] | None = None
 
     def reading(self, i: int) -> GpuReading:
         return GpuReading(
@@ -64,8 +61,8 @@ class FileGpu(ForeignSchema):
                             for p in self.processes or ()))
 
 
-class GpuFile(ForeignSchema):
-    gpus: Annotated[list[FileGpu], Field(max_length=1024)]
+class GpuFile(ForeignSchema, frozen=True):
+    gpus: Annotated[list[FileGpu], Meta(max_length=1024)]
 
 
 class FileSource:
