@@ -290,6 +290,29 @@ def test_parse_webhook_rejects_malformed_payloads(body: Any, problem: str) -> No
         parse_webhook(body)
 
 
+def test_parse_webhook_names_every_bad_alert_at_once() -> None:
+    with pytest.raises(WebhookError) as caught:
+        parse_webhook(payload(alert("A", status="pending"), alert("B"),
+                              {"status": "firing", "labels": {"alertname": 10 ** 400}}))
+    assert [key for key, _ in caught.value.problems] == ["alerts[0].status",
+                                                        "alerts[2].labels.alertname"]
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 30_000 + b"]" * 30_000,                               # deep nesting
+    json.dumps(payload({"status": "firing", "labels": {"alertname": "A", "x": [[[]]]}})).encode(),
+    b'{"version": "4", "alerts": [{"status": "firing", "labels": {"alertname": NaN}}]}',
+    json.dumps(payload(alert("A", fingerprint=12))).encode(),
+    b'{"version": 4, "alerts": []}',
+])
+async def test_hostile_webhook_bodies_are_400(
+        gate_http: tuple[GateComponent, SidecarMetrics, TestClient], body: bytes) -> None:
+    component, _, client = gate_http
+    response = await client.post("/alertmanager", data=body, headers=AUTH)
+    assert response.status == 400, await response.text()
+    assert component.gate.state.open
+
+
 # --- The component over HTTP -----------------------------------------------------------------
 
 TOKEN = "t0ken"

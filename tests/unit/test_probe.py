@@ -262,3 +262,25 @@ async def test_model_instances_by_state_are_exported_and_dropped_with_the_app(
         await probe.probe_once()
         assert m.app_up.get() == 0.0 and m.app_instances.values == {}   # not a fact any more
     await probe.stop()
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"started_at": float("nan")}, "started_at: expected a finite number"),
+    ({"started_at": float("inf")}, "started_at: expected a finite number"),
+    ({"waiting": -1}, "waiting: expected a value >= 0"),
+    ({"pid": 10 ** 400}, "pid: expected a value <= "),
+    ({"capacity": 2.5}, "capacity: expected an integer"),
+    ({"gpu_devices": [[[[]]]]}, r"gpu_devices\[0\]: expected a mapping"),
+])
+def test_hostile_status_answers_are_failed_probes_naming_the_path(change: dict,
+                                                                  problem: str) -> None:
+    body = {"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0, **change}
+    with pytest.raises(ProbeError, match=problem):
+        AppStatus.parse(body)
+
+
+def test_every_problem_of_a_status_answer_is_named_at_once() -> None:
+    with pytest.raises(ProbeError) as caught:
+        AppStatus.parse({"waiting": "3", "running": -1, "started_at": 1.0})
+    assert str(caught.value) == ("waiting: expected an integer, got '3'; running: expected a "
+                                 "value >= 0, got -1; capacity: missing")
