@@ -148,9 +148,8 @@ class _File:
 
     def entry(self) -> FileOffset:
         first = identity(self.head)
-        return FileOffset(path=self.path, dev=self.key[0], ino=self.key[1],
-                          fingerprint=fingerprint(first), fingerprint_len=len(first),
-                          offset=self.offset)
+        return FileOffset(self.path, self.key[0], self.key[1], fingerprint(first), len(first),
+                          self.offset)
 
 
 def drop_long_lines(complete: bytes, max_line: int) -> tuple[bytes, int]:

@@ -35,8 +35,7 @@ class FakeClock:
 
 
 def sample_checkpoint() -> Checkpoint:
-    return Checkpoint([FileOffset(path="logs/app.log", dev=2049, ino=131, fingerprint="ab" * 16,
-                                  fingerprint_len=256, offset=52311)],
+    return Checkpoint([FileOffset("logs/app.log", 2049, 131, "ab" * 16, 256, 52311)],
                       {"tts_exporter_log_lines": [[["parsed"], 812.0]]})
 
 
@@ -195,8 +194,8 @@ def test_a_recycled_inode_is_read_from_the_start(rig: Rig) -> None:
     """Same (dev, inode) as in the checkpoint but other first bytes: a new file."""
     append(rig.log, numbered("new file", 0, 4))
     st = rig.log.stat()
-    stale = FileOffset(path=str(rig.log), dev=st.st_dev, ino=st.st_ino,
-                       fingerprint=fingerprint(b"something else"), fingerprint_len=14, offset=30)
+    stale = FileOffset(str(rig.log), st.st_dev, st.st_ino, fingerprint(b"something else"),
+                       14, 30)
     CheckpointStore(rig.config.checkpoint_path).save(Checkpoint([stale], {}))
     component, metrics, sink = rig.component()
     component.step()

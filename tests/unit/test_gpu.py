@@ -803,13 +803,10 @@ async def test_the_mode_in_force_shows_in_a_metric_and_the_log(
     metrics = SidecarMetrics()
     collector = GpuCollector(NoneSource(), metrics, watch=DeviceWatch("auto"))
     assert metrics.gpu_watch_mode.values == {("auto", "all"): 1.0}
-    collector.on_app_status(AppStatus(
-        waiting=0, running=0, capacity=1, started_at=1.0,
-        gpu_devices=(AppGpu(index=0, uuid="GPU-aaaa"),)))
+    collector.on_app_status(AppStatus(0, 0, 1, 1.0, gpu_devices=(AppGpu(0, "GPU-aaaa"),)))
     assert metrics.gpu_watch_mode.values == {("auto", "app"): 1.0}
     assert "now following the app's CUDA devices GPU-aaaa" in caplog.text
-    collector.on_app_status(AppStatus(waiting=0, running=0, capacity=1, started_at=1.0))
-    # no gpu_devices field: no news
+    collector.on_app_status(AppStatus(0, 0, 1, 1.0))  # no gpu_devices field: no news
     assert metrics.gpu_watch_mode.values == {("auto", "app"): 1.0}
     await collector.stop()
 
