@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import math
 import os
 import re
@@ -20,7 +19,6 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import yaml
-from msgspec import Meta
 
 # A rule's problem travels through msgspec as "key<SEP>message".
 _SEP = "\x1f"
@@ -28,11 +26,6 @@ _SEP = "\x1f"
 
 class Schema(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Frozen, strict (no ``"5"`` for 5, no 1 for true), unknown keys refused."""
-
-
-# Every number has a bound; these keep a float finite (NaN fails every comparison).
-Finite = Annotated[float, Meta(ge=-1e300, le=1e300)]
-Amount = Annotated[float, Meta(ge=0, le=1e300)]
 
 
 class InvalidInput(ValueError):
@@ -53,14 +46,6 @@ def rules(**problems: str | None) -> None:
     for key, text in problems.items():
         if text is not None:
             raise problem(key, text)
-
-
-def increasing(values: list[float]) -> str | None:
-    """Bucket bounds and thresholds: each one once, in order (a repeat would be two series
-    with one ``le`` label)."""
-    if any(b <= a for a, b in itertools.pairwise(values)):
-        return f"expected increasing values, each once, got {shown(values)}"
-    return None
 
 
 S = TypeVar("S")
