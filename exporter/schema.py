@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -124,14 +125,28 @@ def _check(tp: Any, value: Any, where: str) -> list[tuple[str, str]]:
     return []
 
 
+_UNIONS = (typing.Union, types.UnionType)
+
+
 def _unwrap(tp: Any, value: Any) -> Any:
     """The type that ``value`` is checked as: ``Annotated`` and ``X | None`` taken off."""
     if typing.get_origin(tp) is Annotated:
         return _unwrap(typing.get_args(tp)[0], value)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if len(args) == 1 and value is not None and len(typing.get_args(tp)) == 2:
-        return _unwrap(args[0], value)
-    return tp
+    # a union: the one member of the value's kind (the list of a ``str | list[...]``)
+    kinds = [a for a in typing.get_args(tp) if isinstance(value, _kind(a))] \
+        if typing.get_origin(tp) in _UNIONS else []
+    return _unwrap(kinds[0], value) if len(kinds) == 1 else tp
+
+
+def _kind(tp: Any) -> type:
+    """The Python type a value of ``tp`` arrives as (a struct arrives as a dict)."""
+    inner = _unwrap(tp, None)
+    origin = typing.get_origin(inner) or inner
+    if origin in (list, tuple):
+        return list
+    if isinstance(origin, type) and issubclass(origin, (msgspec.Struct, dict)):
+        return dict
+    return origin if isinstance(origin, type) else object
 
 
 def _located(error: msgspec.ValidationError, where: str, tp: Any, value: Any) \

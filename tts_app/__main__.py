@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -50,7 +51,28 @@ def _exit_by(deadline_s: float) -> None:
     timer.start()
 
 
+def _bind(config: AppConfig, config_file: str) -> socket.socket:
+    """The listening socket, bound before anything starts: a busy port stops start-up before a
+    model load begins (whose thread the process would otherwise wait for on its way out)."""
+    host, port = config.server.host, config.server.port
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise StartupError(f"{config_file}: server.listen: cannot listen on "
+                           f"{config.server.listen} ({exc.strerror})") from None
+
+
 async def serve(config: AppConfig, config_file: str) -> int:
+    sock = _bind(config, config_file)
+    try:
+        return await _serve(config, config_file, sock)
+    finally:
+        sock.close()
+
+
+async def _serve(config: AppConfig, config_file: str, sock: socket.socket) -> int:
     try:
         backend = make_backend(config.backend.name, config.backend.options())
     except (TypeError, ValueError) as exc:
@@ -71,12 +93,7 @@ async def serve(config: AppConfig, config_file: str) -> int:
                            shutdown_timeout=CLOSE_GRACE_S,
                            keepalive_timeout=config.server.header_timeout_s)
     await runner.setup()
-    try:
-        await web.TCPSite(runner, config.server.host, config.server.port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise StartupError(f"{config_file}: server.listen: cannot listen on "
-                           f"{config.server.listen} ({exc.strerror})") from None
+    await web.SockSite(runner, sock).start()
     stop = asyncio.Event()
 
     def on_signal() -> None:

@@ -923,7 +923,7 @@ def test_gpu_devices_accepts_all_auto_and_a_list(tmp_path: Path, devices: Any,
     ([-1], "indices >= 0"),
     ([" "], "GPU UUIDs"),
     ([0, "0"], "each GPU once"),
-    ([True], r"gpu.devices\[0\]: expected an integer or a string"),
+    ([True], r"gpu.devices\[0\]: expected an integer or a string, got True"),
 ])
 def test_a_bad_gpu_devices_stops_start_up_naming_file_and_key(tmp_path: Path, devices: Any,
                                                               problem: str) -> None:
