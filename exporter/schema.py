@@ -77,13 +77,19 @@ def increasing(values: list[float]) -> str | None:
 
 S = TypeVar("S")
 
+# A hostile document can hold thousands of bad items; a message names this many.
+MAX_PROBLEMS = 20
+
 
 def validate(schema: type[S], data: Any) -> S:
     """``data`` as a ``schema``, or :class:`InvalidInput` listing every problem."""
     try:
         return msgspec.convert(data, schema)
     except msgspec.ValidationError as exc:
-        raise InvalidInput(_every_problem(schema, data, "", exc)) from None
+        found = _every_problem(schema, data, "", exc)
+        more = [("...", f"and {len(found) - MAX_PROBLEMS} more problems")] \
+            if len(found) > MAX_PROBLEMS else []
+        raise InvalidInput(found[:MAX_PROBLEMS] + more) from None
     except RecursionError:
         raise InvalidInput([("", "expected a document nested less deeply")]) from None
 

@@ -298,6 +298,13 @@ def test_parse_webhook_names_every_bad_alert_at_once() -> None:
                                                         "alerts[2].labels.alertname"]
 
 
+def test_a_webhook_with_thousands_of_bad_alerts_names_twenty() -> None:
+    with pytest.raises(WebhookError) as caught:
+        parse_webhook(payload(*[{"status": "firing"}] * 5000))
+    assert len(caught.value.problems) == 21
+    assert caught.value.problems[-1] == ("...", "and 4980 more problems")
+
+
 @pytest.mark.parametrize("body", [
     b"[" * 30_000 + b"]" * 30_000,                               # deep nesting
     json.dumps(payload({"status": "firing", "labels": {"alertname": "A", "x": [[[]]]}})).encode(),
