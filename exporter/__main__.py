@@ -1,7 +1,7 @@
 """``tts-exporter``: run the sidecar, validate a config, or analyse logs offline.
 
     tts-exporter --config config/exporter.yaml      # run
-    tts-exporter check-config config/exporter.yaml  # exit 0 when valid, 1 with the reason
+    tts-exporter check-config config/exporter.yaml  # exit 0 when valid, 1 listing every problem
     tts-exporter analyze [--since T] [--until T] [--id ID] [--json] FILES...  # forensics
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import sys
+
+import msgspec
 
 from exporter.analyze.cli import add_arguments
 from exporter.analyze.cli import run as run_analyze
@@ -19,23 +20,33 @@ from exporter.config import ConfigError, load_config
 
 
 def _run(args: argparse.Namespace) -> int:
-    from exporter.sidecar import Sidecar
+    from exporter.sidecar import Sidecar, StartupError
     from exporter.webconfig import WebConfig, load_web_config
 
     try:
         config = load_config(args.config)
         if args.web_config_file is not None:
-            config = dataclasses.replace(config, server=dataclasses.replace(
+            config = msgspec.structs.replace(config, server=msgspec.structs.replace(
                 config.server, web_config_file=args.web_config_file))
         path = config.server.web_config_file
         web_config = load_web_config(path) if path else WebConfig()
     except ConfigError as exc:
-        print(f"tts-exporter: invalid config: {exc}", file=sys.stderr)
+        _report("tts-exporter: invalid config: ", exc)
         return 1
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: "
                                                     "%(message)s")
-    asyncio.run(Sidecar(config, web_config).run_until_signalled())
+    try:
+        asyncio.run(Sidecar(config, web_config).run_until_signalled())
+    except StartupError as exc:
+        print(f"tts-exporter: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _report(prefix: str, error: ConfigError) -> None:
+    """Every problem on its own line, each naming file and key."""
+    for line in str(error).splitlines():
+        print(prefix + line, file=sys.stderr)
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -46,7 +57,7 @@ def _check_config(args: argparse.Namespace) -> int:
         if config.server.web_config_file:
             load_web_config(config.server.web_config_file)
     except ConfigError as exc:
-        print(f"invalid: {exc}", file=sys.stderr)
+        _report("invalid: ", exc)
         return 1
     print(f"{args.file}: valid")
     return 0

@@ -1,59 +1,39 @@
 """The sidecar's configuration: YAML in, frozen typed value objects out.
 
-Loaded once at start-up. Anything wrong stops start-up with a :class:`ConfigError` that names
-the file, the dotted key and what was expected, e.g.::
+Loaded once at start-up. Anything wrong stops start-up with a :class:`ConfigError` that lists
+every problem, each naming the file, the dotted key and what was expected, e.g.::
 
-    config/exporter.yaml: gate.close_at: expected a number between 0 and 1, got 'high'
+    config/exporter.yaml: gate.close_at: expected a number, got 'high'
+    config/exporter.yaml: logs.poll_interval_s: expected a finite number, got inf
 
-The schema is the dataclasses below: their field types drive the validation (see
-:func:`_convert`), so adding a setting is adding a typed field with a default.
+The schema is the :class:`~exporter.schema.Schema` structs below: adding a setting is one line,
+``name: Type = default`` with its bound (``Annotated[int, Meta(ge=..., le=...)]`` or a shared
+alias such as ``Seconds``); a new section is a struct plus one line in :class:`Config`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import types
-import typing
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
+from msgspec import Meta, field
 
+from exporter.schema import ConfigError as ConfigError
+from exporter.schema import Schema, from_mapping, increasing, listen_address, load_file, rules
 
-class ConfigError(Exception):
-    """A configuration that cannot be used; the message says where and what was expected."""
-
-    def __init__(self, file: str, key: str, problem: str) -> None:
-        self.file, self.key, self.problem = file, key, problem
-        where = f"{file}: {key}: " if key else f"{file}: "
-        super().__init__(where + problem)
-
-
-def _unit_interval(value: float) -> str | None:
-    return None if 0.0 <= value <= 1.0 else "expected a number between 0 and 1"
-
-
-def _positive(value: float) -> str | None:
-    return None if value > 0 else "expected a number greater than 0"
+# Bounds every setting is checked against: the largest value that still makes sense, so a typo
+# of a few zeros stops start-up instead of exhausting memory later.
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
+Ratio = Annotated[float, Meta(ge=0, le=1)]
+Text = Annotated[str, Meta(max_length=4096)]
+Names = Annotated[list[Text], Meta(max_length=256)]
+Buckets = Annotated[list[Annotated[float, Meta(gt=0, le=1e9)]], Meta(min_length=1,
+                                                                     max_length=64)]
 
 
-def _host_port(value: str) -> str | None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        return "expected HOST:PORT, e.g. 127.0.0.1:9109"
-    return None
 
-
-def _check(check: typing.Callable[[Any], str | None]) -> dict[str, Any]:
-    """Field metadata: a check that returns a problem description, or None when fine."""
-    return {"check": check}
-
-
-@dataclass(frozen=True)
-class ServerConfig:
+class ServerConfig(Schema, frozen=True):
     """Where the sidecar's HTTP server listens, and how it protects itself.
 
     ``web_config_file``: an exporter-toolkit web config (TLS, basic auth), applied to every
@@ -62,13 +42,17 @@ class ServerConfig:
     ``read_body_timeout_s``; at most ``max_connections`` connections are open at once.
     """
 
-    listen: str = field(default="127.0.0.1:9109", metadata=_check(_host_port))
-    web_config_file: str = ""
-    unauthenticated_paths: list[str] = field(default_factory=lambda: ["/ingress", "/healthz"])
-    max_body_bytes: int = field(default=65536, metadata=_check(_positive))
-    read_header_timeout_s: float = field(default=5.0, metadata=_check(_positive))
-    read_body_timeout_s: float = field(default=10.0, metadata=_check(_positive))
-    max_connections: int = field(default=256, metadata=_check(_positive))
+    listen: Text = "127.0.0.1:9109"
+    web_config_file: Text = ""
+    unauthenticated_paths: Annotated[list[Text], Meta(max_length=64)] = \
+        field(default_factory=lambda: ["/ingress", "/healthz"])
+    max_body_bytes: Annotated[int, Meta(gt=0, le=64 << 20)] = 65536
+    read_header_timeout_s: Seconds = 5.0
+    read_body_timeout_s: Seconds = 10.0
+    max_connections: Annotated[int, Meta(gt=0, le=65536)] = 256
+
+    def __post_init__(self) -> None:
+        rules(listen=listen_address(self.listen, lowest_port=1))
 
     @property
     def host(self) -> str:
@@ -99,38 +83,38 @@ DEFAULT_EVENT_ALIASES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class AliasConfig:
+class AliasConfig(Schema, frozen=True):
     """Field and event names that other TTS services use for the contract's names."""
 
-    fields: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_FIELD_ALIASES))
-    events: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_EVENT_ALIASES))
+    fields: Annotated[dict[str, Names], Meta(max_length=256)] = \
+        field(default_factory=lambda: dict(DEFAULT_FIELD_ALIASES))
+    events: Annotated[dict[str, Text], Meta(max_length=1024)] = \
+        field(default_factory=lambda: dict(DEFAULT_EVENT_ALIASES))
 
 
 LogFormat = Literal["auto", "app", "gateway"]
+Globs = Annotated[list[Text], Meta(max_length=256)]
 
 
-@dataclass(frozen=True)
-class LogSource:
+class LogSource(Schema, frozen=True):
     """Log files of one known format: ``app`` (the log contract, text or JSON lines),
     ``gateway`` (the reverse proxy's JSON access log, config/nginx/tts.conf), ``auto``
     (decided per file from its first record line)."""
 
-    paths: list[str] = field(default_factory=list)
+    paths: Globs = field(default_factory=list)
     format: LogFormat = "auto"
 
 
-@dataclass(frozen=True)
-class LogsConfig:
+class LogsConfig(Schema, frozen=True):
     """Which log files to tail and how."""
 
-    paths: list[str] = field(default_factory=lambda: ["logs/*.log*"])
-    sources: list[LogSource] = field(default_factory=list)
-    checkpoint_path: str = "state/exporter-offsets.json"
-    checkpoint_interval_s: float = field(default=1.0, metadata=_check(_positive))
-    poll_interval_s: float = field(default=2.0, metadata=_check(_positive))
-    max_line_bytes: int = field(default=65536, metadata=_check(_positive))
-    read_chunk_bytes: int = field(default=1 << 20, metadata=_check(_positive))
+    paths: Globs = field(default_factory=lambda: ["logs/*.log*"])
+    sources: Annotated[list[LogSource], Meta(max_length=64)] = field(default_factory=list)
+    checkpoint_path: Text = "state/exporter-offsets.json"
+    checkpoint_interval_s: Seconds = 1.0
+    poll_interval_s: Seconds = 2.0
+    max_line_bytes: Annotated[int, Meta(gt=0, le=64 << 20)] = 65536
+    read_chunk_bytes: Annotated[int, Meta(gt=0, le=256 << 20)] = 1 << 20
     aliases: AliasConfig = field(default_factory=AliasConfig)
 
     def formats(self) -> list[tuple[str, LogFormat]]:
@@ -150,89 +134,88 @@ DEFAULT_DURATION_BUCKETS_S = [
 DEFAULT_TEXT_LENGTH_BUCKETS = [10, 25, 50, 100, 200, 400, 800, 1600, 2048, 4096]
 
 
-@dataclass(frozen=True)
-class MetricsConfig:
+class MetricsConfig(Schema, frozen=True):
     """Bounds on series whose labels come from logs, and histogram buckets for log-derived
     metrics. The bounds make the most ``/metrics`` can grow from log content a fixed number
     (``SidecarMetrics.log_derived_bound_bytes``)."""
 
-    label_value_cap: int = field(default=50, metadata=_check(_positive))
-    label_value_max_bytes: int = field(default=128, metadata=_check(_positive))
-    max_series_per_family: int = field(default=300, metadata=_check(_positive))
-    duration_buckets_s: list[float] = field(
-        default_factory=lambda: list(DEFAULT_DURATION_BUCKETS_S)
-    )
-    text_length_buckets: list[float] = field(
-        default_factory=lambda: [float(b) for b in DEFAULT_TEXT_LENGTH_BUCKETS]
-    )
+    label_value_cap: Annotated[int, Meta(gt=0, le=10_000)] = 50
+    label_value_max_bytes: Annotated[int, Meta(gt=0, le=4096)] = 128
+    max_series_per_family: Annotated[int, Meta(gt=0, le=100_000)] = 300
+    duration_buckets_s: Buckets = field(default_factory=lambda: list(DEFAULT_DURATION_BUCKETS_S))
+    text_length_buckets: Buckets = field(
+        default_factory=lambda: [float(b) for b in DEFAULT_TEXT_LENGTH_BUCKETS])
+
+    def __post_init__(self) -> None:
+        rules(duration_buckets_s=increasing(self.duration_buckets_s),
+              text_length_buckets=increasing(self.text_length_buckets))
+
+
+def _gpu_source(value: str) -> str | None:
+    if value not in ("nvml", "none") and not (value.startswith("file:") and len(value) > 5):
+        return f"expected 'nvml', 'none' or 'file:PATH', got {value!r:.60}"
+    return None
 
 
 def _gpu_devices(value: str | list[str | int]) -> str | None:
-    if isinstance(value, str):
-        return None
-    entries = [str(v).strip() for v in value]
-    if not entries:
-        return "expected 'all', 'auto' or a non-empty list of GPU UUIDs or indices"
-    if any(isinstance(v, int) and v < 0 for v in value) or not all(entries):
+    """``auto``, ``all``, or each GPU once by UUID or index."""
+    if (isinstance(value, str) and value not in ("auto", "all")) or not value:
+        return ("expected 'auto', 'all' or a non-empty list of GPU UUIDs or indices, "
+                f"got {value!r:.60}")
+    if isinstance(value, list) and not all(
+            (isinstance(v, str) and v.strip() and len(v) <= 128)
+            or (isinstance(v, int) and 0 <= v <= 1_000_000) for v in value):
         return "expected GPU UUIDs (GPU-..., MIG-...) or indices >= 0"
-    if len(set(entries)) != len(entries):
+    if isinstance(value, list) and len({str(v).strip() for v in value}) != len(value):
         return "expected each GPU once"
     return None
 
 
-@dataclass(frozen=True)
-class GpuConfig:
+class GpuConfig(Schema, frozen=True):
     """Where GPU readings come from: ``nvml``, ``file:PATH`` (JSON re-read each poll), ``none``;
     and which GPUs the gate and the ``tts_gpu_*`` series follow: ``all``, a list of UUIDs or
     indices, or ``auto`` (the CUDA devices the probed app reports; all without a probe)."""
 
-    source: str = "nvml"
-    poll_interval_s: float = field(default=0.25, metadata=_check(_positive))
-    stale_after_s: float = field(default=2.0, metadata=_check(_positive))
-    devices: Literal["auto", "all"] | list[str | int] = field(
-        default="auto", metadata=_check(_gpu_devices))
+    source: Text = "nvml"
+    poll_interval_s: Seconds = 0.25
+    stale_after_s: Seconds = 2.0
+    devices: str | Annotated[list[str | int], Meta(max_length=1024)] = "auto"
 
     def __post_init__(self) -> None:
-        if self.source not in ("nvml", "none") and not (
-            self.source.startswith("file:") and len(self.source) > 5
-        ):
-            raise ValueError(("source", "expected 'nvml', 'none' or 'file:PATH'"))
+        rules(source=_gpu_source(self.source), devices=_gpu_devices(self.devices))
 
     def device_list(self) -> str | list[str]:
         """``gpu.devices`` with list entries as strings (indices and UUIDs alike)."""
         return self.devices if isinstance(self.devices, str) else [str(d) for d in self.devices]
 
 
-@dataclass(frozen=True)
-class GateConfig:
+class GateConfig(Schema, frozen=True):
     """The ingress gate: close above ``close_at``, reopen below ``reopen_below`` held for
     ``reopen_after_s``. ``on_gpu_failure`` says what a failed or stale GPU reading does:
     ``close`` (fail safe), ``hold`` (keep the last decision) or ``ignore`` (treat as healthy)."""
 
     enabled: bool = True
-    close_at: float = field(default=0.90, metadata=_check(_unit_interval))
-    reopen_below: float = field(default=0.85, metadata=_check(_unit_interval))
-    reopen_after_s: float = field(default=30.0, metadata=_check(lambda v: None if v >= 0
-                                                                   else "expected >= 0"))
+    close_at: Ratio = 0.90
+    reopen_below: Ratio = 0.85
+    reopen_after_s: Annotated[float, Meta(ge=0, le=86400)] = 30.0
     on_gpu_failure: Literal["close", "hold", "ignore"] = "hold"
     mode: Literal["readiness", "auth_request"] = "readiness"
-    retry_after_s: int = field(default=5, metadata=_check(_positive))
-    gate_file: str = "state/ingress.json"
+    retry_after_s: Annotated[int, Meta(gt=0, le=86400)] = 5
+    gate_file: Text = "state/ingress.json"
 
     def __post_init__(self) -> None:
-        if self.reopen_below > self.close_at:
-            raise ValueError(("reopen_below", "expected a value <= gate.close_at (hysteresis)"))
+        rules(reopen_below=None if self.reopen_below <= self.close_at else
+              "expected a value <= gate.close_at (hysteresis)")
 
 
-@dataclass(frozen=True)
-class AuthConfig:
+class AuthConfig(Schema, frozen=True):
     """Bearer token for the Alertmanager webhook and the manual override.
 
     ``bearer_token_file`` wins over ``bearer_token``; with neither, those routes answer 403.
     """
 
-    bearer_token: str = ""
-    bearer_token_file: str = ""
+    bearer_token: Text = ""
+    bearer_token_file: Text = ""
 
     def token(self) -> str:
         if self.bearer_token_file:
@@ -240,44 +223,43 @@ class AuthConfig:
         return self.bearer_token
 
 
-@dataclass(frozen=True)
-class DiskConfig:
+class DiskConfig(Schema, frozen=True):
     """Cache directories to watch: filesystem free space and the directory's own size."""
 
-    paths: list[str] = field(default_factory=list)
-    thresholds: list[float] = field(default_factory=lambda: [0.85, 0.90, 0.95])
-    reconcile_interval_s: float = field(default=60.0, metadata=_check(_positive))
-    poll_interval_s: float = field(default=5.0, metadata=_check(_positive))
+    paths: Globs = field(default_factory=list)
+    thresholds: Annotated[list[Annotated[float, Meta(gt=0, le=1)]], Meta(max_length=16)] = \
+        field(default_factory=lambda: [0.85, 0.90, 0.95])
+    reconcile_interval_s: Seconds = 60.0
+    poll_interval_s: Seconds = 5.0
+
+    def __post_init__(self) -> None:
+        rules(thresholds=increasing(self.thresholds))
 
 
-@dataclass(frozen=True)
-class ProbeConfig:
+class ProbeConfig(Schema, frozen=True):
     """The app's ``/status`` endpoint, polled for queue depth and restarts; empty url = off."""
 
-    url: str = ""
-    interval_s: float = field(default=1.0, metadata=_check(_positive))
-    timeout_s: float = field(default=1.0, metadata=_check(_positive))
+    url: Text = ""
+    interval_s: Seconds = 1.0
+    timeout_s: Seconds = 1.0
 
 
-@dataclass(frozen=True)
-class TimelinesConfig:
+class TimelinesConfig(Schema, frozen=True):
     """What the live sidecar keeps for ``/requests``: the newest record lines that carry a
     request id, bounded in lines and in bytes (a line longer than ``max_line_chars`` characters
     is kept shortened), how many records one timeline shows, the most requests one list
     returns, and which fields a timeline shows (empty: all)."""
 
     enabled: bool = True
-    max_lines: int = field(default=10_000, metadata=_check(_positive))
-    max_bytes: int = field(default=4 << 20, metadata=_check(_positive))
-    max_line_chars: int = field(default=2048, metadata=_check(lambda v: None if v >= 256
-                                                              else "expected >= 256"))
-    max_records_per_request: int = field(default=64, metadata=_check(_positive))
-    max_list_limit: int = field(default=1000, metadata=_check(_positive))
-    fields: list[str] = field(default_factory=list)
+    max_lines: Annotated[int, Meta(gt=0, le=1_000_000)] = 10_000
+    max_bytes: Annotated[int, Meta(gt=0, le=1 << 30)] = 4 << 20
+    max_line_chars: Annotated[int, Meta(ge=256, le=1 << 20)] = 2048
+    max_records_per_request: Annotated[int, Meta(gt=0, le=100_000)] = 64
+    max_list_limit: Annotated[int, Meta(gt=0, le=100_000)] = 1000
+    fields: Names = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class Config:
+class Config(Schema, frozen=True):
     """The whole sidecar configuration."""
 
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -292,116 +274,14 @@ class Config:
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML config file; raise :class:`ConfigError` on any problem.
+    """Read and validate a YAML config file; raise :class:`ConfigError` listing every problem.
 
     Relative paths inside the file stay relative to the working directory, as operators expect
     from a sidecar started next to the service it watches.
     """
-    name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(name, "", f"cannot read the file ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(name, "", f"{where}not valid YAML ({getattr(exc, 'problem', exc)})") \
-            from None
-    return config_from_mapping({} if data is None else data, name)
+    return load_file(Config, path)
 
 
 def config_from_mapping(data: Any, file: str = "<config>") -> Config:
     """Validate an already-parsed mapping (what :func:`load_config` does after YAML)."""
-    result = _convert(Config, data, file, "")
-    assert isinstance(result, Config)
-    return result
-
-
-def _describe(value: Any) -> str:
-    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def _convert(tp: Any, value: Any, file: str, key: str) -> Any:
-    """Turn ``value`` into type ``tp`` or raise ConfigError naming ``key``."""
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, file, key)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(file, key, f"expected one of {', '.join(map(repr, choices))}, "
-                                         f"got {_describe(value)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        problems = []
-        for arg in args:  # the first alternative that takes the value
-            try:
-                return _convert(arg, value, file, key)
-            except ConfigError as exc:
-                problems.append(exc.problem if exc.key == key else f"{exc.key}: {exc.problem}")
-        raise ConfigError(file, key, "; or ".join(problems))
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(file, key, f"expected a list, got {_describe(value)}")
-        return [_convert(item_tp, v, file, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp)
-        if not isinstance(value, Mapping):
-            raise ConfigError(file, key, f"expected a mapping, got {_describe(value)}")
-        return {_convert(key_tp, k, file, key): _convert(val_tp, v, file, f"{key}.{k}")
-                for k, v in value.items()}
-    return _convert_scalar(tp, value, file, key)
-
-
-def _convert_scalar(tp: Any, value: Any, file: str, key: str) -> Any:
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(file, key, f"expected true or false, got {_describe(value)}")
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-            tp is int and not float(value).is_integer()
-        ):
-            kind = "an integer" if tp is int else "a number"
-            raise ConfigError(file, key, f"expected {kind}, got {_describe(value)}")
-        return tp(value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(file, key, f"expected a string, got {_describe(value)}")
-    raise TypeError(f"config schema uses unsupported type {tp!r} at {key}")
-
-
-def _convert_dataclass(cls: Any, value: Any, file: str, key: str) -> Any:
-    if not isinstance(value, Mapping):
-        raise ConfigError(file, key or "(top level)", f"expected a mapping, got {_describe(value)}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(map(str, value)) - set(known))
-    if unknown:
-        raise ConfigError(file, _join(key, unknown[0]),
-                          f"unknown key; expected one of {', '.join(sorted(known))}")
-    kwargs = {}
-    for name, value_in in value.items():
-        sub = _join(key, name)
-        converted = _convert(hints[name], value_in, file, sub)
-        check = known[name].metadata.get("check")
-        problem = check(converted) if check else None
-        if problem:
-            raise ConfigError(file, sub, f"{problem}, got {_describe(value_in)}")
-        kwargs[name] = converted
-    try:
-        return cls(**kwargs)
-    except ValueError as exc:
-        field_name, problem = exc.args[0]
-        raise ConfigError(file, _join(key, field_name), problem) from None
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+    return from_mapping(Config, data, file)

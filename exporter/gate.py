@@ -36,12 +36,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
 from exporter.config import AuthConfig, GateConfig
 from exporter.metrics import SidecarMetrics
+from exporter.schema import ForeignSchema, InvalidInput, rules, validate
 from exporter.server import json_body
 
 log = logging.getLogger("exporter.gate")
@@ -177,8 +178,24 @@ class Gate:
             listener(old, self.state)
 
 
-class WebhookError(ValueError):
+class WebhookError(InvalidInput):
     """An Alertmanager payload that is not version 4 or is malformed; the message says where."""
+
+
+class _Alert(ForeignSchema, frozen=True):
+    status: Literal["firing", "resolved"]
+    labels: dict[str, str]
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        rules(labels=None if self.labels.get("alertname") else "expected an alertname label")
+
+
+class _Webhook(ForeignSchema, frozen=True):
+    """The part of Alertmanager's webhook body (version 4) the gate reads."""
+
+    version: Literal["4"]
+    alerts: list[_Alert]
 
 
 def parse_webhook(payload: Any) -> list[tuple[str, str, bool]]:
@@ -188,34 +205,14 @@ def parse_webhook(payload: Any) -> list[tuple[str, str, bool]]:
     nothing. Only alerts labelled ``action="close_ingress"`` are returned; identity is the
     alert's fingerprint (its label set when the fingerprint is missing).
     """
-    if not isinstance(payload, dict):
-        raise WebhookError("expected a JSON object")
-    if payload.get("version") != "4":
-        raise WebhookError(f'expected "version": "4", got {payload.get("version")!r}')
-    alerts = payload.get("alerts")
-    if not isinstance(alerts, list):
-        raise WebhookError('expected "alerts" to be a list')
-    updates = []
-    for i, alert in enumerate(alerts):
-        where = f"alerts[{i}]"
-        if not isinstance(alert, dict):
-            raise WebhookError(f"{where}: expected an object")
-        status, labels = alert.get("status"), alert.get("labels")
-        if status not in ("firing", "resolved"):
-            raise WebhookError(f'{where}.status: expected "firing" or "resolved", got {status!r}')
-        if not isinstance(labels, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            raise WebhookError(f"{where}.labels: expected an object of strings")
-        name = labels.get("alertname")
-        if not name:
-            raise WebhookError(f"{where}.labels.alertname: missing")
-        if labels.get("action") != CLOSE_ACTION:
-            continue
-        fingerprint = alert.get("fingerprint")
-        identity = fingerprint if isinstance(fingerprint, str) and fingerprint else \
-            json.dumps(sorted(labels.items()))
-        updates.append((name, identity, status == "firing"))
-    return updates
+    try:
+        webhook = validate(_Webhook, payload)
+    except InvalidInput as exc:
+        raise WebhookError(exc.problems) from None
+    return [(alert.labels["alertname"],
+             alert.fingerprint or json.dumps(sorted(alert.labels.items())),
+             alert.status == "firing")
+            for alert in webhook.alerts if alert.labels.get("action") == CLOSE_ACTION]
 
 
 def write_atomically(path: Path, data: bytes) -> None:

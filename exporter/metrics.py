@@ -26,9 +26,10 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Annotated, Any
 
-import jsonschema
+import msgspec
+from msgspec import Meta
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -39,6 +40,24 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
 from exporter.config import DEFAULT_DURATION_BUCKETS_S, DEFAULT_TEXT_LENGTH_BUCKETS
+from exporter.schema import Amount, Finite, ForeignSchema, InvalidInput, rules, validate
+
+_Count = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
+def _histogram_state(name: str, bounds: list[float], labels: Any) -> Any:
+    """The checkpoint's shape of one histogram: series of today's bounds hold one count per
+    bucket; other bounds are dropped whole (a config change), so their counts are not checked."""
+    def buckets_fit(state: Any) -> None:
+        if state.bounds == bounds:
+            rules(series=next((f"expected {len(bounds) + 1} bucket counts in each series, got "
+                               f"{len(s[1])}" for s in state.series
+                               if len(s[1]) != len(bounds) + 1), None))
+    return msgspec.defstruct(name, [("bounds", list[Finite]),
+                                    ("series", list[tuple[labels, list[_Count], Amount]])],
+                             bases=(ForeignSchema,), frozen=True,
+                             namespace={"__post_init__": buckets_fit})
+
 
 OVERFLOW_LABEL_VALUE = "other"
 SERIES_OVERFLOW_LABEL = "*"
@@ -370,40 +389,25 @@ class MetricSet(Collector):
         :meth:`load_state` restores completely: every sample of a known family shaped as
         :meth:`dump_state` writes it, with its labels, finite non-negative values, and (for a
         histogram whose bounds are today's) one count per bucket."""
-        error = jsonschema.exceptions.best_match(
-            jsonschema.Draft202012Validator(self._state_schema()).iter_errors(state))
-        if error is not None:
-            where = "".join(f"[{p!r}]" for p in error.absolute_path) or "(top level)"
-            raise ValueError(f"metrics{where}: {error.message[:200]}")
+        try:
+            validate(self._state_model(), state)
+        except InvalidInput as exc:
+            raise ValueError("; ".join(f"metrics.{key}: {text}" if key else f"metrics: {text}"
+                                       for key, text in exc.problems)[:2000]) from None
 
-    def _state_schema(self) -> dict[str, Any]:
-        amount = {"type": "number", "minimum": 0, "maximum": sys.float_info.max}
-        count = {"type": "integer", "minimum": 0, "maximum": 2**63}
-        properties: dict[str, Any] = {}
+    def _state_model(self) -> type[msgspec.Struct]:
+        """The schema of :meth:`dump_state`'s output for today's families (others are
+        ignored: :meth:`load_state` drops them)."""
+        fields: list[tuple[str, Any, Any]] = []
         for family in self._families.values():
             n = len(family.labelnames)
-            labels = {"type": "array", "items": {"type": "string"}, "minItems": n, "maxItems": n}
+            labels = Annotated[list[str], Meta(min_length=n, max_length=n)]
             if isinstance(family, CounterFamily):
-                properties[family.name] = {"type": "array", "items": {
-                    "type": "array", "prefixItems": [labels, amount], "items": False,
-                    "minItems": 2}}
+                fields.append((family.name, list[tuple[labels, Amount]] | None, None))
             elif isinstance(family, HistogramFamily):
-                buckets = len(family.bounds) + 1
-                properties[family.name] = {
-                    "type": "object", "required": ["bounds", "series"],
-                    "properties": {
-                        "bounds": {"type": "array", "items": {
-                            "type": "number", "minimum": -sys.float_info.max,
-                            "maximum": sys.float_info.max}},
-                        "series": {"type": "array", "items": {
-                            "type": "array", "items": False, "minItems": 3, "prefixItems": [
-                                labels, {"type": "array", "items": count}, amount]}}},
-                    # Other bounds are dropped whole (a config change), so only today's must
-                    # have one count per bucket.
-                    "if": {"properties": {"bounds": {"const": family.bounds}}},
-                    "then": {"properties": {"series": {"items": {"prefixItems": [
-                        True, {"minItems": buckets, "maxItems": buckets}]}}}}}
-        return {"type": "object", "properties": properties}
+                state = _histogram_state(family.name, family.bounds, labels)
+                fields.append((family.name, state | None, None))
+        return msgspec.defstruct("MetricsState", fields, bases=(ForeignSchema,), frozen=True)
 
     def load_state(self, state: dict[str, Any]) -> list[str]:
         """Restore what :meth:`dump_state` wrote and :meth:`check_state` accepted; returns

@@ -34,6 +34,11 @@ log = logging.getLogger("exporter")
 GIL_SWITCH_INTERVAL_S = 0.001
 
 
+class StartupError(Exception):
+    """The sidecar cannot start (a busy port, an unwritable file); the message is one line for
+    the operator."""
+
+
 class Component(Protocol):
     """A long-running part of the sidecar."""
 
@@ -109,13 +114,18 @@ class Sidecar:
             middlewares.append(auth.middleware(server.unauthenticated_paths))
         self.app = build_app(self.metrics, routes, config=server, middlewares=middlewares)
         self._runner: web.AppRunner | None = None
+        self._started: list[Component] = []
 
     async def start(self) -> None:
         # CPU-bound threads (tailer, renders) hand the GIL back this often, so the event loop
         # that answers the gate waits at most this long for it (Python's default is 5 ms).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         for component in self.components:
-            await component.start()
+            try:
+                await component.start()
+            except OSError as exc:
+                raise StartupError(f"{type(component).__name__} cannot start: {exc}") from None
+            self._started.append(component)
         server = self.config.server
         headroom = fd_headroom()
         if headroom < self.guard.max_connections:
@@ -130,14 +140,18 @@ class Sidecar:
         self.guard.attach(self._runner.server, asyncio.get_running_loop())
         site = web.TCPSite(self._runner, server.host, server.port,
                            ssl_context=self.web_config.ssl_context, backlog=ACCEPT_BACKLOG)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(f"server.listen: cannot listen on {server.listen} "
+                               f"({exc.strerror})") from None
         log.info("tts-exporter %s listening on %s://%s", __version__,
                  "https" if self.web_config.ssl_context else "http", server.listen)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
-        for component in reversed(self.components):
+        for component in reversed(self._started):
             try:
                 await component.stop()
             except Exception:
@@ -148,8 +162,8 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
         try:
+            await self.start()
             await stop.wait()
         finally:
             await self.stop()

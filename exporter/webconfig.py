@@ -40,11 +40,11 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-import yaml
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from exporter.config import ConfigError
+from exporter.schema import InvalidInput, load_yaml
 
 _CLIENT_AUTH = {
     "NoClientCert": ssl.CERT_NONE,
@@ -69,12 +69,12 @@ def load_web_config(path: str | os.PathLike[str]) -> WebConfig:
     """Read and validate a web config file; raise ConfigError naming the file and key."""
     name = str(path)
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        data = load_yaml(Path(path).read_bytes())
     except OSError as exc:
         raise ConfigError(name, "", f"cannot read the web config file ({exc.strerror})") \
             from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(name, "", f"not valid YAML ({exc})") from None
+    except InvalidInput as exc:
+        raise ConfigError(name, *exc.problems[0]) from None
     data = {} if data is None else data
     _mapping(name, "(top level)", data, _TOP_KEYS)
     users = _users(name, data.get("basic_auth_users") or {})

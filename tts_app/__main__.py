@@ -1,4 +1,5 @@
 """``python -m tts_app --config FILE`` / ``tts-app``: serve until SIGTERM, then drain.
+``tts-app check-config FILE`` validates a config and exits 0, or 1 listing every problem.
 
 SIGTERM (or SIGINT) stops admission first (``/readyz`` 503, new synthesis 503 SHUTTING_DOWN,
 so a load balancer moves away), lets in-flight work finish within ``server.drain_timeout_s``,
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 import sys
 import threading
 
@@ -49,7 +51,28 @@ def _exit_by(deadline_s: float) -> None:
     timer.start()
 
 
+def _bind(config: AppConfig, config_file: str) -> socket.socket:
+    """The listening socket, bound before anything starts: a busy port stops start-up before a
+    model load begins (whose thread the process would otherwise wait for on its way out)."""
+    host, port = config.server.host, config.server.port
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                    flags=socket.AI_PASSIVE)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise StartupError(f"{config_file}: server.listen: cannot listen on "
+                           f"{config.server.listen} ({exc.strerror})") from None
+
+
 async def serve(config: AppConfig, config_file: str) -> int:
+    sock = _bind(config, config_file)
+    try:
+        return await _serve(config, config_file, sock)
+    finally:
+        sock.close()
+
+
+async def _serve(config: AppConfig, config_file: str, sock: socket.socket) -> int:
     try:
         backend = make_backend(config.backend.name, config.backend.options())
     except (TypeError, ValueError) as exc:
@@ -70,12 +93,7 @@ async def serve(config: AppConfig, config_file: str) -> int:
                            shutdown_timeout=CLOSE_GRACE_S,
                            keepalive_timeout=config.server.header_timeout_s)
     await runner.setup()
-    try:
-        await web.TCPSite(runner, config.server.host, config.server.port).start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise StartupError(f"{config_file}: server.listen: cannot listen on "
-                           f"{config.server.listen} ({exc.strerror})") from None
+    await web.SockSite(runner, sock).start()
     stop = asyncio.Event()
 
     def on_signal() -> None:
@@ -102,16 +120,45 @@ async def serve(config: AppConfig, config_file: str) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        _report("tts-app: ", exc)
+        return 1
+    try:
+        return asyncio.run(serve(config, args.config))
+    except StartupError as exc:
+        print(f"tts-app: {exc}", file=sys.stderr)
+        return 1
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        load_config(args.file)
+    except ConfigError as exc:
+        _report("invalid: ", exc)
+        return 1
+    print(f"{args.file}: valid")
+    return 0
+
+
+def _report(prefix: str, error: ConfigError) -> None:
+    """Every problem on its own line, each naming file and key."""
+    for line in str(error).splitlines():
+        print(prefix + line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tts-app", description="tts-sentinel TTS HTTP app")
     parser.add_argument("--config", default="config/app.yaml", help="YAML config file")
+    parser.set_defaults(func=_run)
+    check = parser.add_subparsers(dest="command").add_parser(
+        "check-config", help="validate a config file and exit 0/1")
+    check.add_argument("file")
+    check.set_defaults(func=_check_config)
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-        return asyncio.run(serve(config, args.config))
-    except (ConfigError, StartupError) as exc:
-        print(f"tts-app: {exc}", file=sys.stderr)
-        return 1
+    return int(args.func(args))
 
 
 if __name__ == "__main__":

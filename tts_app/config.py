@@ -1,47 +1,23 @@
 """The app's configuration: YAML in, frozen typed value objects out.
 
-Anything wrong stops start-up with a :class:`ConfigError` naming the file, the dotted key and
-what was expected, e.g. ``config/app.yaml: admission.queue_size: expected an integer >= 0,
-got 'big'``. The dataclasses are the schema: their field types drive validation, so adding a
-setting is adding a typed field with a default. (``tts_app`` never imports ``exporter``, so
-this is the app's own small loader.)
+Anything wrong stops start-up with a :class:`ConfigError` listing every problem, each naming
+the file, the dotted key and what was expected, e.g. ``config/app.yaml: admission.queue_size:
+expected an integer, got 'big'``. The :class:`~tts_app.schema.Schema` structs below are the
+schema: adding a setting is one line, ``name: Type = default`` with its bound
+(``Annotated[int, Meta(ge=..., le=...)]``); a new section is a struct plus one line in
+:class:`AppConfig`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
+from msgspec import Meta, field
 
 from tts_app.identity import parse_network
-
-
-class ConfigError(Exception):
-    """A configuration that cannot be used; the message says where and what was expected."""
-
-    def __init__(self, file: str, key: str, problem: str) -> None:
-        self.file, self.key, self.problem = file, key, problem
-        super().__init__(f"{file}: {key}: {problem}" if key else f"{file}: {problem}")
-
-
-Check = Callable[[Any], "str | None"]
-
-
-def _at_least(minimum: float) -> dict[str, Check]:
-    return {"check": lambda v: None if v >= minimum else f"expected a value >= {minimum}"}
-
-
-def _host_port(value: str) -> str | None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
-        return "expected HOST:PORT, e.g. 127.0.0.1:8080"
-    return None
+from tts_app.schema import ConfigError as ConfigError
+from tts_app.schema import Schema, from_mapping, listen_address, load_file, rules
 
 
 def _networks(value: list[str]) -> str | None:
@@ -53,19 +29,28 @@ def _networks(value: list[str]) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class ServerConfig:
-    listen: str = field(default="127.0.0.1:8080", metadata={"check": _host_port})
-    max_body_bytes: int = field(default=65536, metadata=_at_least(1024))
+# The largest values that still make sense: a typo of a few zeros stops start-up instead of
+# exhausting memory or waiting for ever later.
+Seconds = Annotated[float, Meta(le=86400)]
+Text = Annotated[str, Meta(max_length=4096)]
+Options = Annotated[dict[str, Any], Meta(max_length=64)]
+
+
+class ServerConfig(Schema, frozen=True):
+    listen: Text = "127.0.0.1:8080"
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 65536
     # SIGTERM: how long in-flight work may take before the process exits anyway.
-    drain_timeout_s: float = field(default=30.0, metadata=_at_least(0))
+    drain_timeout_s: Annotated[Seconds, Meta(ge=0)] = 30.0
     # A connection that has not sent a complete request head within this closes (idle
     # keep-alive connections too); above nginx's upstream keepalive_timeout (60 s), so a
     # pooled connection is never closed under the proxy.
-    header_timeout_s: float = field(default=75.0, metadata=_at_least(0.1))
+    header_timeout_s: Annotated[Seconds, Meta(ge=0.1)] = 75.0
     # A request body not received in full within this is 408 REQUEST_TIMEOUT: a slow upload
     # holds no handler, and no shutdown, for longer.
-    body_timeout_s: float = field(default=10.0, metadata=_at_least(0.1))
+    body_timeout_s: Annotated[Seconds, Meta(ge=0.1)] = 10.0
+
+    def __post_init__(self) -> None:
+        rules(listen=listen_address(self.listen, lowest_port=0))
 
     @property
     def host(self) -> str:
@@ -76,158 +61,153 @@ class ServerConfig:
         return int(self.listen.rpartition(":")[2])
 
 
-@dataclass(frozen=True)
-class LogConfig:
-    path: str = "logs/tts-app.log"
+class LogConfig(Schema, frozen=True):
+    path: Text = "logs/tts-app.log"
     format: Literal["json", "text"] = "json"
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    logger: str = "tts_app"
+    logger: Annotated[str, Meta(max_length=256)] = "tts_app"
     # Size rotation: past max_bytes the file is renamed to PATH.1 (PATH.1 -> PATH.2 ... up to
     # backups, the oldest dropped); 0 = never rotate (an outside logrotate may still).
-    max_bytes: int = field(default=100 << 20, metadata=_at_least(0))
-    backups: int = field(default=5, metadata=_at_least(1))
+    max_bytes: Annotated[int, Meta(ge=0, le=1 << 40)] = 100 << 20
+    backups: Annotated[int, Meta(ge=1, le=1000)] = 5
     # Records are written by a thread in batches: at most this long after they were logged.
-    flush_interval_s: float = field(default=0.1, metadata={
-        "check": lambda v: None if 0.001 <= v <= 1 else "expected a value in [0.001, 1]"})
+    flush_interval_s: Annotated[float, Meta(ge=0.001, le=1)] = 0.1
     # Records waiting for the writer; beyond it (the disk far slower than the app) a record
     # is counted as lost (log_write_errors) rather than held.
-    buffer_max_bytes: int = field(default=16 << 20, metadata=_at_least(65536))
+    buffer_max_bytes: Annotated[int, Meta(ge=65536, le=1 << 30)] = 16 << 20
 
 
-@dataclass(frozen=True)
-class BackendConfig:
+class BackendConfig(Schema, frozen=True):
     name: Literal["espeak", "chattts"] = "espeak"
-    # Keyword arguments for the backend's constructor, per backend name.
-    espeak: dict[str, Any] = field(default_factory=dict)
-    chattts: dict[str, Any] = field(default_factory=dict)
-    warmup_text: str = "Warm-up."
+    # Keyword arguments for the backend's constructor, per backend name (the backend checks
+    # them when it is built).
+    espeak: Options = field(default_factory=dict)
+    chattts: Options = field(default_factory=dict)
+    warmup_text: Text = "Warm-up."
     # Per-synthesis wall-clock limit; beyond it the request fails with MODEL_ERROR and the
     # instance it holds is taken out of service (its thread cannot be stopped).
-    timeout_s: float = field(default=120.0, metadata=_at_least(0.1))
+    timeout_s: Annotated[Seconds, Meta(ge=0.1)] = 120.0
     # Replacements are loaded only while at most this many timed-out syntheses still hold
     # their instance (each holds its memory); beyond it capacity shrinks, and with no
     # instance left /healthz answers 503 so the orchestrator restarts the process.
-    max_hung_instances: int = field(default=1, metadata=_at_least(0))
+    max_hung_instances: Annotated[int, Meta(ge=0, le=1000)] = 1
 
     def options(self) -> dict[str, Any]:
         return dict(self.espeak if self.name == "espeak" else self.chattts)
 
 
-@dataclass(frozen=True)
-class LimitsConfig:
-    text_max_chars: int = field(default=2000, metadata=_at_least(1))
-    languages: list[str] = field(default_factory=lambda: ["en", "zh"])
+class LimitsConfig(Schema, frozen=True):
+    text_max_chars: Annotated[int, Meta(ge=1, le=1_000_000)] = 2000
+    languages: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=256)] = \
+        field(default_factory=lambda: ["en", "zh"])
 
 
-@dataclass(frozen=True)
-class RateLimitConfig:
+Rate = Annotated[float, Meta(ge=0.001, le=1e6)]
+Burst = Annotated[float, Meta(ge=1, le=1e6)]
+
+
+class RateLimitConfig(Schema, frozen=True):
     enabled: bool = True
-    rate_per_s: float = field(default=50.0, metadata=_at_least(0.001))
-    burst: float = field(default=100.0, metadata=_at_least(1))
-    max_clients: int = field(default=10000, metadata=_at_least(1))
+    rate_per_s: Rate = 50.0
+    burst: Burst = 100.0
+    max_clients: Annotated[int, Meta(ge=1, le=10_000_000)] = 10000
     # One bucket for all clients together, checked after the client's own: the ceiling that
     # many addresses cannot get around.
-    global_rate_per_s: float = field(default=600.0, metadata=_at_least(0.001))
-    global_burst: float = field(default=600.0, metadata=_at_least(1))
+    global_rate_per_s: Rate = 600.0
+    global_burst: Burst = 600.0
 
 
-@dataclass(frozen=True)
-class IdentityConfig:
+class IdentityConfig(Schema, frozen=True):
     # Peers whose X-Forwarded-For and client_header are believed (the shipped nginx).
-    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"],
-                                       metadata={"check": _networks})
+    trusted_proxies: Annotated[list[Text], Meta(max_length=1024)] = \
+        field(default_factory=lambda: ["127.0.0.1", "::1"])
     # Set by a trusted proxy that authenticated the caller (API key, tenant).
-    client_header: str = "X-Client-ID"
+    client_header: Annotated[str, Meta(min_length=1, max_length=256)] = "X-Client-ID"
+
+    def __post_init__(self) -> None:
+        rules(trusted_proxies=_networks(self.trusted_proxies))
 
 
-@dataclass(frozen=True)
-class AdmissionConfig:
+class AdmissionConfig(Schema, frozen=True):
     # Requests allowed to wait for a model instance; beyond it -> 429 QUEUE_FULL.
-    queue_size: int = field(default=16, metadata=_at_least(0))
-    retry_after_s: int = field(default=1, metadata=_at_least(1))
+    queue_size: Annotated[int, Meta(ge=0, le=1_000_000)] = 16
+    retry_after_s: Annotated[int, Meta(ge=1, le=86400)] = 1
     # A 429 QUEUE_FULL / RATE_LIMITED is answered this long after the request arrived (the
     # request holds no slot meanwhile): caps how fast a client that ignores Retry-After can
     # make the app refuse it, so shedding cannot starve the admitted work. 0 = at once.
-    shed_delay_s: float = field(default=0.5, metadata={
-        "check": lambda v: None if 0 <= v <= 10 else "expected a value in [0, 10]"})
+    shed_delay_s: Annotated[float, Meta(ge=0, le=10)] = 0.5
     rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
 
 
-@dataclass(frozen=True)
-class CacheConfig:
+class CacheConfig(Schema, frozen=True):
     enabled: bool = True
-    dir: str = "cache"
-    max_bytes: int = field(default=1 << 30, metadata=_at_least(0))
+    dir: Text = "cache"
+    max_bytes: Annotated[int, Meta(ge=0, le=1 << 50)] = 1 << 30
     # Hot entries kept in memory so a repeated text costs no disk read.
-    memory_max_bytes: int = field(default=64 << 20, metadata=_at_least(0))
+    memory_max_bytes: Annotated[int, Meta(ge=0, le=1 << 40)] = 64 << 20
 
 
-@dataclass(frozen=True)
-class AudioConfig:
+class AudioConfig(Schema, frozen=True):
     # Audio whose RMS is below this is logged as a WARNING with warning_code=AUDIO_SILENT
     # and not cached (a model producing silence is broken, not quiet). 0 disables the check.
-    silence_rms: float = field(default=0.001, metadata=_at_least(0))
+    silence_rms: Annotated[float, Meta(ge=0, le=1)] = 0.001
 
 
-@dataclass(frozen=True)
-class GateConfig:
-    file: str = "state/ingress.json"
+class GateConfig(Schema, frozen=True):
+    file: Text = "state/ingress.json"
     # The file is stat()ed at most this often; re-read only when mtime/size changed.
-    check_interval_s: float = field(default=0.25, metadata=_at_least(0))
-    default_retry_after_s: int = field(default=30, metadata=_at_least(1))
+    check_interval_s: Annotated[float, Meta(ge=0, le=3600)] = 0.25
+    default_retry_after_s: Annotated[int, Meta(ge=1, le=86400)] = 30
 
 
-@dataclass(frozen=True)
-class JobsConfig:
-    max_pending: int = field(default=64, metadata=_at_least(1))
-    max_kept: int = field(default=1000, metadata=_at_least(1))
-    ttl_s: float = field(default=3600.0, metadata=_at_least(1))
-    max_bytes: int = field(default=256 << 20, metadata=_at_least(0))   # finished jobs' audio
+class JobsConfig(Schema, frozen=True):
+    max_pending: Annotated[int, Meta(ge=1, le=1_000_000)] = 64
+    max_kept: Annotated[int, Meta(ge=1, le=10_000_000)] = 1000
+    ttl_s: Annotated[Seconds, Meta(ge=1)] = 3600.0
+    max_bytes: Annotated[int, Meta(ge=0, le=1 << 40)] = 256 << 20   # finished jobs' audio
 
 
-def _between(low: float, high: float) -> dict[str, Check]:
-    return {"check": lambda v: None if low <= v <= high else f"expected {low} to {high}"}
-
-
-@dataclass(frozen=True)
-class BatchConfig:
+class BatchConfig(Schema, frozen=True):
     # Concurrent compatible requests sharing one model call (backends that batch: chattts);
     # 1 turns batching off. Each model instance then runs up to this many requests at once.
-    max_size: int = field(default=8, metadata=_between(1, 64))
+    max_size: Annotated[int, Meta(ge=1, le=64)] = 8
     # How long the first request of a batch waits for others before the call starts.
-    max_wait_ms: float = field(default=10.0, metadata=_between(0, 1000))
+    max_wait_ms: Annotated[float, Meta(ge=0, le=1000)] = 10.0
+
+
 def _store_url(value: str) -> str | None:
     if value == "local" or value.startswith(("redis://", "rediss://", "unix://")):
         return None
     return "expected local or a Redis URL (redis://HOST:PORT/DB, rediss://..., unix://...)"
 
 
-@dataclass(frozen=True)
-class StoreConfig:
+class StoreConfig(Schema, frozen=True):
     # local: jobs, Idempotency-Keys and the cache live in this process (one replica);
     # a Redis URL shares them between replicas (tts_app.store).
-    url: str = field(default="local", metadata={"check": _store_url})
+    url: Text = "local"
     # Every Redis call is abandoned after this; the request then goes on with local state.
-    timeout_s: float = field(default=0.25, metadata=_at_least(0.001))
+    timeout_s: Annotated[float, Meta(ge=0.001, le=60)] = 0.25
     # After a failed call Redis is left alone this long, so an outage costs no timeouts.
-    retry_interval_s: float = field(default=2.0, metadata=_at_least(0.01))
-    cache_ttl_s: int = field(default=86400, metadata=_at_least(1))
+    retry_interval_s: Annotated[float, Meta(ge=0.01, le=3600)] = 2.0
+    cache_ttl_s: Annotated[int, Meta(ge=1, le=365 * 86400)] = 86400
     # The shared audio together stays within this (the oldest entries go first); a body
     # larger than cache_max_entry_bytes is not shared at all.
-    cache_max_bytes: int = field(default=1 << 30, metadata=_at_least(1024))
-    cache_max_entry_bytes: int = field(default=8 << 20, metadata=_at_least(1024))
+    cache_max_bytes: Annotated[int, Meta(ge=1024, le=1 << 50)] = 1 << 30
+    cache_max_entry_bytes: Annotated[int, Meta(ge=1024, le=1 << 30)] = 8 << 20
     # The lease on a cache key held by the replica synthesizing it, renewed while it runs:
     # a replica that dies lets its waiters take over within this.
-    lease_s: float = field(default=5.0, metadata=_at_least(0.1))
+    lease_s: Annotated[float, Meta(ge=0.1, le=3600)] = 5.0
     # How long a request waits for another replica's synthesis of the same audio before
     # synthesizing it locally.
-    wait_s: float = field(default=120.0, metadata=_at_least(0))
-    poll_interval_s: float = field(default=0.05, metadata=_at_least(0.005))
-    key_prefix: str = "tts:"
+    wait_s: Annotated[float, Meta(ge=0, le=86400)] = 120.0
+    poll_interval_s: Annotated[float, Meta(ge=0.005, le=60)] = 0.05
+    key_prefix: Annotated[str, Meta(max_length=256)] = "tts:"
+
+    def __post_init__(self) -> None:
+        rules(url=_store_url(self.url))
 
 
-@dataclass(frozen=True)
-class AppConfig:
+class AppConfig(Schema, frozen=True):
     server: ServerConfig = field(default_factory=ServerConfig)
     log: LogConfig = field(default_factory=LogConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
@@ -243,82 +223,9 @@ class AppConfig:
 
 
 def load_config(path: str | Path) -> AppConfig:
-    """Read and validate a YAML config file; raise :class:`ConfigError` on any problem."""
-    name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(name, "", f"cannot read the file ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(name, "", f"not valid YAML ({exc})") from None
-    return config_from_mapping({} if data is None else data, name)
+    """Read and validate a YAML config file; raise :class:`ConfigError` listing every problem."""
+    return load_file(AppConfig, path)
 
 
 def config_from_mapping(data: Any, file: str = "<config>") -> AppConfig:
-    result = _convert(AppConfig, data, file, "")
-    assert isinstance(result, AppConfig)
-    return result
-
-
-def _describe(value: Any) -> str:
-    return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def _convert(tp: Any, value: Any, file: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return _convert_dataclass(tp, value, file, key)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(file, key, f"expected one of {', '.join(map(repr, choices))}, "
-                                         f"got {_describe(value)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _convert(args[0], value, file, key)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(file, key, f"expected a list, got {_describe(value)}")
-        return [_convert(item_tp, v, file, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(file, key, f"expected a mapping, got {_describe(value)}")
-        return {str(k): v for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(file, key, f"expected true or false, got {_describe(value)}")
-    if tp in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-                tp is int and not float(value).is_integer()):
-            kind = "an integer" if tp is int else "a number"
-            raise ConfigError(file, key, f"expected {kind}, got {_describe(value)}")
-        return tp(value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(file, key, f"expected a string, got {_describe(value)}")
-    raise TypeError(f"config schema uses unsupported type {tp!r} at {key}")
-
-
-def _convert_dataclass(cls: Any, value: Any, file: str, key: str) -> Any:
-    if not isinstance(value, Mapping):
-        raise ConfigError(file, key or "(top level)", f"expected a mapping, got {_describe(value)}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, raw in value.items():
-        sub = f"{key}.{name}" if key else str(name)
-        if name not in known:
-            raise ConfigError(file, sub, f"unknown key; expected one of {', '.join(sorted(known))}")
-        converted = _convert(hints[name], raw, file, sub)
-        check = known[name].metadata.get("check")
-        problem = check(converted) if check else None
-        if problem:
-            raise ConfigError(file, sub, f"{problem}, got {_describe(raw)}")
-        kwargs[name] = converted
-    return cls(**kwargs)
+    return from_mapping(AppConfig, data, file)

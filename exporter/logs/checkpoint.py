@@ -31,11 +31,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from msgspec import Meta, structs
 
 from exporter.logs.pipeline import error_label
+from exporter.schema import ForeignSchema, InvalidInput, validate
 
 log = logging.getLogger("exporter.logs.checkpoint")
 
@@ -87,8 +90,7 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number a checkpoint holds")
 
 
-@dataclass(frozen=True)
-class FileOffset:
+class FileOffset(ForeignSchema, frozen=True):
     """Where reading stopped in one file, and what identifies that file.
 
     ``(dev, ino)`` alone is not enough: after a delete the inode number may be handed to a new
@@ -96,12 +98,12 @@ class FileOffset:
     recycled inode will not share.
     """
 
-    path: str
-    dev: int
-    ino: int
-    fingerprint: str
-    fingerprint_len: int
-    offset: int
+    path: Annotated[str, Meta(max_length=4096)]
+    dev: Annotated[int, Meta(ge=0)]  # msgspec bounds every int to 64 bits
+    ino: Annotated[int, Meta(ge=0)]
+    fingerprint: Annotated[str, Meta(max_length=256)]
+    fingerprint_len: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+    offset: Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
     @property
     def key(self) -> tuple[int, int]:
@@ -117,40 +119,28 @@ class Checkpoint:
 
     def to_json(self) -> str:
         return json.dumps({"version": FORMAT_VERSION, "written_at": time.time(),
-                           "files": [asdict(f) for f in self.files], "metrics": self.metrics},
+                           "files": [structs.asdict(f) for f in self.files],
+                           "metrics": self.metrics},
                           separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str, check: StateCheck | None = None) -> Checkpoint:
         """Parse a checkpoint; raises ValueError (with what was wrong) on anything unexpected."""
-        data = json.loads(text, parse_constant=_no_constant)
-        version = data.get("version") if isinstance(data, dict) else None
-        if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
-            raise ValueError(f"expected a JSON object with a version from 1 to {FORMAT_VERSION}")
-        files, metrics = data.get("files"), data.get("metrics")
-        if not isinstance(files, list) or not isinstance(metrics, dict):
-            raise ValueError("expected 'files' to be a list and 'metrics' an object")
         try:
-            offsets = [FileOffset(path=_typed(f["path"], str), dev=_typed(f["dev"], int),
-                                  ino=_typed(f["ino"], int),
-                                  fingerprint=_typed(f["fingerprint"], str),
-                                  fingerprint_len=_typed(f["fingerprint_len"], int),
-                                  offset=_typed(f["offset"], int)) for f in files]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"bad file entry ({exc!r})") from None
-        if any(f.offset < 0 or f.fingerprint_len < 0 for f in offsets):
-            raise ValueError("negative offset or fingerprint length")
-        for old in range(version, FORMAT_VERSION):
-            MIGRATIONS[old](metrics)
+            document = validate(_Document, json.loads(text, parse_constant=_no_constant))
+        except InvalidInput as exc:
+            raise ValueError(str(exc)) from None
+        for old in range(document.version, FORMAT_VERSION):
+            MIGRATIONS[old](document.metrics)
         if check is not None:
-            check(metrics)
-        return cls(offsets, metrics)
+            check(document.metrics)
+        return cls(document.files, document.metrics)
 
 
-def _typed(value: Any, kind: type) -> Any:
-    if type(value) is not kind:
-        raise TypeError(f"expected {kind.__name__}, got {value!r:.40}")
-    return value
+class _Document(ForeignSchema, frozen=True):
+    version: Annotated[int, Meta(ge=1, le=FORMAT_VERSION)]
+    files: list[FileOffset]
+    metrics: dict[str, Any]
 
 
 class CheckpointStore:

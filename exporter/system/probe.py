@@ -45,15 +45,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 from aiohttp import web
+from msgspec import Meta
 
 from exporter.metrics import SidecarMetrics
+from exporter.schema import Amount, Finite, ForeignSchema, InvalidInput, validate
 from exporter.system.periodic import every
 
 log = logging.getLogger("exporter.probe")
@@ -68,122 +68,56 @@ MAX_APP_GPU_DEVICES = 64
 MAX_DEVICE_INDEX = 1023      # a CUDA ordinal; it becomes a label, so it is bounded too
 MAX_UUID_CHARS = 128
 
+# A count the app reports; bounded so that it stays exact as a float sample.
+Count = Annotated[int, Meta(ge=0, le=2**53)]
 
-@dataclass(frozen=True)
-class AppGpu:
+
+class AppGpu(ForeignSchema, frozen=True):
     """One CUDA device the app holds, with PyTorch's view of its memory where reported."""
 
-    index: int
-    uuid: str
-    memory_allocated_bytes: float | None = None
-    memory_reserved_bytes: float | None = None
-    gpu_oom_total: float | None = None
+    index: Annotated[int, Meta(ge=0, le=MAX_DEVICE_INDEX)]
+    uuid: Annotated[str, Meta(min_length=1, max_length=MAX_UUID_CHARS)]
+    memory_allocated_bytes: Amount | None = None
+    memory_reserved_bytes: Amount | None = None
+    gpu_oom_total: Amount | None = None
 
 
-# Optional non-negative counts the app may report; absent ones leave their series out.
-_COUNTS = (("log_write_errors", int), ("instances_healthy", int), ("instances_hung", int),
-           ("queue_size", int), ("queue_limit", int))
-_OPTIONAL = frozenset(("pid", *(key for key, _ in _COUNTS)))
-
-
-@dataclass(frozen=True)
-class AppStatus:
-    """The part of ``/status`` the sidecar uses."""
-
-    waiting: int
-    running: int
-    capacity: int
-    started_at: float
-    pid: int | None = None
-    ready: bool = True
-    gpu_devices: tuple[AppGpu, ...] | None = None
-    log_write_errors: int | None = None
-    instances_healthy: int | None = None
-    instances_hung: int | None = None
-    store: AppStore | None = None
-    queue_size: int | None = None
-    queue_limit: int | None = None
-
-    @classmethod
-    def parse(cls, data: Any) -> AppStatus:
-        if not isinstance(data, dict):
-            raise ProbeError("expected a JSON object")
-        values: dict[str, Any] = {}
-        for key, wanted in (("waiting", int), ("running", int), ("capacity", int),
-                            ("started_at", float), ("pid", int), *_COUNTS):
-            value = data.get(key)
-            if key in _OPTIONAL and value is None:
-                continue
-            values[key] = _number(key, value, wanted is float)
-        for key, _ in _COUNTS:
-            if values.get(key, 0) < 0:
-                raise ProbeError(f"{key}: expected an integer >= 0")
-        ready = data.get("ready", True)
-        if not isinstance(ready, bool):
-            raise ProbeError(f"ready: expected true or false, got {ready!r}")
-        devices = data.get("gpu_devices")
-        store = data.get("store")
-        return cls(**values, ready=ready,
-                   gpu_devices=None if devices is None else _gpu_devices(devices),
-                   store=None if store is None else AppStore.parse(store))
-
-
-@dataclass(frozen=True)
-class AppStore:
+class AppStore(ForeignSchema, frozen=True):
     """The app's shared store (``/status`` ``store``): answering, and fallbacks so far."""
 
     healthy: bool
-    fallbacks_total: int
+    fallbacks_total: Count
+
+
+class AppStatus(ForeignSchema, frozen=True):
+    """The part of ``/status`` the sidecar uses (an optional field is one line here)."""
+
+    waiting: Count
+    running: Count
+    capacity: Count
+    started_at: Finite
+    pid: Count | None = None
+    ready: bool = True
+    gpu_devices: Annotated[tuple[AppGpu, ...], Meta(max_length=MAX_APP_GPU_DEVICES)] | None = None
+    log_write_errors: Count | None = None
+    instances_healthy: Count | None = None
+    instances_hung: Count | None = None
+    store: AppStore | None = None
+    queue_size: Count | None = None
+    queue_limit: Count | None = None
 
     @classmethod
-    def parse(cls, data: Any) -> AppStore:
-        if not isinstance(data, dict) or not isinstance(data.get("healthy"), bool):
-            raise ProbeError("store: expected an object with healthy: true or false")
-        fallbacks = _number("store.fallbacks_total", data.get("fallbacks_total"), real=False)
-        if fallbacks < 0:
-            raise ProbeError("store.fallbacks_total: expected an integer >= 0")
-        return cls(data["healthy"], fallbacks)
-
-
-def _number(key: str, value: Any, real: bool) -> Any:
-    """An int (``real``: an int or finite float) that is not a bool, or ProbeError."""
-    if not isinstance(value, bool) and isinstance(value, (int, float) if real else int):
-        if not real:
-            return int(value)
+    def parse(cls, data: Any) -> AppStatus:
+        """The answer as an AppStatus; a device without ``index`` is the one at its position
+        in the list."""
+        devices = data.get("gpu_devices") if isinstance(data, dict) else None
+        if isinstance(devices, list):
+            data = {**data, "gpu_devices": [{"index": i, **d} if isinstance(d, dict) else d
+                                            for i, d in enumerate(devices)]}
         try:
-            number = float(value)
-        except OverflowError:  # a 400-digit integer
-            number = math.inf
-        if math.isfinite(number):
-            return number
-    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-    raise ProbeError(f"{key}: expected {'a number' if real else 'an integer'}, got {shown}")
-
-
-def _gpu_devices(devices: Any) -> tuple[AppGpu, ...]:
-    if not isinstance(devices, list) or len(devices) > MAX_APP_GPU_DEVICES:
-        raise ProbeError(f"gpu_devices: expected a list of at most {MAX_APP_GPU_DEVICES} "
-                         "devices")
-    parsed = []
-    for i, device in enumerate(devices):
-        where = f"gpu_devices[{i}]"
-        if not isinstance(device, dict):
-            raise ProbeError(f"{where}: expected an object")
-        uuid = device.get("uuid")
-        if not isinstance(uuid, str) or not 0 < len(uuid) <= MAX_UUID_CHARS:
-            raise ProbeError(f"{where}.uuid: expected a string of 1 to {MAX_UUID_CHARS} "
-                             "characters")
-        index = _number(f"{where}.index", device.get("index", i), real=False)
-        if not 0 <= index <= MAX_DEVICE_INDEX:
-            raise ProbeError(f"{where}.index: expected 0 to {MAX_DEVICE_INDEX}")
-        memory: dict[str, Any] = {}
-        for key in ("memory_allocated_bytes", "memory_reserved_bytes", "gpu_oom_total"):
-            if device.get(key) is not None:
-                memory[key] = _number(f"{where}.{key}", device[key], real=True)
-                if memory[key] < 0:
-                    raise ProbeError(f"{where}.{key}: expected a number >= 0")
-        parsed.append(AppGpu(index, uuid, **memory))
-    return tuple(parsed)
+            return validate(cls, data)
+        except InvalidInput as exc:
+            raise ProbeError(str(exc)) from None
 
 
 class AppProbe:

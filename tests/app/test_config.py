@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 import yaml
 from multidict import CIMultiDict
@@ -22,7 +23,7 @@ def test_shipped_config_documents_the_defaults() -> None:
     shipped = load_config(REPO / "config" / "app.yaml")
     defaults = AppConfig()
     # only the backend's constructor options are spelled out beyond the defaults
-    assert dataclasses.replace(shipped, backend=defaults.backend) == defaults
+    assert msgspec.structs.replace(shipped, backend=defaults.backend) == defaults
     assert shipped.backend.espeak == {"instances": 2, "rate_wpm": 175}
 
 
@@ -105,3 +106,73 @@ def test_model_that_fails_to_load_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "backend espeak failed to load" in result.stderr and "phontab" in result.stderr
     assert '"event": "model_load_failed"' in (tmp_path / "app.log").read_text()
+
+
+# --- issue 22: every value bounded, every problem at once, tts-app check-config --------------
+
+HUGE = 10 ** 400
+
+
+@pytest.mark.parametrize(("data", "key", "expected"), [
+    ({"server": {"listen": "999.1.1.1:80"}}, "server.listen", "an IP address or DNS name"),
+    ({"admission": {"queue_size": HUGE}}, "admission.queue_size", "<= 1000000"),
+    ({"admission": {"shed_delay_s": float("nan")}}, "admission.shed_delay_s", "finite"),
+    ({"jobs": {"ttl_s": float("inf")}}, "jobs.ttl_s", "finite"),
+    ({"backend": {"timeout_s": HUGE}}, "backend.timeout_s", "expected a number"),
+    ({"cache": {"max_bytes": True}}, "cache.max_bytes", "expected an integer, got True"),
+    ({"limits": {"languages": ["en", 5]}}, "limits.languages[1]", "a string, got 5"),
+    ({"log": {"path": "x" * 5000}}, "log.path", "at most 4096 characters"),
+])
+def test_values_past_their_bound_name_key_and_bound(data: dict, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config_from_mapping(data, "app.yaml")
+    assert caught.value.key == key and expected in caught.value.problem, caught.value
+
+
+def test_check_config_lists_every_problem_and_passes_the_shipped_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('server: {listen: "999.1.1.1:80"}\nadmission: {queue_size: lots}\n'
+                   "batch: {max_size: 0, max_wait_ms: .nan}\nbatch: {max_size: 1}\n")
+    result = run_app("check-config", str(bad))
+    assert result.returncode == 1
+    assert result.stderr == f"invalid: {bad}: line 4, column 1: not valid YAML (duplicate " \
+                            "key 'batch' (the last would win))\n"
+    bad.write_text('server: {listen: "999.1.1.1:80"}\nadmission: {queue_size: lots}\n'
+                   "batch: {max_size: 0, max_wait_ms: .nan}\n")
+    result = run_app("check-config", str(bad))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert [line.split(": ")[2] for line in result.stderr.splitlines()] == [
+        "server.listen", "admission.queue_size", "batch.max_size", "batch.max_wait_ms"]
+    good = run_app("check-config", str(REPO / "config" / "app.yaml"))
+    assert good.returncode == 0 and good.stdout.endswith(": valid\n"), good.stderr
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"a: " + b"{" * 50_000, b"a: " + b"9" * 5000])
+def test_hostile_config_files_are_one_message_not_a_traceback(tmp_path: Path,
+                                                              raw: bytes) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(raw)
+    result = run_app("check-config", str(bad))
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith(f"invalid: {bad}: ")
+
+
+def test_a_vanished_config_file_is_one_message(tmp_path: Path) -> None:
+    result = run_app("--config", str(tmp_path / "gone.yaml"))
+    assert result.returncode == 1
+    assert result.stderr == f"tts-app: {tmp_path / 'gone.yaml'}: cannot read the file " \
+                            "(No such file or directory)\n"
+
+
+def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "app.yaml"
+        config.write_text(f'server: {{listen: "127.0.0.1:{port}"}}\n'
+                          f"log: {{path: {tmp_path}/app.log}}\ncache: {{dir: {tmp_path}/c}}\n")
+        result = run_app("--config", str(config))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"tts-app: {config}: server.listen: cannot listen on 127.0.0.1:{port} (")

@@ -277,10 +277,10 @@ def test_parse_webhook_keeps_only_close_ingress_alerts() -> None:
 
 
 @pytest.mark.parametrize("body, problem", [
-    ([], "JSON object"),
+    ([], "expected a mapping, got []"),
     (payload(version="3"), "version"),
     ({**payload(), "alerts": {}}, "list"),
-    (payload("x"), "alerts[0]: expected an object"),  # type: ignore[arg-type]
+    (payload("x"), "alerts[0]: expected a mapping"),  # type: ignore[arg-type]
     (payload(alert("A", status="pending")), "alerts[0].status"),
     (payload({"status": "firing", "labels": {"alertname": 1}}), "alerts[0].labels"),
     (payload({"status": "firing", "labels": {"action": "close_ingress"}}), "alertname"),
@@ -288,6 +288,36 @@ def test_parse_webhook_keeps_only_close_ingress_alerts() -> None:
 def test_parse_webhook_rejects_malformed_payloads(body: Any, problem: str) -> None:
     with pytest.raises(WebhookError, match=re.escape(problem)):
         parse_webhook(body)
+
+
+def test_parse_webhook_names_every_bad_alert_at_once() -> None:
+    with pytest.raises(WebhookError) as caught:
+        parse_webhook(payload(alert("A", status="pending"), alert("B"),
+                              {"status": "firing", "labels": {"alertname": 10 ** 400}}))
+    assert [key for key, _ in caught.value.problems] == ["alerts[0].status",
+                                                        "alerts[2].labels.alertname"]
+
+
+def test_a_webhook_with_thousands_of_bad_alerts_names_twenty() -> None:
+    with pytest.raises(WebhookError) as caught:
+        parse_webhook(payload(*[{"status": "firing"}] * 5000))
+    assert len(caught.value.problems) == 21
+    assert caught.value.problems[-1] == ("...", "and 4980 more problems")
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 30_000 + b"]" * 30_000,                               # deep nesting
+    json.dumps(payload({"status": "firing", "labels": {"alertname": "A", "x": [[[]]]}})).encode(),
+    b'{"version": "4", "alerts": [{"status": "firing", "labels": {"alertname": NaN}}]}',
+    json.dumps(payload(alert("A", fingerprint=12))).encode(),
+    b'{"version": 4, "alerts": []}',
+])
+async def test_hostile_webhook_bodies_are_400(
+        gate_http: tuple[GateComponent, SidecarMetrics, TestClient], body: bytes) -> None:
+    component, _, client = gate_http
+    response = await client.post("/alertmanager", data=body, headers=AUTH)
+    assert response.status == 400, await response.text()
+    assert component.gate.state.open
 
 
 # --- The component over HTTP -----------------------------------------------------------------

@@ -406,15 +406,21 @@ def test_file_source_reads_optional_fields(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("content", "problem"), [
     (None, "cannot read the GPU file"),
     ("{\"gpus\": [", "not valid JSON"),
-    ("[1, 2]", 'expected an object with a "gpus" list'),
-    ('{"gpus": {}}', 'expected an object with a "gpus" list'),
-    ('{"gpus": [7]}', r"gpus\[0\]: expected an object"),
-    ('{"gpus": [{"memory_used_bytes": 1}]}', r"gpus\[0\]\.memory_total_bytes: expected a number"),
+    ("[1, 2]", r"expected a mapping, got \[1, 2\]"),
+    ('{"gpus": {}}', "gpus: expected a list"),
+    ('{"gpus": [7]}', r"gpus\[0\]: expected a mapping"),
+    ('{"gpus": [{"memory_used_bytes": 1}]}', r"gpus\[0\]\.memory_total_bytes: missing"),
     ('{"gpus": [{"memory_used_bytes": "9", "memory_total_bytes": 1}]}', "memory_used_bytes"),
-    ('{"gpus": [{"memory_used_bytes": -1, "memory_total_bytes": 1}]}', "expected a number >= 0"),
-    ('{"gpus": [{"memory_used_bytes": 1, "memory_total_bytes": 0}]}', "expected a number > 0"),
+    ('{"gpus": [{"memory_used_bytes": NaN, "memory_total_bytes": 1}]}', "a finite number"),
+    ('{"gpus": [{"memory_used_bytes": 1, "memory_total_bytes": Infinity}]}', "a finite number"),
+    ('{"gpus": [{"memory_used_bytes": 1e999, "memory_total_bytes": 1}]}', "a finite number"),
+    ("[" * 100_000, "not valid JSON"),
+    ('{"gpus": [{"memory_used_bytes": 1, "memory_total_bytes": 2, "index": 99999}]}',
+     r"gpus\[0\]\.index: expected a value <= 1023"),
+    ('{"gpus": [{"memory_used_bytes": -1, "memory_total_bytes": 1}]}', "expected a value >= 0"),
+    ('{"gpus": [{"memory_used_bytes": 1, "memory_total_bytes": 0}]}', "greater than 0"),
     ('{"gpus": [{"memory_used_bytes": 1, "memory_total_bytes": 2, "processes": [{"pid": 1}]}]}',
-     r"processes\[0\]: expected pid and memory_bytes"),
+     r"processes\[0\]\.memory_bytes: missing"),
 ])
 def test_file_source_rejects_what_is_not_a_reading(tmp_path: Path, content: str | None,
                                                   problem: str) -> None:
@@ -912,12 +918,12 @@ def test_gpu_devices_accepts_all_auto_and_a_list(tmp_path: Path, devices: Any,
 
 
 @pytest.mark.parametrize(("devices", "problem"), [
-    ("some", "expected one of 'auto', 'all', got 'some'; or expected a list"),
+    ("some", "expected 'auto', 'all' or a non-empty list of GPU UUIDs or indices, got 'some'"),
     ([], "a non-empty list"),
     ([-1], "indices >= 0"),
     ([" "], "GPU UUIDs"),
     ([0, "0"], "each GPU once"),
-    ([True], r"gpu.devices\[0\]: expected a string, got True; or expected an integer"),
+    ([True], r"gpu.devices\[0\]: expected an integer or a string, got True"),
 ])
 def test_a_bad_gpu_devices_stops_start_up_naming_file_and_key(tmp_path: Path, devices: Any,
                                                               problem: str) -> None:

@@ -104,7 +104,7 @@ async def test_a_restart_across_downtime_is_counted(app_server: tuple[FakeApp, T
 @pytest.mark.parametrize(("change", "logged"), [
     ({"status": 500}, "HTTP 500"),
     ({"raw": b"{not json"}, "body is not JSON"),
-    ({"body": [1, 2]}, "expected a JSON object"),
+    ({"body": [1, 2]}, "expected a mapping, got [1, 2]"),
     ({"body": {"waiting": "3", "running": 0, "capacity": 1, "started_at": 1.0}},
      "waiting: expected an integer"),
     ({"body": {"waiting": 1, "running": 0, "capacity": 1, "started_at": True}},
@@ -159,7 +159,7 @@ async def test_probe_keeps_polling_on_its_interval(app_server: tuple[FakeApp, Te
 
 
 def test_status_parse_names_the_bad_key() -> None:
-    with pytest.raises(ProbeError, match="capacity: expected an integer, got None"):
+    with pytest.raises(ProbeError, match="capacity: missing"):
         AppStatus.parse({"waiting": 1, "running": 1, "started_at": 2.0})
     status = AppStatus.parse({"waiting": 1, "running": 0, "capacity": 4, "started_at": 7})
     assert status.started_at == 7.0 and status.pid is None
@@ -198,15 +198,15 @@ async def test_the_apps_gpu_memory_is_exported_and_handed_on(
 
 @pytest.mark.parametrize(("devices", "problem"), [
     ("GPU-0", "gpu_devices: expected a list"),
-    ([DEVICE] * 65, "at most 64 devices"),
-    ([7], r"gpu_devices\[0\]: expected an object"),
-    ([{"uuid": ""}], r"gpu_devices\[0\]\.uuid: expected a string of 1 to 128"),
-    ([{"uuid": "x" * 129}], r"\.uuid: expected a string"),
+    ([DEVICE] * 65, "at most 64 entries"),
+    ([7], r"gpu_devices\[0\]: expected a mapping"),
+    ([{"uuid": ""}], r"gpu_devices\[0\]\.uuid: expected at least 1 characters"),
+    ([{"uuid": "x" * 129}], r"\.uuid: expected at most 128 characters"),
     ([{"uuid": "a", "index": True}], r"\.index: expected an integer"),
-    ([{"uuid": "a", "index": 10 ** 400}], r"\.index: expected 0 to 1023"),
+    ([{"uuid": "a", "index": 10 ** 400}], r"\.index: expected a value <= 1023"),
     ([{"uuid": "a", "memory_reserved_bytes": float("nan")}], "memory_reserved_bytes: expected"),
     ([{"uuid": "a", "memory_reserved_bytes": 10 ** 400}], r"expected a number, got \d+\.\.\."),
-    ([{"uuid": "a", "gpu_oom_total": -1}], r"gpu_oom_total: expected a number >= 0"),
+    ([{"uuid": "a", "gpu_oom_total": -1}], r"gpu_oom_total: expected a value >= 0"),
 ])
 def test_a_malformed_gpu_device_list_is_a_failed_probe_naming_the_path(
         devices: Any, problem: str) -> None:
@@ -280,6 +280,7 @@ async def test_the_apps_store_health_and_fallbacks_are_exported(
         await probe.probe_once()
         assert m.app_up.get() == 0.0 and m.app_store_up.get() is None
         assert m.app_store_fallbacks.get() == 42
+    await probe.stop()
 
 
 async def test_queue_size_and_limit_are_exported_when_status_has_them(
@@ -297,3 +298,25 @@ async def test_queue_size_and_limit_are_exported_when_status_has_them(
     await probe.probe_once()
     assert not m.queue_size.values and not m.queue_limit.values
     await probe.stop()
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"started_at": float("nan")}, "started_at: expected a finite number"),
+    ({"started_at": float("inf")}, "started_at: expected a finite number"),
+    ({"waiting": -1}, "waiting: expected a value >= 0"),
+    ({"pid": 10 ** 400}, "pid: expected a value <= "),
+    ({"capacity": 2.5}, "capacity: expected an integer"),
+    ({"gpu_devices": [[[[]]]]}, r"gpu_devices\[0\]: expected a mapping"),
+])
+def test_hostile_status_answers_are_failed_probes_naming_the_path(change: dict,
+                                                                  problem: str) -> None:
+    body = {"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0, **change}
+    with pytest.raises(ProbeError, match=problem):
+        AppStatus.parse(body)
+
+
+def test_every_problem_of_a_status_answer_is_named_at_once() -> None:
+    with pytest.raises(ProbeError) as caught:
+        AppStatus.parse({"waiting": "3", "running": -1, "started_at": 1.0})
+    assert str(caught.value) == ("waiting: expected an integer, got '3'; running: expected a "
+                                 "value >= 0, got -1; capacity: missing")

@@ -114,3 +114,18 @@ def test_the_shipped_example_loads_with_real_certificates(tmp_path: Path,
                                         key_file=str(tls_files.server_key))
     web = load_web_config(write(tmp_path, example))
     assert web.ssl_context is not None and list(web.users) == ["prometheus"]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b"basic_auth_users: {}\n\xff", "expected UTF-8 text"),
+    (b"basic_auth_users: {}\nbasic_auth_users: {}\n", "duplicate key 'basic_auth_users'"),
+    (b"a: " + b"[" * 50_000, "nested less deeply"),
+])
+def test_a_hostile_web_config_file_is_a_config_error(tmp_path: Path, raw: bytes,
+                                                      expected: str) -> None:
+    """Issue 22: check-config gave a traceback on a non-UTF-8 file (the web config too)."""
+    path = tmp_path / "web.yml"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError, match=expected) as caught:
+        load_web_config(path)
+    assert caught.value.file == str(path)

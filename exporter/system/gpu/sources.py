@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated
 
+from msgspec import Meta
+
+from exporter.schema import Amount, ForeignSchema, InvalidInput, validate
 from exporter.system.gpu.nvml import NvmlSource
 from exporter.system.gpu.readings import GpuError, GpuProcess, GpuReading, GpuSource
 
@@ -25,6 +28,41 @@ class NoneSource:
 
     def close(self) -> None:
         pass
+
+
+class FileProcess(ForeignSchema, frozen=True):
+    pid: Annotated[int, Meta(ge=0, le=2**32)]
+    memory_bytes: Amount
+    name: Annotated[str, Meta(max_length=256)] = "unknown"
+
+
+class FileGpu(ForeignSchema, frozen=True):
+    """One GPU of the file; ``index`` and ``uuid`` default to its position."""
+
+    memory_used_bytes: Amount
+    memory_total_bytes: Annotated[float, Meta(gt=0, le=1e300)]
+    index: Annotated[int, Meta(ge=0, le=1023)] | None = None
+    uuid: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    name: Annotated[str, Meta(max_length=256)] = "file"
+    utilization_ratio: Amount | None = None
+    temperature_celsius: Amount | None = None
+    power_watts: Amount | None = None
+    processes: Annotated[list[FileProcess], Meta(max_length=4096)] | None = None
+
+    def reading(self, i: int) -> GpuReading:
+        return GpuReading(
+            index=i if self.index is None else self.index,
+            uuid=self.uuid or f"file-{i}", name=self.name,
+            memory_used_bytes=int(self.memory_used_bytes),
+            memory_total_bytes=int(self.memory_total_bytes),
+            utilization_ratio=self.utilization_ratio,
+            temperature_celsius=self.temperature_celsius, power_watts=self.power_watts,
+            processes=tuple(GpuProcess(p.pid, p.name, int(p.memory_bytes))
+                            for p in self.processes or ()))
+
+
+class GpuFile(ForeignSchema, frozen=True):
+    gpus: Annotated[list[FileGpu], Meta(max_length=1024)]
 
 
 class FileSource:
@@ -49,48 +87,13 @@ class FileSource:
             data = json.loads(self.path.read_bytes())
         except OSError as exc:
             raise GpuError(f"{self.path}: cannot read the GPU file ({exc.strerror})") from None
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise GpuError(f"{self.path}: not valid JSON ({exc})") from None
-        gpus = data.get("gpus") if isinstance(data, dict) else None
-        if not isinstance(gpus, list):
-            raise GpuError(f'{self.path}: expected an object with a "gpus" list')
-        return [self._reading(i, gpu) for i, gpu in enumerate(gpus)]
-
-    def _reading(self, i: int, gpu: Any) -> GpuReading:
-        where = f"{self.path}: gpus[{i}]"
-        if not isinstance(gpu, dict):
-            raise GpuError(f"{where}: expected an object")
-
-        def number(key: str, required: bool = False) -> float | None:
-            value = gpu.get(key)
-            if value is None and not required:
-                return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise GpuError(f"{where}.{key}: expected a number >= 0, got {value!r}")
-            return float(value)
-
-        used, total = number("memory_used_bytes", True), number("memory_total_bytes", True)
-        assert used is not None and total is not None
-        if total <= 0:
-            raise GpuError(f"{where}.memory_total_bytes: expected a number > 0")
-        processes = []
-        for j, proc in enumerate(gpu.get("processes") or []):
-            try:
-                processes.append(GpuProcess(int(proc["pid"]), str(proc.get("name", "unknown")),
-                                            int(proc["memory_bytes"])))
-            except (TypeError, KeyError, ValueError):
-                raise GpuError(f"{where}.processes[{j}]: expected pid and memory_bytes") from None
-        return GpuReading(
-            index=int(gpu.get("index", i)),
-            uuid=str(gpu.get("uuid", f"file-{i}")),
-            name=str(gpu.get("name", "file")),
-            memory_used_bytes=int(used),
-            memory_total_bytes=int(total),
-            utilization_ratio=number("utilization_ratio"),
-            temperature_celsius=number("temperature_celsius"),
-            power_watts=number("power_watts"),
-            processes=tuple(processes),
-        )
+        try:
+            gpus = validate(GpuFile, data).gpus
+        except InvalidInput as exc:
+            raise GpuError(f"{self.path}: {exc}") from None
+        return [gpu.reading(i) for i, gpu in enumerate(gpus)]
 
     def close(self) -> None:
         pass
