@@ -56,11 +56,21 @@ HOSTILE_REQUESTS = [
 
 
 def write_abusive_log(path: Path, lines: int, fanout: int, long_lines: int) -> int:
-    """Mixed realistic lines, then the cardinality and long-line abuse; the line count."""
+    """Mixed realistic lines, then the cardinality and long-line abuse; the line count.
+
+    Label values are as long as ``metrics.label_value_max_bytes`` keeps (longer ones are cut),
+    and every log-labelled family gets more distinct values than its budget: the page the
+    scrapers fetch is the largest the bounds let through."""
     combos = fanout ** 3
-    write_log(path, lines - combos - long_lines)
-    methods = [f"M{i}" for i in range(fanout)]
-    routes = [f"/route/{i}" for i in range(fanout)]
+    spread = fanout ** 2
+    write_log(path, lines - combos - 3 * spread - long_lines)
+    pad = "x" * 120
+
+    def label(kind: str, i: int) -> str:
+        return f"{kind}{i}{pad}"
+
+    methods = [label("M", i) for i in range(fanout)]
+    routes = [label("/route/", i) for i in range(fanout)]
     statuses = [str(200 + i) for i in range(fanout)]
     with path.open("a", encoding="utf-8") as out:
         for n, (method, route, status) in enumerate(itertools.product(methods, routes,
@@ -68,6 +78,17 @@ def write_abusive_log(path: Path, lines: int, fanout: int, long_lines: int) -> i
             out.write(json.dumps({"time": 1.0 + n, "level": "INFO", "event": "http_request",
                                   "request_id": f"c{n}", "method": method, "route": route,
                                   "status": int(status), "duration_ms": 3}) + "\n")
+        for n in range(spread):
+            out.write(json.dumps({"time": 3.0 + n, "level": "ERROR",
+                                  "event": "synthesis_complete", "request_id": f"s{n}",
+                                  "status": label("S", n % fanout),
+                                  "error_code": label("E", n // fanout),
+                                  "model_version": label("V", n), "duration_ms": 5}) + "\n")
+            out.write(json.dumps({"time": 3.0 + n, "level": "INFO", "event": "stage_time",
+                                  "request_id": f"s{n}", "stage": label("stage", n),
+                                  "duration_ms": 1}) + "\n")
+            out.write(json.dumps({"time": 3.0 + n, "level": "WARNING", "event": "odd",
+                                  "warning_code": label("W", n)}) + "\n")
         for n in range(long_lines):
             out.write(json.dumps({"time": 2.0 + n, "level": "INFO",
                                   "event": "synthesis_start", "request_id": f"v{n}",
