@@ -13,6 +13,8 @@ chattts backend on a real NVIDIA GPU, in one run of under 5 minutes without netw
    come after the hold time, not before.
 4. chattts on CUDA with the tiny model the tests build: real-time factor and VRAM per
    instance for 1 and 2 instances.
+5. Batched inference on CUDA: ``tests/bench/bench_batch.py --device cuda`` (8 clients,
+   ``batch.max_size`` 1 against 8, one instance): throughput and p50/p99 of each arm.
 
 Prints one report, writes it as JSON, and exits 1 when a reading disagrees with nvidia-smi
 beyond tolerance or the gate's p99 exceeds 0.5 s (2 when the set-up is wrong, e.g. a CPU build
@@ -283,7 +285,8 @@ def chattts_section(torch: Any, used: Callable[[], int], instances: list[int]) \
 # --- The run ----------------------------------------------------------------------------------
 
 
-def run(crossings: int, instances: list[int]) -> tuple[dict[str, Any], list[str]]:
+def run(crossings: int, instances: list[int], quick: bool = False
+        ) -> tuple[dict[str, Any], list[str]]:
     """The report and the list of failures (empty: passed)."""
     torch = cuda_torch()
     source = NvmlSource.from_import()
@@ -311,7 +314,21 @@ def run(crossings: int, instances: list[int]) -> tuple[dict[str, Any], list[str]
                         f"{gate['reopened_before_hold']} time(s)")
     report["chattts"] = chattts_section(torch, used, instances)
     source.close()
+    report["batching"] = batching_section(quick)
     return report, failures
+
+
+def batching_section(quick: bool, device: str = "cuda") -> dict[str, Any]:
+    """tests/bench/bench_batch.py on ``device``, in its own process (it loads its own model)."""
+    command = [sys.executable, str(REPO / "tests" / "bench" / "bench_batch.py"),
+               "--device", device, *(["--quick"] if quick else [])]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False,
+                          cwd=REPO)
+    # the report is the last JSON object it prints, one "{" line opening it
+    start = ("\n" + done.stdout).rfind("\n{\n")
+    if done.returncode != 0 or start < 0:
+        return {"error": f"exit {done.returncode}: {done.stderr[-500:]}"}
+    return json.loads(done.stdout[start:])
 
 
 def print_report(report: dict[str, Any], failures: list[str]) -> None:
@@ -336,6 +353,13 @@ def print_report(report: dict[str, Any], failures: list[str]) -> None:
         print(f"chattts x{row['instances']}: VRAM/instance "
               f"{row['vram_per_instance_bytes'] / 2**20:.0f} MiB, RTF {row['rtf_mean']:.3f} "
               f"over {row['requests']} requests")
+    batching = report["batching"]
+    if "error" in batching:
+        print(f"batching on CUDA: {batching['error']}")
+    else:
+        print(f"batching on CUDA: {batching['throughput_ratio']}x throughput, p99 "
+              f"{batching['p99_ratio']}x (max_size 1: {batching['max_size=1']['rps']} req/s, "
+              f"p99 {batching['max_size=1']['p99_ms']} ms)")
     print("gpu-check: " + ("FAILED\n  " + "\n  ".join(failures) if failures else "PASSED"))
 
 
@@ -354,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         report: dict[str, Any] = {"skipped": reason}
     else:
         try:
-            report, failures = run(3 if args.quick else 10, [1] if args.quick else [1, 2])
+            report, failures = run(3 if args.quick else 10, [1] if args.quick else [1, 2],
+                                  args.quick)
             code = 1 if failures else 0
         except SetupError as exc:
             report, code = {"error": str(exc)}, 2

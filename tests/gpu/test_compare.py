@@ -102,3 +102,17 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert percentile(values, 0.5) == pytest.approx(0.55)
     assert percentile(values, 0.99) == pytest.approx(0.991)
     assert percentile([0.2], 0.99) == 0.2
+
+
+@pytest.mark.slow
+@pytest.mark.chattts
+def test_the_batching_section_reads_the_benchmarks_report() -> None:
+    """Step 5 of the check runs bench_batch.py in its own process and keeps its JSON report;
+    here on the CPU, which the check itself never uses."""
+    from tests.gpu.check import batching_section
+
+    report = batching_section(quick=True, device="cpu")
+    assert "error" not in report, report
+    assert report["config"]["device"] == "cpu"
+    assert report["max_size=8"]["requests"] == report["max_size=1"]["requests"] > 0
+    assert report["throughput_ratio"] > 0
