@@ -261,7 +261,7 @@ class GateComponent:
     async def start(self) -> None:
         self.gate_file.parent.mkdir(parents=True, exist_ok=True)
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             for to in ("open", "closed"):  # both series exist from the start, so rate() works
                 m.ingress_transitions.inc((to,), 0.0)
             m.ingress_last_transition.set((), self.gate.state.since)
@@ -274,7 +274,7 @@ class GateComponent:
         if new.open != old.open:
             log.log(logging.INFO if new.open else logging.WARNING, "ingress %s (reasons: %s)",
                     "opened" if new.open else "closed", ", ".join(sorted(new.reasons)) or "none")
-            with self.metrics.registry.lock:
+            with self.metrics.updating():
                 self.metrics.ingress_transitions.inc(("open" if new.open else "closed",))
                 self.metrics.ingress_last_transition.set((), new.since)
         else:
@@ -284,7 +284,7 @@ class GateComponent:
 
     def _publish(self, state: GateState) -> None:
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             m.ingress_open.set((), 1.0 if state.open else 0.0)
             m.ingress_closed_reason.clear()
             for reason in state.reasons:
@@ -295,8 +295,7 @@ class GateComponent:
         except OSError as exc:
             # The HTTP answer and the metrics are still right; the app misses this update.
             log.error("cannot write the gate file %s: %s", self.gate_file, exc)
-            with m.registry.lock:
-                m.collector_errors.inc(("gate",))
+            m.count_error("gate")
 
     # --- HTTP -------------------------------------------------------------------------------
 

@@ -134,10 +134,10 @@ def test_a_checkpoint_beyond_todays_bounds_is_folded_into_them() -> None:
     before = SidecarMetrics()
     for i in range(40):
         before.stage_duration.observe((f"stage-{i}" + "x" * 500,), 0.5)
-    state = json.loads(json.dumps(before.registry.dump_state(before.log_derived_names())))
+    state = json.loads(json.dumps(before.log_state()))
     _, after = pipeline(label_value_cap=10, label_value_max_bytes=16)
-    after.registry.check_state(state)
-    assert after.registry.load_state(state) == []
+    after.metric_set.check_state(state)
+    assert after.metric_set.load_state(state) == []
     assert len(after.stage_duration.series) == 11
     assert after.stage_duration.count((OVERFLOW_LABEL_VALUE,)) == 30
     assert sum(after.stage_duration.count(k) for k in after.stage_duration.series) == 40
