@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from tts_app.backends.base import SynthesisParams
+from tts_app.files import write_atomically
 
 SUFFIX = ".audio"
 
@@ -102,15 +102,10 @@ class DiskCache:
         if len(body) > self.max_bytes:
             return NotSaved("too_large")
         path = self._path(key)
-        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as handle:
-                handle.write(body)
-            os.replace(tmp, path)
+            write_atomically(path, body)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             return NotSaved("write_failed", exc)
         self.total_bytes += len(body) - self._index.pop(key, 0)
         self._index[key] = len(body)
