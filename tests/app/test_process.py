@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tts_app.__main__ import CLOSE_GRACE_S, SHUTDOWN_MARGIN_S
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def call(url: str, payload: dict | None = None) -> tuple[int, bytes]:

@@ -23,15 +23,8 @@ from exporter.logs.component import LogTailComponent
 from exporter.logs.tailer import fingerprint, identity
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_registry
+from tests.conftest import FakeClock
 from tests.unit.test_tailer import RecordingSink, append, async_wait_for, numbered
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def sample_checkpoint() -> Checkpoint:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter.config import Config, ConfigError, load_config
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -185,12 +186,6 @@ def run_sidecar(config: Path, prefix: list[str] | None = None,
     return subprocess.run([*(prefix or []), sys.executable, "-m", "exporter", "--config",
                            str(config)], capture_output=True, text=True, check=False,
                           timeout=60, cwd=config.parent)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:

@@ -20,19 +20,7 @@ from exporter.config import AuthConfig, GateConfig
 from exporter.gate import Gate, GateComponent, GateState, WebhookError, parse_webhook
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_app
-
-
-class FakeClock:
-    """Monotonic and wall clock in one; tests move it by hand."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.conftest import FakeClock
 
 
 def make_gate(clock: FakeClock, **kwargs: Any) -> tuple[Gate, list[GateState]]:
