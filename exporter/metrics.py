@@ -2,11 +2,11 @@
 log pipeline's per-line loop.
 
 Why not prometheus_client's ``Counter``/``Histogram`` directly: each of their calls takes a lock
-and walks label validation; at hundreds of thousands of log lines per second that alone halves
-throughput. Here a family is a plain dict from a label-value tuple to a value (or to a bucket
-array for histograms). Writers hold :meth:`MetricSet.updating` once per *batch* of lines
-(single updates go through :meth:`SidecarMetrics.count`, which takes it), the scrape holds it
-once while it snapshots, and :class:`MetricSet` is a prometheus_client
+and walks label validation, on the per-line path as much work again as the parsing
+(docs/benchmarks.md, "Comment figures"). Here a family is a plain dict from a label-value tuple
+to a value (or to a bucket array for histograms). Writers hold :meth:`MetricSet.updating`
+once per *batch* of lines (single updates go through :meth:`SidecarMetrics.count`, which takes
+it), the scrape holds it once while it snapshots, and :class:`MetricSet` is a prometheus_client
 collector, so exposition (text and OpenMetrics, exemplars included) stays the library's.
 
 Families fed with label values from logs carry :class:`SeriesLimits` (set by the log pipeline

@@ -1,7 +1,8 @@
 """Size-capped LRU disk cache of finished audio, with a small in-memory layer for hot entries.
 
-Production traffic repeats texts (~60 % in the seed service), so a hit must be cheap: the
-memory layer answers without touching the disk, the disk layer costs one small file read.
+Production traffic repeats texts (docs/benchmarks.md, "Comment figures"), so a hit must be
+cheap: the memory layer answers without touching the disk, the disk layer costs one small file
+read.
 Writes are atomic (temporary file + rename) so a crash never leaves a torn entry; a body
 that is not stored (larger than the whole cache, or a write error such as ENOSPC, read-only,
 missing directory) is reported to the caller with its reason, never raised, because a cache

@@ -5,7 +5,7 @@ hundreds of megabytes must not delay ``/metrics`` or ``/ingress``. The thread sl
 watchdog reports a change in a watched directory, or ``logs.poll_interval_s`` passes (the
 safety net for missed events, NFS, and directories that did not exist yet), then runs one
 :meth:`Tailer.poll` pass. The only lock it shares with the event loop is
-``metrics.updating()``, held per batch of at most ~256 KiB of lines (~10 ms).
+``metrics.updating()``, held per batch of at most ``LOCK_BATCH_BYTES`` of lines.
 
 The checkpoint is written at most every ``logs.checkpoint_interval_s`` (when something
 changed) and at a clean stop, from a snapshot of offsets and counters taken under that lock.

@@ -82,7 +82,7 @@ SYNTHESIS_SPEC = (
     ("model_version", RAW), ("cache_hit", FLAG), ("cache_saved", FLAG),
     ("fallback_used", FLAG))
 """What ``synthesis_complete`` reads, in :meth:`LogPipeline._count_synthesis`'s order: the
-classifier extracts it itself from text lines (the issue-21 hot path), the handler with
+classifier extracts it itself from text lines (the hot path), the handler with
 :func:`_extract` from any other line."""
 
 KeptLine = tuple[object, str, str, object]

@@ -56,8 +56,9 @@ from exporter.metrics import SidecarMetrics
 log = logging.getLogger("exporter.logs.tailer")
 
 FINGERPRINT_BYTES = 256
-# Most bytes handed to the pipeline under one hold of the metrics lock: at ~350k lines/s that
-# is ~10 ms, so a scrape or the gate never waits long behind a backlog.
+# Most bytes handed to the pipeline under one hold of the metrics lock: few enough that a scrape
+# or the gate never waits long behind a backlog, enough that the lock is not the cost
+# (docs/benchmarks.md, "Comment figures").
 LOCK_BATCH_BYTES = 256 * 1024
 # Files no longer followed whose identity and offset are kept (and checkpointed), so that one
 # coming back or a copy of one turning up continues where reading stopped.
