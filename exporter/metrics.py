@@ -342,7 +342,6 @@ class MetricSet(Collector):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._families: dict[str, _Family] = {}
-        self._callbacks: list[Callable[[], None]] = []
 
     def _add(self, family: Any) -> Any:
         if family.name in self._families:
@@ -366,10 +365,6 @@ class MetricSet(Collector):
         of state that must change together with them, like the tailer's offsets). The lock
         itself, not a wrapper: the log pipeline takes it once per batch of lines."""
         return self._lock
-
-    def on_collect(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` (under the lock) just before each scrape, e.g. to refresh lag."""
-        self._callbacks.append(callback)
 
     def families(self) -> Iterable[_Family]:
         return self._families.values()
@@ -444,8 +439,6 @@ class MetricSet(Collector):
 
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            for callback in self._callbacks:
-                callback()
             snapshot = [family._collect() for family in self._families.values()]
         yield from snapshot
 
