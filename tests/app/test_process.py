@@ -164,6 +164,7 @@ async def test_a_request_head_not_sent_in_time_closes_the_connection(tmp_path: P
         process.wait(30)
 
 
+@pytest.mark.slow
 def test_shutdown_watchdog_exits_even_when_a_thread_never_returns() -> None:
     # a thread that never returns is what a hung synthesis leaves; the interpreter would
     # join it at exit forever

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
@@ -65,6 +66,7 @@ def hostile_logs(p: LogPipeline, width: int = 50) -> None:
         p.process("a", b"".join(batch))
 
 
+@pytest.mark.slow
 def test_the_default_bound_is_within_two_mib_and_hostile_logs_stay_inside_it() -> None:
     p, m = pipeline()
     bound = m.log_derived_bound_bytes()

@@ -494,6 +494,7 @@ async def test_unwritable_gate_file_is_counted_not_fatal(tmp_path: Path) -> None
     assert metrics.ingress_open.get() == 0.0
 
 
+@pytest.mark.slow
 async def test_gate_file_is_always_valid_json_for_a_concurrent_reader(tmp_path: Path) -> None:
     component, _, _ = make_component(tmp_path)
     await component.start()

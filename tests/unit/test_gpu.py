@@ -835,6 +835,7 @@ def write_node(path: Path, mine: float, other: float) -> None:
     os.replace(tmp, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("devices", "mode"), [("auto", ("auto", "app")),
                                                (["1"], ("list", "list"))])
 async def test_on_a_shared_node_only_this_pods_gpu_closes_its_gate(

@@ -354,6 +354,7 @@ def numbers(metrics: SidecarMetrics) -> dict[tuple[Any, ...], float]:
     return values
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(records, st.booleans()), min_size=1, max_size=12),
        st.integers(1, 3))
