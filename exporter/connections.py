@@ -169,8 +169,7 @@ class ConnectionGuard:
         self._count(reason)
 
     def _count(self, reason: str) -> None:
-        with self.metrics.registry.lock:
-            self.metrics.http_connections_closed.inc((reason,))
+        self.metrics.count(self.metrics.http_connections_closed, (reason,))
 
     def _accept_failed(self, context: dict[str, Any]) -> bool:
         """True for asyncio's report of an ``accept()`` out of resources (it retries by

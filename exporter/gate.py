@@ -30,8 +30,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from typing import Any, Literal
 from aiohttp import web
 
 from exporter.config import AuthConfig, GateConfig
+from exporter.files import write_atomically
 from exporter.metrics import SidecarMetrics
 from exporter.schema import ForeignSchema, InvalidInput, rules, validate
 from exporter.server import json_body
@@ -215,24 +214,6 @@ def parse_webhook(payload: Any) -> list[tuple[str, str, bool]]:
             for alert in webhook.alerts if alert.labels.get("action") == CLOSE_ACTION]
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so that a reader sees the old or the new file, never half.
-
-    A fresh temp name per write (so overlapping writers cannot clobber each other's temp), in
-    the same directory (so ``os.replace`` is a rename), made readable by the app's user
-    (``mkstemp`` creates 0600). No fsync: after a crash the sidecar rewrites the file at start.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class GateComponent:
     """The gate's outputs and HTTP inputs around a :class:`Gate`.
 
@@ -261,7 +242,7 @@ class GateComponent:
     async def start(self) -> None:
         self.gate_file.parent.mkdir(parents=True, exist_ok=True)
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             for to in ("open", "closed"):  # both series exist from the start, so rate() works
                 m.ingress_transitions.inc((to,), 0.0)
             m.ingress_last_transition.set((), self.gate.state.since)
@@ -274,7 +255,7 @@ class GateComponent:
         if new.open != old.open:
             log.log(logging.INFO if new.open else logging.WARNING, "ingress %s (reasons: %s)",
                     "opened" if new.open else "closed", ", ".join(sorted(new.reasons)) or "none")
-            with self.metrics.registry.lock:
+            with self.metrics.updating():
                 self.metrics.ingress_transitions.inc(("open" if new.open else "closed",))
                 self.metrics.ingress_last_transition.set((), new.since)
         else:
@@ -284,19 +265,19 @@ class GateComponent:
 
     def _publish(self, state: GateState) -> None:
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             m.ingress_open.set((), 1.0 if state.open else 0.0)
             m.ingress_closed_reason.clear()
             for reason in state.reasons:
                 m.ingress_closed_reason.set((reason,), 1.0)
         body = {**state.as_dict(), "retry_after_s": self.config.retry_after_s}
         try:
+            # Not durable: after a crash the sidecar rewrites the file at start.
             write_atomically(self.gate_file, json.dumps(body).encode())
         except OSError as exc:
             # The HTTP answer and the metrics are still right; the app misses this update.
             log.error("cannot write the gate file %s: %s", self.gate_file, exc)
-            with m.registry.lock:
-                m.collector_errors.inc(("gate",))
+            m.count_error("gate")
 
     # --- HTTP -------------------------------------------------------------------------------
 

@@ -2,10 +2,11 @@
 log pipeline's per-line loop.
 
 Why not prometheus_client's ``Counter``/``Histogram`` directly: each of their calls takes a lock
-and walks label validation; at hundreds of thousands of log lines per second that alone halves
-throughput. Here a family is a plain dict from a label-value tuple to a value (or to a bucket
-array for histograms). Writers hold :attr:`MetricSet.lock` once per *batch* of lines, the
-scrape holds it once while it snapshots, and :class:`MetricSet` is a prometheus_client
+and walks label validation, on the per-line path as much work again as the parsing
+(docs/benchmarks.md, "Comment figures"). Here a family is a plain dict from a label-value tuple
+to a value (or to a bucket array for histograms). Writers hold :meth:`MetricSet.updating`
+once per *batch* of lines (single updates go through :meth:`SidecarMetrics.count`, which takes
+it), the scrape holds it once while it snapshots, and :class:`MetricSet` is a prometheus_client
 collector, so exposition (text and OpenMetrics, exemplars included) stays the library's.
 
 Families fed with label values from logs carry :class:`SeriesLimits` (set by the log pipeline
@@ -334,14 +335,13 @@ def _format_bound(bound: float) -> str:
 class MetricSet(Collector):
     """All families of one sidecar, registered as one prometheus_client collector.
 
-    Writers take :attr:`lock` around a batch of updates; :meth:`collect` takes it while it
+    Writers hold :meth:`updating` around a batch of updates; :meth:`collect` holds it while it
     builds the exposition families, so a scrape never sees half a batch.
     """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self._lock = threading.Lock()
         self._families: dict[str, _Family] = {}
-        self._callbacks: list[Callable[[], None]] = []
 
     def _add(self, family: Any) -> Any:
         if family.name in self._families:
@@ -360,9 +360,11 @@ class MetricSet(Collector):
                   buckets: Sequence[float] = DEFAULT_DURATION_BUCKETS_S) -> HistogramFamily:
         return self._add(HistogramFamily(name, documentation, labelnames, buckets))
 
-    def on_collect(self, callback: Callable[[], None]) -> None:
-        """Run ``callback`` (under the lock) just before each scrape, e.g. to refresh lag."""
-        self._callbacks.append(callback)
+    def updating(self) -> threading.Lock:
+        """``with metric_set.updating():`` around every read-modify-write of the families (and
+        of state that must change together with them, like the tailer's offsets). The lock
+        itself, not a wrapper: the log pipeline takes it once per batch of lines."""
+        return self._lock
 
     def families(self) -> Iterable[_Family]:
         return self._families.values()
@@ -436,9 +438,7 @@ class MetricSet(Collector):
         return dropped
 
     def collect(self) -> Iterator[Metric]:
-        with self.lock:
-            for callback in self._callbacks:
-                callback()
+        with self._lock:
             snapshot = [family._collect() for family in self._families.values()]
         yield from snapshot
 
@@ -466,7 +466,7 @@ class SidecarMetrics:
         text_length_buckets: Sequence[float] = TEXT_LENGTH_BUCKETS,
         version: str = "0.1.0",
     ) -> None:
-        m = self.registry = MetricSet()
+        m = self.metric_set = MetricSet()
 
         # --- System layer: GPU (NVML or file source), cache disk, the app process.
         self.gpu_up = m.gauge("tts_gpu_up", "1 when the last GPU poll succeeded and is fresh, "
@@ -692,6 +692,24 @@ class SidecarMetrics:
                                              ["to"])
         self.ingress_last_transition = m.gauge("tts_ingress_last_transition_timestamp_seconds",
                                                "Unix time of the last gate transition.")
+
+    def updating(self) -> threading.Lock:
+        """See :meth:`MetricSet.updating`: hold it around a batch of updates."""
+        return self.metric_set.updating()
+
+    def count(self, family: CounterFamily, labels: Labels = (), amount: float = 1.0) -> None:
+        """One counter update on its own, under the lock (``amount=0.0`` makes the series
+        exist at 0, so ``rate()`` works from the start)."""
+        with self.metric_set.updating():
+            family.inc(labels, amount)
+
+    def count_error(self, collector: str, amount: float = 1.0) -> None:
+        """:meth:`count` ``tts_exporter_collector_errors_total{collector}``."""
+        self.count(self.collector_errors, (collector,), amount)
+
+    def log_state(self) -> dict[str, Any]:
+        """The log-derived families' values for the checkpoint (hold :meth:`updating`)."""
+        return self.metric_set.dump_state(self.log_derived_names())
 
     def log_derived_names(self) -> list[str]:
         """Counters and histograms fed only by the log pipeline and tailer: the state the

@@ -120,7 +120,7 @@ def _json_error(kind: type[web.HTTPException], message: str) -> web.HTTPExceptio
 def build_registry(metrics: SidecarMetrics) -> CollectorRegistry:
     """One registry: our families plus the sidecar's own ``process_*`` and ``python_info``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(metrics.registry)
+    registry.register(metrics.metric_set)
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

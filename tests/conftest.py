@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+
+class FakeClock:
+    """A clock for code that takes one injected (monotonic or wall, ``() -> float``); tests
+    move it by hand."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
 
 _DROPPED = "cap_dac_override,cap_dac_read_search"
 # Ways to run a program without the capabilities that let root ignore file permissions.

@@ -1,7 +1,8 @@
 """Size-capped LRU disk cache of finished audio, with a small in-memory layer for hot entries.
 
-Production traffic repeats texts (~60 % in the seed service), so a hit must be cheap: the
-memory layer answers without touching the disk, the disk layer costs one small file read.
+Production traffic repeats texts (docs/benchmarks.md, "Comment figures"), so a hit must be
+cheap: the memory layer answers without touching the disk, the disk layer costs one small file
+read.
 Writes are atomic (temporary file + rename) so a crash never leaves a torn entry; a body
 that is not stored (larger than the whole cache, or a write error such as ENOSPC, read-only,
 missing directory) is reported to the caller with its reason, never raised, because a cache
@@ -14,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
 from tts_app.backends.base import SynthesisParams
+from tts_app.files import write_atomically
 
 SUFFIX = ".audio"
 
@@ -102,15 +103,10 @@ class DiskCache:
         if len(body) > self.max_bytes:
             return NotSaved("too_large")
         path = self._path(key)
-        tmp = path.with_name(f".{key}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as handle:
-                handle.write(body)
-            os.replace(tmp, path)
+            write_atomically(path, body)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
             return NotSaved("write_failed", exc)
         self.total_bytes += len(body) - self._index.pop(key, 0)
         self._index[key] = len(body)

@@ -2,9 +2,9 @@
  * the live pipeline's line classifier (Classifier, at the end), which reads lines with the
  * same recogniser (parse_text, parse_pairs over a Names table).
  *
- * Why C: Python's regex engine and interpreter cost 8-16 ns per byte of log; this walks a
- * chunk and does the report's bookkeeping in a few ns per byte (README: Figures), so analyze
- * runs near the speed of reading the files.
+ * Why C: Python's regex engine and interpreter cost several times the reading of the files
+ * per byte of log; this walks a chunk and does the report's bookkeeping at a fraction of that
+ * (docs/benchmarks.md, "Forensics"), so analyze runs near the speed of reading the files.
  *
  * Contract (exporter/analyze/scan.py drives it): Scanner.scan() walks whole lines from a
  * position in a chunk, in file order, and aggregates the lines whose meaning under

@@ -1,10 +1,9 @@
 """Whole-chunk scanning for ``analyze``: compiled code, not a Python loop, walks the lines.
 
-Why: a Python loop that looks at every line costs microseconds a line (22-28 s for 1 GB of
-logs on two cores with every line through the parser; the previous scanner, one regex pass
-per format, took 9-12 s).
-The compiled scanner (``_scan.c``) walks a 4 MB chunk in file order, about 3 ns a byte with
-the report's bookkeeping, and hands Python one small summary per stretch of lines
+Why: a Python loop that looks at every line costs microseconds a line, many times the time
+it takes to read the files (docs/benchmarks.md, "Forensics").
+The compiled scanner (``_scan.c``) walks a 4 MB chunk in file order, with the report's
+bookkeeping, and hands Python one small summary per stretch of lines
 ("segment"): counts by level and status, durations as lists (so histograms fill in bulk, in
 file order), length buckets, the time range and the few failed requests. Python adds each
 segment to the :class:`Report`.

@@ -37,6 +37,7 @@ from typing import Annotated, Any
 
 from msgspec import Meta, structs
 
+from exporter.files import write_atomically
 from exporter.logs.pipeline import error_label
 from exporter.schema import ForeignSchema, InvalidInput, validate
 
@@ -191,19 +192,5 @@ class CheckpointStore:
         Raises OSError (disk full, permissions); the caller counts it and tries again later.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = checkpoint.to_json().encode("utf-8")
-        tmp = self.temp_path
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self.path, checkpoint.to_json().encode("utf-8"), durable=True,
+                         temp=self.temp_path)

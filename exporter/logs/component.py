@@ -5,7 +5,7 @@ hundreds of megabytes must not delay ``/metrics`` or ``/ingress``. The thread sl
 watchdog reports a change in a watched directory, or ``logs.poll_interval_s`` passes (the
 safety net for missed events, NFS, and directories that did not exist yet), then runs one
 :meth:`Tailer.poll` pass. The only lock it shares with the event loop is
-``metrics.registry.lock``, held per batch of at most ~256 KiB of lines (~10 ms).
+``metrics.updating()``, held per batch of at most ``LOCK_BATCH_BYTES`` of lines.
 
 The checkpoint is written at most every ``logs.checkpoint_interval_s`` (when something
 changed) and at a clean stop, from a snapshot of offsets and counters taken under that lock.
@@ -92,13 +92,13 @@ class LogTailComponent:
 
     def restore(self) -> None:
         """Load the checkpoint: counters into the registry, offsets into the tailer."""
-        checkpoint = self.store.load(self.metrics.registry.check_state)
+        checkpoint = self.store.load(self.metrics.metric_set.check_state)
         if checkpoint is None:
             log.info("no usable log checkpoint at %s: reading log files from the start",
                      self.store.path)
             return
-        with self.metrics.registry.lock:
-            dropped = self.metrics.registry.load_state(checkpoint.metrics)
+        with self.metrics.updating():
+            dropped = self.metrics.metric_set.load_state(checkpoint.metrics)
         if dropped:
             log.warning("log checkpoint %s: could not restore %s (metric gone or buckets "
                         "changed); they restart from 0", self.store.path, ", ".join(dropped))
@@ -112,25 +112,22 @@ class LogTailComponent:
             self.tailer.poll()
         except Exception:
             log.exception("log tail pass failed; retrying at the next one")
-            with self.metrics.registry.lock:
-                self.metrics.collector_errors.inc(("tail",))
+            self.metrics.count_error("tail")
         if self.clock() >= self._next_checkpoint:
             self.checkpoint()
 
     def checkpoint(self) -> bool:
         """Write the checkpoint if anything changed since the last one; True when written."""
-        with self.metrics.registry.lock:
+        with self.metrics.updating():
             if self.tailer.generation == self._saved_generation:
                 return False
             generation = self.tailer.generation
-            snapshot = Checkpoint(self.tailer.snapshot(), self.metrics.registry.dump_state(
-                self.metrics.log_derived_names()))
+            snapshot = Checkpoint(self.tailer.snapshot(), self.metrics.log_state())
         try:
             self.store.save(snapshot)
         except OSError as exc:
             log.error("cannot write log checkpoint %s (%s); will retry", self.store.path, exc)
-            with self.metrics.registry.lock:
-                self.metrics.collector_errors.inc(("tail",))
+            self.metrics.count_error("tail")
             self._next_checkpoint = self.clock() + self.config.checkpoint_interval_s
             return False
         self._saved_generation = generation
@@ -166,8 +163,7 @@ class LogTailComponent:
     # --- Component ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        with self.metrics.registry.lock:  # the error series exists at 0, so rate() works
-            self.metrics.collector_errors.inc(("tail",), 0.0)
+        self.metrics.count_error("tail", 0.0)
         await asyncio.to_thread(self.restore)
         self._observer = Observer()
         self._observer.daemon = True

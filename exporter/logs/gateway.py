@@ -43,7 +43,7 @@ from exporter.logs.pipeline import (
     _number,
     _raw_label,
 )
-from exporter.logs.tailer import LineSink
+from exporter.logs.tailer import ChunkSink
 from exporter.metrics import SidecarMetrics
 
 log = logging.getLogger("exporter.logs.gateway")
@@ -77,7 +77,7 @@ def upstream_seconds(fields: dict[str, Any]) -> float | None:
 
 
 class GatewayPipeline:
-    """Maps the gateway's access-log lines onto :class:`SidecarMetrics` (a :class:`LineSink`).
+    """Maps the gateway's access-log lines onto :class:`SidecarMetrics` (a :class:`ChunkSink`).
 
     Its label caps are the ones :meth:`SidecarMetrics.limit_log_labels` set, so it is built
     after the :class:`LogPipeline` (see :func:`log_sink`)."""
@@ -86,9 +86,6 @@ class GatewayPipeline:
         self.metrics = metrics
         self.on_records = on_records
         self._code, self._upstream_code = metrics.gateway_requests.caps
-
-    def forget(self, source: str) -> None:
-        """Nothing is kept per source."""
 
     def process(self, source: str, data: bytes) -> None:
         """Count every complete line in ``data`` (caller holds the metrics lock)."""
@@ -167,15 +164,15 @@ def detect_format(data: bytes) -> LogFormat | None:
 
 
 class SourceRouter:
-    """A :class:`LineSink` sending each file to the pipeline of its format: the first
+    """The tailer's :class:`LineSink`, sending each file to the pipeline of its format: the first
     ``logs.sources``/``logs.paths`` glob it matches decides, ``auto`` by
     :func:`detect_format` on its first line."""
 
-    def __init__(self, formats: list[tuple[str, LogFormat]], app: LineSink,
-                 gateway: LineSink) -> None:
+    def __init__(self, formats: list[tuple[str, LogFormat]], app: ChunkSink,
+                 gateway: ChunkSink) -> None:
         self.formats = formats
-        self.sinks: dict[LogFormat, LineSink] = {"app": app, "gateway": gateway}
-        self._by_source: dict[str, LineSink] = {}
+        self.sinks: dict[LogFormat, ChunkSink] = {"app": app, "gateway": gateway}
+        self._by_source: dict[str, ChunkSink] = {}
 
     def format_of(self, source: str) -> LogFormat:
         return next((fmt for pattern, fmt in self.formats if fnmatch(source, pattern)), "auto")
@@ -193,9 +190,7 @@ class SourceRouter:
         sink.process(source, data)
 
     def forget(self, source: str) -> None:
-        sink = self._by_source.pop(source, None)
-        if sink is not None:
-            sink.forget(source)
+        self._by_source.pop(source, None)
 
 
 def log_sink(metrics: SidecarMetrics, logs: LogsConfig, metrics_config: MetricsConfig,

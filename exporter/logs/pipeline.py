@@ -29,8 +29,7 @@ overflows counting in ``tts_exporter_label_overflow_total{family,label}``. A ``t
 gives only its length (where the line has no ``text_len``); the text itself never reaches a
 metric. Syntheses without ``model_version`` count as ``unknown``. Each line is
 validated whole before any metric changes, so a line counts completely or not at all.
-Continuation lines (tracebacks) change no metric, so no per-source state is needed and
-:meth:`LogPipeline.forget` has nothing to drop;
+Continuation lines (tracebacks) change no metric, so no per-source state is needed;
 IndexTTS text lines are recognised by compiled code (``Classifier`` in
 exporter/analyze/_scan.c, the recogniser analyze's scanner uses), which hands each line whose
 shape fixes its meaning to the same handlers as (level, event, fields) — only the fields in
@@ -83,7 +82,7 @@ SYNTHESIS_SPEC = (
     ("model_version", RAW), ("cache_hit", FLAG), ("cache_saved", FLAG),
     ("fallback_used", FLAG))
 """What ``synthesis_complete`` reads, in :meth:`LogPipeline._count_synthesis`'s order: the
-classifier extracts it itself from text lines (the issue-21 hot path), the handler with
+classifier extracts it itself from text lines (the hot path), the handler with
 :func:`_extract` from any other line."""
 
 KeptLine = tuple[object, str, str, object]
@@ -253,9 +252,6 @@ class LogPipeline:
             Classifier(*tables, NUMBER_FIELDS, LABEL_FIELDS, LEVEL_ALIASES, self._specs,
                        _TRUE, MAX_NUMBER)
             if native and Classifier is not None and tables is not None else None)
-
-    def forget(self, source: str) -> None:
-        """Nothing is kept per source: records are complete on their first line."""
 
     def process(self, source: str, data: bytes) -> None:
         """Count every complete line in ``data`` (caller holds the metrics lock)."""

@@ -11,7 +11,7 @@ What a pass guarantees:
   tight loop. A partial last line waits (in memory) for its newline. Bytes pass through as
   they are: CRLF, invalid UTF-8.
 * **Exact counting.** ``sink.process`` and the advance of the file's committed offset happen
-  together under ``metrics.registry.lock``; so does :meth:`snapshot`, which the checkpoint
+  together under ``metrics.updating()``; so does :meth:`snapshot`, which the checkpoint
   uses. Counters and offsets therefore always describe the same set of lines.
 * **Too-long lines** (over ``max_line_bytes``, line ending excluded) are counted as
   ``tts_exporter_log_lines_total{outcome="too_long"}`` and skipped, also when they span reads.
@@ -56,8 +56,9 @@ from exporter.metrics import SidecarMetrics
 log = logging.getLogger("exporter.logs.tailer")
 
 FINGERPRINT_BYTES = 256
-# Most bytes handed to the pipeline under one hold of the metrics lock: at ~350k lines/s that
-# is ~10 ms, so a scrape or the gate never waits long behind a backlog.
+# Most bytes handed to the pipeline under one hold of the metrics lock: few enough that a scrape
+# or the gate never waits long behind a backlog, enough that the lock is not the cost
+# (docs/benchmarks.md, "Comment figures").
 LOCK_BATCH_BYTES = 256 * 1024
 # Files no longer followed whose identity and offset are kept (and checkpointed), so that one
 # coming back or a copy of one turning up continues where reading stopped.
@@ -65,10 +66,16 @@ KNOWN_FILES = 256
 Key = tuple[int, int]
 
 
-class LineSink(Protocol):
-    """What the tailer feeds: :class:`exporter.logs.pipeline.LogPipeline`, or a test double."""
+class ChunkSink(Protocol):
+    """What counts whole lines: :class:`exporter.logs.pipeline.LogPipeline` and the gateway's;
+    they keep nothing per source."""
 
     def process(self, source: str, data: bytes) -> None: ...
+
+
+class LineSink(ChunkSink, Protocol):
+    """What the tailer feeds: :class:`exporter.logs.gateway.SourceRouter`, or a test double;
+    ``forget`` drops what it keeps for a file the tailer let go."""
 
     def forget(self, source: str) -> None: ...
 
@@ -209,7 +216,7 @@ class Tailer:
         self._known = [Known(entry) for entry in offsets]
 
     def snapshot(self) -> list[FileOffset]:
-        """The followed files and the remembered ones; call with ``metrics.registry.lock``
+        """The followed files and the remembered ones; call with ``metrics.updating()``
         held."""
         return [f.entry() for f in self.files.values()] + [k.entry for k in self._known]
 
@@ -326,7 +333,7 @@ class Tailer:
         log.info("%s was truncated or rewritten in place; reading it again from the start",
                  f.path)
         former = Known(f.entry(), f.head)
-        with self.metrics.registry.lock:
+        with self.metrics.updating():
             self.metrics.log_rotations.inc(("truncate",))
             self.sink.forget(f.path)
             f.head = head
@@ -368,7 +375,7 @@ class Tailer:
         _, path, fd, st, head = best
         copy = _File(path, fd, (st.st_dev, st.st_ino), head, away=path not in found)
         copy.seek(min(former.entry.offset, st.st_size))
-        with self.metrics.registry.lock:
+        with self.metrics.updating():
             # The copy holds the older lines: read it before anything else.
             self.files = {copy.key: copy, **self.files}
             self.generation += 1
@@ -418,7 +425,7 @@ class Tailer:
             kind = "truncate" if st.st_size < mine[0].entry.offset else "recreate"
             log.info("%s changed while it was not followed (%s); reading it from the start",
                      path, kind)
-        with self.metrics.registry.lock:
+        with self.metrics.updating():
             if kind:
                 self.metrics.log_rotations.inc((kind,))
             self.files[key] = f
@@ -448,12 +455,12 @@ class Tailer:
         return any(k.entry.key == (st.st_dev, st.st_ino) for k in self._known)
 
     def _remember(self, known: Known) -> None:
-        with self.metrics.registry.lock:
+        with self.metrics.updating():
             self._known = [*self._known, known][-KNOWN_FILES:]
             self.generation += 1
 
     def _forget(self, known: Known) -> None:
-        with self.metrics.registry.lock:
+        with self.metrics.updating():
             self._known = [k for k in self._known if k is not known]
             self.generation += 1
 
@@ -510,7 +517,7 @@ class Tailer:
         if new_offset == f.offset and not too_long:
             return
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             if lines:
                 try:
                     self.sink.process(f.path, lines)
@@ -529,7 +536,7 @@ class Tailer:
             line, f.pending = (f.pending + b"\n" if f.pending else b""), b""
             self._commit(f, line, f.read_pos, int(f.skipping))
         os.close(f.fd)
-        with self.metrics.registry.lock:
+        with self.metrics.updating():
             del self.files[f.key]
             if all(other.path != f.path for other in self.files.values()):
                 self.sink.forget(f.path)
@@ -544,7 +551,7 @@ class Tailer:
             except OSError:
                 continue
             lag[f.path] = lag.get(f.path, 0) + max(0, size - f.offset)
-        with self.metrics.registry.lock:
+        with self.metrics.updating():
             for source in self._lag_sources - lag.keys():
                 self.metrics.log_lag.remove((source,))
             for source, value in lag.items():
@@ -557,8 +564,7 @@ class Tailer:
             self._failing.add(path)
             log.error("log path %s: %s (%s); skipping it until it works", path, what,
                       exc.strerror or exc)
-        with self.metrics.registry.lock:
-            self.metrics.collector_errors.inc(("tail",))
+        self.metrics.count_error("tail")
 
     def _recovered(self, path: str) -> None:
         """The end of a failure episode: the next failure is logged again."""

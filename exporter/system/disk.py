@@ -203,8 +203,7 @@ class DiskWatcher:
         self._next_reconcile = 0.0
 
     async def start(self) -> None:
-        with self.metrics.registry.lock:  # the error series exists at 0, so rate() works
-            self.metrics.collector_errors.inc(("disk",), 0.0)
+        self.metrics.count_error("disk", 0.0)
         self._observer = Observer()
         self._observer.daemon = True
         self._observer.start()
@@ -268,7 +267,7 @@ class DiskWatcher:
                     log.error("%s: statvfs failed (%s); its cache-disk series are dropped until "
                               "it works again", watched.path, exc)
                 watched.failing = True
-                with m.registry.lock:
+                with m.updating():
                     m.collector_errors.inc(("disk",))
                     for family in (m.cache_disk_total, m.cache_disk_free, m.cache_dir_bytes,
                                    m.cache_dir_files):
@@ -279,7 +278,7 @@ class DiskWatcher:
                 watched.failing = False
             total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
             dir_bytes, dir_files = watched.tally.totals()
-            with m.registry.lock:
+            with m.updating():
                 m.cache_disk_total.set(key, float(total))
                 m.cache_disk_free.set(key, float(free))
                 m.cache_dir_bytes.set(key, float(dir_bytes))

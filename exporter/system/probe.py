@@ -142,8 +142,7 @@ class AppProbe:
         self._failures = 0
 
     async def start(self) -> None:
-        with self.metrics.registry.lock:  # the error series exists at 0, so rate() works
-            self.metrics.collector_errors.inc(("probe",), 0.0)
+        self.metrics.count_error("probe", 0.0)
         self._session = aiohttp.ClientSession(timeout=self.timeout)
         started = asyncio.get_running_loop().time()
         await self.probe_once()
@@ -175,7 +174,7 @@ class AppProbe:
                         self._identity and self._identity[1], status.pid)
         self._identity = identity
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             m.app_up.set((), 1.0)
             m.requests_waiting.set((), float(status.waiting))
             m.requests_running.set((), float(status.running))
@@ -204,7 +203,7 @@ class AppProbe:
             self.on_status(status)
 
     def _publish_gpus(self, devices: tuple[AppGpu, ...]) -> None:
-        """The app's GPU memory as PyTorch sees it (call under the registry lock)."""
+        """The app's GPU memory as PyTorch sees it (call under ``metrics.updating()``)."""
         m = self.metrics
         self._drop_gpu_series()
         for device in devices:
@@ -244,7 +243,7 @@ class AppProbe:
                         message)
         self._failures += 1
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             m.app_up.set((), 0.0)
             m.collector_errors.inc(("probe",))
             for family in (m.requests_waiting, m.requests_running, m.requests_capacity,

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from tests.conftest import free_port
 from tests.e2e.conftest import load_local_stack
 from tts_app.backends.base import Backend
 from tts_app.backends.espeak import EspeakBackend
@@ -151,7 +152,7 @@ class AppProcess:
     """``python -m tts_app`` as a child process (espeak, rate limit off) in ``workdir``."""
 
     def __init__(self, workdir: Path, overrides: dict[str, Any] | None = None) -> None:
-        self.port = stack.free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "logs" / "tts-app.log"
         config = deep_merge({
@@ -208,7 +209,7 @@ class RedisServer:
     the same port to play an outage."""
 
     def __init__(self, workdir: Path) -> None:
-        self.port = stack.free_port()
+        self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._workdir = workdir
         self.process: subprocess.Popen[bytes] | None = None

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import FakeClock
 from tts_app.admission import Admission, GateWatcher, RateLimiter, TokenBucket
 from tts_app.errors import AppError
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_token_bucket_refills_at_rate_up_to_burst() -> None:
-    clock = Clock()
+    clock = FakeClock()
     bucket = TokenBucket(rate=2.0, burst=3.0, clock=clock)
     assert [bucket.take() for _ in range(3)] == [0.0, 0.0, 0.0]
     assert bucket.take() == pytest.approx(0.5)
@@ -32,7 +25,7 @@ def test_token_bucket_refills_at_rate_up_to_burst() -> None:
 
 
 def test_rate_limiter_separates_clients_and_sets_retry_after() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = RateLimiter(rate=0.5, burst=1, max_clients=2, global_rate=100, global_burst=100,
                           clock=clock)
     limiter.check("a")
@@ -46,7 +39,7 @@ def test_rate_limiter_separates_clients_and_sets_retry_after() -> None:
 
 def test_rate_limiter_forgets_least_recent_client_when_full() -> None:
     limiter = RateLimiter(rate=0.001, burst=1, max_clients=2, global_rate=100, global_burst=100,
-                          clock=Clock())
+                          clock=FakeClock())
     limiter.check("a")
     limiter.check("b")
     limiter.check("c")              # evicts a
@@ -56,7 +49,7 @@ def test_rate_limiter_forgets_least_recent_client_when_full() -> None:
 
 
 def test_global_bucket_refuses_everyone_and_refunds_the_client() -> None:
-    clock = Clock()
+    clock = FakeClock()
     limiter = RateLimiter(rate=0.001, burst=2, max_clients=10, global_rate=1, global_burst=2,
                           clock=clock)
     limiter.check("a")
@@ -102,7 +95,7 @@ def write(path: Path, payload: object) -> None:
 
 
 def test_gate_watcher_follows_the_file(tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock()
     path = tmp_path / "ingress.json"
     gate = GateWatcher(path, interval_s=1.0, default_retry_after_s=30, clock=clock)
     assert gate.current().open is True                     # missing file = open

@@ -173,6 +173,7 @@ def test_model_faults_become_synthesis_errors(backend: ChatTTSBackend, raised: s
     assert failure.value.stage == "llm_inference"
 
 
+@pytest.mark.slow
 async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted(
         start_app: Any, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
@@ -205,6 +206,7 @@ async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted
     assert codes == ["GPU_OOM"] * len(OOM_FORMS) + ["MODEL_ERROR", "none"]
 
 
+@pytest.mark.slow
 async def test_app_serves_chattts_wav_over_http(start_app: Any, model_dir: Path) -> None:
     app = await start_app(backend=tiny_backend(model_dir))
     response = await app.client.post("/v1/tts", json={"text": "hello there.",

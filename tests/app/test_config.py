@@ -81,6 +81,7 @@ def run_app(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=30, cwd=REPO)
 
 
+@pytest.mark.slow
 def test_bad_config_file_exits_1_with_message(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("admission:\n  queue_size: lots\n")
@@ -89,6 +90,7 @@ def test_bad_config_file_exits_1_with_message(tmp_path: Path) -> None:
     assert f"{bad}: admission.queue_size: expected an integer, got 'lots'" in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_backend_option_exits_1(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"backend:\n  espeak: {{voices_please: 3}}\nlog: {{path: {tmp_path}/l.log}}\n")
@@ -96,6 +98,7 @@ def test_bad_backend_option_exits_1(tmp_path: Path) -> None:
     assert result.returncode == 1 and "backend.espeak" in result.stderr
 
 
+@pytest.mark.slow
 def test_model_that_fails_to_load_exits_1(tmp_path: Path) -> None:
     config = tmp_path / "app.yaml"
     config.write_text(yaml.safe_dump({
@@ -129,6 +132,7 @@ def test_values_past_their_bound_name_key_and_bound(data: dict, key: str, expect
     assert caught.value.key == key and expected in caught.value.problem, caught.value
 
 
+@pytest.mark.slow
 def test_check_config_lists_every_problem_and_passes_the_shipped_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text('server: {listen: "999.1.1.1:80"}\nadmission: {queue_size: lots}\n'
@@ -147,6 +151,7 @@ def test_check_config_lists_every_problem_and_passes_the_shipped_file(tmp_path: 
     assert good.returncode == 0 and good.stdout.endswith(": valid\n"), good.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("raw", [b"\xff\xfe", b"a: " + b"{" * 50_000, b"a: " + b"9" * 5000])
 def test_hostile_config_files_are_one_message_not_a_traceback(tmp_path: Path,
                                                               raw: bytes) -> None:
@@ -157,6 +162,7 @@ def test_hostile_config_files_are_one_message_not_a_traceback(tmp_path: Path,
     assert result.stderr.startswith(f"invalid: {bad}: ")
 
 
+@pytest.mark.slow
 def test_a_vanished_config_file_is_one_message(tmp_path: Path) -> None:
     result = run_app("--config", str(tmp_path / "gone.yaml"))
     assert result.returncode == 1
@@ -164,6 +170,7 @@ def test_a_vanished_config_file_is_one_message(tmp_path: Path) -> None:
                             "(No such file or directory)\n"
 
 
+@pytest.mark.slow
 def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

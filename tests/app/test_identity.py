@@ -35,6 +35,7 @@ async def post(app: Running, session: aiohttp.ClientSession | None = None,
     return await session.post(app.client.make_url(route), json=PAYLOAD, headers=headers)
 
 
+@pytest.mark.slow
 async def test_identity_headers_from_an_untrusted_peer_are_ignored(
         start_app: StartApp, untrusted: aiohttp.ClientSession) -> None:
     app = await start_app({"admission": {"rate_limit": STRICT}})
@@ -50,6 +51,7 @@ async def test_identity_headers_from_an_untrusted_peer_are_ignored(
     assert (await post(app, **{"X-Forwarded-For": "198.51.100.77"})).status == 200
 
 
+@pytest.mark.slow
 async def test_behind_a_trusted_proxy_the_rightmost_untrusted_address_is_the_client(
         start_app: StartApp) -> None:
     app = await start_app({"admission": {"rate_limit": STRICT},
@@ -73,6 +75,7 @@ async def test_behind_a_trusted_proxy_the_rightmost_untrusted_address_is_the_cli
     await expect_error(await post(app, **{"X-Client-ID": "tenant-a"}), "RATE_LIMITED")
 
 
+@pytest.mark.slow
 async def test_global_bucket_limits_all_clients_together(start_app: StartApp) -> None:
     app = await start_app({"admission": {"rate_limit": {
         "enabled": True, "rate_per_s": 100, "burst": 100,

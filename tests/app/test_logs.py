@@ -152,6 +152,7 @@ def test_writer_batches_records_in_order_and_close_writes_the_rest(tmp_path: Pat
     assert log.write_errors == 1
 
 
+@pytest.mark.slow
 def test_an_exit_without_close_still_writes_what_was_logged(tmp_path: Path) -> None:
     code = ("import sys\nfrom tts_app.logging import StructuredLog\n"
             "log = StructuredLog(sys.argv[1], flush_interval_s=1.0)\n"

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,15 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tts_app.__main__ import CLOSE_GRACE_S, SHUTDOWN_MARGIN_S
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def call(url: str, payload: dict | None = None) -> tuple[int, bytes]:
@@ -170,6 +164,7 @@ async def test_a_request_head_not_sent_in_time_closes_the_connection(tmp_path: P
         process.wait(30)
 
 
+@pytest.mark.slow
 def test_shutdown_watchdog_exits_even_when_a_thread_never_returns() -> None:
     # a thread that never returns is what a hung synthesis leaves; the interpreter would
     # join it at exit forever

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.conftest import RedisServer, StartApp, read_log, stack
+from tests.app.conftest import RedisServer, StartApp, read_log
+from tests.conftest import FakeClock, free_port
 from tts_app.config import StoreConfig
 from tts_app.errors import AppError
 from tts_app.logging import StructuredLog
@@ -22,14 +23,6 @@ from tts_app.store.jobs import SharedJobs
 # A Redis call's bound where the test is not about timeouts: a loaded CI machine can take a
 # while to answer, and a timeout there is a real fallback, not the behaviour under test.
 SLACK = 2.0
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -53,7 +46,7 @@ def test_local_is_the_default_and_shares_nothing(log: StructuredLog) -> None:
 
 async def test_a_stopped_redis_costs_one_bounded_timeout_then_nothing_until_retry(
         redis_server: RedisServer, log: StructuredLog, tmp_path: Path) -> None:
-    clock = Clock()
+    clock = FakeClock()
     store = RedisStore(StoreConfig(url=redis_server.url, timeout_s=0.2, retry_interval_s=5),
                        log, clock)
     assert await store.put("k", b"v", 60)
@@ -148,7 +141,7 @@ def test_plausible_audio_accepts_what_the_app_writes_only() -> None:
 
 async def test_an_app_whose_redis_is_unreachable_starts_and_answers_from_local_state(
         start_app: StartApp) -> None:
-    running = await start_app({"store": {"url": f"redis://127.0.0.1:{stack.free_port()}/0"}})
+    running = await start_app({"store": {"url": f"redis://127.0.0.1:{free_port()}/0"}})
     client = running.client
     response = await client.post("/v1/tts", json={"text": "Nobody is listening."})
     assert response.status == 200 and (await response.read())[:4] == b"RIFF"

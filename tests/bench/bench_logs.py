@@ -113,7 +113,7 @@ def in_process(path: Path) -> float:
             chunk = rest + chunk
             cut = chunk.rfind(b"\n") + 1
             rest = chunk[cut:]
-            with metrics.registry.lock:
+            with metrics.updating():
                 pipeline.process(str(path), chunk[:cut])
     lines = sum(metrics.log_lines.values.values())
     return lines / (time.perf_counter() - start)

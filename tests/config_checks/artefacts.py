@@ -64,7 +64,7 @@ def recording_rule_names() -> set[str]:
 def exported_metric_names() -> set[str]:
     """The series names the sidecar exposes, from its own metric definitions."""
     names: set[str] = set()
-    for family in SidecarMetrics().registry.families():
+    for family in SidecarMetrics().metric_set.families():
         if family.kind == "counter":
             names.add(family.name + "_total")
         elif family.kind == "histogram":

@@ -59,12 +59,14 @@ def test_dashboards_are_the_generators_output() -> None:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_every_dashboard_type_checks_against_grafana_schema() -> None:
     result = run_grafana_check()
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"ok: {len(DASHBOARDS)} dashboard(s)" in result.stdout
 
 
+@pytest.mark.slow
 def test_grafana_check_rejects_a_broken_dashboard(tmp_path: Path) -> None:
     dashboard = json.loads(DASHBOARDS[0].read_text())
     dashboard["schemaVersion"] = "39"

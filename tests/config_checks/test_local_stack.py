@@ -201,6 +201,7 @@ def test_stop_reaches_what_a_child_started(tmp_path: Path) -> None:
     assert wait_gone({grandchild: identity[1]}, 5) == []
 
 
+@pytest.mark.slow
 def test_a_child_that_ignores_sigterm_is_killed_at_the_bound(tmp_path: Path) -> None:
     ready = tmp_path / "ready"
     stubborn = local_stack.Process(

@@ -39,6 +39,7 @@ def test_promtool_accepts_the_rules_file() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_pass() -> None:
     assert RULE_TESTS, "no promtool tests in alerts/tests/"
     result = run([require_binary("promtool"), "test", "rules", *map(str, RULE_TESTS)])
@@ -46,6 +47,7 @@ def test_promtool_unit_tests_pass() -> None:
     assert result.stdout.count("SUCCESS") == len(RULE_TESTS)
 
 
+@pytest.mark.slow
 def test_promtool_unit_tests_catch_a_changed_threshold(tmp_path) -> None:
     """The unit tests pin behaviour: loosening TTSGpuMemoryHigh to 0.99 must fail them."""
     changed = RULES.read_text().replace("gpu:tts_gpu_memory_used:ratio >= 0.90",

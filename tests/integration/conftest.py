@@ -16,6 +16,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import free_port
 from tests.e2e.conftest import REPO, load_local_stack
 from tests.unit.conftest import tls_files  # noqa: F401  (the fixture, for these tests too)
 
@@ -29,7 +30,7 @@ class Sidecar:
 
     def __init__(self, workdir: Path, settings: dict[str, Any], nofile: int | None = None,
                  args: tuple[str, ...] = (), ssl_context: ssl.SSLContext | None = None) -> None:
-        self.port = stack.free_port()
+        self.port = free_port()
         self.workdir = workdir
         self.log = workdir / "exporter.out"
         self.ssl_context = ssl_context

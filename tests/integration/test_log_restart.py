@@ -21,6 +21,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import free_port
 from tests.e2e.conftest import REPO, load_local_stack
 
 stack = load_local_stack()
@@ -60,7 +61,7 @@ class Sidecar:
 
     def __init__(self, workdir: Path, pattern: str = "*.log", prefix: list[str] | None = None
                  ) -> None:
-        self.port = stack.free_port()
+        self.port = free_port()
         self.output = workdir / "exporter.out"
         config = {
             "server": {"listen": f"127.0.0.1:{self.port}"},

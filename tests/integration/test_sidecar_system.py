@@ -18,6 +18,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import free_port
 from tests.e2e.conftest import REPO, load_local_stack
 
 stack = load_local_stack()
@@ -32,7 +33,7 @@ class SidecarProcess:
 
     def __init__(self, workdir: Path, reopen_after_s: float = 0.3) -> None:
         self.workdir = workdir
-        self.port = stack.free_port()
+        self.port = free_port()
         self.gpu_file = workdir / "gpu.json"
         self.gate_file = workdir / "state" / "ingress.json"
         (workdir / "logs").mkdir()

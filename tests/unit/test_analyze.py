@@ -49,12 +49,14 @@ def _basenames(data: dict) -> dict:
     return data
 
 
+@pytest.mark.slow
 def test_report_json_matches_golden() -> None:
     result = _cli("--json", *FILES)
     assert result.returncode == 0, result.stderr
     assert _basenames(json.loads(result.stdout)) == _golden("expected_report.json")
 
 
+@pytest.mark.slow
 def test_report_window_matches_golden() -> None:
     result = _cli("--json", "--since", "2026-11-22T10:00:03+00:00",
                   "--until", "2026-11-22 10:00:06", *FILES)
@@ -66,6 +68,7 @@ def test_report_window_matches_golden() -> None:
             "top_error_share": 1.0, "total": 2} in data["failures_by_text_length"]
 
 
+@pytest.mark.slow
 def test_timeline_across_rotation_matches_golden() -> None:
     result = _cli("--json", "--id", "r2", *FILES)
     assert result.returncode == 0, result.stderr
@@ -80,6 +83,7 @@ def test_timeline_across_rotation_matches_golden() -> None:
     assert data["status"] == "failed" and data["span_ms"] == 1130.0
 
 
+@pytest.mark.slow
 def test_human_report_key_lines() -> None:
     result = _cli(*FILES)
     assert result.returncode == 0, result.stderr
@@ -93,6 +97,7 @@ def test_human_report_key_lines() -> None:
     assert lines[lines.index("Slowest syntheses") + 3].split() == ["r6", "5000.0"]
 
 
+@pytest.mark.slow
 def test_human_timeline_shows_traceback_and_offsets() -> None:
     out = _cli("--id", "r2", *FILES).stdout
     assert "Request r2: failed" in out
@@ -100,6 +105,7 @@ def test_human_timeline_shows_traceback_and_offsets() -> None:
     assert "+1120ms  ERROR    synthesis_complete" in out
 
 
+@pytest.mark.slow
 def test_unknown_id_and_missing_file_fail_cleanly() -> None:
     unknown = _cli("--id", "nope", *FILES)
     assert unknown.returncode == 1 and "not found" in unknown.stderr
@@ -216,6 +222,7 @@ def test_split_gz_and_plain_equals_single_file(tmp_path: Path) -> None:
     assert count == stats.records > 0
 
 
+@pytest.mark.slow
 def test_parallel_sequential_and_full_parse_agree() -> None:
     seq = _basenames(json.loads(_cli("--json", "--jobs", "1", *FILES).stdout))
     par = _basenames(json.loads(_cli("--json", "--jobs", "2", *FILES).stdout))
@@ -329,6 +336,7 @@ def report_of(result: subprocess.CompletedProcess[str]) -> dict:
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", ["1", "3"])
 def test_a_truncated_gz_is_reported_up_to_the_cut_with_a_warning(
         rotated: list[Path], jobs: str) -> None:
@@ -355,6 +363,7 @@ def test_a_truncated_gz_is_reported_up_to_the_cut_with_a_warning(
     assert report_of(strict) == report
 
 
+@pytest.mark.slow
 def test_a_gz_corrupt_in_the_middle_keeps_the_text_before_the_damage(
         rotated: list[Path]) -> None:
     bad = rotated[0]
@@ -373,6 +382,7 @@ def test_a_gz_corrupt_in_the_middle_keeps_the_text_before_the_damage(
     assert _cli("--strict", *map(str, rotated)).returncode == 2
 
 
+@pytest.mark.slow
 def test_an_unreadable_file_is_skipped_with_a_warning(
         rotated: list[Path], permissions_apply: list[str]) -> None:
     locked = rotated[2]
@@ -391,6 +401,7 @@ def test_an_unreadable_file_is_skipped_with_a_warning(
     assert strict.returncode == 2 and "Syntheses: 1200" in strict.stdout
 
 
+@pytest.mark.slow
 def test_a_vanished_file_is_skipped_with_a_warning(rotated: list[Path]) -> None:
     gone = rotated[0].with_name("app.log.4.gz")
     result = _cli("--json", str(gone), *map(str, rotated))
@@ -413,6 +424,7 @@ def test_a_file_vanishing_while_others_are_read_ends_only_that_file(
     assert damage.reason == "cannot be read (No such file or directory)"
 
 
+@pytest.mark.slow
 def test_indextts_text_gives_its_length_to_the_report(tmp_path: Path,
                                                      indextts_lines: bytes) -> None:
     """Issue 18 finding 2: a start with text= and no text_len (IndexTTS) puts its failure in
@@ -432,6 +444,7 @@ def test_indextts_text_gives_its_length_to_the_report(tmp_path: Path,
         assert "今天" not in result.stdout
 
 
+@pytest.mark.slow
 def test_id_joins_the_gateway_line_with_the_apps(tmp_path: Path) -> None:
     """Issue 18 finding 1: `analyze --id` over the app's log and nginx's access log."""
     app = tmp_path / "app.log"
@@ -457,6 +470,7 @@ GATE = GOLDEN / "gate"
 GATE_FILES = [str(GATE / "app.log"), str(GATE / "gateway.access.log")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [(), ("--no-fast",), ("--jobs", "2")])
 def test_gate_closure_report_matches_golden(mode: tuple[str, ...]) -> None:
     """A 3.5-minute gate closure: 84 INGRESS_CLOSED rejections by code and by minute, the
@@ -475,6 +489,7 @@ def test_gate_closure_report_matches_golden(mode: tuple[str, ...]) -> None:
     assert all(s["duration_ms"] > 0 for s in data["slowest"])
 
 
+@pytest.mark.slow
 def test_human_report_shows_rejections_minutes_and_gateway_codes() -> None:
     out = _cli(*GATE_FILES).stdout
     lines = out.splitlines()
@@ -492,6 +507,7 @@ def _ids_in_log(code: str, since: str, until: str) -> list[str]:
     return ids
 
 
+@pytest.mark.slow
 def test_ids_lists_the_request_ids_of_a_code_in_a_window() -> None:
     result = _cli("--ids", "INGRESS_CLOSED", "--since", "2026-11-22T10:03:00+00:00",
                   "--until", "2026-11-22T10:04:00+00:00", *GATE_FILES)
@@ -504,6 +520,7 @@ def test_ids_lists_the_request_ids_of_a_code_in_a_window() -> None:
     assert _cli("--ids", "NO_SUCH_CODE", *GATE_FILES).returncode == 1
 
 
+@pytest.mark.slow
 def test_cache_hits_are_not_among_the_slowest(tmp_path: Path) -> None:
     """0.0 ms rows (cache hits) once filled the slowest table of a log of mostly hits."""
     log = tmp_path / "app.log"

@@ -200,6 +200,7 @@ def _compiled_scanner_built() -> None:
     assert NATIVE, "exporter/analyze/_scan.c is not built (make builds it)"
 
 
+@pytest.mark.slow
 def test_tricky_lines_get_the_full_parsers_verdict(tmp_path: Path) -> None:
     path = tmp_path / "app.log"
     lines = list(generate(300)) + _tricky_lines() + list(generate(300, seed=8))
@@ -212,6 +213,7 @@ def test_tricky_lines_get_the_full_parsers_verdict(tmp_path: Path) -> None:
     assert full["input"]["malformed"] >= 5
 
 
+@pytest.mark.slow
 def test_random_corruption_of_generated_logs(tmp_path: Path) -> None:
     rnd = random.Random(11)
     lines = list(generate(6000))
@@ -272,6 +274,7 @@ def test_reused_request_ids_match_in_file_order() -> None:
     assert {r["bucket"]: r["total"] for r in lengths} == {"0-64": 2, "2048": 1}
 
 
+@pytest.mark.slow
 def test_window_verdicts_per_line_match_the_parser_through_the_cli(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -315,6 +318,7 @@ def test_residue_lines_keep_their_place_in_joins() -> None:
     assert [r["bucket"] for r in fast.report.to_dict()["failures_by_text_length"]] == ["2048"]
 
 
+@pytest.mark.slow
 def test_window_takes_lengths_from_starts_only_the_parser_reads(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 
@@ -65,6 +66,7 @@ def hostile_logs(p: LogPipeline, width: int = 50) -> None:
         p.process("a", b"".join(batch))
 
 
+@pytest.mark.slow
 def test_the_default_bound_is_within_two_mib_and_hostile_logs_stay_inside_it() -> None:
     p, m = pipeline()
     bound = m.log_derived_bound_bytes()
@@ -134,10 +136,10 @@ def test_a_checkpoint_beyond_todays_bounds_is_folded_into_them() -> None:
     before = SidecarMetrics()
     for i in range(40):
         before.stage_duration.observe((f"stage-{i}" + "x" * 500,), 0.5)
-    state = json.loads(json.dumps(before.registry.dump_state(before.log_derived_names())))
+    state = json.loads(json.dumps(before.log_state()))
     _, after = pipeline(label_value_cap=10, label_value_max_bytes=16)
-    after.registry.check_state(state)
-    assert after.registry.load_state(state) == []
+    after.metric_set.check_state(state)
+    assert after.metric_set.load_state(state) == []
     assert len(after.stage_duration.series) == 11
     assert after.stage_duration.count((OVERFLOW_LABEL_VALUE,)) == 30
     assert sum(after.stage_duration.count(k) for k in after.stage_duration.series) == 40

@@ -23,15 +23,8 @@ from exporter.logs.component import LogTailComponent
 from exporter.logs.tailer import fingerprint, identity
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_registry
+from tests.conftest import FakeClock
 from tests.unit.test_tailer import RecordingSink, append, async_wait_for, numbered
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def sample_checkpoint() -> Checkpoint:
@@ -306,7 +299,7 @@ async def test_stop_during_a_long_backlog_is_prompt_and_its_checkpoint_exact(rig
 
 
 def test_scrapes_stay_responsive_while_a_backlog_is_read(rig: Rig) -> None:
-    """The registry lock is held per batch, never for the whole backlog."""
+    """The metrics lock is held per batch, never for the whole backlog."""
     write_backlog(rig.log, 300_000)
     metrics = SidecarMetrics()
     tailer = LogTailComponent(rig.config, metrics, SlowSink(metrics)).tailer
@@ -316,7 +309,7 @@ def test_scrapes_stay_responsive_while_a_backlog_is_read(rig: Rig) -> None:
     waits = []
     while worker.is_alive():
         began = time.perf_counter()
-        list(metrics.registry.collect())
+        list(metrics.metric_set.collect())
         waits.append(time.perf_counter() - began)
         time.sleep(0.001)
     worker.join()
@@ -343,7 +336,7 @@ def read_all(rig: Rig) -> tuple[dict[str, Any], SidecarMetrics]:
 
 
 def totals(metrics: SidecarMetrics) -> dict[str, Any]:
-    return metrics.registry.dump_state(metrics.log_derived_names())
+    return metrics.log_state()
 
 
 def _set(path: tuple[Any, ...], value: Any) -> Callable[[dict[str, Any]], None]:

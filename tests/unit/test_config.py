@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from exporter.config import Config, ConfigError, load_config
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -80,6 +81,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
+@pytest.mark.slow
 def test_check_config_command_exits_1_with_the_message(tmp_path: Path) -> None:
     bad = write(tmp_path, "gate:\n  close_at: high\n")
     result = subprocess.run([sys.executable, "-m", "exporter", "check-config", str(bad)],
@@ -92,6 +94,7 @@ def test_check_config_command_exits_1_with_the_message(tmp_path: Path) -> None:
     assert good.returncode == 0, good.stderr
 
 
+@pytest.mark.slow
 def test_running_with_a_bad_config_stops_start_up(tmp_path: Path) -> None:
     bad = write(tmp_path, "server:\n  listen: 9109\n")
     result = subprocess.run([sys.executable, "-m", "exporter", "--config", str(bad)],
@@ -162,6 +165,7 @@ def test_hostile_files_are_a_config_error_not_a_traceback(tmp_path: Path, raw: b
     assert expected in problem
 
 
+@pytest.mark.slow
 def test_check_config_reports_every_problem_at_once(tmp_path: Path) -> None:
     bad = write(tmp_path, f"""
 server: {{listen: "999.1.1.1:80"}}
@@ -187,12 +191,7 @@ def run_sidecar(config: Path, prefix: list[str] | None = None,
                           timeout=60, cwd=config.parent)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
+@pytest.mark.slow
 def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -207,6 +206,7 @@ def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
         "in use)")
 
 
+@pytest.mark.slow
 def test_an_unwritable_state_file_stops_start_up_with_one_line(
         tmp_path: Path, permissions_apply: list[str]) -> None:
     locked = tmp_path / "locked"
@@ -224,6 +224,7 @@ def test_an_unwritable_state_file_stops_start_up_with_one_line(
         f"denied: '{locked}/sub'")
 
 
+@pytest.mark.slow
 def test_an_unreadable_config_file_is_one_line(tmp_path: Path,
                                                permissions_apply: list[str]) -> None:
     config = write(tmp_path, "")

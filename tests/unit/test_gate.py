@@ -20,19 +20,7 @@ from exporter.config import AuthConfig, GateConfig
 from exporter.gate import Gate, GateComponent, GateState, WebhookError, parse_webhook
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_app
-
-
-class FakeClock:
-    """Monotonic and wall clock in one; tests move it by hand."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.conftest import FakeClock
 
 
 def make_gate(clock: FakeClock, **kwargs: Any) -> tuple[Gate, list[GateState]]:
@@ -506,6 +494,7 @@ async def test_unwritable_gate_file_is_counted_not_fatal(tmp_path: Path) -> None
     assert metrics.ingress_open.get() == 0.0
 
 
+@pytest.mark.slow
 async def test_gate_file_is_always_valid_json_for_a_concurrent_reader(tmp_path: Path) -> None:
     component, _, _ = make_component(tmp_path)
     await component.start()

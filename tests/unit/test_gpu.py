@@ -29,6 +29,7 @@ from exporter.system.gpu import (
     canonical_uuid,
     make_source,
 )
+from tests.conftest import FakeClock
 
 GIB = 1 << 30
 
@@ -37,14 +38,6 @@ CODES = {"UNINITIALIZED": 1, "NOT_SUPPORTED": 3, "NOT_FOUND": 6, "DRIVER_NOT_LOA
          "TIMEOUT": 10, "LIBRARY_NOT_FOUND": 12, "FUNCTION_NOT_FOUND": 13, "GPU_IS_LOST": 15,
          "UNKNOWN": 999}
 XID_EVENT = 8  # nvmlEventTypeXidCriticalError
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeNvml:
@@ -215,7 +208,7 @@ def proc_root(tmp_path: Path) -> Path:
 
 
 def nvml_source(fake: FakeNvml, proc_root: Path, clock: FakeClock | None = None) -> NvmlSource:
-    return NvmlSource(fake.module, proc_root=proc_root, clock=clock or FakeClock(),
+    return NvmlSource(fake.module, proc_root=proc_root, clock=clock or FakeClock(100.0),
                       backoff_s=1.0, max_backoff_s=4.0)
 
 
@@ -256,7 +249,7 @@ def test_nvml_library_missing_fails_every_read_with_a_clear_message() -> None:
 
 
 def test_nvml_init_failure_backs_off_and_recovers(proc_root: Path) -> None:
-    fake, clock = FakeNvml(), FakeClock()
+    fake, clock = FakeNvml(), FakeClock(100.0)
     source = nvml_source(fake, proc_root, clock)
     fake.fail["nvmlInit"] = CODES["DRIVER_NOT_LOADED"]
     with pytest.raises(GpuError, match="NVML init failed: NVMLError_DriverNotLoaded"):
@@ -278,7 +271,7 @@ def test_nvml_init_failure_backs_off_and_recovers(proc_root: Path) -> None:
 
 
 def test_nvml_backoff_is_capped(proc_root: Path) -> None:
-    fake, clock = FakeNvml(), FakeClock()
+    fake, clock = FakeNvml(), FakeClock(100.0)
     source = nvml_source(fake, proc_root, clock)
     fake.fail["nvmlInit"] = CODES["LIBRARY_NOT_FOUND"]
     for _ in range(6):
@@ -298,7 +291,7 @@ def test_nvml_enumeration_failure_undoes_its_init(proc_root: Path) -> None:
 
 @pytest.mark.parametrize("code", ["DRIVER_NOT_LOADED", "GPU_IS_LOST", "UNKNOWN"])
 def test_nvml_error_mid_run_tears_down_and_reinitialises(proc_root: Path, code: str) -> None:
-    fake, clock = FakeNvml(), FakeClock()
+    fake, clock = FakeNvml(), FakeClock(100.0)
     source = nvml_source(fake, proc_root, clock)
     source.read()
     fake.fail["nvmlDeviceGetMemoryInfo"] = CODES[code]
@@ -481,7 +474,7 @@ async def test_unsupported_optional_metrics_are_absent_and_gpu_up_stays_1(
 
 async def test_gpu_lost_mid_run_sets_up_0_drops_values_logs_once_and_recovers(
         proc_root: Path, caplog: pytest.LogCaptureFixture) -> None:
-    fake, clock = FakeNvml(), FakeClock()
+    fake, clock = FakeNvml(), FakeClock(100.0)
     collector, m = make_collector(nvml_source(fake, proc_root, clock))
     await collector.poll_once()
     assert m.gpu_memory_used.values
@@ -633,7 +626,7 @@ async def test_an_empty_gpu_list_does_not_reopen_a_closed_gate(tmp_path: Path,
 
 async def test_nvml_reporting_zero_devices_after_a_reinit_is_a_failed_reading(
         proc_root: Path) -> None:
-    fake, clock = FakeNvml(), FakeClock()
+    fake, clock = FakeNvml(), FakeClock(100.0)
     gate = Gate(on_gpu_failure="close", stale_after_s=0.0, reopen_after_s=0.0)
     collector, m = make_collector(nvml_source(fake, proc_root, clock), gate)
     fake.gpus[0]["used"] = 76 * GIB  # 95 %
@@ -674,7 +667,7 @@ async def test_health_signals_are_published_per_gpu(proc_root: Path) -> None:
 async def test_xid_events_are_counted_by_gpu_and_code_with_the_time_read(
         proc_root: Path) -> None:
     fake = FakeNvml(gpus=2)
-    source = NvmlSource(fake.module, proc_root=proc_root, clock=FakeClock(),
+    source = NvmlSource(fake.module, proc_root=proc_root, clock=FakeClock(100.0),
                         wall_clock=lambda: 1_700_000_000.0)
     collector, m = make_collector(source)
     await collector.poll_once()
@@ -842,6 +835,7 @@ def write_node(path: Path, mine: float, other: float) -> None:
     os.replace(tmp, path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("devices", "mode"), [("auto", ("auto", "app")),
                                                (["1"], ("list", "list"))])
 async def test_on_a_shared_node_only_this_pods_gpu_closes_its_gate(

@@ -70,9 +70,9 @@ def test_state_round_trips_through_json() -> None:
     before = SidecarMetrics()
     before.syntheses.inc(("success", "none"), 7)
     before.stage_duration.observe(("llm_inference",), 0.3)
-    state = json.loads(json.dumps(before.registry.dump_state(before.log_derived_names())))
+    state = json.loads(json.dumps(before.log_state()))
     after = SidecarMetrics()
-    assert after.registry.load_state(state) == []
+    assert after.metric_set.load_state(state) == []
     assert after.syntheses.get(("success", "none")) == 7
     assert after.stage_duration.count(("llm_inference",)) == 1
     assert samples(after) == samples(before)
@@ -81,9 +81,9 @@ def test_state_round_trips_through_json() -> None:
 def test_state_with_changed_buckets_is_dropped_not_misread() -> None:
     before = SidecarMetrics(duration_buckets_s=[0.5, 1.0])
     before.synthesis_duration.observe((), 0.3)
-    state = before.registry.dump_state(before.log_derived_names())
+    state = before.log_state()
     after = SidecarMetrics(duration_buckets_s=[0.25, 1.0])
-    dropped = after.registry.load_state(state)
+    dropped = after.metric_set.load_state(state)
     assert "tts_synthesis_duration_seconds" in dropped
     assert after.synthesis_duration.count() == 0
 

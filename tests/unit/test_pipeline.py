@@ -204,7 +204,7 @@ def test_text_lines_with_crlf_count_like_json_lines() -> None:
 
 def log_derived(metrics: SidecarMetrics) -> dict[str, Any]:
     """Every log-derived sample but the outcome counter: what one line may change."""
-    state = metrics.registry.dump_state(metrics.log_derived_names())
+    state = metrics.log_state()
     del state["tts_exporter_log_lines"]
     return state
 
@@ -344,7 +344,7 @@ def as_line(record: dict[str, Any], text_format: bool) -> bytes:
 def numbers(metrics: SidecarMetrics) -> dict[tuple[Any, ...], float]:
     """Every counter value, histogram bucket count and sum, by family, labels (and slot)."""
     values: dict[tuple[Any, ...], float] = {}
-    for family in metrics.registry.families():
+    for family in metrics.metric_set.families():
         if isinstance(family, CounterFamily):
             values.update(((family.name, k), v) for k, v in family.values.items())
         elif isinstance(family, HistogramFamily):
@@ -354,6 +354,7 @@ def numbers(metrics: SidecarMetrics) -> dict[tuple[Any, ...], float]:
     return values
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(records, st.booleans()), min_size=1, max_size=12),
        st.integers(1, 3))

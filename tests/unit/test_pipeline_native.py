@@ -44,7 +44,7 @@ class _Run:
         """Every family's samples (exemplars without their wall-clock time) and the kept
         lines."""
         state: dict[str, Any] = {"kept": self.kept}
-        for family in self.metrics.registry.families():
+        for family in self.metrics.metric_set.families():
             if isinstance(family, CounterFamily | GaugeFamily):
                 state[family.name] = dict(family.values)
             elif isinstance(family, HistogramFamily):

@@ -14,7 +14,7 @@ def test_readme_metric_reference_lists_exactly_the_exported_families() -> None:
     text = README.read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| \w+ \| `(tts_\w+)` \|", text, flags=re.MULTILINE))
     exported = {family.name + ("_total" if isinstance(family, CounterFamily) else "")
-                for family in SidecarMetrics().registry.families()}
+                for family in SidecarMetrics().metric_set.families()}
     assert documented == exported, {"undocumented": exported - documented,
                                     "not exported": documented - exported}
 

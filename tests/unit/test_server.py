@@ -62,6 +62,7 @@ async def test_metrics_negotiates_openmetrics_with_exemplars(client: TestClient)
     assert '# {request_id="req-1"} 0.42' in body
 
 
+@pytest.mark.slow
 @pytest.mark.external
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is installed by make test")
 async def test_metrics_pass_promtool_check_metrics(client: TestClient) -> None:
@@ -71,6 +72,7 @@ async def test_metrics_pass_promtool_check_metrics(client: TestClient) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 async def test_scrapes_of_a_huge_metrics_page_do_not_stall_the_gate(tmp_path: Path) -> None:
     """4 clients scraping a /metrics of 40,000 series: GET /ingress answers faster than one
     render takes (renders run off the event loop, concurrent scrapes share one)."""

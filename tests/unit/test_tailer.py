@@ -33,7 +33,7 @@ class RecordingSink:
         self.forgotten: list[str] = []
 
     def process(self, source: str, data: bytes) -> None:
-        assert self.metrics.registry.lock.locked(), "process() must run under the lock"
+        assert self.metrics.updating().locked(), "process() must run under the lock"
         assert data.endswith(b"\n")
         self.calls.append((source, data))
         self.metrics.log_lines.inc(("parsed",), data.count(b"\n"))

@@ -9,6 +9,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from exporter.config import AuthConfig, Config, GateConfig
@@ -216,6 +217,7 @@ def test_an_allow_list_limits_the_fields_a_timeline_shows() -> None:
     assert "secret" not in json.dumps(timeline)
 
 
+@pytest.mark.slow
 async def test_listing_requests_does_not_stall_the_gate(tmp_path: Path) -> None:
     """16 clients asking /requests for a billion entries of a big store: GET /ingress still
     answers faster than one scan of the store takes (the scans run off the event loop)."""

@@ -94,8 +94,7 @@ class GpuCollector:
         self._publish_mode()
 
     async def start(self) -> None:
-        with self.metrics.registry.lock:  # the error series exists at 0, so rate() works
-            self.metrics.collector_errors.inc(("gpu",), 0.0)
+        self.metrics.count_error("gpu", 0.0)
         log.info("GPU watch (gpu.devices: %s): following %s", self.watch.configured,
                  self.watch.describe())
         # One poll before the HTTP server listens, so the first /ingress answer is informed.
@@ -152,7 +151,7 @@ class GpuCollector:
 
     def _publish_mode(self) -> None:
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             m.gpu_watch_mode.clear()
             m.gpu_watch_mode.set((self.watch.configured, self.watch.mode), 1.0)
 
@@ -161,7 +160,7 @@ class GpuCollector:
             log.info("GPU readings recovered after %d failed polls", self._failures)
             self._failures = 0
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             self._drop_series()
             m.gpu_up.set((), 1.0)
             for r in readings:
@@ -200,7 +199,7 @@ class GpuCollector:
 
     def _count_xids(self, events: Iterable[XidEvent]) -> None:
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             for event in events:
                 xid = str(event.xid) if 0 <= event.xid <= MAX_XID else "other"
                 labels = (event.gpu, event.uuid, xid)
@@ -212,7 +211,7 @@ class GpuCollector:
             log.warning("GPU poll failed, tts_gpu_up=0 until it recovers: %s", message)
         self._failures += 1
         m = self.metrics
-        with m.registry.lock:
+        with m.updating():
             self._drop_series()
             m.gpu_up.set((), 0.0)
             m.collector_errors.inc(("gpu",))
