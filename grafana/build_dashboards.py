@@ -145,8 +145,14 @@ GATE_REASONS = (f"max by (instance, job, reason) (tts_ingress_closed_reason{{{IN
 # The gateway (nginx's access log): what clients saw, requests the app never logged included.
 # A pod without nginx has no gateway series: its panels say so instead of drawing nothing.
 GATEWAY = f"tts_gateway_requests_total{{{INST}}}"
-GATEWAY_ERRORS = (f'(sum(rate(tts_gateway_requests_total{{{INST}, code=~"502|504"}}{W}))\n'
-                  f" or sum(rate({GATEWAY}{W})) * 0)\n/ (sum(rate({GATEWAY}{W})) > 0)")
+
+
+def gateway_ratio(codes: str) -> str:
+    """Share of the gateway's answers with a status code matching ``codes``."""
+    return (f'(sum(rate(tts_gateway_requests_total{{{INST}, code=~"{codes}"}}{W}))\n'
+            f" or sum(rate({GATEWAY}{W})) * 0)\n/ (sum(rate({GATEWAY}{W})) > 0)")
+
+
 NO_GATEWAY = "no gateway traffic (no nginx on this pod?)"
 GATEWAY_P99 = quantile(0.99, f"tts_gateway_request_duration_seconds_bucket{{{INST}}}")
 APP_P99 = quantile(0.99, f"tts_http_request_duration_seconds_bucket{{{INST}, {PROBES}}}")
@@ -203,8 +209,11 @@ TOP = [
     timeseries("Gateway 502/504 ratio", "Share of requests through nginx answered 502 (the "
                "app refused the connection or died mid-request) or 504 (no answer in time): "
                "the app's own logs may show nothing. TTSGatewayUpstreamErrors: > 5 % for "
-               "5 min.", targets((GATEWAY_ERRORS, "502/504")), "percentunit", width=12, hi=1,
-               thresholds=steps((GREEN, None), (RED, 0.05)), no_value=NO_GATEWAY),
+               "5 min. 503: the gate closed at nginx (answered there, the app never sees "
+               "it) or the app's own 503.", targets((gateway_ratio("502|504"), "502/504"),
+                                                    (gateway_ratio("503"), "503")),
+               "percentunit", width=12, hi=1, thresholds=steps((GREEN, None), (RED, 0.05)),
+               colors={"502/504": RED, "503": ORANGE}, no_value=NO_GATEWAY),
     timeseries("Gateway vs app latency (p99)", "P99 as clients see it at nginx, the app's "
                "own (probe routes left out) and the gap: time lost in front of the app "
                "(TTSGatewayQueueing: gateway over 0.5 s and twice the app's).", targets(
