@@ -142,6 +142,21 @@ GATE_CLOSED_FOR = (f"(time() - tts_ingress_last_transition_timestamp_seconds{{{I
 GATE_REASONS = (f"max by (instance, job, reason) (tts_ingress_closed_reason{{{INST}}})\n"
                 f"or max by (instance, job, reason) "
                 f"(last_over_time(tts_ingress_closed_reason{{{INST}}}[1h])) * 0")
+# The gateway (nginx's access log): what clients saw, requests the app never logged included.
+# A pod without nginx has no gateway series: its panels say so instead of drawing nothing.
+GATEWAY = f"tts_gateway_requests_total{{{INST}}}"
+
+
+def gateway_ratio(codes: str) -> str:
+    """Share of the gateway's answers with a status code matching ``codes``."""
+    return (f'(sum(rate(tts_gateway_requests_total{{{INST}, code=~"{codes}"}}{W}))\n'
+            f" or sum(rate({GATEWAY}{W})) * 0)\n/ (sum(rate({GATEWAY}{W})) > 0)")
+
+
+NO_GATEWAY = "no gateway traffic (no nginx on this pod?)"
+GATEWAY_P99 = quantile(0.99, f"tts_gateway_request_duration_seconds_bucket{{{INST}}}")
+APP_P99 = quantile(0.99, f"tts_http_request_duration_seconds_bucket{{{INST}, {PROBES}}}")
+GATEWAY_GAP = f"{GATEWAY_P99}\n- {APP_P99}"
 TOP = [
     row("Health: /v1/tts and the gate"),
     stat("/v1/tts success", "Share of POST /v1/tts answered 2xx: what clients got, shed "
@@ -191,6 +206,20 @@ TOP = [
                    (f"instance:tts_slo_availability_errors:ratio_rate{w}{{{INST}}} / 0.005",
                     f"{{{{instance}}}} {w}") for w in ("5m", "1h", "6h")]),
                "x", width=12, thresholds=steps((GREEN, None), (ORANGE, 6), (RED, 14.4))),
+    timeseries("Gateway 502/504 ratio", "Share of requests through nginx answered 502 (the "
+               "app refused the connection or died mid-request) or 504 (no answer in time): "
+               "the app's own logs may show nothing. TTSGatewayUpstreamErrors: > 5 % for "
+               "5 min. 503: the gate closed at nginx (answered there, the app never sees "
+               "it) or the app's own 503.", targets((gateway_ratio("502|504"), "502/504"),
+                                                    (gateway_ratio("503"), "503")),
+               "percentunit", width=12, hi=1, thresholds=steps((GREEN, None), (RED, 0.05)),
+               colors={"502/504": RED, "503": ORANGE}, no_value=NO_GATEWAY),
+    timeseries("Gateway vs app latency (p99)", "P99 as clients see it at nginx, the app's "
+               "own (probe routes left out) and the gap: time lost in front of the app "
+               "(TTSGatewayQueueing: gateway over 0.5 s and twice the app's).", targets(
+                   (GATEWAY_P99, "gateway p99"), (APP_P99, "app p99"),
+                   (GATEWAY_GAP, "gap (gateway - app)")), "s", width=12, lo=None,
+               colors={"gap .*": ORANGE}, no_value=NO_GATEWAY),
 ]
 
 SYSTEM = [
@@ -406,6 +435,13 @@ FLEET = [
                                     f"{{{INST}}} > 0)", "{{instance}}")), "percentunit", hi=1,
                            thresholds=steps((GREEN, None), (ORANGE, 0.5), (RED, 1)),
                            no_value="no queue size on /status")),
+    per_replica(timeseries("Gateway 502/504 ratio", "Requests through nginx answered 502 or "
+                           "504, per replica.", targets((
+                               f'(sum by (instance) (rate(tts_gateway_requests_total{{{INST}, '
+                               f'code=~"502|504"}}{W}))\n or sum by (instance) (rate({GATEWAY}'
+                               f"{W})) * 0\n)\n/ (sum by (instance) (rate({GATEWAY}{W})) > 0)",
+                               "{{instance}}")), "percentunit", hi=1,
+                           thresholds=steps((GREEN, None), (RED, 0.05)), no_value=NO_GATEWAY)),
 ]
 
 GATE_ANNOTATION = {

@@ -143,6 +143,24 @@ def test_the_top_row_says_whether_v1_tts_is_healthy_and_why_the_gate_is_closed()
                    "Ingress gate", "Gate closed since", "Gate closed by"]
 
 
+def test_the_top_row_shows_the_gateways_502_504_ratio_and_latency_gap() -> None:
+    """Issue 19 #1: what clients got at nginx (502/504 the app never logged, time lost in
+    front of it) belongs on the top row; a pod without nginx has no gateway series, so both
+    panels say what empty means (the alert loop accepts only those empty)."""
+    dashboard = on_call()["panels"]
+    second_row = next(i for i, p in enumerate(dashboard) if p["type"] == "row" and i > 0)
+    top = {p["title"]: p for p in dashboard[1:second_row]}
+    errors, latency = top["Gateway 502/504 ratio"], top["Gateway vs app latency (p99)"]
+    assert re.search(r'tts_gateway_requests_total\{[^}]*code=~"502\|504"',
+                     errors["targets"][0]["expr"])
+    assert "tts_gateway_request_duration_seconds_bucket" in latency["targets"][2]["expr"]
+    assert "tts_http_request_duration_seconds_bucket" in latency["targets"][2]["expr"]
+    for panel in (errors, latency):
+        assert panel["fieldConfig"]["defaults"]["noValue"]
+    fleet = json.loads((REPO / "grafana" / "dashboards" / "tts-fleet.json").read_text())
+    assert any(p["title"] == "Gateway 502/504 ratio" for p in panels(fleet))
+
+
 # Panels that show an alert's own window on purpose, or look back for the reasons to list.
 LONG_WINDOW_PANELS = {"App restarts (30 min)", "Error budget burn rate",
                       "Audio spectral centroid", "Gate closed by"}

@@ -7,7 +7,9 @@ a steady trickle of /v1/tts requests. Three incidents, one after the other:
 - VRAM crosses 90 %: the gate closes; the top row must say /v1/tts is failing its clients and
   why (gate closed, reason vram, closed since), then all green once VRAM is back.
 - A burst past the queue: 429 QUEUE_FULL is shed, not failed (availability stays whole).
-- The app stops: the App panel says DOWN, then up once it is back.
+- The app stops behind nginx (the shipped config/nginx/tts.conf, its access log where the
+  sidecar reads it as the gateway format): the gateway's 502/504 ratio on the top row shows
+  what clients got, the App panel says DOWN; both back to normal once the app is up again.
 
 Panels are evaluated as Grafana would send them, with ``$__rate_interval`` at RATE_INTERVAL:
 Grafana gives at least four scrape intervals (4 s here); 10 s is on the slow side of that.
@@ -22,10 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.deploy.conftest import NGINX, post_tts, run_nginx
 from tests.e2e.conftest import REPO, load_local_stack
 
 stack_module = load_local_stack()
@@ -72,10 +76,10 @@ def within(what: str, check: Callable[[], bool], started: float) -> float:
 
 
 class Trickle:
-    """A steady client of /v1/tts (a few requests a second) for the whole drill."""
+    """A steady client of /v1/tts (a few requests a second): ``send(n)`` sends the n-th."""
 
-    def __init__(self, stack: Any) -> None:
-        self.stack, self.stopped = stack, threading.Event()
+    def __init__(self, send: Callable[[int], object]) -> None:
+        self.send, self.stopped = send, threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -84,7 +88,7 @@ class Trickle:
             n += 1
             # The app is stopped on purpose in one incident.
             with contextlib.suppress(OSError):
-                self.stack.synthesize(f"Trickle sentence {n % 7}.", timeout=10)
+                self.send(n)
             self.stopped.wait(0.2)
 
     def __enter__(self) -> Trickle:
@@ -104,7 +108,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         # A short queue, so a burst of a few dozen requests goes past it.
         app_overrides={"admission": {"queue_size": 2}})
     with stack_module.Stack(tmp_path_factory.mktemp("drill"), options) as running, \
-            Trickle(running):
+            Trickle(lambda n: running.synthesize(f"Trickle sentence {n % 7}.", timeout=10)):
         healthy = time.monotonic()
         within("the top row to show /v1/tts served", lambda: value(
             running, "/v1/tts success") == 1.0, healthy)
@@ -164,15 +168,36 @@ def test_a_burst_past_the_queue_is_shed_not_failed(stack: Any) -> None:
            ended)
 
 
-def test_an_app_stop_shows_down_and_clears(stack: Any) -> None:
-    app = stack.processes["app"]
-    started = time.monotonic()
-    app.stop()
-    within("the App panel to show DOWN", lambda: value(stack, "App") == 0, started)
+GATEWAY_ERRORS = "Gateway 502/504 ratio"
 
-    ended = time.monotonic()
-    app.start()
-    app.wait_ready(timeout=WITHIN_S)
-    within("the App panel to show up", lambda: value(stack, "App") == 1, ended)
-    within("/v1/tts success back at 100 %", lambda: value(stack, "/v1/tts success") == 1.0,
-           ended)
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_an_app_stop_behind_nginx_shows_gateway_502s_and_clears(
+        stack: Any, tmp_path: Path) -> None:
+    gateway = stack_module.free_port()
+    url = f"http://127.0.0.1:{gateway}/v1/tts"
+    with run_nginx(tmp_path / "nginx", gateway, stack.ports["app"], stack.ports["exporter"],
+                   stack.workdir / "logs"), \
+            Trickle(lambda n: post_tts(url, f"Through the gateway {n % 5}.")):
+        calm = time.monotonic()
+        within("the gateway panel to show 0 % 502/504", lambda: value(
+            stack, GATEWAY_ERRORS) == 0, calm)
+        within("the gateway-app latency gap", lambda: panel(
+            stack, "Gateway vs app latency (p99)", target=2) != {}, calm)
+
+        app = stack.processes["app"]
+        started = time.monotonic()
+        app.stop()
+        # Every request through nginx now gets 502 (connection refused): the app logs nothing.
+        within("the gateway panel to show the 502s", lambda: (value(
+            stack, GATEWAY_ERRORS) or 0) > 0.5, started)
+        within("the App panel to show DOWN", lambda: value(stack, "App") == 0, started)
+
+        ended = time.monotonic()
+        app.start()
+        app.wait_ready(timeout=WITHIN_S)
+        within("the gateway panel back at 0 % 502/504", lambda: value(
+            stack, GATEWAY_ERRORS) == 0, ended)
+        within("the App panel to show up", lambda: value(stack, "App") == 1, ended)
+        within("/v1/tts success back at 100 %", lambda: value(stack, "/v1/tts success") == 1.0,
+               ended)

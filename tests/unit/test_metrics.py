@@ -97,3 +97,23 @@ def test_defining_a_name_twice_is_refused() -> None:
         assert "defined twice" in str(exc)
     else:
         raise AssertionError("duplicate metric name accepted")
+
+
+def test_cache_hits_and_lookups_are_exported_at_zero_before_any_synthesis() -> None:
+    """A hits series born at the first hit is extrapolated by rate() from its own short
+    history, beside a lookups series that has existed for minutes: the hit ratio read 103 %
+    (alerts/tests/business.yaml). Both exist from start-up, so they share every scrape."""
+    got = samples(SidecarMetrics())
+    assert got[("tts_cache_lookups_total", ())] == 0
+    assert got[("tts_cache_hits_total", ())] == 0
+
+
+def test_a_checkpoint_without_cache_hits_keeps_the_hits_series_at_zero() -> None:
+    """A checkpoint an older sidecar wrote before the first hit saved the hits family with no
+    series: restoring it must not take the start-up series away again."""
+    after = SidecarMetrics()
+    saved = {"tts_cache_lookups": [[[], 5.0]], "tts_cache_hits": []}
+    assert after.registry.load_state(saved) == []
+    got = samples(after)
+    assert got[("tts_cache_lookups_total", ())] == 5
+    assert got[("tts_cache_hits_total", ())] == 0
