@@ -113,7 +113,7 @@ def test_a_checkpoint_without_cache_hits_keeps_the_hits_series_at_zero() -> None
     series: restoring it must not take the start-up series away again."""
     after = SidecarMetrics()
     saved = {"tts_cache_lookups": [[[], 5.0]], "tts_cache_hits": []}
-    assert after.registry.load_state(saved) == []
+    assert after.metric_set.load_state(saved) == []
     got = samples(after)
     assert got[("tts_cache_lookups_total", ())] == 5
     assert got[("tts_cache_hits_total", ())] == 0
