@@ -281,11 +281,13 @@ class GateComponent:
 
     # --- HTTP -------------------------------------------------------------------------------
 
-    async def get_ingress(self, _: web.Request) -> web.Response:
+    async def get_ingress(self, request: web.Request) -> web.Response:
         state = self.gate.state
         if state.open:
             return web.json_response(state.as_dict())
-        if self.config.mode == "auth_request":
+        # nginx's auth_request takes only 2xx, 401 and 403 (anything else becomes its 500): a
+        # proxy that says so is answered 403 whatever the configured mode.
+        if self.config.mode == "auth_request" or request.query.get("for") == "auth_request":
             return web.json_response(state.as_dict(), status=403)
         return web.json_response(state.as_dict(), status=503,
                                  headers={"Retry-After": str(self.config.retry_after_s)})

@@ -8,6 +8,7 @@ back down -> 200 again.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import urllib.error
@@ -15,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from local_stack import Stack, StackOptions, free_port, http_get, wait_until
@@ -25,17 +27,26 @@ pytestmark = [pytest.mark.external, pytest.mark.slow,
               pytest.mark.skipif(NGINX is None, reason="nginx is not installed")]
 
 
-@pytest.fixture
-def gated(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Stack, str]]:
+@contextlib.contextmanager
+def nginx_in_front(tmp_path: Path, gate_mode: str,
+                   app_overrides: dict[str, Any]) -> Iterator[tuple[Stack, str]]:
+    """The local stack with the shipped nginx config in front; the sidecar's gate in
+    ``gate_mode``."""
     options = StackOptions(prometheus=False, alertmanager=False, gate_reopen_after_s=0.5,
-                           exporter_overrides={"gate": {"mode": "auth_request"},
+                           exporter_overrides={"gate": {"mode": gate_mode},
                                                "gpu": {"poll_interval_s": 0.1}},
-                           app_overrides=getattr(request, "param", {}))
+                           app_overrides=app_overrides)
     with Stack(tmp_path / "stack", options) as stack:
         port = free_port()
         with run_nginx(tmp_path / "nginx", port, stack.ports["app"], stack.ports["exporter"],
                        stack.workdir / "logs"):
             yield stack, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+def gated(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Stack, str]]:
+    with nginx_in_front(tmp_path, "auth_request", getattr(request, "param", {})) as running:
+        yield running
 
 
 def test_gate_closes_and_reopens_through_nginx(gated: tuple[Stack, str]) -> None:
@@ -57,6 +68,22 @@ def test_gate_closes_and_reopens_through_nginx(gated: tuple[Stack, str]) -> None
                what="sidecar gate reopened")
     status, _, body = post_tts(base + "/v1/tts", "Welcome back.")
     assert status == 200, body[:200]
+
+
+def test_the_shipped_nginx_gates_a_sidecar_in_readiness_mode_too(tmp_path: Path) -> None:
+    """nginx's auth_request takes 2xx, 401 and 403 only: a readiness-mode 503 from the gate
+    turned every /v1/tts into nginx's own 500. The shipped config asks for the proxy's answer
+    (?for=auth_request), so it gates whichever mode the sidecar runs in."""
+    with nginx_in_front(tmp_path, "readiness", {}) as (stack, base):
+        stack.set_vram(0.95)
+        wait_until(lambda: http_get(stack.url("exporter", "/ingress"))[0] == 503, 10,
+                   what="sidecar gate closed (503 in readiness mode)")
+        status, headers, _ = post_tts(base + "/v1/tts", "Refused at the proxy.")
+        assert (status, headers.get("Retry-After")) == (503, "5")
+        stack.set_vram(0.40)
+        wait_until(lambda: http_get(stack.url("exporter", "/ingress"))[0] == 200, 10,
+                   what="sidecar gate reopened")
+        assert post_tts(base + "/v1/tts", "Welcome back.")[0] == 200
 
 
 def post_from(source: str, url: str, headers: dict[str, str]) -> int:

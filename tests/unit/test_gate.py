@@ -349,6 +349,9 @@ async def test_get_ingress_is_200_when_open_and_503_with_retry_after_when_closed
     response = await client.get("/ingress")
     assert response.status == 503 and response.headers["Retry-After"] == "5"
     assert (await response.json())["reasons"] == ["vram"]
+    # a proxy's auth_request (nginx takes only 2xx/401/403) gets 403 in this mode too
+    response = await client.get("/ingress?for=auth_request")
+    assert response.status == 403 and (await response.json())["reasons"] == ["vram"]
 
 
 async def test_auth_request_mode_answers_403_when_closed(tmp_path: Path,
