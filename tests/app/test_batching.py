@@ -12,7 +12,7 @@ import functools
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import numpy as np
@@ -106,7 +106,7 @@ async def post_all(app: Running, bodies: list[dict[str, Any]]) -> list[tuple[int
     return list(await asyncio.gather(*(one(b) for b in bodies)))
 
 
-def completes(app: Running) -> dict[str, dict[str, Any]]:
+def completes(app: Running) -> dict[int, dict[str, Any]]:
     """synthesis_complete of each model run, by text length (the texts here differ in it)."""
     return {r["text_len"]: r for r in app.records("synthesis_complete") if not r["cache_hit"]}
 
@@ -196,6 +196,7 @@ async def test_a_lone_request_waits_at_most_max_wait(start_app: StartApp) -> Non
 def test_followers_get_their_audio_when_the_leader_stops_reading() -> None:
     backend, _ = batcher(max_size=2)
     leader = backend.synthesize(req("leader."), lambda s, d: None)
+    assert isinstance(leader, Generator)    # closable, as the engine closes it
     first: list[np.ndarray] = []
     started = threading.Thread(target=lambda: first.append(next(leader)))
     started.start()                         # the leader opens the batch and waits

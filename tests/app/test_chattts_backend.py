@@ -13,6 +13,7 @@ import inspect
 import os
 import threading
 import types
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ def test_seeds_are_deterministic_and_do_not_leak_between_requests(
 
 def test_second_request_waits_while_one_runs(backend: ChatTTSBackend) -> None:
     running = backend.synthesize(request(seed=1), lambda stage, ms: None)
+    assert isinstance(running, Generator)    # closable, as the engine closes it
     next(running)          # suspended inside the model lock, holding the only instance
     second_done = threading.Event()
 
@@ -119,6 +121,7 @@ def test_retired_instance_is_unloaded_and_a_rebuilt_one_serves(
     monkeypatch.setattr(ChatTTS.Chat, "unload", lambda chat: unloaded.append(chat))
     stuck = request(seed=1)
     running = backend.synthesize(stuck, lambda stage, ms: None)
+    assert isinstance(running, Generator)
     next(running)                  # holds the only instance, as a hung call does
     assert backend.retire(stuck)
     backend.rebuild()

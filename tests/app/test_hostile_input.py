@@ -52,20 +52,27 @@ HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
     ("body over the limit with text", with_text(b'"' + b"a" * 70000 + b'"'), "BODY_TOO_LARGE"),
 ]
 
-WRONG_TYPES = [
-    {"text": value} for value in ([1], {}, True, 1.5, 7, [[["deep"]]])
+# each a value of the wrong JSON type for the field it is sent in
+NOT_TEXT: tuple[object, ...] = ([1], {}, True, 1.5, 7, [[["deep"]]])
+NOT_STRING: tuple[object, ...] = (1, [], {}, True)
+NOT_BOOL: tuple[object, ...] = (1, "true", [], {})
+NOT_OBJECT: tuple[object, ...] = ([], "x", 5, True)
+NOT_PARAM: tuple[object, ...] = ("hot", True, [], {}, -1, 10**30)
+
+WRONG_TYPES: list[dict[str, object]] = [
+    {"text": value} for value in NOT_TEXT
 ] + [
     {"text": "hi", name: value}
     for name in ("voice", "lang", "format")
-    for value in (1, [], {}, True)
+    for value in NOT_STRING
 ] + [
-    {"text": "hi", "stream": value} for value in (1, "true", [], {})
+    {"text": "hi", "stream": value} for value in NOT_BOOL
 ] + [
-    {"text": "hi", "params": value} for value in ([], "x", 5, True)
+    {"text": "hi", "params": value} for value in NOT_OBJECT
 ] + [
     {"text": "hi", "params": {name: value}}
     for name in ("temperature", "top_p", "top_k", "speed", "seed")
-    for value in ("hot", True, [], {}, -1, 10**30)
+    for value in NOT_PARAM
 ] + [
     {"text": "hi", "params": {"top_k": 1.5}}, {"text": "hi", "params": {"seed": 2.5}},
 ]
@@ -111,7 +118,7 @@ async def test_broken_content_encoding_is_a_4xx_json_error(
         start_app: StartApp, name: str, head_extra: str, body: bytes, code: str) -> None:
     app = await start_app()
     for route in ROUTES:
-        response = await raw_http(app.client.port, post_head(route, len(body), head_extra) + body)
+        response = await raw_http(app.port, post_head(route, len(body), head_extra) + body)
         assert response is not None, name
         assert response.status == 400 if code == "BAD_REQUEST" else 413
         assert response.json()["error"]["code"] == code
@@ -123,7 +130,7 @@ async def test_broken_chunking_after_the_head_ends_at_the_body_deadline(
     # aiohttp queues the framing error as a next message and never completes this body, so
     # the body deadline is what answers it: a 408 JSON error, not a handler held for good.
     app = await start_app({"server": {"body_timeout_s": 0.5}})
-    response = await raw_http(app.client.port, post_head("/v1/tts"), b"5\r\n{\"tex\r\n",
+    response = await raw_http(app.port, post_head("/v1/tts"), b"5\r\n{\"tex\r\n",
                               b"ZZ\r\nbroken\r\n0\r\n\r\n", pause_s=0.2)
     assert response is not None and response.status == 408
     assert response.json()["error"]["code"] == "REQUEST_TIMEOUT"

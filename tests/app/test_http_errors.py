@@ -71,7 +71,7 @@ async def test_malformed_json_and_oversized_body(start_app: StartApp) -> None:
 async def test_slow_body_is_408_at_the_body_deadline(start_app: StartApp) -> None:
     app = await start_app({"server": {"body_timeout_s": 0.5}})
     body = b'{"text": "Too slow."}'
-    response = await raw_http(app.client.port, post_head("/v1/tts", len(body)), body[:5],
+    response = await raw_http(app.port, post_head("/v1/tts", len(body)), body[:5],
                               body[5:], pause_s=3)
     assert response is not None and response.status == ERRORS["REQUEST_TIMEOUT"].status
     error = response.json()["error"]

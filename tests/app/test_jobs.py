@@ -13,7 +13,7 @@ from tests.app.fakes import FailingBackend, GatedBackend
 BODY = b'{"text": "Keyed."}'
 
 
-async def poll_done(client, job_id: str) -> dict:   # type: ignore[no-untyped-def]
+async def poll_done(client, job_id: str) -> dict:
     for _ in range(200):
         response = await client.get(f"/v1/tts/jobs/{job_id}",
                                     headers={"Accept": "application/json"})
@@ -97,7 +97,7 @@ async def test_empty_overlong_or_unprintable_idempotency_key_is_400(start_app: S
                                                                     key: str) -> None:
     app = await start_app()
     head = post_head("/v1/tts/jobs", len(BODY), f"Idempotency-Key: {key}\r\n")
-    response = await raw_http(app.client.port, head + BODY)
+    response = await raw_http(app.port, head + BODY)
     assert response is not None and response.status == 400, response
     error = response.json()["error"]
     assert error["code"] == "BAD_REQUEST" and "Idempotency-Key" in error["message"]

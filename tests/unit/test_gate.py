@@ -238,7 +238,7 @@ def test_unknown_policy_is_refused() -> None:
 
 
 def alert(name: str, status: str = "firing", action: str | None = "close_ingress",
-          fingerprint: str | None = None, **labels: str) -> dict[str, Any]:
+          fingerprint: object = None, **labels: str) -> dict[str, Any]:
     all_labels = {"alertname": name, **labels}
     if action:
         all_labels["action"] = action

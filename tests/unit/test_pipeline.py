@@ -176,8 +176,15 @@ def test_exemplars_carry_request_ids() -> None:
 
 def test_on_records_gets_each_chunks_lines_with_a_request_id_once() -> None:
     seen: list[tuple[str, Record]] = []
+    p: LogPipeline    # the callback reads it: declared before the call that builds it
+
+    def record_of(line: str) -> Record:
+        record = p.parser.parse(line.encode())
+        assert record is not None, line
+        return record
+
     p, _ = pipeline(on_records=lambda source, batch: seen.extend(
-        (source, p.parser.parse(line.encode())) for _, _, line, _ in batch))
+        (source, record_of(line)) for _, _, line, _ in batch))
     p.process("app.log", jline(event="stage_time", request_id="r1", stage="s", duration_ms=1)
               + b"  continuation\n" + jline(event="service_start", pid=1)
               + jline(event="synthesis_complete", request_id="r1", status="success"))

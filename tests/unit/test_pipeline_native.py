@@ -306,7 +306,7 @@ def test_a_classifier_whose_init_failed_refuses_to_classify() -> None:
     with pytest.raises(RuntimeError):
         classifier.classify(line)
     with pytest.raises(ValueError):  # a spec naming a field the classifier does not read
-        classifier.__init__({b"x": "x"}, {b"id": "id"}, (), (), {}, {"x": (("nope", 1),)},
-                            frozenset(), 1e15)
+        Classifier.__init__(classifier, {b"x": "x"}, {b"id": "id"}, (), (), {},
+                            {"x": (("nope", 1),)}, frozenset(), 1e15)
     with pytest.raises(RuntimeError):
         classifier.classify(line)
