@@ -132,7 +132,8 @@ async def test_broken_chunking_after_the_head_ends_at_the_body_deadline(
     app = await start_app({"server": {"body_timeout_s": 0.5}})
     response = await raw_http(app.port, post_head("/v1/tts"), b"5\r\n{\"tex\r\n",
                               b"ZZ\r\nbroken\r\n0\r\n\r\n", pause_s=0.2)
-    assert response is not None and response.status == 408
+    assert response is not None
+    assert response.status == 408
     assert response.json()["error"]["code"] == "REQUEST_TIMEOUT"
     assert app.records("unhandled_exception") == []
 
@@ -178,7 +179,8 @@ async def test_bad_gate_file_keeps_the_last_good_state_and_is_logged_once(
         assert still.headers["Retry-After"] == "7"
         assert (await app.client.get("/status")).status == 200
     invalid = app.records("gate_file_invalid")
-    assert len(invalid) == 1 and invalid[0]["warning_code"] == "GATE_FILE_INVALID"
+    assert len(invalid) == 1
+    assert invalid[0]["warning_code"] == "GATE_FILE_INVALID"
     write_gate(app.gate_file, is_open=True)        # a good file ends the episode
     assert (await app.client.post("/v1/tts", json={"text": "Open again."})).status == 200
     write_raw(app.gate_file, bad)
@@ -197,5 +199,6 @@ async def test_gate_file_values_beyond_their_bounds_are_cut_down(start_app: Star
     assert closed.headers["Retry-After"] == "3600"
     assert app.state.gate.current().reasons[:2] == ("alert_0_" + "x" * 192,
                                                      "alert_1_" + "x" * 192)
-    assert len(app.state.gate.current().reasons) == 32 and len(body["error"]["message"]) < 8000
+    assert len(app.state.gate.current().reasons) == 32
+    assert len(body["error"]["message"]) < 8000
     assert app.records("gate_file_invalid") == []

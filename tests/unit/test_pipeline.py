@@ -256,7 +256,7 @@ def test_null_label_values_count_as_missing_ones() -> None:
     assert m.log_records.values == {("ERROR", "none"): 1.0}
 
 
-@pytest.mark.parametrize("field,event", [
+@pytest.mark.parametrize(("field", "event"), [
     ("duration_ms", "synthesis_complete"), ("audio_duration_ms", "synthesis_complete"),
     ("text_len", "synthesis_complete"), ("queue_ms", "synthesis_complete"),
     ("duration_ms", "stage_time"), ("duration_ms", "http_request"),
@@ -301,7 +301,8 @@ def test_batch_size_counts_fresh_syntheses_by_the_batch_they_ran_in() -> None:
                        duration_ms=5, batch_size=-2)
                + b"2024-06-12 14:22:38,415 - eng - INFO - synthesis_complete: id=r4, "
                  b"status=failed, error_code=GPU_OOM, batch_size=2\n")
-    assert m.batch_size.count() == 2 and m.batch_size.total() == 10
+    assert m.batch_size.count() == 2
+    assert m.batch_size.total() == 10
     assert outcomes(m) == {"parsed": 3, "invalid_field": 1}
     assert "tts_batch_size" in m.log_derived_names()
 
