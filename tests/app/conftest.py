@@ -101,6 +101,13 @@ class Running:
     gate_file: Path
 
     @property
+    def port(self) -> int:
+        """The port the started test server listens on."""
+        port = self.client.port
+        assert port is not None, "the test server is not listening"
+        return port
+
+    @property
     def log_path(self) -> Path:
         """The log file, after the writer thread wrote everything logged so far."""
         assert self.state.log.flush(), "the log writer did not catch up"

@@ -31,7 +31,8 @@ def test_rate_limiter_separates_clients_and_sets_retry_after() -> None:
     limiter.check("a")
     with pytest.raises(AppError) as caught:
         limiter.check("a")
-    assert caught.value.code == "RATE_LIMITED" and caught.value.retry_after_s == 2
+    assert caught.value.code == "RATE_LIMITED"
+    assert caught.value.retry_after_s == 2
     limiter.check("b")
     clock.now += 2
     limiter.check("a")
@@ -56,7 +57,8 @@ def test_global_bucket_refuses_everyone_and_refunds_the_client() -> None:
     limiter.check("b")
     with pytest.raises(AppError) as caught:
         limiter.check("c")
-    assert caught.value.code == "RATE_LIMITED" and "service-wide" in caught.value.message
+    assert caught.value.code == "RATE_LIMITED"
+    assert "service-wide" in caught.value.message
     assert caught.value.retry_after_s == 1
     clock.now += 2
     limiter.check("c")
@@ -69,7 +71,8 @@ async def test_admission_counts_running_and_waiting() -> None:
         admission.reserve()
     with pytest.raises(AppError) as caught:
         admission.reserve()
-    assert caught.value.code == "QUEUE_FULL" and caught.value.retry_after_s == 3
+    assert caught.value.code == "QUEUE_FULL"
+    assert caught.value.retry_after_s == 3
     admission.reserve(bounded=False)              # jobs bypass the line limit
     await admission.acquire()
     await admission.acquire()

@@ -12,7 +12,7 @@ import functools
 import os
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import numpy as np
@@ -106,7 +106,7 @@ async def post_all(app: Running, bodies: list[dict[str, Any]]) -> list[tuple[int
     return list(await asyncio.gather(*(one(b) for b in bodies)))
 
 
-def completes(app: Running) -> dict[str, dict[str, Any]]:
+def completes(app: Running) -> dict[int, dict[str, Any]]:
     """synthesis_complete of each model run, by text length (the texts here differ in it)."""
     return {r["text_len"]: r for r in app.records("synthesis_complete") if not r["cache_hit"]}
 
@@ -132,7 +132,8 @@ async def test_concurrent_misses_share_one_model_call_and_each_gets_its_own_audi
     assert len({records[len(t)]["request_id"] for t in texts}) == 4
     waits = [r for r in app.records("stage_time") if r["stage"] == "batch_wait"]
     inference = [r for r in app.records("stage_time") if r["stage"] == "llm_inference"]
-    assert len({r["request_id"] for r in waits}) == 4 and len(inference) == 4
+    assert len({r["request_id"] for r in waits}) == 4
+    assert len(inference) == 4
 
 
 async def test_requests_with_other_params_or_an_explicit_seed_never_share_a_call(
@@ -187,7 +188,8 @@ async def test_a_lone_request_waits_at_most_max_wait(start_app: StartApp) -> Non
     backend, inner = batcher(max_size=8, max_wait_s=0.3)
     app = await start_app(backend=backend)
     (status, _), = await post_all(app, [{"text": "all alone."}])
-    assert status == 200 and inner.calls[1:] == [["all alone."]]
+    assert status == 200
+    assert inner.calls[1:] == [["all alone."]]
     wait, = [r for r in app.records("stage_time") if r["stage"] == "batch_wait"]
     assert 250 <= wait["duration_ms"] < 5000
     assert completes(app)[len("all alone.")]["batch_size"] == 1
@@ -196,6 +198,7 @@ async def test_a_lone_request_waits_at_most_max_wait(start_app: StartApp) -> Non
 def test_followers_get_their_audio_when_the_leader_stops_reading() -> None:
     backend, _ = batcher(max_size=2)
     leader = backend.synthesize(req("leader."), lambda s, d: None)
+    assert isinstance(leader, Generator)    # closable, as the engine closes it
     first: list[np.ndarray] = []
     started = threading.Thread(target=lambda: first.append(next(leader)))
     started.start()                         # the leader opens the batch and waits
@@ -206,7 +209,8 @@ def test_followers_get_their_audio_when_the_leader_stops_reading() -> None:
     started.join(10)
     leader.close()                          # the leader's client went away mid-audio
     thread.join(10)
-    assert first and np.array_equal(first[0], tone("leader.")[: tone("leader.").size // 2])
+    assert first
+    assert np.array_equal(first[0], tone("leader.")[: tone("leader.").size // 2])
     assert np.array_equal(np.concatenate(follower), tone("the follower."))
 
 
@@ -241,7 +245,8 @@ def test_batching_wraps_only_backends_that_batch_and_only_when_enabled() -> None
     tones = ToneBatchBackend(instances=2)
     assert with_batching(tones, BatchConfig(max_size=1)) is tones
     wrapped = with_batching(tones, BatchConfig(max_size=8))
-    assert isinstance(wrapped, BatchingBackend) and wrapped.instances == 16
+    assert isinstance(wrapped, BatchingBackend)
+    assert wrapped.instances == 16
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
@@ -250,7 +255,8 @@ def test_batching_wraps_only_backends_that_batch_and_only_when_enabled() -> None
 def test_bad_batch_config_names_the_key(key: str, value: Any, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_from_mapping({"batch": {key: value}}, "app.yaml")
-    assert caught.value.key == f"batch.{key}" and expected in caught.value.problem
+    assert caught.value.key == f"batch.{key}"
+    assert expected in caught.value.problem
 
 
 # --- the real ChatTTS code path on the tiny model
@@ -310,7 +316,8 @@ def test_chattts_batch_runs_one_infer_and_gives_each_text_its_own_audio(
         del tiny_chattts.synthesize_batch
     assert calls == [3]
     arrays = [r for r in results if isinstance(r, np.ndarray)]
-    assert len(arrays) == 3 and all(a.size > 0.05 * 24000 for a in arrays)
+    assert len(arrays) == 3
+    assert all(a.size > 0.05 * 24000 for a in arrays)
     assert all(backend.batch_size_of(r) == 3 for r in requests)
     assert not np.array_equal(arrays[0][:2000], arrays[1][:2000])
 
@@ -324,7 +331,8 @@ def test_chattts_seeded_request_is_identical_alone_and_under_batching(
     # Same-seed and unseeded neighbours: either could share its call if seeds were batched.
     results = run_concurrently(backend, [req("first.", seed=7), seeded,
                                          req("second one.", seed=7), req("third one here.")])
-    assert isinstance(results[1], np.ndarray) and np.array_equal(results[1], alone)
+    assert isinstance(results[1], np.ndarray)
+    assert np.array_equal(results[1], alone)
     assert backend.batch_size_of(seeded) == 1
 
 

@@ -22,7 +22,8 @@ def test_key_changes_with_everything_that_changes_audio() -> None:
                 key("hello", voice="cmn"), key("hello", lang="zh"), key("hello", fmt="pcm"),
                 key("hello", params=SynthesisParams(seed=3)),
                 key("hello", params=SynthesisParams(speed=1.5))]
-    assert base not in variants and len(set(variants)) == len(variants)
+    assert base not in variants
+    assert len(set(variants)) == len(variants)
 
 
 def test_put_get_roundtrip_without_leftover_temp_files(tmp_path: Path) -> None:
@@ -42,7 +43,8 @@ def test_lru_eviction_keeps_total_under_cap(tmp_path: Path) -> None:
     cache.put(key("d"), b"d" * 100)
     assert cache.get(key("b")) is None              # b was least recently used
     assert all(cache.get(key(n)) for n in "acd")
-    assert cache.total_bytes == 300 and cache.evictions == 1
+    assert cache.total_bytes == 300
+    assert cache.evictions == 1
     on_disk = sum(p.stat().st_size for p in tmp_path.rglob("*.audio"))
     assert on_disk == 300
 
@@ -52,7 +54,8 @@ def test_restart_rescans_and_enforces_a_smaller_cap(tmp_path: Path) -> None:
     for name in "abcd":
         first.put(key(name), b"x" * 100)
     second = DiskCache(tmp_path, max_bytes=250, memory_max_bytes=0)
-    assert len(second) == 2 and second.total_bytes == 200
+    assert len(second) == 2
+    assert second.total_bytes == 200
     assert sum(1 for _ in tmp_path.rglob("*.audio")) == 2
 
 
@@ -69,13 +72,17 @@ def test_write_failure_is_returned_not_raised(tmp_path: Path) -> None:
     blocker.write_text("a regular file where the cache directory should be")
     cache = DiskCache(blocker / "cache", max_bytes=10_000, memory_max_bytes=0)
     problem = cache.put(key("a"), b"data")
-    assert problem is not None and problem.reason == "write_failed"
+    assert problem is not None
+    assert problem.reason == "write_failed"
     assert isinstance(problem.error, OSError)
-    assert cache.get(key("a")) is None and cache.total_bytes == 0
+    assert cache.get(key("a")) is None
+    assert cache.total_bytes == 0
 
 
 def test_body_larger_than_the_cache_is_reported_not_saved(tmp_path: Path) -> None:
     cache = DiskCache(tmp_path, max_bytes=100, memory_max_bytes=0)
     problem = cache.put(key("big"), b"b" * 101)
-    assert problem is not None and (problem.reason, problem.error) == ("too_large", None)
-    assert list(tmp_path.rglob("*.audio")) == [] and cache.total_bytes == 0
+    assert problem is not None
+    assert (problem.reason, problem.error) == ("too_large", None)
+    assert list(tmp_path.rglob("*.audio")) == []
+    assert cache.total_bytes == 0

@@ -13,6 +13,7 @@ import inspect
 import os
 import threading
 import types
+from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,12 @@ def test_synthesizes_float32_audio_at_24khz_and_reports_stages(
         backend: ChatTTSBackend, model_dir: Path) -> None:
     audio, stages = synthesize(backend, request(seed=1))
     assert backend.sample_rate == 24000
-    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert audio.dtype == np.float32
+    assert audio.ndim == 1
     # Each audio token is 2 mel frames of 256 samples: at most MAX_TOKENS * 512 samples.
     assert 0.05 * 24000 < audio.size <= MAX_TOKENS * 512
-    assert np.all(np.abs(audio) <= 1.0) and np.any(audio != 0)
+    assert np.all(np.abs(audio) <= 1.0)
+    assert np.any(audio != 0)
     assert stages == ["text_normalize", "llm_prompt_gen", "llm_inference", "audio_render"]
     assert backend.model_version == asset_digest(model_dir)
     assert backend.model_version.startswith("chattts-0.2.5/")
@@ -92,6 +95,7 @@ def test_seeds_are_deterministic_and_do_not_leak_between_requests(
 
 def test_second_request_waits_while_one_runs(backend: ChatTTSBackend) -> None:
     running = backend.synthesize(request(seed=1), lambda stage, ms: None)
+    assert isinstance(running, Generator)    # closable, as the engine closes it
     next(running)          # suspended inside the model lock, holding the only instance
     second_done = threading.Event()
 
@@ -119,11 +123,13 @@ def test_retired_instance_is_unloaded_and_a_rebuilt_one_serves(
     monkeypatch.setattr(ChatTTS.Chat, "unload", lambda chat: unloaded.append(chat))
     stuck = request(seed=1)
     running = backend.synthesize(stuck, lambda stage, ms: None)
+    assert isinstance(running, Generator)
     next(running)                  # holds the only instance, as a hung call does
     assert backend.retire(stuck)
     backend.rebuild()
     audio, _ = synthesize(backend, request(seed=2))    # the replacement serves meanwhile
-    assert audio.size > 0 and unloaded == []
+    assert audio.size > 0
+    assert unloaded == []
     running.close()                # the hung call returns: its instance is unloaded
     assert len(unloaded) == 1
     backend.close()                # only the replacement was left in service
@@ -200,7 +206,8 @@ async def test_every_cuda_oom_form_is_503_gpu_oom_frees_the_cache_and_is_counted
         fail_layer(patch, "Linear", RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
         response = await app.client.post("/v1/tts", json=other)
     assert (await response.json())["error"]["code"] == "MODEL_ERROR"
-    assert len(freed) == len(OOM_FORMS) and backend.gpu_oom_total == {0: len(OOM_FORMS)}
+    assert len(freed) == len(OOM_FORMS)
+    assert backend.gpu_oom_total == {0: len(OOM_FORMS)}
     assert (await app.client.post("/v1/tts", json=other)).status == 200   # instance still serves
     codes = [r["error_code"] for r in app.records("synthesis_complete")]
     assert codes == ["GPU_OOM"] * len(OOM_FORMS) + ["MODEL_ERROR", "none"]
@@ -213,7 +220,8 @@ async def test_app_serves_chattts_wav_over_http(start_app: Any, model_dir: Path)
                                                        "format": "wav"})
     body = await response.read()
     assert response.status == 200, body[:200]
-    assert body[:4] == b"RIFF" and body[8:12] == b"WAVE"
+    assert body[:4] == b"RIFF"
+    assert body[8:12] == b"WAVE"
     assert int.from_bytes(body[24:28], "little") == 24000
     status = await (await app.client.get("/status")).json()
     assert status["backend"] == "chattts"

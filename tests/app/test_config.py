@@ -30,8 +30,10 @@ def test_shipped_config_documents_the_defaults() -> None:
 def test_shipped_config_has_the_keys_local_stack_rewrites() -> None:
     data = yaml.safe_load((REPO / "config" / "app.yaml").read_text())
     assert data["server"]["listen"] == "127.0.0.1:8080"
-    assert data["log"]["path"] and data["log"]["format"] in ("json", "text")
-    assert data["cache"]["dir"] and data["gate"]["file"] == "state/ingress.json"
+    assert data["log"]["path"]
+    assert data["log"]["format"] in ("json", "text")
+    assert data["cache"]["dir"]
+    assert data["gate"]["file"] == "state/ingress.json"
     assert data["limits"]["text_max_chars"] == 2000
 
 
@@ -72,7 +74,8 @@ def test_shipped_nginx_is_a_trusted_proxy_that_drops_client_identity_claims() ->
 def test_bad_values_name_key_and_expectation(data: dict, key: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_from_mapping(data, "app.yaml")
-    assert caught.value.key == key and expected in caught.value.problem
+    assert caught.value.key == key
+    assert expected in caught.value.problem
     assert str(caught.value).startswith(f"app.yaml: {key}: ")
 
 
@@ -95,7 +98,8 @@ def test_bad_backend_option_exits_1(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"backend:\n  espeak: {{voices_please: 3}}\nlog: {{path: {tmp_path}/l.log}}\n")
     result = run_app("--config", str(bad))
-    assert result.returncode == 1 and "backend.espeak" in result.stderr
+    assert result.returncode == 1
+    assert "backend.espeak" in result.stderr
 
 
 @pytest.mark.slow
@@ -107,7 +111,8 @@ def test_model_that_fails_to_load_exits_1(tmp_path: Path) -> None:
         "backend": {"espeak": {"data_path": str(tmp_path / "missing")}}}))
     result = run_app("--config", str(config))
     assert result.returncode == 1
-    assert "backend espeak failed to load" in result.stderr and "phontab" in result.stderr
+    assert "backend espeak failed to load" in result.stderr
+    assert "phontab" in result.stderr
     assert '"event": "model_load_failed"' in (tmp_path / "app.log").read_text()
 
 
@@ -129,7 +134,8 @@ HUGE = 10 ** 400
 def test_values_past_their_bound_name_key_and_bound(data: dict, key: str, expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_from_mapping(data, "app.yaml")
-    assert caught.value.key == key and expected in caught.value.problem, caught.value
+    assert caught.value.key == key, caught.value
+    assert expected in caught.value.problem, caught.value
 
 
 @pytest.mark.slow
@@ -144,11 +150,13 @@ def test_check_config_lists_every_problem_and_passes_the_shipped_file(tmp_path: 
     bad.write_text('server: {listen: "999.1.1.1:80"}\nadmission: {queue_size: lots}\n'
                    "batch: {max_size: 0, max_wait_ms: .nan}\n")
     result = run_app("check-config", str(bad))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
     assert [line.split(": ")[2] for line in result.stderr.splitlines()] == [
         "server.listen", "admission.queue_size", "batch.max_size", "batch.max_wait_ms"]
     good = run_app("check-config", str(REPO / "config" / "app.yaml"))
-    assert good.returncode == 0 and good.stdout.endswith(": valid\n"), good.stderr
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.endswith(": valid\n"), good.stderr
 
 
 @pytest.mark.slow
@@ -158,7 +166,8 @@ def test_hostile_config_files_are_one_message_not_a_traceback(tmp_path: Path,
     bad = tmp_path / "bad.yaml"
     bad.write_bytes(raw)
     result = run_app("check-config", str(bad))
-    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stderr.startswith(f"invalid: {bad}: ")
 
 
@@ -180,6 +189,7 @@ def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
         config.write_text(f'server: {{listen: "127.0.0.1:{port}"}}\n'
                           f"log: {{path: {tmp_path}/app.log}}\ncache: {{dir: {tmp_path}/c}}\n")
         result = run_app("--config", str(config))
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1].startswith(
         f"tts-app: {config}: server.listen: cannot listen on 127.0.0.1:{port} (")

@@ -32,7 +32,8 @@ def speak(backend: EspeakBackend, text: str, lang: str = "en", voice: str = "def
 
 def test_satisfies_the_protocol(backend: EspeakBackend) -> None:
     assert isinstance(backend, Backend)
-    assert backend.sample_rate == 22050 and backend.instances == 2
+    assert backend.sample_rate == 22050
+    assert backend.instances == 2
     assert {"default", "en-us", "cmn"} <= backend.voices
     assert backend.model_version.startswith("espeak-ng-1.")
     assert isinstance(make_backend("espeak", {"instances": 1}), EspeakBackend)
@@ -49,7 +50,8 @@ def test_speech_has_voice_like_energy_and_spectrum(backend: EspeakBackend, text:
                                                    lang: str, voice: str) -> None:
     chunks, stages = speak(backend, text, lang, voice)
     audio = np.concatenate(chunks)
-    assert audio.dtype == np.float32 and np.abs(audio).max() <= 1.0
+    assert audio.dtype == np.float32
+    assert np.abs(audio).max() <= 1.0
     assert 1.0 < audio.size / 22050 < 6.0
     assert rms(audio) > 0.02
     assert 300 < spectral_centroid(audio, 22050) < 6000

@@ -30,7 +30,8 @@ async def test_text_with_nothing_to_speak_is_400_text_empty(start_app: StartApp,
 async def test_invisible_characters_beside_words_are_still_spoken(start_app: StartApp) -> None:
     app = await start_app()
     response = await app.client.post("/v1/tts", json={"text": "\u200fHello\u200b there."})
-    assert response.status == 200 and (await response.read())[:4] == b"RIFF"
+    assert response.status == 200
+    assert (await response.read())[:4] == b"RIFF"
 
 
 async def test_silent_audio_is_answered_but_warned_and_not_cached(start_app: StartApp) -> None:
@@ -41,7 +42,8 @@ async def test_silent_audio_is_answered_but_warned_and_not_cached(start_app: Sta
         assert response.headers["X-Cache"] == "miss"          # silence is never served twice
     warnings = [r for r in app.records() if r["level"] == "WARNING"]
     assert [w["warning_code"] for w in warnings] == ["AUDIO_SILENT"] * 2
-    assert warnings[0]["event"] == "audio_silent" and warnings[0]["threshold"] == 0.001
+    assert warnings[0]["event"] == "audio_silent"
+    assert warnings[0]["threshold"] == 0.001
     completes = app.records("synthesis_complete")
     assert [(r["cache_saved"], r["cache_skip"]) for r in completes] == [(False, "silent")] * 2
 

@@ -49,7 +49,8 @@ def loaded_on(device_type: str, index: int | None, cuda: FakeCuda) -> ChatTTSBac
 async def test_espeak_status_says_it_holds_no_gpu(start_app: StartApp) -> None:
     app = await start_app()
     status = await (await app.client.get("/status")).json()
-    assert status["gpu_devices"] == [] and status["ready"] is True
+    assert status["gpu_devices"] == []
+    assert status["ready"] is True
 
 
 def test_chattts_on_cuda_reports_the_nvml_uuid_and_torch_memory() -> None:

@@ -52,20 +52,27 @@ HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
     ("body over the limit with text", with_text(b'"' + b"a" * 70000 + b'"'), "BODY_TOO_LARGE"),
 ]
 
-WRONG_TYPES = [
-    {"text": value} for value in ([1], {}, True, 1.5, 7, [[["deep"]]])
+# each a value of the wrong JSON type for the field it is sent in
+NOT_TEXT: tuple[object, ...] = ([1], {}, True, 1.5, 7, [[["deep"]]])
+NOT_STRING: tuple[object, ...] = (1, [], {}, True)
+NOT_BOOL: tuple[object, ...] = (1, "true", [], {})
+NOT_OBJECT: tuple[object, ...] = ([], "x", 5, True)
+NOT_PARAM: tuple[object, ...] = ("hot", True, [], {}, -1, 10**30)
+
+WRONG_TYPES: list[dict[str, object]] = [
+    {"text": value} for value in NOT_TEXT
 ] + [
     {"text": "hi", name: value}
     for name in ("voice", "lang", "format")
-    for value in (1, [], {}, True)
+    for value in NOT_STRING
 ] + [
-    {"text": "hi", "stream": value} for value in (1, "true", [], {})
+    {"text": "hi", "stream": value} for value in NOT_BOOL
 ] + [
-    {"text": "hi", "params": value} for value in ([], "x", 5, True)
+    {"text": "hi", "params": value} for value in NOT_OBJECT
 ] + [
     {"text": "hi", "params": {name: value}}
     for name in ("temperature", "top_p", "top_k", "speed", "seed")
-    for value in ("hot", True, [], {}, -1, 10**30)
+    for value in NOT_PARAM
 ] + [
     {"text": "hi", "params": {"top_k": 1.5}}, {"text": "hi", "params": {"seed": 2.5}},
 ]
@@ -111,7 +118,7 @@ async def test_broken_content_encoding_is_a_4xx_json_error(
         start_app: StartApp, name: str, head_extra: str, body: bytes, code: str) -> None:
     app = await start_app()
     for route in ROUTES:
-        response = await raw_http(app.client.port, post_head(route, len(body), head_extra) + body)
+        response = await raw_http(app.port, post_head(route, len(body), head_extra) + body)
         assert response is not None, name
         assert response.status == 400 if code == "BAD_REQUEST" else 413
         assert response.json()["error"]["code"] == code
@@ -123,9 +130,10 @@ async def test_broken_chunking_after_the_head_ends_at_the_body_deadline(
     # aiohttp queues the framing error as a next message and never completes this body, so
     # the body deadline is what answers it: a 408 JSON error, not a handler held for good.
     app = await start_app({"server": {"body_timeout_s": 0.5}})
-    response = await raw_http(app.client.port, post_head("/v1/tts"), b"5\r\n{\"tex\r\n",
+    response = await raw_http(app.port, post_head("/v1/tts"), b"5\r\n{\"tex\r\n",
                               b"ZZ\r\nbroken\r\n0\r\n\r\n", pause_s=0.2)
-    assert response is not None and response.status == 408
+    assert response is not None
+    assert response.status == 408
     assert response.json()["error"]["code"] == "REQUEST_TIMEOUT"
     assert app.records("unhandled_exception") == []
 
@@ -171,7 +179,8 @@ async def test_bad_gate_file_keeps_the_last_good_state_and_is_logged_once(
         assert still.headers["Retry-After"] == "7"
         assert (await app.client.get("/status")).status == 200
     invalid = app.records("gate_file_invalid")
-    assert len(invalid) == 1 and invalid[0]["warning_code"] == "GATE_FILE_INVALID"
+    assert len(invalid) == 1
+    assert invalid[0]["warning_code"] == "GATE_FILE_INVALID"
     write_gate(app.gate_file, is_open=True)        # a good file ends the episode
     assert (await app.client.post("/v1/tts", json={"text": "Open again."})).status == 200
     write_raw(app.gate_file, bad)
@@ -190,5 +199,6 @@ async def test_gate_file_values_beyond_their_bounds_are_cut_down(start_app: Star
     assert closed.headers["Retry-After"] == "3600"
     assert app.state.gate.current().reasons[:2] == ("alert_0_" + "x" * 192,
                                                      "alert_1_" + "x" * 192)
-    assert len(app.state.gate.current().reasons) == 32 and len(body["error"]["message"]) < 8000
+    assert len(app.state.gate.current().reasons) == 32
+    assert len(body["error"]["message"]) < 8000
     assert app.records("gate_file_invalid") == []

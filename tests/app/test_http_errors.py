@@ -71,11 +71,13 @@ async def test_malformed_json_and_oversized_body(start_app: StartApp) -> None:
 async def test_slow_body_is_408_at_the_body_deadline(start_app: StartApp) -> None:
     app = await start_app({"server": {"body_timeout_s": 0.5}})
     body = b'{"text": "Too slow."}'
-    response = await raw_http(app.client.port, post_head("/v1/tts", len(body)), body[:5],
+    response = await raw_http(app.port, post_head("/v1/tts", len(body)), body[:5],
                               body[5:], pause_s=3)
-    assert response is not None and response.status == ERRORS["REQUEST_TIMEOUT"].status
+    assert response is not None
+    assert response.status == ERRORS["REQUEST_TIMEOUT"].status
     error = response.json()["error"]
-    assert error["code"] == "REQUEST_TIMEOUT" and "0.5 s" in error["message"]
+    assert error["code"] == "REQUEST_TIMEOUT"
+    assert "0.5 s" in error["message"]
     assert error["request_id"] == response.headers["X-Request-ID"]
     assert "Retry-After" not in response.headers
     REACHED.add("REQUEST_TIMEOUT")
@@ -187,7 +189,8 @@ async def test_queue_full_under_overload(start_app: StartApp) -> None:
     for response in responses:
         if response.status == 429:
             body = await expect_error(response, "QUEUE_FULL")
-            assert response.headers["Retry-After"] == "2" and body
+            assert response.headers["Retry-After"] == "2"
+            assert body
 
 
 async def test_shutting_down_refuses_new_work_and_finishes_in_flight(

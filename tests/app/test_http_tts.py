@@ -28,7 +28,8 @@ async def test_english_request_returns_real_speech_wav(start_app: StartApp) -> N
     assert response.status == 200
     assert response.headers["Content-Type"] == "audio/wav"
     body = await response.read()
-    assert body[:4] == b"RIFF" and body[8:12] == b"WAVE"
+    assert body[:4] == b"RIFF"
+    assert body[8:12] == b"WAVE"
     rate, samples = decode_wav(body)
     assert rate == 22050
     assert samples.size > rate * 0.5                  # more than half a second of audio
@@ -40,7 +41,8 @@ async def test_mandarin_request_returns_speech(start_app: StartApp) -> None:
     response = await app.client.post("/v1/tts", json={"text": "今天天气真好。", "lang": "zh"})
     assert response.status == 200
     rate, samples = decode_wav(await response.read())
-    assert rate == 22050 and float(np.sqrt(np.mean(samples ** 2))) > SPEECH_RMS_FLOOR
+    assert rate == 22050
+    assert float(np.sqrt(np.mean(samples ** 2))) > SPEECH_RMS_FLOOR
 
 
 async def test_pcm_format_is_raw_samples(start_app: StartApp) -> None:
@@ -50,7 +52,8 @@ async def test_pcm_format_is_raw_samples(start_app: StartApp) -> None:
     assert response.headers["Content-Type"].startswith("audio/L16; rate=22050")
     pcm = await response.read()
     # espeak adds noise to unvoiced sounds, so two runs differ slightly: compare shape
-    assert pcm[:4] != b"RIFF" and abs(len(pcm) - len(wav[44:])) < 0.05 * len(pcm)
+    assert pcm[:4] != b"RIFF"
+    assert abs(len(pcm) - len(wav[44:])) < 0.05 * len(pcm)
 
 
 async def test_stream_sends_header_then_chunks_and_logs_first_audio(start_app: StartApp) -> None:
@@ -61,12 +64,14 @@ async def test_stream_sends_header_then_chunks_and_logs_first_audio(start_app: S
     assert response.headers.get("Transfer-Encoding") == "chunked"
     pieces = [chunk async for chunk, _ in response.content.iter_chunks()]
     body = b"".join(pieces)
-    assert body[:4] == b"RIFF" and body[36:40] == b"data"
+    assert body[:4] == b"RIFF"
+    assert body[36:40] == b"data"
     samples = np.frombuffer(body[44:], "<i2").astype(np.float32) / 32768
     assert float(np.sqrt(np.mean(samples ** 2))) > SPEECH_RMS_FLOOR
     request_id = response.headers["X-Request-ID"]
     first = [r for r in app.records("first_audio") if r["request_id"] == request_id]
-    assert len(first) == 1 and first[0]["duration_ms"] >= 0
+    assert len(first) == 1
+    assert first[0]["duration_ms"] >= 0
     # the same text buffered equals the streamed samples
     plain = await (await app.client.post("/v1/tts", json={"text": text})).read()
     assert plain[44:] == body[44:]
@@ -103,7 +108,8 @@ async def test_identical_concurrent_requests_share_one_synthesis(start_app: Star
     backend.release.set()
     responses = await asyncio.gather(*tasks)
     bodies = {await r.read() for r in responses}
-    assert [r.status for r in responses] == [200] * 8 and len(bodies) == 1
+    assert [r.status for r in responses] == [200] * 8
+    assert len(bodies) == 1
     assert backend.calls == 1
     completes = app.records("synthesis_complete")
     assert len(completes) == 8
@@ -129,8 +135,10 @@ async def test_status_healthz_readyz(start_app: StartApp) -> None:
     status = await (await app.client.get("/status")).json()
     assert {"waiting", "running", "capacity", "started_at", "pid", "backend", "model_version",
             "ready"} <= set(status)
-    assert status["backend"] == "espeak" and status["ready"] is True
-    assert status["capacity"] == 1 and status["model_version"].startswith("espeak-ng-")
+    assert status["backend"] == "espeak"
+    assert status["ready"] is True
+    assert status["capacity"] == 1
+    assert status["model_version"].startswith("espeak-ng-")
 
 
 async def test_readyz_waits_for_model_load_and_warmup(start_app: StartApp) -> None:
@@ -199,7 +207,8 @@ async def test_queue_ms_is_the_wait_for_a_model_instance(start_app: StartApp) ->
     hit = await app.client.post("/v1/tts", json={"text": "First in line."})
     assert hit.headers["X-Cache"] == "hit"
     last = app.records("synthesis_complete")[-1]
-    assert "queue_ms" not in last and last["model_version"] == version   # never queued
+    assert "queue_ms" not in last
+    assert last["model_version"] == version   # never queued
 
 
 async def test_text_log_carries_queue_ms_and_model_version(start_app: StartApp) -> None:

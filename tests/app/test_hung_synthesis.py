@@ -46,7 +46,8 @@ async def test_hung_synthesis_gets_503_and_its_instance_is_replaced(
     hanging.rebuild_gate.clear()
     began = time.monotonic()
     hung = await app.client.post("/v1/tts", json={"text": "Hang forever."})
-    assert hung.status == 503 and (await hung.json())["error"]["code"] == "MODEL_ERROR"
+    assert hung.status == 503
+    assert (await hung.json())["error"]["code"] == "MODEL_ERROR"
     assert time.monotonic() - began < TIMEOUT_S + 5
     # The next request waits for an instance while the replacement loads: waiting, not running.
     after = asyncio.create_task(app.client.post("/v1/tts", json={"text": "After the hang."}))
@@ -57,7 +58,8 @@ async def test_hung_synthesis_gets_503_and_its_instance_is_replaced(
     assert (await app.client.get("/healthz")).status == 200     # a replacement is loading
     hanging.rebuild_gate.set()
     response = await asyncio.wait_for(after, 10)
-    assert response.status == 200 and (await response.read())[:4] == b"RIFF"
+    assert response.status == 200
+    assert (await response.read())[:4] == b"RIFF"
     assert hanging.rebuilds == 1
     status = await (await app.client.get("/status")).json()
     assert (status["running"], status["waiting"], status["instances_healthy"],
@@ -80,17 +82,21 @@ async def test_no_instance_left_fails_liveness_until_one_is_back(
     hung = await app.client.post("/v1/tts", json={"text": "Hang here."})
     assert (await hung.json())["error"]["code"] == "MODEL_ERROR"
     healthz = await app.client.get("/healthz")
-    assert healthz.status == 503 and (await healthz.json())["reason"] == "no_model_instance"
+    assert healthz.status == 503
+    assert (await healthz.json())["reason"] == "no_model_instance"
     readyz = await app.client.get("/readyz")
-    assert readyz.status == 503 and (await readyz.json())["reason"] == "no_model_instance"
+    assert readyz.status == 503
+    assert (await readyz.json())["reason"] == "no_model_instance"
     refused = await app.client.post("/v1/tts", json={"text": "Anyone there?"})
-    assert refused.status == 503 and (await refused.json())["error"]["code"] == "MODEL_NOT_READY"
+    assert refused.status == 503
+    assert (await refused.json())["error"]["code"] == "MODEL_NOT_READY"
     status = await (await app.client.get("/status")).json()
     assert (status["instances_healthy"], status["running"], status["waiting"]) == (0, 0, 0)
     assert hanging.rebuilds == 0
     hanging.unhang.set()             # the hung call returns: a replacement may load now
     status = await status_when(app, lambda s: s["instances_healthy"] == 1)
-    assert status["instances_healthy"] == 1 and hanging.rebuilds == 1
+    assert status["instances_healthy"] == 1
+    assert hanging.rebuilds == 1
     assert (await app.client.get("/healthz")).status == 200
     assert (await app.client.post("/v1/tts", json={"text": "Anyone there?"})).status == 200
 

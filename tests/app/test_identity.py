@@ -29,7 +29,7 @@ async def untrusted() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def post(app: Running, session: aiohttp.ClientSession | None = None,
-               route: str = "/v1/tts", **headers: str) -> Any:
+               route: str = "/v1/tts", headers: dict[str, str] | None = None) -> Any:
     if session is None:
         return await app.client.post(route, json=PAYLOAD, headers=headers)
     return await session.post(app.client.make_url(route), json=PAYLOAD, headers=headers)
@@ -41,14 +41,14 @@ async def test_identity_headers_from_an_untrusted_peer_are_ignored(
     app = await start_app({"admission": {"rate_limit": STRICT}})
     statuses = []
     for i in range(6):        # a fresh identity claim per request, as the abuse did
-        response = await post(app, untrusted, **{"X-Client-ID": f"fresh-{i}",
+        response = await post(app, untrusted, headers={"X-Client-ID": f"fresh-{i}",
                                                  "X-Forwarded-For": f"198.51.100.{i}"})
         statuses.append(response.status)
         if response.status == 429:
             await expect_error(response, "RATE_LIMITED")
     assert statuses == [200, 200, 429, 429, 429, 429]
     # the trusted proxy's own clients are other identities: not pushed out, not limited
-    assert (await post(app, **{"X-Forwarded-For": "198.51.100.77"})).status == 200
+    assert (await post(app, headers={"X-Forwarded-For": "198.51.100.77"})).status == 200
 
 
 @pytest.mark.slow
@@ -58,21 +58,23 @@ async def test_behind_a_trusted_proxy_the_rightmost_untrusted_address_is_the_cli
                            "identity": {"trusted_proxies": ["127.0.0.1", "10.0.0.0/8"]}})
     # nginx appends the address it saw; what the client claimed sits to its left
     for claimed in ("1.1.1.1", "2.2.2.2"):
-        assert (await post(app, **{"X-Forwarded-For": f"{claimed}, 203.0.113.5"})).status == 200
-    await expect_error(await post(app, **{"X-Forwarded-For": "3.3.3.3, 203.0.113.5"}),
+        response = await post(app, headers={"X-Forwarded-For": f"{claimed}, 203.0.113.5"})
+        assert response.status == 200
+    await expect_error(await post(app, headers={"X-Forwarded-For": "3.3.3.3, 203.0.113.5"}),
                        "RATE_LIMITED")
     # two trusted hops (an LB in 10/8 in front of nginx): the address before them
-    await expect_error(await post(app, **{"X-Forwarded-For": "9.9.9.9, 203.0.113.5, 10.1.2.3"}),
+    await expect_error(await post(app, headers={"X-Forwarded-For":
+                                                "9.9.9.9, 203.0.113.5, 10.1.2.3"}),
                        "RATE_LIMITED")
     # several header lines are one list
     await expect_error(await app.client.post("/v1/tts", json=PAYLOAD, headers=[
         ("X-Forwarded-For", "4.4.4.4"), ("X-Forwarded-For", "203.0.113.5")]), "RATE_LIMITED")
-    assert (await post(app, **{"X-Forwarded-For": "203.0.113.6"})).status == 200
+    assert (await post(app, headers={"X-Forwarded-For": "203.0.113.6"})).status == 200
     # an authenticated identity set by the proxy wins over the address
     for _ in range(2):
-        assert (await post(app, **{"X-Forwarded-For": "203.0.113.5",
+        assert (await post(app, headers={"X-Forwarded-For": "203.0.113.5",
                                    "X-Client-ID": "tenant-a"})).status == 200
-    await expect_error(await post(app, **{"X-Client-ID": "tenant-a"}), "RATE_LIMITED")
+    await expect_error(await post(app, headers={"X-Client-ID": "tenant-a"}), "RATE_LIMITED")
 
 
 @pytest.mark.slow
@@ -81,13 +83,13 @@ async def test_global_bucket_limits_all_clients_together(start_app: StartApp) ->
         "enabled": True, "rate_per_s": 100, "burst": 100,
         "global_rate_per_s": 0.01, "global_burst": 3}}})
     for i in range(3):
-        assert (await post(app, **{"X-Forwarded-For": f"198.51.100.{i}"})).status == 200
-    limited = await post(app, **{"X-Forwarded-For": "198.51.100.200"})
+        assert (await post(app, headers={"X-Forwarded-For": f"198.51.100.{i}"})).status == 200
+    limited = await post(app, headers={"X-Forwarded-For": "198.51.100.200"})
     body = await expect_error(limited, "RATE_LIMITED")
     assert "service-wide" in body["error"]["message"]
     assert int(limited.headers["Retry-After"]) >= 1
     await expect_error(await post(app, route="/v1/tts/jobs",
-                                  **{"X-Forwarded-For": "198.51.100.201"}), "RATE_LIMITED")
+                                  headers={"X-Forwarded-For": "198.51.100.201"}), "RATE_LIMITED")
 
 
 @pytest.mark.parametrize(("peer", "headers", "expected"), [

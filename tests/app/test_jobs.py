@@ -13,7 +13,7 @@ from tests.app.fakes import FailingBackend, GatedBackend
 BODY = b'{"text": "Keyed."}'
 
 
-async def poll_done(client, job_id: str) -> dict:   # type: ignore[no-untyped-def]
+async def poll_done(client, job_id: str) -> dict:
     for _ in range(200):
         response = await client.get(f"/v1/tts/jobs/{job_id}",
                                     headers={"Accept": "application/json"})
@@ -50,7 +50,8 @@ async def test_same_idempotency_key_and_body_returns_same_job(start_app: StartAp
     first = await (await app.client.post("/v1/tts/jobs", json=payload, headers=headers)).json()
     replay = await app.client.post("/v1/tts/jobs", json=dict(reversed(payload.items())),
                                    headers=headers)
-    assert replay.status == 202 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.status == 202
+    assert replay.headers["Idempotent-Replayed"] == "true"
     assert (await replay.json())["id"] == first["id"]
     other = await app.client.post("/v1/tts/jobs", json=payload,
                                   headers={"Idempotency-Key": "retry-2"})
@@ -66,7 +67,8 @@ async def test_failed_job_reports_error_code(start_app: StartApp) -> None:
     app = await start_app(backend=FailingBackend())
     job = await (await app.client.post("/v1/tts/jobs", json={"text": "oom please"})).json()
     done = await poll_done(app.client, job["id"])
-    assert done["status"] == "failed" and done["error"]["code"] == "GPU_OOM"
+    assert done["status"] == "failed"
+    assert done["error"]["code"] == "GPU_OOM"
 
 
 async def test_too_many_pending_jobs_is_429(start_app: StartApp) -> None:
@@ -77,7 +79,8 @@ async def test_too_many_pending_jobs_is_429(start_app: StartApp) -> None:
         ok = await app.client.post("/v1/tts/jobs", json={"text": f"Job {i}."})
         assert ok.status == 202
     full = await app.client.post("/v1/tts/jobs", json={"text": "One too many."})
-    assert full.status == 429 and "Retry-After" in full.headers
+    assert full.status == 429
+    assert "Retry-After" in full.headers
     assert (await full.json())["error"]["code"] == "QUEUE_FULL"
     backend.release.set()
 
@@ -89,7 +92,8 @@ async def test_finished_jobs_are_bounded_by_audio_bytes(start_app: StartApp) -> 
     second = await (await app.client.post("/v1/tts/jobs", json={"text": "New job."})).json()
     assert (await poll_done(app.client, second["id"]))["status"] == "done"
     gone = await app.client.get(f"/v1/tts/jobs/{first['id']}")
-    assert gone.status == 404 and (await gone.json())["error"]["code"] == "JOB_NOT_FOUND"
+    assert gone.status == 404
+    assert (await gone.json())["error"]["code"] == "JOB_NOT_FOUND"
 
 
 @pytest.mark.parametrize("key", ["", "k" * 256, "tab\there", "caf\u00e9"])
@@ -97,10 +101,12 @@ async def test_empty_overlong_or_unprintable_idempotency_key_is_400(start_app: S
                                                                     key: str) -> None:
     app = await start_app()
     head = post_head("/v1/tts/jobs", len(BODY), f"Idempotency-Key: {key}\r\n")
-    response = await raw_http(app.client.port, head + BODY)
-    assert response is not None and response.status == 400, response
+    response = await raw_http(app.port, head + BODY)
+    assert response is not None
+    assert response.status == 400, response
     error = response.json()["error"]
-    assert error["code"] == "BAD_REQUEST" and "Idempotency-Key" in error["message"]
+    assert error["code"] == "BAD_REQUEST"
+    assert "Idempotency-Key" in error["message"]
     assert app.state.jobs.jobs == {}
     longest = await app.client.post("/v1/tts/jobs", data=BODY,
                                     headers={"Idempotency-Key": "k" * 255})
@@ -123,7 +129,8 @@ async def test_idempotency_keys_are_scoped_per_client(start_app: StartApp) -> No
     assert (status_a, status_b, replayed_b) == (202, 202, False)
     assert job_b["id"] != job_a["id"]              # another client's key is another job
     status_c, job_c, _ = await submit("198.51.100.3", "Something else.")
-    assert status_c == 202 and job_c["id"] not in (job_a["id"], job_b["id"])   # not a 409
+    assert status_c == 202
+    assert job_c["id"] not in (job_a["id"], job_b["id"])   # not a 409
     status_a2, job_a2, replayed_a2 = await submit("198.51.100.1")
     assert (status_a2, job_a2["id"], replayed_a2) == (202, job_a["id"], True)
     assert (await submit("198.51.100.1", "Changed my mind."))[0] == 409

@@ -40,7 +40,8 @@ async def test_burst_of_distinct_texts_with_gate_flip(start_app: StartApp) -> No
     results += await asyncio.gather(*(one(i) for i in range(20, 25)))
     statuses = [status for status, _ in results]
     assert set(statuses) <= {200, 429, 503}
-    assert statuses.count(429) > 0 and statuses[-5:] == [503] * 5
+    assert statuses.count(429) > 0
+    assert statuses[-5:] == [503] * 5
     assert all(retry for status, retry in results if status != 200)
     assert len(app.records("http_request")) == 25
     assert len(app.records("synthesis_complete")) == statuses.count(200)
@@ -172,7 +173,8 @@ def test_log_disk_full_for_5s_under_load_gives_no_500_and_leaks_no_slot(tmp_path
         assert set(statuses) <= {200, 429}, statuses
         for _, _, status, content_type, body in answers:
             if status == 200:
-                assert content_type == "audio/wav" and body[:4] == b"RIFF"
+                assert content_type == "audio/wav"
+                assert body[:4] == b"RIFF"
             else:
                 assert json.loads(body)["error"]["code"] == "QUEUE_FULL"
         assert any(fault[0] <= at <= fault[1] for at, *_ in answers)

@@ -86,7 +86,8 @@ def test_sigterm_finishes_in_flight_then_exits_zero(tmp_path: Path) -> None:
             process.wait()
     events = [json.loads(line)["event"] for line in (tmp_path / "app.log").read_text()
               .splitlines()]
-    assert events[0] == "service_start" and "drain_complete" in events
+    assert events[0] == "service_start"
+    assert "drain_complete" in events
     assert events[-1] == "service_stop"
     assert events.count("synthesis_complete") == 6
 
@@ -114,7 +115,8 @@ async def test_sigterm_with_slow_uploads_exits_within_the_drain_bound(tmp_path: 
         trickling = asyncio.create_task(trickle())
         await asyncio.sleep(1.0)
         status = json.loads((await asyncio.to_thread(call, base + "/status"))[1])
-        assert status["running"] == 0 and process.poll() is None
+        assert status["running"] == 0
+        assert process.poll() is None
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(process.wait, 120)
@@ -132,7 +134,8 @@ async def test_sigterm_with_slow_uploads_exits_within_the_drain_bound(tmp_path: 
             writer.close()
     events = [json.loads(line)["event"] for line in (tmp_path / "app.log").read_text()
               .splitlines()]
-    assert "drain_complete" in events and events[-1] == "service_stop"
+    assert "drain_complete" in events
+    assert events[-1] == "service_stop"
 
 
 @pytest.mark.slow
@@ -175,5 +178,6 @@ def test_shutdown_watchdog_exits_even_when_a_thread_never_returns() -> None:
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                             text=True, timeout=30)
-    assert result.returncode == 1 and "shutdown took over 0.5 s" in result.stderr
+    assert result.returncode == 1
+    assert "shutdown took over 0.5 s" in result.stderr
     assert time.monotonic() - started < 10

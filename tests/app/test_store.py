@@ -39,7 +39,8 @@ def events(log: StructuredLog, tmp_path: Path, name: str) -> list[dict[str, obje
 
 def test_local_is_the_default_and_shares_nothing(log: StructuredLog) -> None:
     store = open_store(StoreConfig(), log)
-    assert isinstance(store, LocalStore) and not store.shared
+    assert isinstance(store, LocalStore)
+    assert not store.shared
     assert store.status() == {"kind": "local", "healthy": True, "fallbacks_total": 0,
                               "bad_values_total": 0}
 
@@ -102,7 +103,8 @@ async def test_wrong_typed_or_implausible_values_are_counted_misses(
     store = RedisStore(StoreConfig(url=redis_server.url, timeout_s=SLACK), log)
     redis_server.command("LPUSH", "tts:audio:k", "x")
     assert await store.get("audio:k") is None
-    assert store.status()["bad_values_total"] == 1 and store.healthy
+    assert store.status()["bad_values_total"] == 1
+    assert store.healthy
     redis_server.command("SET", "tts:audio:w", "RIFF0000WAVEnot-a-wav-at-all-but-long-enough!!")
     assert await SharedAudio(store, StoreConfig(wait_s=0)).lookup("w", "wav") is None
     assert store.status()["bad_values_total"] == 2
@@ -144,7 +146,8 @@ async def test_an_app_whose_redis_is_unreachable_starts_and_answers_from_local_s
     running = await start_app({"store": {"url": f"redis://127.0.0.1:{free_port()}/0"}})
     client = running.client
     response = await client.post("/v1/tts", json={"text": "Nobody is listening."})
-    assert response.status == 200 and (await response.read())[:4] == b"RIFF"
+    assert response.status == 200
+    assert (await response.read())[:4] == b"RIFF"
     submitted = await client.post("/v1/tts/jobs", json={"text": "A local job."},
                                   headers={"Idempotency-Key": "k"})
     assert submitted.status == 202
@@ -156,7 +159,8 @@ async def test_an_app_whose_redis_is_unreachable_starts_and_answers_from_local_s
                                  headers={"Idempotency-Key": "k"})
     assert conflict.status == 409
     store = (await (await client.get("/status")).json())["store"]
-    assert store["kind"] == "redis" and store["healthy"] is False
+    assert store["kind"] == "redis"
+    assert store["healthy"] is False
     assert store["fallbacks_total"] >= 3
     assert len(running.records("store_unavailable")) == 1
 
@@ -169,10 +173,12 @@ async def test_a_redis_that_stops_answering_delays_a_request_by_a_bounded_time(
     with redis_server.frozen():
         started = time.monotonic()
         response = await client.post("/v1/tts", json={"text": "Redis is frozen."})
-        assert response.status == 200 and (await response.read())[:4] == b"RIFF"
+        assert response.status == 200
+        assert (await response.read())[:4] == b"RIFF"
         assert time.monotonic() - started < 3.0         # one 0.2 s timeout, then local
     store = (await (await client.get("/status")).json())["store"]
-    assert store["healthy"] is False and store["fallbacks_total"] >= 1
+    assert store["healthy"] is False
+    assert store["fallbacks_total"] >= 1
 
 
 async def test_the_shared_audio_stays_within_its_byte_budget_oldest_out_first(

@@ -67,12 +67,14 @@ def test_a_job_submitted_on_one_replica_is_fetched_from_the_others(
                              headers={"Accept": "application/json"})[2])["id"] == job_id
     done_b, done_c = wait_job(b, job_id), wait_job(c, job_id)
     assert done_b[0] == done_c[0] == 200
-    assert done_b[1]["Content-Type"] == "audio/wav" and done_b[2][:4] == b"RIFF"
+    assert done_b[1]["Content-Type"] == "audio/wav"
+    assert done_b[2][:4] == b"RIFF"
     assert done_b[2] == done_c[2] == wait_job(a, job_id)[2]
     # a retry of the same request reaching another replica is the same job, not a second one
     status, headers, body = c.call("/v1/tts/jobs", {"text": "A job shared by the fleet."},
                                    {"Idempotency-Key": "job-1"})
-    assert status == 202 and json.loads(body)["id"] == job_id
+    assert status == 202
+    assert json.loads(body)["id"] == job_id
     assert headers.get("Idempotent-Replayed") == "true"
     assert b.call("/v1/tts/jobs/" + "0" * 32)[0] == 404
 
@@ -138,7 +140,8 @@ def test_redis_killed_mid_load_gives_no_500_and_sharing_recovers_when_it_returns
         stop.set()
         for worker in workers:
             worker.result()
-    assert len(statuses) > 30 and set(statuses) == {200}, sorted(set(statuses))
+    assert len(statuses) > 30, sorted(set(statuses))
+    assert set(statuses) == {200}, sorted(set(statuses))
     assert all(s["kind"] == "redis" and s["healthy"] is False for s in during), during
     assert all(s["fallbacks_total"] > 0 for s in during), during
     stack.wait_until(lambda: all(app.get_json("/status")["store"]["healthy"] for app in fleet),
@@ -167,13 +170,15 @@ def test_a_garbage_or_wrong_type_redis_value_is_a_counted_miss_never_a_500(
     assert redis_server.command("EVAL", "for _, k in ipairs(redis.call('keys', 'tts:audio:*'))"
                                 " do redis.call('set', k, 'garbage') end return 0", "0") == b":0"
     status, _h, body = b.call("/v1/tts", {"text": "Someone will scribble over me."})
-    assert status == 200 and body[:4] == b"RIFF"
+    assert status == 200
+    assert body[:4] == b"RIFF"
     assert b.get_json("/status")["store"]["bad_values_total"] >= 1   # each read of it counts
     assert redis_server.command("EVAL", "for _, k in ipairs(redis.call('keys', 'tts:audio:*'))"
                                 " do redis.call('del', k) redis.call('lpush', k, 'x') end "
                                 "return 0", "0") == b":0"
     status, _h, body = c.call("/v1/tts", {"text": "Someone will scribble over me."})
-    assert status == 200 and body[:4] == b"RIFF"
+    assert status == 200
+    assert body[:4] == b"RIFF"
     assert c.get_json("/status")["store"]["bad_values_total"] >= 1
     # a job record that is not JSON, or of the wrong type: not found, never a 500
     status, _h, body = a.call("/v1/tts/jobs", {"text": "A job to be scribbled over."},

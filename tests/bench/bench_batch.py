@@ -97,7 +97,7 @@ async def bench(model: ChatTTSBackend, workdir: Path, rounds: int, per_client: i
             seconds[name] += elapsed
     for service in services.values():
         service.close()
-    report = {}
+    report: dict[str, Any] = {}
     for name in arms:
         sizes = batch_sizes(workdir / f"{name}.log")
         report[name] = {"requests": len(latencies[name]),

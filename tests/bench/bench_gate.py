@@ -48,7 +48,8 @@ def load_local_stack() -> ModuleType:
     """config/local_stack.py: free ports, process handling, the GPU file writer."""
     spec = importlib.util.spec_from_file_location("tts_local_stack",
                                                   REPO / "config" / "local_stack.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

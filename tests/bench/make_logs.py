@@ -22,8 +22,8 @@ TEXT_LENGTHS = (12, 40, 86, 150, 400, 900, 2048)
 
 
 def _json(stamp: str, level: str, event: str, rid: str, **fields: object) -> str:
-    record = {"time": f"2026-11-22T{stamp}+00:00", "level": level, "logger": "tts_app",
-              "event": event, "request_id": rid}
+    record: dict[str, object] = {"time": f"2026-11-22T{stamp}+00:00", "level": level,
+                                 "logger": "tts_app", "event": event, "request_id": rid}
     record.update(fields)
     return json.dumps(record, ensure_ascii=False, separators=(", ", ": "))
 

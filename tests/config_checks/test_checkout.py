@@ -39,7 +39,9 @@ def test_what_the_shipped_configs_write_in_the_checkout_is_ignored(path: str) ->
 def test_the_license_file_is_the_license_pyproject_declares() -> None:
     declared = re.search(r'^license = "([^"]+)"$', (REPO / "pyproject.toml").read_text(),
                          re.MULTILINE)
-    assert declared is not None and declared.group(1) == "Apache-2.0"
+    assert declared is not None
+    assert declared.group(1) == "Apache-2.0"
     text = (REPO / "LICENSE").read_text()
-    assert "Apache License" in text and "Version 2.0, January 2004" in text
+    assert "Apache License" in text
+    assert "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a notice

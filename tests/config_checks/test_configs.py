@@ -91,7 +91,8 @@ def test_sidecar_webhook_is_authenticated_and_hears_resolutions_quickly() -> Non
     assert hook["send_resolved"] is True
     assert hook["http_config"]["authorization"]["credentials_file"]
     route = next(r for r in config["route"]["routes"] if r["receiver"] == "tts-sidecar-gate")
-    assert route["group_wait"] == "1s" and route["group_interval"] == "10s"
+    assert route["group_wait"] == "1s"
+    assert route["group_interval"] == "10s"
 
 
 def test_amtool_accepts_the_alertmanager_config_local_stack_writes(written: Any) -> None:

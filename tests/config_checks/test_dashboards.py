@@ -113,7 +113,9 @@ def test_dashboard_has_datasource_and_instance_variables(path: Path) -> None:
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     instance = variables["instance"]
-    assert instance["includeAll"] and instance["multi"] and instance["allValue"] == ".*"
+    assert instance["includeAll"]
+    assert instance["multi"]
+    assert instance["allValue"] == ".*"
     for name in metric_names(instance["query"]["query"].replace("label_values(", "group(")
                              .replace(", instance)", ")")):
         assert name in exported_metric_names()
@@ -171,7 +173,8 @@ def test_on_call_panels_use_short_windows(query: DashboardQuery) -> None:
     """Issue 19 #1: 5-minute windows kept the 5xx ratio at 18 % minutes after recovery."""
     if any(f"panel {title!r}" == query.where for title in LONG_WINDOW_PANELS):
         return
-    assert "5m" not in query.expr and "15m" not in query.expr, query.where
+    assert "5m" not in query.expr, query.where
+    assert "15m" not in query.expr, query.where
     windows = set(re.findall(r"\[([^\]]+)\]", query.expr))
     assert windows <= {"$__rate_interval"}, f"{query.where}: {windows}"
 
@@ -188,7 +191,8 @@ def test_provisioning_points_at_a_prometheus_and_a_dashboard_folder() -> None:
     provisioning = REPO / "grafana" / "provisioning"
     datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())
     source = datasources["datasources"][0]
-    assert source["type"] == "prometheus" and source["url"] == "http://127.0.0.1:9090"
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://127.0.0.1:9090"
     providers = yaml.safe_load((provisioning / "dashboards" / "tts-sentinel.yaml").read_text())
     assert providers["providers"][0]["type"] == "file"
     assert providers["providers"][0]["options"]["path"]

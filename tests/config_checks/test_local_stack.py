@@ -133,7 +133,9 @@ def test_the_printed_curl_command_writes_a_wav(demo: Demo, tmp_path: Path) -> No
                             timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     audio = (tmp_path / "hello.wav").read_bytes()
-    assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE" and len(audio) > 1000
+    assert audio[:4] == b"RIFF"
+    assert audio[8:12] == b"WAVE"
+    assert len(audio) > 1000
 
 
 @pytest.mark.slow
@@ -216,7 +218,8 @@ def test_a_child_that_ignores_sigterm_is_killed_at_the_bound(tmp_path: Path) -> 
     killed = local_stack.stop_all([stubborn], timeout=1.0)
     elapsed = time.monotonic() - started
     assert killed == ["stubborn"]
-    assert stubborn.popen is not None and stubborn.popen.returncode == -signal.SIGKILL
+    assert stubborn.popen is not None
+    assert stubborn.popen.returncode == -signal.SIGKILL
     assert 1.0 <= elapsed < 10
 
 

@@ -86,7 +86,8 @@ def test_rules_read_only_exported_or_recorded_series(rule: dict) -> None:
 def test_alert_has_severity_summary_description_and_runbook(alert: dict) -> None:
     assert alert["labels"]["severity"] in {"critical", "warning", "info"}
     annotations = alert["annotations"]
-    assert annotations["summary"].strip() and annotations["description"].strip()
+    assert annotations["summary"].strip()
+    assert annotations["description"].strip()
     base, _, anchor = annotations["runbook_url"].partition("#")
     # Relative to the repository: the manifest generator puts its runbook base URL in front.
     assert base == "alerts/runbooks.md", annotations["runbook_url"]

@@ -66,7 +66,8 @@ def test_grafana_gets_the_provisioned_dashboards() -> None:
     provider = yaml.safe_load((REPO / "grafana/provisioning/dashboards/tts-sentinel.yaml")
                               .read_text())["providers"][0]["options"]["path"]
     dashboards = [v for v in grafana if v.startswith("../grafana/dashboards:")]
-    assert dashboards and dashboards[0].split(":")[1] == provider
+    assert dashboards
+    assert dashboards[0].split(":")[1] == provider
     assert any(Path(v.split(":")[1]) == Path("/etc/grafana/provisioning/datasources")
                for v in grafana)
 

@@ -47,7 +47,8 @@ class Fleet:
                + urllib.parse.urlencode({"query": promql}))
         status, body = http_get(url, timeout=5)
         payload = json.loads(body)
-        assert status == 200 and payload["status"] == "success", (promql, payload)
+        assert status == 200, (promql, payload)
+        assert payload["status"] == "success", (promql, payload)
         return list(payload["data"]["result"])
 
 

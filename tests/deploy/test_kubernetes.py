@@ -79,11 +79,14 @@ def test_generated_manifests_are_up_to_date() -> None:
 
 def test_crd_structure() -> None:
     rule = find("PrometheusRule")
-    assert rule["metadata"]["name"] and rule["spec"]["groups"]
+    assert rule["metadata"]["name"]
+    assert rule["spec"]["groups"]
     for group in rule["spec"]["groups"]:
-        assert group["name"] and group["rules"]
+        assert group["name"]
+        assert group["rules"]
         for item in group["rules"]:
-            assert ("record" in item) != ("alert" in item) and item["expr"]
+            assert ("record" in item) != ("alert" in item)
+            assert item["expr"]
     monitor = find("PodMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= \
         find("Deployment", "tts")["spec"]["template"]["metadata"]["labels"].items()
@@ -140,7 +143,8 @@ def test_pod_shares_logs_cache_and_gate_file() -> None:
     for path in (app["gate"]["file"], app["log"]["path"], app["cache"]["dir"] + "/x"):
         shared = [next((n for mp, n in mounts[c].items() if path.startswith(mp + "/")), None)
                   for c in ("app", "sidecar")]
-        assert shared[0] is not None and shared[0] == shared[1], path
+        assert shared[0] is not None, path
+        assert shared[0] == shared[1], path
         assert "emptyDir" in volumes[shared[0]]
     # The webhook token comes from a Secret, mounted where the exporter config looks.
     token = exporter["auth"]["bearer_token_file"]
@@ -153,7 +157,8 @@ def test_gpu_resources_and_tolerations() -> None:
     assert container("app")["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
     env = {e["name"]: e["value"] for e in container("sidecar")["env"]}
-    assert env["NVIDIA_VISIBLE_DEVICES"] and "nvidia.com/gpu" not in \
+    assert env["NVIDIA_VISIBLE_DEVICES"]
+    assert "nvidia.com/gpu" not in \
         container("sidecar")["resources"].get("limits", {})
     assert find("PodDisruptionBudget")["spec"]["selector"] == \
         find("Deployment", "tts")["spec"]["selector"]
@@ -180,8 +185,10 @@ def test_sidecar_beyond_loopback_serves_tls_and_basic_auth() -> None:
     assert container("app")["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     assert container("sidecar")["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
     endpoint = find("PodMonitor")["spec"]["podMetricsEndpoints"][0]
-    assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["ca"]["secret"]
-    assert endpoint["basicAuth"]["username"] and endpoint["basicAuth"]["password"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"]["ca"]["secret"]
+    assert endpoint["basicAuth"]["username"]
+    assert endpoint["basicAuth"]["password"]
     exporter = embedded("tts-exporter-config", "exporter.yaml")
     assert {"/ingress", "/healthz"} == set(exporter["server"]["unauthenticated_paths"])
 
@@ -213,7 +220,8 @@ def test_the_optional_nginx_container_logs_where_the_sidecar_reads_the_gateway()
     assert config_map["metadata"]["name"] == config_volume["configMap"]["name"]
     conf = config_map["data"]["default.conf"]
     assert not re.search(r"^\s*auth_request ", conf, re.M)
-    assert "listen 8000;" in conf and "proxy_set_header X-Request-ID $request_id;" in conf
+    assert "listen 8000;" in conf
+    assert "proxy_set_header X-Request-ID $request_id;" in conf
     log_path = Path(re.search(r"access_log (\S+) tts_gateway;", conf)[1])  # type: ignore[index]
     sidecar_mounts = {m["name"]: m["mountPath"] for m in container("sidecar")["volumeMounts"]}
     volume = nginx_mounts[str(log_path.parent)]

@@ -89,6 +89,7 @@ def test_the_shipped_nginx_gates_a_sidecar_in_readiness_mode_too(tmp_path: Path)
 def post_from(source: str, url: str, headers: dict[str, str]) -> int:
     """POST /v1/tts from the local address ``source`` (a distinct client on one host)."""
     parts = urllib.parse.urlsplit(url)
+    assert parts.hostname is not None, url
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30,
                                             source_address=(source, 0))
     try:

@@ -18,7 +18,7 @@ from tests.e2e.conftest import load_local_stack
 stack_module = load_local_stack()
 
 
-def scrape(stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:  # type: ignore[no-untyped-def]
+def scrape(stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     status, body = stack_module.http_get(stack.url("exporter", "/metrics"))
     assert status == 200
     return {(s.name, frozenset(s.labels.items())): s.value
@@ -26,7 +26,7 @@ def scrape(stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:  # typ
             for s in family.samples}
 
 
-def total(samples, name: str, **labels: str) -> float:  # type: ignore[no-untyped-def]
+def total(samples, name: str, **labels: str) -> float:
     wanted = set(labels.items())
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 

@@ -44,7 +44,8 @@ def smi() -> tuple[list[dict], list[dict]]:
 
 def test_nvidia_smi_csv_parses_numbers_text_and_not_available() -> None:
     gpus, apps = smi()
-    assert gpus[0]["memory.used"] == 7210.0 and gpus[0]["power.draw"] == 412.53
+    assert gpus[0]["memory.used"] == 7210.0
+    assert gpus[0]["power.draw"] == 412.53
     assert gpus[0]["uuid"] == "GPU-8f3a1b2c-0000-1111-2222-333344445555"
     assert gpus[1]["power.draw"] is None
     assert apps == [{"gpu_uuid": "GPU-8f3a1b2c-0000-1111-2222-333344445555", "pid": 4242.0,

@@ -45,7 +45,8 @@ def test_half_sent_requests_are_closed_and_the_gate_answers_past_the_bound(
     try:
         started = time.monotonic()
         status, _ = sidecar.request("/ingress")
-        assert status == 200 and time.monotonic() - started < 2.0
+        assert status == 200
+        assert time.monotonic() - started < 2.0
         assert all(closed_by_peer(sock, timeout=10) for sock in sockets)
     finally:
         for sock in sockets:
@@ -91,4 +92,6 @@ def test_long_voice_names_do_not_grow_the_sidecar(start_sidecar: Callable[..., S
     assert sidecar.rss_mib() - before < 40, (before, sidecar.rss_mib())
     status, body = sidecar.request("/requests/r1499")
     voice = json.loads(body)["records"][0]["fields"]["voice"]
-    assert status == 200 and voice.endswith("…") and len(voice) < 1000
+    assert status == 200
+    assert voice.endswith("…")
+    assert len(voice) < 1000

@@ -156,7 +156,8 @@ def test_webhook_with_the_token_closes_with_the_alert_reason(sidecar: SidecarPro
     assert sidecar.metrics()[("tts_ingress_closed_reason", (("reason", f"alert:{ALERT}"),))] == 1
 
     sidecar.post("/alertmanager", webhook("resolved"))
-    assert sidecar.ingress()[0] == 200 and sidecar.gate_file_state()["open"] is True
+    assert sidecar.ingress()[0] == 200
+    assert sidecar.gate_file_state()["open"] is True
 
 
 def test_manual_override_closes_and_opens_behind_the_token(sidecar: SidecarProcess) -> None:
@@ -226,7 +227,8 @@ def test_an_exemplar_request_id_resolves_to_its_timeline(sidecar: SidecarProcess
     assert rid == "req-slow-1"
     status, body = stack.http_get(sidecar.url(f"/requests/{rid}"))
     timeline = json.loads(body)
-    assert status == 200 and timeline["status"] == "failed"
+    assert status == 200
+    assert timeline["status"] == "failed"
     assert [r["event"] for r in timeline["records"]] == [r["event"] for r in records]
     assert timeline["stages"] == [{"stage": "llm_inference", "duration_ms": 2900,
                                    "offset_ms": 1000.0}]

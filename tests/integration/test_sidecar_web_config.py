@@ -65,7 +65,8 @@ def test_tls_and_basic_auth_protect_exposition_but_not_the_probes(
     close = json.dumps({"action": "close", "reason": "drill"}).encode()
     assert sidecar.request("/ingress", {"Authorization": "Bearer wrong"}, close)[0] == 401
     status, body = sidecar.request("/ingress", {"Authorization": f"Bearer {TOKEN}"}, close)
-    assert status == 200 and json.loads(body)["reasons"] == ["manual"]
+    assert status == 200
+    assert json.loads(body)["reasons"] == ["manual"]
 
 
 def test_a_client_without_a_verified_certificate_cannot_connect(

@@ -260,7 +260,8 @@ def test_mixed_formats_keep_file_order_for_lengths() -> None:
         '"request_id": "m2", "status": "success", "duration_ms": 3, "model_stage": "x"}']
     fast, _ = _fast_and_slow(("\n".join(map(_stamped, lines)) + "\n").encode())
     rows = {row["bucket"]: row for row in fast.report.to_dict()["failures_by_text_length"]}
-    assert rows["2048"]["failed"] == 1 and rows["0-64"]["total"] == 1
+    assert rows["2048"]["failed"] == 1
+    assert rows["0-64"]["total"] == 1
 
 
 def test_reused_request_ids_match_in_file_order() -> None:
@@ -294,7 +295,8 @@ def test_window_verdicts_per_line_match_the_parser_through_the_cli(
     assert main(["analyze", "--json", "--jobs", "1", *window, str(path)]) == 0
     fast = json.loads(capsys.readouterr().out)
     fast["input"].pop("files")
-    assert fast["syntheses"] == full["syntheses"] and fast["syntheses"]["total"] > 0
+    assert fast["syntheses"] == full["syntheses"]
+    assert fast["syntheses"]["total"] > 0
     for key in ("levels", "error_codes", "failures_by_text_length", "stages", "slowest",
                 "duration_ms", "time_range"):
         assert fast[key] == full[key], key
@@ -437,7 +439,8 @@ def test_scanner_segments_end_when_its_tables_fill() -> None:
             f"stage=stage{i}, duration_ms={i}"]
     fast, _ = _fast_and_slow(("\n".join(lines) + "\n").encode())
     result = fast.report.to_dict()
-    assert len(result["levels"]) == 52 and len(result["stages"]) == 50
+    assert len(result["levels"]) == 52
+    assert len(result["stages"]) == 50
     assert result["time_range"]["first"] < result["time_range"]["last"]
 
 
@@ -528,7 +531,8 @@ def test_decimal_durations_convert_exactly_as_float_does() -> None:
                               f"stage=s, duration_ms={value}{rnd.choice(['', ' ms', 'ms'])}")
     fast, slow = _fast_and_slow(("\n".join(lines) + "\n").encode())
     values = fast.report.stages["s"].values
-    assert values is not None and len(values) == 3000
+    assert values is not None
+    assert len(values) == 3000
     assert [v.hex() for v in values] == [v.hex() for v in slow.report.stages["s"].values or []]
 
 

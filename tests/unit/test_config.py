@@ -36,9 +36,11 @@ logs: {paths: [a.log, "b/*.log"], max_line_bytes: 1024}
 gate: {close_at: 0.95, reopen_below: 0.8, reopen_after_s: 10, mode: auth_request}
 gpu: {source: "file:/tmp/gpus.json"}
 """))
-    assert config.server.host == "0.0.0.0" and config.server.port == 9200
+    assert config.server.host == "0.0.0.0"
+    assert config.server.port == 9200
     assert config.logs.paths == ["a.log", "b/*.log"]
-    assert config.gate.close_at == 0.95 and config.gate.mode == "auth_request"
+    assert config.gate.close_at == 0.95
+    assert config.gate.mode == "auth_request"
     assert isinstance(config.gate.reopen_after_s, float)
     assert config.gpu.source == "file:/tmp/gpus.json"
 
@@ -148,7 +150,8 @@ def test_a_value_out_of_its_bound_is_refused_naming_key_and_bound(
 
 def test_duplicate_keys_are_refused_instead_of_the_last_winning(tmp_path: Path) -> None:
     (_, problem), = problems_of(tmp_path, "gate: {close_at: 0.9}\ngate: {close_at: 0.5}\n")
-    assert "line 2, column 1" in problem and "duplicate key 'gate'" in problem
+    assert "line 2, column 1" in problem
+    assert "duplicate key 'gate'" in problem
     (_, problem), = problems_of(tmp_path, "gate:\n  close_at: 0.9\n  close_at: 0.95\n")
     assert "duplicate key 'close_at'" in problem
 
@@ -176,7 +179,8 @@ gate: {{close_at: high}}
 """)
     result = subprocess.run([sys.executable, "-m", "exporter", "check-config", str(bad)],
                             capture_output=True, text=True, check=False, timeout=30)
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
     keys = [line.split(": ")[2] for line in result.stderr.splitlines()]
     assert keys == ["server.listen", "logs.poll_interval_s", "logs.max_line_bytes",
                     "logs.pathz", "metrics.duration_buckets_s", "disk.thresholds[0]",
@@ -199,7 +203,8 @@ def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
         port = taken.getsockname()[1]
         result = run_sidecar(write(tmp_path, f'server: {{listen: "127.0.0.1:{port}"}}\n'
                                              "gpu: {source: none}\n"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1] == (
         f"tts-exporter: cannot start: server.listen: cannot listen on 127.0.0.1:{port} "
         f"(error while attempting to bind on address ('127.0.0.1', {port}): address already "
@@ -218,7 +223,8 @@ def test_an_unwritable_state_file_stops_start_up_with_one_line(
                              permissions_apply)
     finally:
         locked.chmod(0o700)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1] == (
         f"tts-exporter: cannot start: GateComponent cannot start: [Errno 13] Permission "
         f"denied: '{locked}/sub'")

@@ -64,7 +64,8 @@ async def test_start_counts_what_is_already_there_and_publishes(
     w, cache, m = watcher
     key = (str(cache),)
     assert totals(w) == (100, 1)
-    assert m.cache_dir_bytes.get(key) == 100 and m.cache_dir_files.get(key) == 1
+    assert m.cache_dir_bytes.get(key) == 100
+    assert m.cache_dir_files.get(key) == 1
     assert m.cache_disk_total.get(key) == 1000 * 4096
     assert m.cache_disk_free.get(key) == 500 * 4096
 
@@ -211,11 +212,13 @@ async def test_threshold_warnings_are_logged_once_per_crossing(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 4
     assert "crossed the 85 % warning threshold" in warnings[0]
-    assert "crossed the 90 %" in warnings[1] and "crossed the 95 %" in warnings[2]
+    assert "crossed the 90 %" in warnings[1]
+    assert "crossed the 95 %" in warnings[2]
     assert "86.0 % used" in warnings[0]
     assert "crossed the 85 %" in warnings[3]  # re-armed by the drop to 70 %
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert len(infos) == 1 and "below 85 % again" in infos[0]
+    assert len(infos) == 1
+    assert "below 85 % again" in infos[0]
 
 
 async def test_statvfs_failure_drops_the_series_counts_and_logs_once(
@@ -243,5 +246,7 @@ async def test_real_statvfs_reports_this_filesystem(tmp_path: Path) -> None:
     DiskWatcher([str(tmp_path)], metrics).poll_once()
     total = metrics.cache_disk_total.get((str(tmp_path),))
     free = metrics.cache_disk_free.get((str(tmp_path),))
-    assert total is not None and free is not None and 0 <= free <= total
+    assert total is not None
+    assert free is not None
+    assert 0 <= free <= total
     assert total == shutil.disk_usage(tmp_path).total

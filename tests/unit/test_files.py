@@ -35,7 +35,7 @@ def test_write_replaces_the_file_readable_by_others_without_leftovers(
 def test_a_failed_write_raises_and_leaves_no_temp_file(tmp_path: Path, write: Write) -> None:
     target = tmp_path / "taken"
     target.mkdir()                      # os.replace cannot put a file over a directory
-    with pytest.raises(OSError):
+    with pytest.raises(IsADirectoryError):
         write(target, b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]
 

@@ -47,8 +47,10 @@ def test_closes_on_the_first_reading_at_close_at() -> None:
     feed(gate, clock, [0.899])
     assert gate.state.open
     feed(gate, clock, [0.90])
-    assert not gate.state.open and gate.reasons == {"vram"}
-    assert len(transitions) == 1 and transitions[0].since == clock.now - 0.25
+    assert not gate.state.open
+    assert gate.reasons == {"vram"}
+    assert len(transitions) == 1
+    assert transitions[0].since == clock.now - 0.25
 
 
 def test_reopens_only_after_the_hold_time_below_reopen_below() -> None:
@@ -149,7 +151,8 @@ def test_gate_opens_only_when_every_reason_is_gone() -> None:
     assert gate.state.since == since  # more reasons on a closed gate: not a transition
     feed(gate, clock, [0.10])
     gate.set_manual(closed=False)
-    assert gate.reasons == {"alert:VramHigh"} and not gate.state.open
+    assert gate.reasons == {"alert:VramHigh"}
+    assert not gate.state.open
     gate.apply_alerts([("VramHigh", "fp1", False)])
     assert gate.state.open
     assert [t.open for t in transitions] == [False, True]
@@ -238,7 +241,7 @@ def test_unknown_policy_is_refused() -> None:
 
 
 def alert(name: str, status: str = "firing", action: str | None = "close_ingress",
-          fingerprint: str | None = None, **labels: str) -> dict[str, Any]:
+          fingerprint: object = None, **labels: str) -> dict[str, Any]:
     all_labels = {"alertname": name, **labels}
     if action:
         all_labels["action"] = action
@@ -260,11 +263,12 @@ def test_parse_webhook_keeps_only_close_ingress_alerts() -> None:
                                     alert("DiskFull", action="page"),
                                     alert("VramHigh", "resolved", gpu="1")))
     assert updates[0] == ("VramHigh", "f1", True)
-    assert updates[1][0::2] == ("VramHigh", False) and '"gpu"' in updates[1][1]
+    assert updates[1][0::2] == ("VramHigh", False)
+    assert '"gpu"' in updates[1][1]
     assert len(updates) == 2
 
 
-@pytest.mark.parametrize("body, problem", [
+@pytest.mark.parametrize(("body", "problem"), [
     ([], "expected a mapping, got []"),
     (payload(version="3"), "version"),
     ({**payload(), "alerts": {}}, "list"),
@@ -347,11 +351,13 @@ async def test_get_ingress_is_200_when_open_and_503_with_retry_after_when_closed
                                       "since": component.gate.state.since}
     component.gate.observe_gpus([0.97])
     response = await client.get("/ingress")
-    assert response.status == 503 and response.headers["Retry-After"] == "5"
+    assert response.status == 503
+    assert response.headers["Retry-After"] == "5"
     assert (await response.json())["reasons"] == ["vram"]
     # a proxy's auth_request (nginx takes only 2xx/401/403) gets 403 in this mode too
     response = await client.get("/ingress?for=auth_request")
-    assert response.status == 403 and (await response.json())["reasons"] == ["vram"]
+    assert response.status == 403
+    assert (await response.json())["reasons"] == ["vram"]
 
 
 async def test_auth_request_mode_answers_403_when_closed(tmp_path: Path,
@@ -361,7 +367,8 @@ async def test_auth_request_mode_answers_403_when_closed(tmp_path: Path,
     client = await aiohttp_client(build_app(metrics, component.routes))
     component.gate.set_manual(closed=True)
     response = await client.get("/ingress")
-    assert response.status == 403 and "Retry-After" not in response.headers
+    assert response.status == 403
+    assert "Retry-After" not in response.headers
 
 
 async def test_webhook_firing_closes_and_resolved_opens(
@@ -379,7 +386,7 @@ async def test_webhook_firing_closes_and_resolved_opens(
     assert read_gate_file(component)["open"] is True
 
 
-@pytest.mark.parametrize("headers, status", [
+@pytest.mark.parametrize(("headers", "status"), [
     ({}, 401),
     ({"Authorization": "Bearer wrong"}, 401),
     ({"Authorization": f"Basic {TOKEN}"}, 401),
@@ -437,7 +444,8 @@ async def test_malformed_webhook_is_400_and_changes_nothing(
     response = await client.post("/alertmanager", data=body, headers=AUTH)
     assert response.status == 400
     assert "error" in await response.json()
-    assert component.gate.state.open and component.gate_file.read_bytes() == before
+    assert component.gate.state.open
+    assert component.gate_file.read_bytes() == before
 
 
 async def test_manual_override_closes_and_opens(
@@ -445,7 +453,8 @@ async def test_manual_override_closes_and_opens(
     component, metrics, client = gate_http
     response = await client.post("/ingress", json={"action": "close", "reason": "deploy"},
                                  headers=AUTH)
-    assert response.status == 200 and (await response.json())["reasons"] == ["manual"]
+    assert response.status == 200
+    assert (await response.json())["reasons"] == ["manual"]
     assert (await client.get("/ingress")).status == 503
     assert read_gate_file(component) == {"open": False, "reasons": ["manual"],
                                          "since": component.gate.state.since,

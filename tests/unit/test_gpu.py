@@ -186,7 +186,8 @@ class FakeNvml:
 
     def _nvmlDeviceRegisterEvents(self, handle: dict[str, Any], kinds: int, event_set: str) \
             -> None:
-        assert kinds == XID_EVENT and event_set == "event-set"
+        assert kinds == XID_EVENT
+        assert event_set == "event-set"
 
     def _nvmlEventSetWait_v2(self, event_set: str, timeout_ms: int) -> types.SimpleNamespace:
         self.event_waits.append(timeout_ms)
@@ -319,8 +320,10 @@ def test_unsupported_optional_calls_leave_their_fields_out(proc_root: Path) -> N
         fake.fail[name] = CODES["NOT_SUPPORTED"]
     (reading,) = nvml_source(fake, proc_root).read()
     assert reading.memory_used_bytes == 10 * GIB
-    assert reading.power_watts is None and reading.temperature_celsius is None
-    assert reading.utilization_ratio is None and reading.processes == ()
+    assert reading.power_watts is None
+    assert reading.temperature_celsius is None
+    assert reading.utilization_ratio is None
+    assert reading.processes == ()
 
 
 def test_memory_v2_unsupported_falls_back_to_v1(proc_root: Path) -> None:
@@ -381,7 +384,8 @@ def test_file_source_rereads_the_file_every_poll(tmp_path: Path) -> None:
     write_gpus(path, 0.95, 0.1)
     readings = source.read()
     assert [round(r.used_ratio, 2) for r in readings] == [0.95, 0.1]
-    assert readings[1].uuid == "GPU-f1" and readings[1].utilization_ratio is None
+    assert readings[1].uuid == "GPU-f1"
+    assert readings[1].utilization_ratio is None
 
 
 def test_file_source_reads_optional_fields(tmp_path: Path) -> None:
@@ -428,7 +432,8 @@ def test_file_source_rejects_what_is_not_a_reading(tmp_path: Path, content: str 
 def test_make_source_picks_the_configured_source(tmp_path: Path) -> None:
     assert isinstance(make_source("none"), NoneSource)
     source = make_source(f"file:{tmp_path / 'g.json'}")
-    assert isinstance(source, FileSource) and source.path == tmp_path / "g.json"
+    assert isinstance(source, FileSource)
+    assert source.path == tmp_path / "g.json"
     assert isinstance(make_source("nvml"), NvmlSource)
     assert NoneSource().read() == []
 
@@ -452,9 +457,11 @@ async def test_collector_publishes_every_series_of_a_good_poll(proc_root: Path) 
     key = ("0", "GPU-0000")
     assert m.gpu_up.get() == 1.0
     assert m.gpu_info.get(("0", "GPU-0000", "Fake H100")) == 1.0
-    assert m.gpu_memory_used.get(key) == 10 * GIB and m.gpu_memory_total.get(key) == 80 * GIB
+    assert m.gpu_memory_used.get(key) == 10 * GIB
+    assert m.gpu_memory_total.get(key) == 80 * GIB
     assert m.gpu_utilization.get(key) == pytest.approx(0.42)
-    assert m.gpu_temperature.get(key) == 61.0 and m.gpu_power.get(key) == 412.5
+    assert m.gpu_temperature.get(key) == 61.0
+    assert m.gpu_power.get(key) == 412.5
     assert m.gpu_process_memory.get(("0", "4242", "python3")) == 9 * GIB
     await collector.stop()
 
@@ -466,8 +473,10 @@ async def test_unsupported_optional_metrics_are_absent_and_gpu_up_stays_1(
     fake.fail["nvmlDeviceGetTemperature"] = CODES["NOT_SUPPORTED"]
     collector, m = make_collector(nvml_source(fake, proc_root))
     await collector.poll_once()
-    assert m.gpu_up.get() == 1.0 and gpu_errors(m) == 0
-    assert m.gpu_power.values == {} and m.gpu_temperature.values == {}
+    assert m.gpu_up.get() == 1.0
+    assert gpu_errors(m) == 0
+    assert m.gpu_power.values == {}
+    assert m.gpu_temperature.values == {}
     assert m.gpu_memory_used.get(("0", "GPU-0000")) == 10 * GIB
     await collector.stop()
 
@@ -489,12 +498,14 @@ async def test_gpu_lost_mid_run_sets_up_0_drops_values_logs_once_and_recovers(
                    m.gpu_temperature, m.gpu_power, m.gpu_process_memory):
         assert family.values == {}, family.name
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(failures) == 1 and "NVMLError_GpuIsLost" in failures[0]
+    assert len(failures) == 1
+    assert "NVMLError_GpuIsLost" in failures[0]
     assert "tts_gpu_up=0" in failures[0]
     del fake.fail["nvmlDeviceGetMemoryInfo"]
     clock.now += 1.0
     await collector.poll_once()
-    assert m.gpu_up.get() == 1.0 and m.gpu_memory_used.get(("0", "GPU-0000")) == 10 * GIB
+    assert m.gpu_up.get() == 1.0
+    assert m.gpu_memory_used.get(("0", "GPU-0000")) == 10 * GIB
     assert any("recovered after 3 failed polls" in r.getMessage() for r in caplog.records)
     await collector.stop()
 
@@ -506,7 +517,8 @@ async def test_missing_library_and_init_failure_are_gpu_up_0_not_a_crash(
     for source in (NvmlSource(None), nvml_source(fake, proc_root)):
         collector, m = make_collector(source)
         await collector.poll_once()
-        assert m.gpu_up.get() == 0.0 and gpu_errors(m) == 1
+        assert m.gpu_up.get() == 0.0
+        assert gpu_errors(m) == 1
         await collector.stop()
 
 
@@ -520,7 +532,8 @@ async def test_a_source_that_raises_anything_is_a_failed_poll() -> None:
 
     collector, m = make_collector(Broken())
     await collector.poll_once()
-    assert m.gpu_up.get() == 0.0 and gpu_errors(m) == 1
+    assert m.gpu_up.get() == 0.0
+    assert gpu_errors(m) == 1
     await collector.stop()
 
 
@@ -538,7 +551,8 @@ async def test_file_source_errors_are_counted_and_set_gpu_up_0(
         path.write_text(content)
     await collector.poll_once()
     await collector.poll_once()
-    assert m.gpu_up.get() == 0.0 and gpu_errors(m) == 2
+    assert m.gpu_up.get() == 0.0
+    assert gpu_errors(m) == 2
     assert m.gpu_memory_used.values == {}
     await collector.stop()
 
@@ -550,7 +564,8 @@ async def test_a_read_that_hangs_goes_stale_and_closes_a_fail_safe_gate(tmp_path
     gate = Gate(on_gpu_failure="close", stale_after_s=0.2, reopen_after_s=0.0)
     collector, m = make_collector(FileSource(path), gate, stale_after_s=0.2)
     await collector.poll_once()
-    assert m.gpu_up.get() == 0.0 and gpu_errors(m) == 1
+    assert m.gpu_up.get() == 0.0
+    assert gpu_errors(m) == 1
     assert gate.reasons == {"vram"}
     # The next poll waits on the same read instead of stacking a second one on the thread.
     await collector.poll_once()
@@ -570,7 +585,8 @@ async def test_collector_feeds_the_gate_both_ways(tmp_path: Path) -> None:
     collector, _ = make_collector(FileSource(path), gate)
     write_gpus(path, 0.5, 0.95)
     await collector.poll_once()
-    assert not gate.state.open and gate.reasons == {"vram"}
+    assert not gate.state.open
+    assert gate.reasons == {"vram"}
     write_gpus(path, 0.5, 0.88)  # between the thresholds: stays closed
     await collector.poll_once()
     assert not gate.state.open
@@ -597,11 +613,13 @@ async def test_a_gpu_that_was_seen_and_vanishes_is_a_failed_reading(tmp_path: Pa
     assert set(m.gpu_memory_used.values) == {("0", "GPU-f0"), ("1", "GPU-f1")}
     write_gpus(path, 0.2)
     await collector.poll_once()
-    assert m.gpu_up.get() == 0.0 and gpu_errors(m) == 1
+    assert m.gpu_up.get() == 0.0
+    assert gpu_errors(m) == 1
     assert m.gpu_memory_used.values == {}  # no series of either GPU looks fresh
     write_gpus(path, 0.2, 0.3)  # it came back
     await collector.poll_once()
-    assert m.gpu_up.get() == 1.0 and len(m.gpu_memory_used.values) == 2
+    assert m.gpu_up.get() == 1.0
+    assert len(m.gpu_memory_used.values) == 2
     await collector.stop()
 
 
@@ -620,7 +638,8 @@ async def test_an_empty_gpu_list_does_not_reopen_a_closed_gate(tmp_path: Path,
     for _ in range(3):
         await collector.poll_once()
     assert m.gpu_up.get() == 0.0
-    assert gate.reasons == {"vram"} and not gate.state.open
+    assert gate.reasons == {"vram"}
+    assert not gate.state.open
     await collector.stop()
 
 
@@ -639,7 +658,8 @@ async def test_nvml_reporting_zero_devices_after_a_reinit_is_a_failed_reading(
     clock.now += 1.0
     await collector.poll_once()
     assert fake.count("nvmlInit") == 2
-    assert m.gpu_up.get() == 0.0 and gpu_errors(m) == 2
+    assert m.gpu_up.get() == 0.0
+    assert gpu_errors(m) == 2
     assert not gate.state.open
     await collector.stop()
 
@@ -725,7 +745,8 @@ async def test_unsupported_signals_are_noted_once_and_their_series_absent(
     collector, m = make_collector(nvml_source(fake, proc_root))
     for _ in range(5):
         await collector.poll_once()
-    assert m.gpu_up.get() == 1.0 and gpu_errors(m) == 0
+    assert m.gpu_up.get() == 1.0
+    assert gpu_errors(m) == 0
     for family in (m.gpu_sm_clock, m.gpu_ecc_uncorrected, m.gpu_remapped_rows,
                    m.gpu_row_remap_pending, m.gpu_clock_event_active, m.gpu_power):
         assert family.values == {}, family.name
@@ -744,7 +765,8 @@ def test_a_pynvml_without_the_newer_calls_reads_memory_as_before(proc_root: Path
         delattr(fake.module, name)
     (reading,) = nvml_source(fake, proc_root).read()
     assert reading.memory_used_bytes == 10 * GIB
-    assert reading.remapped_rows is None and reading.clock_events is None
+    assert reading.remapped_rows is None
+    assert reading.clock_events is None
     assert {"remapped_rows", "clock_events", "xid"} <= reading.unsupported
 
 
@@ -756,7 +778,8 @@ def test_mig_instances_are_read_as_devices_of_their_own(proc_root: Path) -> None
     readings = nvml_source(fake, proc_root).read()
     assert [(r.label, r.uuid) for r in readings] == [("0", "GPU-0000"),
                                                      ("0/mig1", "MIG-aaaa-bbbb")]
-    assert readings[1].used_ratio == 0.25 and readings[1].utilization_ratio is None
+    assert readings[1].used_ratio == 0.25
+    assert readings[1].utilization_ratio is None
 
 
 # --- Which GPUs are followed (gpu.devices) -----------------------------------------------------
@@ -778,13 +801,16 @@ def test_a_listed_gpu_matches_by_uuid_in_either_form_or_by_index() -> None:
 def test_auto_follows_the_app_then_none_when_a_ready_app_holds_no_gpu() -> None:
     watch = DeviceWatch("auto")
     readings = [reading(0, "GPU-aaaa"), reading(1, "GPU-bbbb")]
-    assert len(watch.select(readings)) == 2 and watch.mode == "all"
+    assert len(watch.select(readings)) == 2
+    assert watch.mode == "all"
     assert not watch.follow_app([], ready=False)  # still loading: says nothing yet
     assert watch.follow_app(["bbbb"], ready=True)
-    assert [r.uuid for r in watch.select(readings)] == ["GPU-bbbb"] and watch.mode == "app"
+    assert [r.uuid for r in watch.select(readings)] == ["GPU-bbbb"]
+    assert watch.mode == "app"
     assert not watch.follow_app(["bbbb"], ready=True)
     assert watch.follow_app([], ready=True)
-    assert watch.select(readings) == [] and watch.mode == "none"
+    assert watch.select(readings) == []
+    assert watch.mode == "none"
     assert not DeviceWatch("all").follow_app(["bbbb"], ready=True)
 
 

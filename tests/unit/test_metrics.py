@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -91,12 +92,8 @@ def test_state_with_changed_buckets_is_dropped_not_misread() -> None:
 def test_defining_a_name_twice_is_refused() -> None:
     registry = MetricSet()
     registry.gauge("tts_x", "x")
-    try:
+    with pytest.raises(ValueError, match="defined twice"):
         registry.counter("tts_x", "again")
-    except ValueError as exc:
-        assert "defined twice" in str(exc)
-    else:
-        raise AssertionError("duplicate metric name accepted")
 
 
 def test_cache_hits_and_lookups_are_exported_at_zero_before_any_synthesis() -> None:

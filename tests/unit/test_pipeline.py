@@ -176,8 +176,15 @@ def test_exemplars_carry_request_ids() -> None:
 
 def test_on_records_gets_each_chunks_lines_with_a_request_id_once() -> None:
     seen: list[tuple[str, Record]] = []
+    p: LogPipeline    # the callback reads it: declared before the call that builds it
+
+    def record_of(line: str) -> Record:
+        record = p.parser.parse(line.encode())
+        assert record is not None, line
+        return record
+
     p, _ = pipeline(on_records=lambda source, batch: seen.extend(
-        (source, p.parser.parse(line.encode())) for _, _, line, _ in batch))
+        (source, record_of(line)) for _, _, line, _ in batch))
     p.process("app.log", jline(event="stage_time", request_id="r1", stage="s", duration_ms=1)
               + b"  continuation\n" + jline(event="service_start", pid=1)
               + jline(event="synthesis_complete", request_id="r1", status="success"))
@@ -249,7 +256,7 @@ def test_null_label_values_count_as_missing_ones() -> None:
     assert m.log_records.values == {("ERROR", "none"): 1.0}
 
 
-@pytest.mark.parametrize("field,event", [
+@pytest.mark.parametrize(("field", "event"), [
     ("duration_ms", "synthesis_complete"), ("audio_duration_ms", "synthesis_complete"),
     ("text_len", "synthesis_complete"), ("queue_ms", "synthesis_complete"),
     ("duration_ms", "stage_time"), ("duration_ms", "http_request"),
@@ -294,7 +301,8 @@ def test_batch_size_counts_fresh_syntheses_by_the_batch_they_ran_in() -> None:
                        duration_ms=5, batch_size=-2)
                + b"2024-06-12 14:22:38,415 - eng - INFO - synthesis_complete: id=r4, "
                  b"status=failed, error_code=GPU_OOM, batch_size=2\n")
-    assert m.batch_size.count() == 2 and m.batch_size.total() == 10
+    assert m.batch_size.count() == 2
+    assert m.batch_size.total() == 10
     assert outcomes(m) == {"parsed": 3, "invalid_field": 1}
     assert "tts_batch_size" in m.log_derived_names()
 

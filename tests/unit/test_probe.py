@@ -57,7 +57,8 @@ async def test_up_app_publishes_queue_and_up(app_server: tuple[FakeApp, TestServ
     assert m.app_up.get() == 1.0
     assert (m.requests_waiting.get(), m.requests_running.get(), m.requests_capacity.get()) == \
         (3.0, 2.0, 64.0)
-    assert m.app_restarts.get() == 0 and m.collector_errors.get(("probe",)) == 0
+    assert m.app_restarts.get() == 0
+    assert m.collector_errors.get(("probe",)) == 0
     await probe.stop()
 
 
@@ -97,7 +98,8 @@ async def test_a_restart_across_downtime_is_counted(app_server: tuple[FakeApp, T
     fake.status = 200
     fake.body = {**fake.body, "started_at": 1718300000.0}
     await probe.probe_once()
-    assert m.app_up.get() == 1.0 and m.app_restarts.get() == 1
+    assert m.app_up.get() == 1.0
+    assert m.app_restarts.get() == 1
     await probe.stop()
 
 
@@ -124,12 +126,15 @@ async def test_failed_probe_is_app_down_without_stale_queue_figures(
     await probe.probe_once()
     assert m.app_up.get() == 0.0
     assert m.collector_errors.get(("probe",)) == 2
-    assert m.requests_waiting.get() is None and m.requests_capacity.get() is None
+    assert m.requests_waiting.get() is None
+    assert m.requests_capacity.get() is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and logged in warnings[0]
+    assert len(warnings) == 1
+    assert logged in warnings[0]
     fake.__init__()  # type: ignore[misc]
     await probe.probe_once()
-    assert m.app_up.get() == 1.0 and m.requests_waiting.get() == 3.0
+    assert m.app_up.get() == 1.0
+    assert m.requests_waiting.get() == 3.0
     assert any("answers again after 2 failed probes" in r.getMessage() for r in caplog.records)
     await probe.stop()
 
@@ -162,7 +167,8 @@ def test_status_parse_names_the_bad_key() -> None:
     with pytest.raises(ProbeError, match="capacity: missing"):
         AppStatus.parse({"waiting": 1, "running": 1, "started_at": 2.0})
     status = AppStatus.parse({"waiting": 1, "running": 0, "capacity": 4, "started_at": 7})
-    assert status.started_at == 7.0 and status.pid is None
+    assert status.started_at == 7.0
+    assert status.pid is None
 
 
 DEVICE = {"index": 0, "uuid": "GPU-8f3a", "memory_allocated_bytes": 2e9,
@@ -186,12 +192,14 @@ async def test_the_apps_gpu_memory_is_exported_and_handed_on(
     # A device without PyTorch's figures keeps only what it reported.
     fake.body = {**fake.body, "gpu_devices": [{"uuid": "GPU-8f3a"}]}
     await probe.probe_once()
-    assert metrics.app_gpu_allocated.values == {} and metrics.app_gpu_oom.values == {}
+    assert metrics.app_gpu_allocated.values == {}
+    assert metrics.app_gpu_oom.values == {}
     fake.body = {**fake.body, "gpu_devices": [DEVICE]}
     await probe.probe_once()
     fake.status = 503  # a dead app's memory is not a fact any more
     await probe.probe_once()
-    assert metrics.app_gpu_reserved.values == {} and metrics.app_gpu_oom.values == {}
+    assert metrics.app_gpu_reserved.values == {}
+    assert metrics.app_gpu_oom.values == {}
     assert len(seen) == 3
     await probe.stop()
 
@@ -218,10 +226,12 @@ def test_a_malformed_gpu_device_list_is_a_failed_probe_naming_the_path(
 
 def test_gpu_devices_and_ready_are_optional() -> None:
     status = AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0})
-    assert status.gpu_devices is None and status.ready is True
+    assert status.gpu_devices is None
+    assert status.ready is True
     status = AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0,
                               "ready": False, "gpu_devices": []})
-    assert status.gpu_devices == () and status.ready is False
+    assert status.gpu_devices == ()
+    assert status.ready is False
     with pytest.raises(ProbeError, match="ready: expected true or false"):
         AppStatus.parse({"waiting": 0, "running": 0, "capacity": 1, "started_at": 1.0,
                          "ready": "yes"})
@@ -242,7 +252,8 @@ async def test_log_write_errors_are_exported_as_the_apps_counter(
     for bad in ("many", -1):
         fake.body = {**fake.body, "log_write_errors": bad}
         await probe.probe_once()
-        assert m.app_up.get() == 0.0 and m.app_log_write_errors.get() == 3
+        assert m.app_up.get() == 0.0
+        assert m.app_log_write_errors.get() == 3
     await probe.stop()
 
 
@@ -260,7 +271,8 @@ async def test_model_instances_by_state_are_exported_and_dropped_with_the_app(
     for bad in (-1, 1.5, True, "2"):
         fake.body = {**fake.body, "instances_hung": bad}
         await probe.probe_once()
-        assert m.app_up.get() == 0.0 and m.app_instances.values == {}   # not a fact any more
+        assert m.app_up.get() == 0.0
+        assert m.app_instances.values == {}   # not a fact any more
     await probe.stop()
 
 
@@ -269,16 +281,19 @@ async def test_the_apps_store_health_and_fallbacks_are_exported(
     fake, server = app_server
     fake.body = {**fake.body, "store": {"kind": "redis", "healthy": True, "fallbacks_total": 0}}
     probe, m = await started_probe(server)
-    assert m.app_store_up.get() == 1.0 and m.app_store_fallbacks.get() == 0
+    assert m.app_store_up.get() == 1.0
+    assert m.app_store_fallbacks.get() == 0
     fake.body = {**fake.body, "store": {"kind": "redis", "healthy": False,
                                         "fallbacks_total": 42}}
     await probe.probe_once()
-    assert m.app_store_up.get() == 0.0 and m.app_store_fallbacks.get() == 42
+    assert m.app_store_up.get() == 0.0
+    assert m.app_store_fallbacks.get() == 42
     for bad in ({"healthy": "no", "fallbacks_total": 1}, {"healthy": True,
                                                          "fallbacks_total": -1}, [1]):
         fake.body = {**fake.body, "store": bad}
         await probe.probe_once()
-        assert m.app_up.get() == 0.0 and m.app_store_up.get() is None
+        assert m.app_up.get() == 0.0
+        assert m.app_store_up.get() is None
         assert m.app_store_fallbacks.get() == 42
     await probe.stop()
 
@@ -296,7 +311,8 @@ async def test_queue_size_and_limit_are_exported_when_status_has_them(
         (2.0, 16.0, 18.0)
     fake.status = 500
     await probe.probe_once()
-    assert not m.queue_size.values and not m.queue_limit.values
+    assert not m.queue_size.values
+    assert not m.queue_limit.values
     await probe.stop()
 
 

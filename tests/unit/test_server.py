@@ -23,7 +23,7 @@ from tests.unit.conftest import gate_latencies_while_hammered
 
 
 @pytest.fixture
-async def client(aiohttp_client) -> TestClient:  # type: ignore[no-untyped-def]
+async def client(aiohttp_client) -> TestClient:
     metrics = SidecarMetrics()
     metrics.http_requests.inc(("POST", "/v1/tts", "200"), 5)
     metrics.http_duration.observe(("/v1/tts",), 0.42, "req-1")

@@ -88,7 +88,8 @@ def test_complete_lines_go_out_in_one_batch_and_a_partial_line_waits(
         out.write("half a li")
     tailer = tailer_for(tmp_path, metrics, sink)
     tailer.poll()
-    assert len(sink.calls) == 1 and sink.calls[0][0] == str(log)
+    assert len(sink.calls) == 1
+    assert sink.calls[0][0] == str(log)
     assert sink.texts() == numbered("a", 0, 1000)
     with log.open("a") as out:
         out.write("ne\n")
@@ -197,7 +198,8 @@ def test_an_unreadable_path_is_counted_and_the_others_still_tailed(
     assert sink.texts() == ["fine"]
     assert metrics.collector_errors.get(("tail",)) == 2
     errors = [r for r in caplog.records if "loop.log" in r.getMessage()]
-    assert len(errors) == 1 and errors[0].levelname == "ERROR"  # logged once, counted each time
+    assert len(errors) == 1
+    assert errors[0].levelname == "ERROR"  # logged once, counted each time
 
 
 # --- rotations ----------------------------------------------------------------------------
@@ -224,7 +226,8 @@ def test_rename_rotation_finishes_the_old_file_then_reads_the_new_one(
     assert len(tailer.files) == 1  # the rotated file was closed once finished
     append(log, ["after 3"])
     tailer.poll()
-    assert sink.texts()[-1] == "after 3" and len(sink.lines()) == 11
+    assert sink.texts()[-1] == "after 3"
+    assert len(sink.lines()) == 11
 
 
 def test_rename_into_a_name_the_glob_matches_keeps_the_offset(

@@ -57,12 +57,15 @@ def _golden_store() -> TimelineStore:
 def test_store_from_real_parser_records() -> None:
     store = _golden_store()
     r2 = store.get("r2")
-    assert r2 is not None and r2["status"] == "failed"
+    assert r2 is not None
+    assert r2["status"] == "failed"
     assert [s["stage"] for s in r2["stages"]] == ["text_normalize", "llm_inference"]
-    assert r2["duration_ms"] == 1120 and r2["span_ms"] == 1130.0
+    assert r2["duration_ms"] == 1120
+    assert r2["span_ms"] == 1130.0
     assert r2["errors"][0]["error_code"] == "SCIPY_FFT_INVALID"
     r1 = store.get("r1")
-    assert r1 is not None and r1["status"] == "success"
+    assert r1 is not None
+    assert r1["status"] == "success"
     assert store.get("missing") is None
 
 
@@ -83,7 +86,8 @@ def test_only_the_newest_lines_are_kept_and_recent_orders_by_last_record() -> No
     _add(store, None, "service_start", 5.0)     # no request id: never handed over
     assert len(store) == 3
     a = store.get("a")
-    assert a is not None and [r["event"] for r in a["records"]] == ["stage_time"]
+    assert a is not None
+    assert [r["event"] for r in a["records"]] == ["stage_time"]
     assert [(r["request_id"], r["updated"], r["records"]) for r in store.recent()] == [
         ("c", 4.0, 1), ("a", 3.0, 1), ("b", 2.0, 1)]
     _add(store, "d", "synthesis_start", 6.0)
@@ -95,7 +99,8 @@ def test_records_per_request_bounded_with_drop_count() -> None:
     for i in range(10):
         _add(store, "a", "stage_time", float(i), stage=f"s{i}", duration_ms=i)
     timeline = store.get("a")
-    assert timeline is not None and timeline["dropped_records"] == 7
+    assert timeline is not None
+    assert timeline["dropped_records"] == 7
     assert [s["stage"] for s in timeline["stages"]] == ["s7", "s8", "s9"]
 
 
@@ -111,7 +116,8 @@ def test_http_status_sets_status_without_synthesis() -> None:
     assert [r["request_id"] for r in store.recent(status="failed")] == ["t", "v"]
     assert store.recent(status="success")[0]["request_id"] == "ok"
     timeline = store.get("t")
-    assert timeline is not None and timeline["records"][0]["fields"]["status"] == 503
+    assert timeline is not None
+    assert timeline["records"][0]["fields"]["status"] == 503
 
 
 async def _client(component: TimelineComponent) -> TestClient:
@@ -128,7 +134,8 @@ async def test_routes_over_http() -> None:
         resp = await client.get("/requests/r2")
         assert resp.status == 200
         body = await resp.json()
-        assert body["request_id"] == "r2" and body["status"] == "failed"
+        assert body["request_id"] == "r2"
+        assert body["status"] == "failed"
         assert len(body["records"]) == 5     # the free-form error line has no id field
         resp = await client.get("/requests/unknown-id")
         assert resp.status == 404
@@ -161,7 +168,8 @@ def test_listing_and_timeline_agree_on_the_newest_status() -> None:
     assert listed == {"x": "success", "y": "success"}
     for rid in ("x", "y"):
         timeline = store.get(rid)
-        assert timeline is not None and timeline["status"] == listed[rid]
+        assert timeline is not None
+        assert timeline["status"] == listed[rid]
 
 
 def _voice_line(rid: str, t: float, voice: str) -> tuple[object, str, str, object]:
@@ -187,9 +195,12 @@ def test_long_lines_are_kept_shortened_within_the_byte_bound() -> None:
     assert store.bytes <= max_bytes
     assert held < 2 * max_bytes, f"store holds {held} bytes"
     newest = store.get("r19-99")
-    assert newest is not None and newest["status"] == "success"
+    assert newest is not None
+    assert newest["status"] == "success"
     voice = newest["records"][0]["fields"]["voice"]
-    assert voice.startswith("vvv") and voice.endswith("…") and len(voice) < 1024
+    assert voice.startswith("vvv")
+    assert voice.endswith("…")
+    assert len(voice) < 1024
     assert store.get("r0-0") is None     # the oldest went first
 
 
@@ -201,8 +212,10 @@ def test_shorten_line_keeps_a_parsable_record_of_any_json_shape() -> None:
     short = shorten_line(line, 1024)
     assert len(short) <= 1024
     parsed = PARSER.fields(short)
-    assert parsed is not None and parsed[1] == "synthesis_complete"
-    assert parsed[2]["status"] == "failed" and parsed[2]["truncated"] is True
+    assert parsed is not None
+    assert parsed[1] == "synthesis_complete"
+    assert parsed[2]["status"] == "failed"
+    assert parsed[2]["truncated"] is True
     text = "2024-06-12 14:22:38,415 - app - INFO - synthesis_start: id=r1, voice=" + "v" * 5000
     assert shorten_line(text, 300) == text[:300]
 
@@ -257,6 +270,7 @@ def test_a_timeline_shows_the_length_of_the_text_never_the_text() -> None:
     timeline = store.get("ts_7f3a")
     assert timeline is not None
     shown = json.dumps(timeline, ensure_ascii=False)
-    assert "今天天气真好" not in shown and "secret words" not in shown
+    assert "今天天气真好" not in shown
+    assert "secret words" not in shown
     assert [r["fields"]["text_len"] for r in timeline["records"]] == [6, 12]
     assert timeline["errors"][0]["error_code"] == "BAD_TEXT"

@@ -41,10 +41,11 @@ def test_a_full_web_config_loads(tmp_path: Path, tls_files: TlsFiles) -> None:
                               "client_auth_type": "RequireAndVerifyClientCert",
                               "min_version": "TLS13"},
         "basic_auth_users": {"prometheus": HASH}}))
-    assert web.ssl_context is not None and web.users == {"prometheus": HASH.encode()}
+    assert web.ssl_context is not None
+    assert web.users == {"prometheus": HASH.encode()}
 
 
-@pytest.mark.parametrize("tls, users, key", [
+@pytest.mark.parametrize(("tls", "users", "key"), [
     ({}, {"u": "plaintext"}, "basic_auth_users.u"),
     ({"client_auth_type": "RequireAnyClientCert"}, {}, "tls_server_config.client_auth_type"),
     ({"client_auth_type": "VerifyClientCertIfGiven"}, {}, "tls_server_config.client_ca_file"),
@@ -60,7 +61,8 @@ def test_an_invalid_web_config_names_file_and_key(tmp_path: Path, tls_files: Tls
     path = write(tmp_path, {"tls_server_config": {**base, **tls}, "basic_auth_users": users})
     with pytest.raises(ConfigError) as caught:
         load_web_config(path)
-    assert caught.value.file == str(path) and caught.value.key == key
+    assert caught.value.file == str(path)
+    assert caught.value.key == key
 
 
 def test_unsupported_sections_are_refused_not_ignored(tmp_path: Path) -> None:
@@ -113,7 +115,8 @@ def test_the_shipped_example_loads_with_real_certificates(tmp_path: Path,
     example["tls_server_config"].update(cert_file=str(tls_files.server_cert),
                                         key_file=str(tls_files.server_key))
     web = load_web_config(write(tmp_path, example))
-    assert web.ssl_context is not None and list(web.users) == ["prometheus"]
+    assert web.ssl_context is not None
+    assert list(web.users) == ["prometheus"]
 
 
 @pytest.mark.parametrize(("raw", "expected"), [
