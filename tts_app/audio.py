@@ -53,7 +53,3 @@ def spectral_centroid(samples: np.ndarray, sample_rate: int) -> float:
         return 0.0
     freqs = np.fft.rfftfreq(samples.size, d=1.0 / sample_rate)
     return float((freqs * magnitude).sum() / total)
-
-
-def pcm16_to_float(pcm: bytes) -> np.ndarray:
-    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import yaml
 from multidict import CIMultiDict
 
+from tests.conftest import busy_port
 from tts_app.config import AppConfig, ConfigError, config_from_mapping, load_config
 from tts_app.identity import ClientIdentity
 
@@ -181,10 +181,7 @@ def test_a_vanished_config_file_is_one_message(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with busy_port() as port:
         config = tmp_path / "app.yaml"
         config.write_text(f'server: {{listen: "127.0.0.1:{port}"}}\n'
                           f"log: {{path: {tmp_path}/app.log}}\ncache: {{dir: {tmp_path}/c}}\n")

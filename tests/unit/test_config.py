@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from exporter.config import Config, ConfigError, load_config
-from tests.conftest import free_port
+from tests.conftest import busy_port, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -197,10 +196,7 @@ def run_sidecar(config: Path, prefix: list[str] | None = None,
 
 @pytest.mark.slow
 def test_a_busy_port_stops_start_up_with_one_line(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
+    with busy_port() as port:
         result = run_sidecar(write(tmp_path, f'server: {{listen: "127.0.0.1:{port}"}}\n'
                                              "gpu: {source: none}\n"))
     assert result.returncode == 1, result.stderr
