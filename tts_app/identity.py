@@ -13,6 +13,7 @@ only the TCP peer is believed, and headers only when that peer is a proxy of our
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -45,13 +46,17 @@ class ClientIdentity:
     def __init__(self, trusted_proxies: Iterable[str], client_header: str) -> None:
         self._trusted = tuple(parse_network(text) for text in trusted_proxies)
         self._header = client_header
+        # Every request asks about its peer; a bounded cache keeps the address parsing off
+        # the request path for the peers actually seen (few behind a proxy).
+        self._trusted_peer = functools.lru_cache(maxsize=4096)(
+            lambda peer: self._is_trusted(_address(peer)))
 
     def _is_trusted(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
         return ip is not None and any(ip in network for network in self._trusted)
 
     def of(self, peer: str | None, headers: MultiMapping[str]) -> str:
         """The identity of a request from ``peer`` (the socket's remote address)."""
-        if peer is None or not self._is_trusted(_address(peer)):
+        if peer is None or not self._trusted_peer(peer):
             return peer or "unknown"
         given = headers.get(self._header, "") if self._header else ""
         if 0 < len(given) <= MAX_HEADER_CHARS and given.isascii() and given.isprintable():
