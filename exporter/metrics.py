@@ -25,6 +25,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any
@@ -204,6 +205,16 @@ class CounterFamily(_Family):
     def get(self, labels: Labels = ()) -> float:
         return self.values.get(labels, 0.0)
 
+    def slot(self, labels: Labels = ()) -> Labels:
+        """The key :meth:`inc` of ``labels`` adds to, its series made to exist (at 0) as
+        :meth:`inc` would make it, overflows counted as it would count them."""
+        values = self.values
+        if labels in values:
+            return labels
+        labels = self._series_key(labels, len(values))
+        values.setdefault(labels, 0.0)
+        return labels
+
     def _collect(self) -> Metric:
         family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
         for labels, value in self.values.items():
@@ -287,12 +298,19 @@ class HistogramFamily(_Family):
         if type(exemplar_id) is str and 0 < len(exemplar_id) <= MAX_EXEMPLAR_ID_CHARS:
             series.exemplars[index] = (exemplar_id, value, time.time())
 
+    def slot(self, labels: Labels = ()) -> Labels:
+        """The key of the series :meth:`observe` of ``labels`` adds to, made to exist as it
+        would make it."""
+        series = self.series
+        if labels in series:
+            return labels
+        labels = self._series_key(labels, len(series))
+        if labels not in series:
+            series[labels] = _HistogramSeries(len(self.bounds))
+        return labels
+
     def _new_series(self, labels: Labels) -> _HistogramSeries:
-        labels = self._series_key(labels, len(self.series))
-        series = self.series.get(labels)
-        if series is None:
-            series = self.series[labels] = _HistogramSeries(len(self.bounds))
-        return series
+        return self.series[self.slot(labels)]
 
     def count(self, labels: Labels = ()) -> int:
         series = self.series.get(labels)
@@ -468,6 +486,7 @@ class SidecarMetrics:
         version: str = "0.1.0",
     ) -> None:
         m = self.metric_set = MetricSet()
+        self._overflows_recorded: list[tuple[str, str]] | None = None
 
         # --- System layer: GPU (NVML or file source), cache disk, the app process.
         self.gpu_up = m.gauge("tts_gpu_up", "1 when the last GPU poll succeeded and is fresh, "
@@ -744,9 +763,27 @@ class SidecarMetrics:
 
     def limit_log_labels(self, limits: SeriesLimits) -> None:
         """Put ``limits`` on every family of :meth:`log_labelled`."""
-        inc = self.label_overflow.inc
         for family in self.log_labelled():
-            family.limit(limits, lambda name, label: inc((name, label)))
+            family.limit(limits, self._overflowed)
+
+    def _overflowed(self, family: str, label: str) -> None:
+        recorded = self._overflows_recorded
+        if recorded is None:
+            self.label_overflow.inc((family, label))
+        else:
+            recorded.append((family, label))
+
+    @contextmanager
+    def recording_overflows(self) -> Iterator[list[tuple[str, str]]]:
+        """Overflows (family, label) noted in the list it yields instead of counted: the log
+        pipeline decides once what a kind of line does, overflows included, and counts them
+        once per line (hold :meth:`updating`)."""
+        recorded: list[tuple[str, str]] = []
+        self._overflows_recorded = recorded
+        try:
+            yield recorded
+        finally:
+            self._overflows_recorded = None
 
     def log_derived_bound_bytes(self) -> int:
         """The most bytes the :meth:`log_labelled` families can take in ``/metrics`` (text or

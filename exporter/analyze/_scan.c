@@ -28,6 +28,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <float.h>
 #include <stdint.h>
 #include <string.h>
@@ -1368,15 +1369,25 @@ static PyTypeObject ScannerType = {
  * (types, ranges, labels, budgets, metrics) stays with the pipeline's Python handlers. */
 
 enum { K_STRING, K_NUMBER, K_LABEL };
-/* What a spec entry extracts (pipeline.py NUMBER, RAW, FLAG): a checked number, the value as
- * written, or whether the value is one of the true flag values. */
-enum { S_NUMBER = 1, S_RAW, S_FLAG };
+/* What a spec entry is (pipeline.py NUMBER, LABEL, FLAG, TEXT): a number converted here, a
+ * label whose value as written is part of the line's kind, a flag (is the value one of the
+ * true values) that is too, and the text whose length stands in for a missing class number
+ * (such a line is the handler's: only Python's decoding gives that length). */
+enum { S_NUMBER = 1, S_LABEL, S_FLAG, S_TEXT };
 
 #define MAX_SPEC 24
+#define MAX_KIND_LABELS 4
+#define MAX_KIND_FLAGS 8
+#define MAX_NUMBERS 16
+#define MAX_CLASSES 8
 
 typedef struct {
     int n;
     unsigned char code[MAX_SPEC], kind[MAX_SPEC];
+    int n_numbers, n_labels, n_flags;
+    int class_number;              /* the number whose class is part of the kind */
+    int n_bounds;
+    double bounds[MAX_CLASSES];    /* class i: the first bound the number does not exceed */
 } Spec;
 
 #define CACHE_SLOTS 512
@@ -1399,7 +1410,10 @@ typedef struct {
     PyObject *level_names;         /* dict: level as written (bytes) -> parser's level */
     PyObject *empty;               /* "" */
     PyObject *true_values;         /* the flag values that are true */
+    PyObject *counted_levels;      /* levels whose records the pipeline counts by code */
     double max_number;
+    Py_ssize_t max_exemplar;       /* longest request id an exemplar takes */
+    int id_code, status_code;      /* field codes of "id" and "status" (0: not read) */
     Spec *specs;                   /* per event code (n = 0: the event has none) */
     Py_ssize_t n_events;
     int n_fields;
@@ -1481,49 +1495,507 @@ static PyObject *field_value(Classifier *c, int code, const Value *v) {
     return c->kind[code] == K_LABEL ? cached_str(c, v->s, v->n) : ascii_str(v->s, v->n);
 }
 
-/* The values the event's spec names, as the pipeline's _extract gives them, from the line's
- * field values (`objects`, by field code; NULL where absent); None where a number is not one
- * this code vouches for (the handler then reads the fields); NULL: error. */
-static PyObject *spec_values(Classifier *c, PyObject *const *objects, const Spec *spec) {
-    PyObject *values = PyTuple_New(spec->n);
-    for (int i = 0; values != NULL && i < spec->n; i++) {
-        PyObject *value = objects[spec->code[i]], *item;
-        if (value == NULL) {
-            item = spec->kind[i] == S_FLAG ? Py_False : Py_None;
-        } else if (spec->kind[i] == S_NUMBER) {
-            /* a float here is one live_number converted; anything else is the parser's */
-            if (!PyFloat_CheckExact(value) || !(PyFloat_AS_DOUBLE(value) <= c->max_number)) {
-                Py_DECREF(values);
-                return Py_NewRef(Py_None);
-            }
-            item = value;
-        } else if (spec->kind[i] == S_FLAG) {
-            int truth = PySet_Contains(c->true_values, value);
-            if (truth < 0) {
-                Py_DECREF(values);
-                return NULL;
-            }
-            item = truth ? Py_True : Py_False;
-        } else {
-            item = value;
-        }
-        PyTuple_SET_ITEM(values, i, Py_NewRef(item));
+/* ---- runs of whole syntheses ------------------------------------------------------------- */
+
+/* Consecutive lines of a spec's event that this code read whole: per line the index of its
+ * kind (labels, flags, which numbers it carries, its class: all the pipeline needs to decide
+ * what such a line does) and its numbers. LogPipeline._count_run decides once per kind and
+ * apply() carries that out line by line, in line order, so each sum is added up exactly as
+ * the pipeline's own per-line code adds it. */
+
+#define RUN_KINDS 64
+
+typedef struct {
+    PyObject *label[MAX_KIND_LABELS];   /* borrowed from the kind's tuple; NULL: absent */
+    unsigned flags, present;
+    int cls;
+    uint32_t hash;
+} KindKey;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t n, cap;
+    int n_numbers, n_labels, n_flags;
+    unsigned char *kind;           /* per line: its kind's index */
+    double *numbers;               /* per line: n_numbers numbers (0 where absent) */
+    PyObject **ids;                /* per line: the request id an exemplar takes, or NULL */
+    PyObject *kinds;               /* list of kind tuples, in order of first appearance */
+    PyObject *kept;                /* list of (id, event, line, status) of lines with an id */
+    int n_kinds;
+    KindKey keys[RUN_KINDS];
+} SynthesisRun;
+
+static PyTypeObject SynthesisRunType;
+
+static SynthesisRun *run_new(const Spec *spec) {
+    SynthesisRun *run = PyObject_New(SynthesisRun, &SynthesisRunType);
+    if (run == NULL)
+        return NULL;
+    run->n = run->cap = 0;
+    run->n_numbers = spec->n_numbers;
+    run->n_labels = spec->n_labels;
+    run->n_flags = spec->n_flags;
+    run->kind = NULL;
+    run->numbers = NULL;
+    run->ids = NULL;
+    run->n_kinds = 0;
+    run->kinds = PyList_New(0);
+    run->kept = PyList_New(0);
+    if (run->kinds == NULL || run->kept == NULL) {
+        Py_DECREF(run);
+        return NULL;
     }
-    if (values != NULL)
-        PyObject_GC_UnTrack(values);   /* floats, strings, None, bools: no cycle possible */
-    return values;
+    return run;
 }
 
-/* (level, event, fields, line, values or None) of a text record line, or NULL: the parser's
- * (no error set) or an error. */
-static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
+static void SynthesisRun_dealloc(SynthesisRun *run) {
+    for (Py_ssize_t i = 0; i < run->n; i++)
+        Py_XDECREF(run->ids[i]);
+    PyMem_Free(run->kind);
+    PyMem_Free(run->numbers);
+    PyMem_Free(run->ids);
+    Py_XDECREF(run->kinds);
+    Py_XDECREF(run->kept);
+    PyObject_Free(run);
+}
+
+static Py_ssize_t SynthesisRun_len(SynthesisRun *run) { return run->n; }
+
+static int same_label(PyObject *a, PyObject *b) {
+    if (a == b)
+        return 1;
+    if (a == NULL || b == NULL)
+        return 0;
+    Py_ssize_t n = PyUnicode_GET_LENGTH(a);
+    return n == PyUnicode_GET_LENGTH(b)
+           && memcmp(PyUnicode_1BYTE_DATA(a), PyUnicode_1BYTE_DATA(b), (size_t)n) == 0;
+}
+
+/* The index of this kind in the run (added if new), or -1: the run holds RUN_KINDS kinds
+ * (the line starts the next run), or -2: an error. Steals nothing. */
+static int run_kind(SynthesisRun *run, PyObject *const *label, unsigned flags,
+                    unsigned present, int cls) {
+    uint32_t h = 2166136261u ^ (flags * 16777619u) ^ (present * 2654435761u)
+                 ^ ((uint32_t)(cls + 1) * 40503u);
+    for (int i = 0; i < run->n_labels; i++)
+        if (label[i] != NULL) {
+            Py_ssize_t n = PyUnicode_GET_LENGTH(label[i]);
+            h = (h ^ hash_bytes((const char *)PyUnicode_1BYTE_DATA(label[i]), n)) * 16777619u;
+        } else {
+            h = (h ^ 0x9e3779b9u) * 16777619u;
+        }
+    for (int k = 0; k < run->n_kinds; k++) {
+        const KindKey *key = &run->keys[k];
+        if (key->hash != h || key->flags != flags || key->present != present
+            || key->cls != cls)
+            continue;
+        int same = 1;
+        for (int i = 0; same && i < run->n_labels; i++)
+            same = same_label(key->label[i], label[i]);
+        if (same)
+            return k;
+    }
+    if (run->n_kinds == RUN_KINDS)
+        return -1;
+    PyObject *tuple = PyTuple_New(run->n_labels + run->n_flags + 2);
+    if (tuple == NULL)
+        return -2;
+    int at = 0;
+    KindKey *key = &run->keys[run->n_kinds];
+    for (int i = 0; i < run->n_labels; i++) {
+        key->label[i] = label[i];
+        PyTuple_SET_ITEM(tuple, at++, Py_NewRef(label[i] != NULL ? label[i] : Py_None));
+    }
+    for (int i = 0; i < run->n_flags; i++)
+        PyTuple_SET_ITEM(tuple, at++, Py_NewRef(flags & (1u << i) ? Py_True : Py_False));
+    PyObject *p = PyLong_FromUnsignedLong(present), *k = PyLong_FromLong(cls);
+    if (p == NULL || k == NULL) {
+        Py_XDECREF(p);
+        Py_XDECREF(k);
+        Py_DECREF(tuple);
+        return -2;
+    }
+    PyTuple_SET_ITEM(tuple, at++, p);
+    PyTuple_SET_ITEM(tuple, at, k);
+    if (PyList_Append(run->kinds, tuple) < 0) {
+        Py_DECREF(tuple);
+        return -2;
+    }
+    Py_DECREF(tuple);              /* the list keeps it, and with it the borrowed labels */
+    key->flags = flags;
+    key->present = present;
+    key->cls = cls;
+    key->hash = h;
+    return run->n_kinds++;
+}
+
+static int run_room(SynthesisRun *run) {
+    if (run->n < run->cap)
+        return 0;
+    Py_ssize_t cap = run->cap ? 2 * run->cap : 256;
+    unsigned char *kind = PyMem_Realloc(run->kind, (size_t)cap);
+    if (kind != NULL)
+        run->kind = kind;
+    double *numbers = kind ? PyMem_Realloc(run->numbers, sizeof(double) * (size_t)cap
+                                                         * (size_t)(run->n_numbers + 1))
+                           : NULL;
+    if (numbers != NULL)
+        run->numbers = numbers;
+    PyObject **ids = numbers ? PyMem_Realloc(run->ids, sizeof(PyObject *) * (size_t)cap) : NULL;
+    if (ids == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    run->ids = ids;
+    run->cap = cap;
+    return 0;
+}
+
+/* A text line of an event with a spec, read whole into *run (a new one when NULL, or full of
+ * kinds, pushed to items): 1; 0 where the line is the handler's (a number this code does not
+ * vouch for, a counted level, a text standing in for its class number); -1 an error. */
+static int run_line(Classifier *c, const Line *line, const char *p, const char *e,
+                    PyObject *items, SynthesisRun **run, int keep) {
+    const Spec *spec = &c->specs[line->event];
+    double numbers[MAX_NUMBERS];
+    unsigned present = 0, flags = 0;
+    int slot = 0, text = 0, n_labels = 0, n_flags = 0;
+    const Value *labels[MAX_KIND_LABELS], *flag_values[MAX_KIND_FLAGS];
+    for (int i = 0; i < spec->n; i++) {
+        const Value *v = &line->field[spec->code[i]];
+        switch (spec->kind[i]) {
+        case S_NUMBER:
+            numbers[slot] = 0.0;
+            if (v->kind != V_NONE) {
+                if (!live_number(v, &numbers[slot]) || !(numbers[slot] <= c->max_number))
+                    return 0;
+                present |= 1u << slot;
+            }
+            slot++;
+            break;
+        case S_LABEL:
+            labels[n_labels++] = v->kind != V_NONE ? v : NULL;
+            break;
+        case S_FLAG:
+            flag_values[n_flags++] = v->kind != V_NONE ? v : NULL;
+            break;
+        default:
+            text |= v->kind != V_NONE;
+        }
+    }
+    int cls = -1;
+    if (present & (1u << spec->class_number)) {
+        double x = numbers[spec->class_number];
+        for (cls = 0; cls < spec->n_bounds && x > spec->bounds[cls]; cls++)
+            ;
+    } else if (text) {
+        return 0;
+    }
+    PyObject *level = level_str(c, line->level, line->level_len);
+    int counted = level != NULL ? PySet_Contains(c->counted_levels, level) : -1;
+    Py_XDECREF(level);
+    if (counted != 0)
+        return counted > 0 ? 0 : -1;
+
+    PyObject *label[MAX_KIND_LABELS] = {NULL}, *status = NULL, *id = NULL, *kept = NULL;
+    int r = -1;
+    for (int i = 0; i < n_labels; i++)
+        if (labels[i] != NULL && (label[i] = cached_str(c, labels[i]->s, labels[i]->n)) == NULL)
+            goto done;
+    for (int i = 0; i < n_flags; i++) {
+        if (flag_values[i] == NULL)
+            continue;
+        PyObject *value = cached_str(c, flag_values[i]->s, flag_values[i]->n);
+        int truth = value != NULL ? PySet_Contains(c->true_values, value) : -1;
+        Py_XDECREF(value);
+        if (truth < 0)
+            goto done;
+        flags |= (unsigned)truth << i;
+    }
+    const Value *idv = c->id_code ? &line->field[c->id_code] : NULL;
+    if (idv != NULL && idv->kind != V_NONE && idv->n > 0
+        && (id = ascii_str(idv->s, idv->n)) == NULL)
+        goto done;
+    if (keep && id != NULL) {
+        const Value *sv = c->status_code ? &line->field[c->status_code] : NULL;
+        status = sv != NULL && sv->kind != V_NONE ? cached_str(c, sv->s, sv->n)
+                                                  : Py_NewRef(Py_None);
+        PyObject *text_line = status != NULL ? ascii_str(p, e - p) : NULL;
+        kept = text_line != NULL
+               ? PyTuple_Pack(4, id, PyTuple_GET_ITEM(c->events, line->event), text_line,
+                              status)
+               : NULL;
+        Py_XDECREF(text_line);
+        if (kept == NULL)
+            goto done;
+    }
+    for (int attempt = 0; attempt < 2; attempt++) {
+        if (*run == NULL) {
+            *run = run_new(spec);
+            if (*run == NULL || PyList_Append(items, (PyObject *)*run) < 0)
+                goto done;
+            Py_DECREF(*run);       /* items keeps it */
+        }
+        int k = run_kind(*run, label, flags, present, cls);
+        if (k == -2)
+            goto done;
+        if (k == -1) {
+            *run = NULL;
+            continue;
+        }
+        SynthesisRun *rn = *run;
+        if (run_room(rn) < 0 || (kept != NULL && PyList_Append(rn->kept, kept) < 0))
+            goto done;
+        rn->kind[rn->n] = (unsigned char)k;
+        memcpy(&rn->numbers[rn->n * rn->n_numbers], numbers,
+               sizeof(double) * (size_t)rn->n_numbers);
+        rn->ids[rn->n] = id != NULL && PyUnicode_GET_LENGTH(id) <= c->max_exemplar
+                         ? Py_NewRef(id) : NULL;
+        rn->n++;
+        r = 1;
+        break;
+    }
+done:
+    for (int i = 0; i < n_labels; i++)
+        Py_XDECREF(label[i]);
+    Py_XDECREF(status);
+    Py_XDECREF(id);
+    Py_XDECREF(kept);
+    return r;
+}
+
+/* apply(plans, sums, bounds): see SynthesisRun_methods. */
+typedef struct {
+    int target, number, scale;
+} Step;
+
+enum { SCALE_AS_IS, SCALE_MS, SCALE_KIB };
+
+static PyObject *SynthesisRun_apply(SynthesisRun *run, PyObject *args) {
+    PyObject *plans, *sums, *bounds;
+    if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &plans, &PyList_Type, &sums,
+                          &PyList_Type, &bounds))
+        return NULL;
+    Py_ssize_t n_targets = PyList_GET_SIZE(sums);
+    if (PyList_GET_SIZE(plans) != run->n_kinds || PyList_GET_SIZE(bounds) != n_targets) {
+        PyErr_SetString(PyExc_ValueError, "one plan per kind, one bound list per sum");
+        return NULL;
+    }
+    PyObject *result = NULL;
+    double *sum = PyMem_Calloc((size_t)n_targets + 1, sizeof(double));
+    Py_ssize_t *first = PyMem_Calloc((size_t)n_targets + 1, sizeof(Py_ssize_t));
+    Py_ssize_t *n_bounds = PyMem_Calloc((size_t)n_targets + 1, sizeof(Py_ssize_t));
+    unsigned char *histogram = PyMem_Calloc((size_t)n_targets + 1, 1);
+    Step *steps[RUN_KINDS] = {NULL};
+    int n_steps[RUN_KINDS] = {0};
+    double *bound = NULL, *ex_value = NULL;
+    long long *count = NULL;
+    Py_ssize_t *ex_line = NULL, total = 0, failed = 0;
+    if (sum == NULL || first == NULL || n_bounds == NULL || histogram == NULL)
+        goto nomem;
+    for (Py_ssize_t t = 0; t < n_targets; t++) {
+        sum[t] = PyFloat_AsDouble(PyList_GET_ITEM(sums, t));
+        if (sum[t] == -1.0 && PyErr_Occurred())
+            goto done;
+        PyObject *b = PyList_GET_ITEM(bounds, t);
+        first[t] = total;
+        if (b != Py_None) {
+            Py_ssize_t n = PySequence_Size(b);
+            if (n < 0)
+                goto done;
+            histogram[t] = 1;
+            n_bounds[t] = n;
+            total += n + 1;        /* its buckets, +Inf last */
+        }
+    }
+    bound = PyMem_Calloc((size_t)total + 1, sizeof(double));
+    count = PyMem_Calloc((size_t)total + 1, sizeof(long long));
+    ex_line = PyMem_Malloc(((size_t)total + 1) * sizeof(Py_ssize_t));
+    ex_value = PyMem_Calloc((size_t)total + 1, sizeof(double));
+    if (bound == NULL || count == NULL || ex_line == NULL || ex_value == NULL)
+        goto nomem;
+    for (Py_ssize_t i = 0; i < total; i++)
+        ex_line[i] = -1;
+    for (Py_ssize_t t = 0; t < n_targets; t++) {
+        PyObject *b = PyList_GET_ITEM(bounds, t);
+        for (Py_ssize_t i = 0; i < n_bounds[t]; i++) {
+            PyObject *item = PySequence_GetItem(b, i);
+            double x = item != NULL ? PyFloat_AsDouble(item) : -1.0;
+            Py_XDECREF(item);
+            if (x == -1.0 && PyErr_Occurred())
+                goto done;
+            bound[first[t] + i] = x;
+        }
+    }
+    for (int k = 0; k < run->n_kinds; k++) {
+        PyObject *plan = PyList_GET_ITEM(plans, k);
+        if (plan == Py_None) {
+            n_steps[k] = -1;
+            continue;
+        }
+        Py_ssize_t n = PySequence_Size(plan);
+        if (n < 0 || n > 64) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "a plan has at most 64 steps");
+            goto done;
+        }
+        steps[k] = PyMem_Calloc((size_t)n + 1, sizeof(Step));
+        if (steps[k] == NULL)
+            goto nomem;
+        n_steps[k] = (int)n;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PySequence_GetItem(plan, i);
+            Step *s = &steps[k][i];
+            int ok = item != NULL && PyArg_ParseTuple(item, "iii", &s->target, &s->number,
+                                                      &s->scale);
+            Py_XDECREF(item);
+            if (!ok)
+                goto done;
+            if (s->target < 0 || s->target >= n_targets || s->number < -1
+                || s->number >= run->n_numbers || s->scale < SCALE_AS_IS
+                || s->scale > SCALE_KIB) {
+                PyErr_SetString(PyExc_ValueError, "a step is (target, number or -1, scale)");
+                goto done;
+            }
+        }
+    }
+    for (Py_ssize_t line = 0; line < run->n; line++) {
+        int k = run->kind[line];
+        if (n_steps[k] < 0) {
+            failed++;
+            continue;
+        }
+        const double *numbers = &run->numbers[line * run->n_numbers];
+        for (int i = 0; i < n_steps[k]; i++) {
+            const Step *s = &steps[k][i];
+            double v = s->number < 0 ? 1.0 : numbers[s->number];
+            if (s->scale == SCALE_MS)
+                v = v / 1000.0;
+            else if (s->scale == SCALE_KIB)
+                v = v * 1024.0;
+            sum[s->target] += v;
+            if (!histogram[s->target])
+                continue;
+            Py_ssize_t n = n_bounds[s->target];
+            const double *b = &bound[first[s->target]];
+            Py_ssize_t lo = 0, hi = n;      /* bisect_left: the first bound not below v */
+            while (lo < hi) {
+                Py_ssize_t mid = (lo + hi) / 2;
+                if (b[mid] < v)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            Py_ssize_t at = first[s->target] + lo;
+            count[at]++;
+            if (run->ids[line] != NULL) {
+                ex_line[at] = line;
+                ex_value[at] = v;
+            }
+        }
+    }
+    PyObject *out_sums = PyList_New(n_targets), *out_counts = PyList_New(n_targets),
+             *out_ex = PyList_New(n_targets);
+    if (out_sums == NULL || out_counts == NULL || out_ex == NULL)
+        goto built;
+    for (Py_ssize_t t = 0; t < n_targets; t++) {
+        PyObject *s = PyFloat_FromDouble(sum[t]), *c = PyList_New(0), *x = PyList_New(0);
+        if (s == NULL || c == NULL || x == NULL) {
+            Py_XDECREF(s);
+            Py_XDECREF(c);
+            Py_XDECREF(x);
+            goto built;
+        }
+        PyList_SET_ITEM(out_sums, t, s);
+        PyList_SET_ITEM(out_counts, t, c);
+        PyList_SET_ITEM(out_ex, t, x);
+        for (Py_ssize_t i = 0; histogram[t] && i <= n_bounds[t]; i++) {
+            Py_ssize_t at = first[t] + i;
+            if (count[at] > 0 && push(c, Py_BuildValue("(nL)", i, count[at])) < 0)
+                goto built;
+            if (ex_line[at] >= 0
+                && push(x, Py_BuildValue("(nOd)", i, run->ids[ex_line[at]], ex_value[at])) < 0)
+                goto built;
+        }
+    }
+    result = Py_BuildValue("(OOOn)", out_sums, out_counts, out_ex, failed);
+built:
+    Py_XDECREF(out_sums);
+    Py_XDECREF(out_counts);
+    Py_XDECREF(out_ex);
+    goto done;
+nomem:
+    PyErr_NoMemory();
+done:
+    for (int k = 0; k < RUN_KINDS; k++)
+        PyMem_Free(steps[k]);
+    PyMem_Free(sum);
+    PyMem_Free(first);
+    PyMem_Free(n_bounds);
+    PyMem_Free(histogram);
+    PyMem_Free(bound);
+    PyMem_Free(count);
+    PyMem_Free(ex_line);
+    PyMem_Free(ex_value);
+    return result;
+}
+
+static PyMethodDef SynthesisRun_methods[] = {
+    {"apply", (PyCFunction)SynthesisRun_apply, METH_VARARGS,
+     "apply(plans, sums, bounds) -> (sums, counts, exemplars, failed)\n\n"
+     "Carry out each line's plan (plans[kind]: (target, number or -1 for 1, scale) steps; "
+     "None: the kind's lines fail) in line order: sums (one per target, its value before) "
+     "grow by each step's amount (scale 0 as is, 1 ms -> s, 2 KiB -> bytes); a target with "
+     "bounds (a histogram's, else None) also counts the amount in its bucket. counts: per "
+     "target, (bucket, count) of the buckets that grew; exemplars: (bucket, request id, "
+     "amount) of each bucket's last line with an id; failed: the lines without a plan."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef SynthesisRun_members[] = {
+    {"kinds", T_OBJECT, offsetof(SynthesisRun, kinds), READONLY,
+     "each kind of line (labels, flags, numbers present, class), in order of first "
+     "appearance"},
+    {"kept", T_OBJECT, offsetof(SynthesisRun, kept), READONLY,
+     "(id, event, line, status) of each line with a request id, when classify kept them"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PySequenceMethods SynthesisRun_as_sequence = {
+    .sq_length = (lenfunc)SynthesisRun_len,
+};
+
+static PyTypeObject SynthesisRunType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "exporter.analyze._scan.SynthesisRun",
+    .tp_basicsize = sizeof(SynthesisRun),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Consecutive syntheses the Classifier read whole (see LogPipeline._count_run).",
+    .tp_dealloc = (destructor)SynthesisRun_dealloc,
+    .tp_methods = SynthesisRun_methods,
+    .tp_members = SynthesisRun_members,
+    .tp_as_sequence = &SynthesisRun_as_sequence,
+};
+
+/* ---- classify ------------------------------------------------------------------------------ */
+
+/* A text record line: read whole into a run (1), or (level, event, fields, line) pushed to
+ * items (1); 0: the parser's; -1: an error. */
+static int classify_text(Classifier *c, const char *p, const char *e, PyObject *items,
+                         SynthesisRun **run, int keep) {
     for (const char *q = p; q < e; q++)
         if ((unsigned char)*q < 0x20 || (unsigned char)*q >= 0x7f)
-            return NULL;           /* Unicode rules, control characters: the parser's */
+            return 0;              /* Unicode rules, control characters: the parser's */
     Line line;
     memset(line.field, 0, sizeof line.field[0] * (size_t)c->n_fields);
     if (!parse_text(&c->names, p, e, &line))
-        return NULL;
+        return 0;
+    if (line.event != EV_OTHER && c->specs[line.event].n > 0) {
+        int r = run_line(c, &line, p, e, items, run, keep);
+        if (r != 0)
+            return r;
+    }
+    *run = NULL;
     PyObject *level = level_str(c, line.level, line.level_len);
     PyObject *event = line.event_name == NULL ? Py_NewRef(c->empty)
                       : line.event != EV_OTHER
@@ -1531,7 +2003,7 @@ static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
                           : cached_str(c, line.event_name, line.event_len);
     PyObject *fields = PyDict_New();
     PyObject *text = ascii_str(p, e - p);
-    PyObject *objects[MAX_FIELDS] = {NULL};    /* borrowed from `fields` */
+    PyObject *item = NULL;
     if (level == NULL || event == NULL || fields == NULL || text == NULL)
         goto fail;
     for (int code = 1; code < c->n_fields; code++) {
@@ -1544,27 +2016,21 @@ static PyObject *classify_text(Classifier *c, const char *p, const char *e) {
             Py_XDECREF(value);
             goto fail;
         }
-        objects[code] = value;
         Py_DECREF(value);
     }
-    PyObject *values = line.event != EV_OTHER && c->specs[line.event].n > 0
-                       ? spec_values(c, objects, &c->specs[line.event]) : Py_NewRef(Py_None);
-    PyObject *item = values == NULL ? NULL : PyTuple_New(5);
-    if (item == NULL) {
-        Py_XDECREF(values);
+    item = PyTuple_Pack(4, level, event, fields, text);
+    if (item == NULL)
         goto fail;
-    }
-    PyTuple_SET_ITEM(item, 0, level);
-    PyTuple_SET_ITEM(item, 1, event);
-    PyTuple_SET_ITEM(item, 2, fields);
-    PyTuple_SET_ITEM(item, 3, text);
-    PyTuple_SET_ITEM(item, 4, values);
     /* A batch makes thousands of these; the collector need not visit them, as CPython
-     * would decide itself on its next pass: strings, an untracked tuple, and a dict that
-     * stays untracked while it holds only strings and floats. */
+     * would decide itself on its next pass: strings and a dict that stays untracked while
+     * it holds only strings and floats. */
     if (!PyObject_GC_IsTracked(fields))
         PyObject_GC_UnTrack(item);
-    return item;
+    Py_DECREF(level);
+    Py_DECREF(event);
+    Py_DECREF(fields);
+    Py_DECREF(text);
+    return push(items, item) < 0 ? -1 : 1;
 fail:
     Py_XDECREF(level);
     Py_XDECREF(event);
@@ -1572,19 +2038,22 @@ fail:
     Py_XDECREF(text);
     if (!PyErr_Occurred())
         PyErr_NoMemory();
-    return NULL;
+    return -1;
 }
 
-/* classify(data) -> (items, continuation): see Classifier_methods. */
-static PyObject *Classifier_classify(Classifier *c, PyObject *arg) {
+/* classify(data, keep=True) -> (items, continuation): see Classifier_methods. */
+static PyObject *Classifier_classify(Classifier *c, PyObject *args, PyObject *kwargs) {
+    static char *kwlist[] = {"data", "keep", NULL};
     Py_buffer chunk;
+    int keep = 1;
     if (c->events == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the Classifier was not initialised");
         return NULL;
     }
-    if (PyObject_GetBuffer(arg, &chunk, PyBUF_SIMPLE) < 0)
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|p", kwlist, &chunk, &keep))
         return NULL;
     PyObject *items = PyList_New(0), *result = NULL;
+    SynthesisRun *run = NULL;      /* borrowed from items: the run lines join */
     Py_ssize_t continuation = 0;
     const char *p = chunk.buf, *end = p + chunk.len;
     if (items == NULL)
@@ -1599,14 +2068,14 @@ static PyObject *Classifier_classify(Classifier *c, PyObject *arg) {
             p = next;
             continue;
         }
-        PyObject *item = is_digit(*p) ? classify_text(c, p, e) : NULL;
-        if (item == NULL) {
-            if (PyErr_Occurred())
-                goto done;
-            item = PyUnicode_DecodeUTF8(p, e - p, "replace");
-        }
-        if (push(items, item) < 0)
+        int r = is_digit(*p) ? classify_text(c, p, e, items, &run, keep) : 0;
+        if (r < 0)
             goto done;
+        if (r == 0) {
+            run = NULL;
+            if (push(items, PyUnicode_DecodeUTF8(p, e - p, "replace")) < 0)
+                goto done;
+        }
         p = next;
     }
     result = Py_BuildValue("(On)", items, continuation);
@@ -1655,6 +2124,8 @@ static void Classifier_clear_tables(Classifier *c) {
     Py_CLEAR(c->level_names);
     Py_CLEAR(c->empty);
     Py_CLEAR(c->true_values);
+    Py_CLEAR(c->counted_levels);
+    c->id_code = c->status_code = 0;
     PyMem_Free(c->specs);
     c->specs = NULL;
     c->n_events = 0;
@@ -1665,10 +2136,11 @@ static void Classifier_clear_tables(Classifier *c) {
         Py_CLEAR(c->cache[i].value);
 }
 
-/* The specs (event name -> ((field name, kind), ...)) by event code. */
+/* The specs (event name -> (((field name, kind), ...), class number, class bounds)) by event
+ * code. */
 static int fill_specs(Classifier *c, PyObject *specs, PyObject *event_list,
                       PyObject *field_list) {
-    PyObject *event, *spec;
+    PyObject *event, *value;
     Py_ssize_t pos = 0;
     c->n_events = PyList_GET_SIZE(event_list);
     c->specs = PyMem_Calloc((size_t)c->n_events, sizeof(Spec));
@@ -1676,53 +2148,82 @@ static int fill_specs(Classifier *c, PyObject *specs, PyObject *event_list,
         PyErr_NoMemory();
         return -1;
     }
-    while (PyDict_Next(specs, &pos, &event, &spec)) {
+    while (PyDict_Next(specs, &pos, &event, &value)) {
+        PyObject *spec, *bounds;
+        int class_number;
+        if (!PyArg_ParseTuple(value, "OiO", &spec, &class_number, &bounds))
+            return -1;
         Py_ssize_t code = PySequence_Index(event_list, event);
-        PyObject *entries = PySequence_Fast(spec, "a spec must be a sequence");
-        if (code < 0 || entries == NULL) {
+        PyObject *entries = code >= 0 ? PySequence_Fast(spec, "a spec must be a sequence")
+                                      : NULL;
+        PyObject *edges = entries ? PySequence_Fast(bounds, "bounds must be a sequence") : NULL;
+        if (edges == NULL) {
             Py_XDECREF(entries);
             return -1;
         }
         Spec *s = &c->specs[code];
         s->n = (int)PySequence_Fast_GET_SIZE(entries);
-        for (int i = 0; i < s->n; i++) {
+        s->n_bounds = (int)PySequence_Fast_GET_SIZE(edges);
+        int ok = s->n <= MAX_SPEC && s->n_bounds <= MAX_CLASSES;
+        for (int i = 0; ok && i < s->n_bounds; i++) {
+            s->bounds[i] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(edges, i));
+            ok = !(s->bounds[i] == -1.0 && PyErr_Occurred());
+        }
+        for (int i = 0; ok && i < s->n; i++) {
             const char *name;
             int kind;
-            if (s->n > MAX_SPEC || !PyArg_ParseTuple(PySequence_Fast_GET_ITEM(entries, i),
-                                                     "si", &name, &kind)
-                || kind < S_NUMBER || kind > S_FLAG) {
-                if (!PyErr_Occurred())
-                    PyErr_SetString(PyExc_ValueError, "a spec entry is (field, 1|2|3)");
-                Py_DECREF(entries);
-                return -1;
-            }
+            ok = PyArg_ParseTuple(PySequence_Fast_GET_ITEM(entries, i), "si", &name, &kind)
+                 && kind >= S_NUMBER && kind <= S_TEXT;
+            if (!ok)
+                break;
             PyObject *field = PyUnicode_FromString(name);
             Py_ssize_t field_code = field ? PySequence_Index(field_list, field) : -1;
             Py_XDECREF(field);
-            if (field_code < 0) {
+            if (field_code < 0) {  /* a spec may name only fields the classifier reads */
                 Py_DECREF(entries);
-                return -1;             /* a spec may name only fields the classifier reads */
+                Py_DECREF(edges);
+                return -1;
             }
             s->code[i] = (unsigned char)field_code;
             s->kind[i] = (unsigned char)kind;
+            s->n_numbers += kind == S_NUMBER;
+            s->n_labels += kind == S_LABEL;
+            s->n_flags += kind == S_FLAG;
         }
+        s->class_number = class_number;
+        ok = ok && s->n_numbers <= MAX_NUMBERS && s->n_labels <= MAX_KIND_LABELS
+             && s->n_flags <= MAX_KIND_FLAGS && class_number >= 0
+             && class_number < s->n_numbers;
         Py_DECREF(entries);
+        Py_DECREF(edges);
+        if (!ok) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError,
+                                "a spec is ((field, 1|2|3|4), ...), a number index, bounds");
+            s->n = 0;
+            return -1;
+        }
     }
     return 0;
 }
 
 static int Classifier_init(Classifier *c, PyObject *args, PyObject *kwargs) {
     static char *kwlist[] = {"events", "fields", "numbers", "labels", "levels", "specs",
-                             "true_values", "max_number", NULL};
-    PyObject *events, *fields, *numbers, *labels, *levels, *specs, *true_values;
+                             "true_values", "max_number", "counted_levels",
+                             "max_exemplar_chars", NULL};
+    PyObject *events, *fields, *numbers, *labels, *levels, *specs, *true_values, *counted;
     double max_number;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!d", kwlist, &events, &fields,
+    Py_ssize_t max_exemplar;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOO!O!O!dO!n", kwlist, &events, &fields,
                                      &numbers, &labels, &PyDict_Type, &levels, &PyDict_Type,
-                                     &specs, &PyFrozenSet_Type, &true_values, &max_number))
+                                     &specs, &PyFrozenSet_Type, &true_values, &max_number,
+                                     &PyFrozenSet_Type, &counted, &max_exemplar))
         return -1;
     Classifier_clear_tables(c);
     c->names.all_pairs = 1;
     c->max_number = max_number;
+    c->max_exemplar = max_exemplar;
+    c->counted_levels = Py_NewRef(counted);
     c->true_values = Py_NewRef(true_values);
     c->level_names = Py_NewRef(levels);
     c->empty = PyUnicode_New(0, 127);
@@ -1739,6 +2240,10 @@ static int Classifier_init(Classifier *c, PyObject *args, PyObject *kwargs) {
         if (number < 0 || label < 0)
             goto done;
         c->kind[code] = number ? K_NUMBER : label ? K_LABEL : K_STRING;
+        if (PyUnicode_CompareWithASCIIString(name, "id") == 0)
+            c->id_code = code;
+        if (PyUnicode_CompareWithASCIIString(name, "status") == 0)
+            c->status_code = code;
     }
     if (fill_specs(c, specs, event_list, field_list) < 0)
         goto done;
@@ -1757,14 +2262,16 @@ static void Classifier_dealloc(Classifier *c) {
 }
 
 static PyMethodDef Classifier_methods[] = {
-    {"classify", (PyCFunction)Classifier_classify, METH_O,
-     "classify(data) -> (items, continuation)\n\n"
-     "The record lines of data (bytes; lines end in \\n, \\r\\n read as \\n) in file order: "
-     "(level, event, fields, line, values) where the line's shape fixes what "
-     "RecordParser.fields gives (fields: the named ones only, numbers as float where float() "
-     "gives the same; values: what the event's spec extracts, or None), else the line as "
-     "str for the parser. "
-     "continuation: the blank lines and lines that do not start with '{' or a digit."},
+    {"classify", (PyCFunction)(void (*)(void))Classifier_classify,
+     METH_VARARGS | METH_KEYWORDS,
+     "classify(data, keep=True) -> (items, continuation)\n\n"
+     "The record lines of data (bytes; lines end in \\n, \\r\\n read as \\n) in file "
+     "order: a SynthesisRun for consecutive lines of an event with a spec that this code "
+     "reads whole (keep: with their kept lines), (level, event, fields, line) for another "
+     "text record whose shape fixes what RecordParser.fields gives (fields: the named ones "
+     "only, numbers as float where float() gives the same), else the line as str for the "
+     "parser. continuation: the blank lines and lines that do not start with '{' or a "
+     "digit."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1787,13 +2294,15 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__scan(void) {
-    if (PyType_Ready(&ScannerType) < 0 || PyType_Ready(&ClassifierType) < 0)
+    if (PyType_Ready(&ScannerType) < 0 || PyType_Ready(&ClassifierType) < 0
+        || PyType_Ready(&SynthesisRunType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Scanner", (PyObject *)&ScannerType) < 0
-        || PyModule_AddObjectRef(m, "Classifier", (PyObject *)&ClassifierType) < 0) {
+        || PyModule_AddObjectRef(m, "Classifier", (PyObject *)&ClassifierType) < 0
+        || PyModule_AddObjectRef(m, "SynthesisRun", (PyObject *)&SynthesisRunType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -28,13 +28,27 @@ class Scanner:
     def scan(self, chunk: bytes, pos: int, pending: OrderedDict[str, Any],
              window: tuple[float, float] | None) -> tuple[int, bytes | None, Segment]: ...
 
-ClassifiedLine = tuple[str, str, dict[str, Any], str, tuple[Any, ...] | None]
-"""(level, event, fields, line, values): a text record as RecordParser.fields reads it, and
-the values its event's spec names (None: no spec, or a number left to the handler)."""
+ClassifiedLine = tuple[str, str, dict[str, Any], str]
+"""(level, event, fields, line): a text record as RecordParser.fields reads it."""
+
+class SynthesisRun:
+    """Consecutive lines of the spec's event that the classifier read whole (see
+    exporter/logs/pipeline.py, LogPipeline._count_run)."""
+
+    kinds: list[tuple[Any, ...]]     # each distinct kind of line, in order of first appearance
+    kept: list[tuple[str, str, str, str | None]]  # (id, event, line, status) with an id
+    def __len__(self) -> int: ...
+    def apply(self, plans: Sequence[Sequence[tuple[int, int, int]] | None],
+              sums: Sequence[float], bounds: Sequence[Sequence[float] | None],
+              ) -> tuple[list[float], list[list[tuple[int, int]]],
+                         list[list[tuple[int, str, float]]], int]: ...
 
 class Classifier:
     def __init__(self, events: dict[bytes, str], fields: dict[bytes, str],
                  numbers: Sequence[str], labels: Sequence[str],
-                 levels: dict[bytes, str], specs: dict[str, tuple[tuple[str, int], ...]],
-                 true_values: frozenset[object], max_number: float) -> None: ...
-    def classify(self, data: bytes) -> tuple[list[str | ClassifiedLine], int]: ...
+                 levels: dict[bytes, str],
+                 specs: dict[str, tuple[tuple[tuple[str, int], ...], int, tuple[float, ...]]],
+                 true_values: frozenset[object], max_number: float,
+                 counted_levels: frozenset[str], max_exemplar_chars: int) -> None: ...
+    def classify(self, data: bytes, keep: bool = True,
+                 ) -> tuple[list[str | ClassifiedLine | SynthesisRun], int]: ...

@@ -226,10 +226,11 @@ class RecordParser:
             raise MalformedLine(f"not valid JSON: {exc}") from None
         if type(fields) is not dict:
             raise MalformedLine("JSON line is not an object")
-        for key in self._alias_keys.intersection(fields):
-            canonical = self._aliased[key]
-            if canonical not in fields:
-                fields[canonical] = fields[key]
+        if not self._alias_keys.isdisjoint(fields):
+            for key in self._in_line_order(fields):
+                canonical = self._aliased[key]
+                if canonical not in fields:
+                    fields[canonical] = fields[key]
         level = fields.get("level")
         if type(level) is not str:
             level = normalise_level(_first_string(fields, _LEVEL_KEYS))
@@ -255,13 +256,17 @@ class RecordParser:
         else:
             fields = {key: value.rstrip() for key, value in _PAIR_FAST.findall(rest)} \
                 if " ," in rest or rest.endswith(" ") else dict(_PAIR_FAST.findall(rest))
-        aliased = self._alias_keys.intersection(fields)
-        if aliased:
+        if not self._alias_keys.isdisjoint(fields):
             names = self._aliased
-            for key in aliased:
+            for key in self._in_line_order(fields):
                 value = fields.pop(key)
                 fields.setdefault(names[key], value)
         return fields
+
+    def _in_line_order(self, fields: dict[str, Any]) -> list[str]:
+        """The aliases among ``fields``' keys in the order the line gives them: of two aliases
+        of one field the first wins, whatever the process's string hash seed."""
+        return [key for key in fields if key in self._alias_keys]
 
     # --- full records (analysis, timelines) --------------------------------------------------
 

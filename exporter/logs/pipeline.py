@@ -29,14 +29,20 @@ overflows counting in ``tts_exporter_label_overflow_total{family,label}``. A ``t
 gives only its length (where the line has no ``text_len``); the text itself never reaches a
 metric. Syntheses without ``model_version`` count as ``unknown``. Each line is
 validated whole before any metric changes, so a line counts completely or not at all.
-Continuation lines (tracebacks) change no metric, so no per-source state is needed;
+Continuation lines (tracebacks) change no metric, so no per-source state is needed.
+
 IndexTTS text lines are recognised by compiled code (``Classifier`` in
-exporter/analyze/_scan.c, the recogniser analyze's scanner uses), which hands each line whose
-shape fixes its meaning to the same handlers as (level, event, fields) — only the fields in
-:data:`READ_FIELDS`, numbers already converted where ``float()`` gives the same — so the
-per-line regex and dict work is gone; every other line goes through :class:`RecordParser`
-in its place, as all lines do where the extension is not built (tests/unit/
-test_pipeline_native.py checks that both give identical metrics);
+exporter/analyze/_scan.c, the recogniser analyze's scanner uses). It hands a record whose
+shape fixes its meaning to the handlers as (level, event, fields) — only the fields in
+:data:`READ_FIELDS`, numbers already converted where ``float()`` gives the same — and reads
+consecutive ``synthesis_complete`` lines whole into a run: per line, its *kind* (the raw
+labels and flags, which numbers it carries, its length class: :data:`SynthesisKind`) and its
+numbers. What a kind does to the metrics is decided once per batch by :meth:`LogPipeline._plan`
+(the same decision the Python path takes for every such line, labels admitted and series
+made in the same order) and carried out by the run line by line in compiled code, adding
+each amount in log order so every sum is the one line-by-line counting gives. Every other line
+goes through :class:`RecordParser`, as all lines do where the extension is not built
+(tests/unit/test_pipeline_native.py checks that both give identical metrics).
 ``on_records`` receives, once per chunk, the record lines that carry a request id (not their
 tracebacks) with their id, event and status; ``RecordParser`` parses them again when needed.
 """
@@ -44,15 +50,16 @@ tracebacks) with their id, event and status; ``RecordParser`` parses them again 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from exporter.config import LogsConfig, MetricsConfig
 from exporter.logs.parsers import LEVEL_ALIASES, MalformedLine, RecordParser, convert_value
-from exporter.metrics import LabelCap, SeriesLimits, SidecarMetrics
+from exporter.metrics import MAX_EXEMPLAR_ID_CHARS, LabelCap, SeriesLimits, SidecarMetrics
 
 if TYPE_CHECKING:
-    from exporter.analyze._scan import ClassifiedLine
+    from exporter.analyze._scan import ClassifiedLine, SynthesisRun
 
 try:
     from exporter.analyze._scan import Classifier
@@ -71,19 +78,34 @@ READ_FIELDS = ("id", "text", *NUMBER_FIELDS, *LABEL_FIELDS)
 """Every field a handler (or ``process``) reads: the only ones the classifier extracts, so a
 handler that reads a new field needs it here (tests/unit/test_pipeline_native.py checks)."""
 
-NUMBER, RAW, FLAG = 1, 2, 3
-"""What a spec entry extracts: :func:`_number` of the field, its value as it is (None when
-absent), :func:`_flag` of it. Numbers: the classifier's own line goes to the handler with its
-fields where it cannot vouch for one."""
-SYNTHESIS_SPEC = (
-    ("duration_ms", NUMBER), ("text_len", NUMBER), ("audio_duration_ms", NUMBER),
-    ("queue_ms", NUMBER), ("batch_size", NUMBER), ("audio_size_kb", NUMBER), ("rms", NUMBER),
-    ("spectral_centroid", NUMBER), ("text", RAW), ("status", RAW), ("error_code", RAW),
-    ("model_version", RAW), ("cache_hit", FLAG), ("cache_saved", FLAG),
-    ("fallback_used", FLAG))
-"""What ``synthesis_complete`` reads, in :meth:`LogPipeline._count_synthesis`'s order: the
-classifier extracts it itself from text lines (the hot path), the handler with
-:func:`_extract` from any other line."""
+SYNTHESIS_NUMBERS = ("duration_ms", "text_len", "audio_duration_ms", "queue_ms",
+                     "batch_size", "audio_size_kb", "rms", "spectral_centroid")
+SYNTHESIS_LABELS = ("status", "error_code", "model_version")
+SYNTHESIS_FLAGS = ("cache_hit", "cache_saved", "fallback_used")
+_DURATION, _TEXT_LEN, _AUDIO_MS, _QUEUE, _BATCH, _AUDIO_KB, _RMS, _CENTROID = range(8)
+
+NUMBER, LABEL, FLAG, TEXT = 1, 2, 3, 4
+"""What a spec entry is to the classifier: a number it converts (:func:`_number`), a label
+whose raw value is part of the line's kind, a flag (:func:`_flag`) that is too, and the text
+whose length stands in for a missing ``text_len`` (such a line is left to the handler)."""
+SYNTHESIS_SPEC = (*((name, NUMBER) for name in SYNTHESIS_NUMBERS),
+                  *((name, LABEL) for name in SYNTHESIS_LABELS),
+                  *((name, FLAG) for name in SYNTHESIS_FLAGS), ("text", TEXT))
+"""What ``synthesis_complete`` reads, in the order of :data:`SynthesisKind`'s parts and of
+its numbers."""
+
+SynthesisKind = tuple[object, object, object, bool, bool, bool, int, int]
+"""What a ``synthesis_complete`` does to the metrics, but for its numbers' values: its raw
+status, error code and model version, its three flags, which numbers it carries (bit i for
+:data:`SYNTHESIS_NUMBERS` [i]) and its text length class (index in :data:`LENGTH_CLASSES`,
+its length past them all, -1 without a length)."""
+
+ADD, OBSERVE = False, True
+AS_IS, MILLISECONDS, KIB = 0, 1, 2
+"""How an op's amount is made from its number: as it is, ms → s, KiB → bytes."""
+Op = tuple[bool, Any, tuple[str, ...], int, int]
+"""(OBSERVE or ADD, family, series key, number index or -1 for 1, AS_IS|MILLISECONDS|KIB): one
+update a kind of line makes, to apply per line with that line's numbers."""
 
 KeptLine = tuple[object, str, str, object]
 """(request id, event, line, status field) of a record line that carries a request id."""
@@ -113,6 +135,9 @@ requests from failed ones without log content choosing label values."""
 LENGTH_CLASSES = ((100, "100"), (400, "400"), (2000, "2000"))
 """Upper bounds (characters) of the text length classes of the synthesis latency SLO; longer
 texts are ``longer``, a line without ``text_len`` is ``unknown``."""
+_LENGTH_BOUNDS = tuple(float(bound) for bound, _ in LENGTH_CLASSES)
+_LENGTH_NAMES = (*(name for _, name in LENGTH_CLASSES), "longer", "unknown")
+"""By length class index (-1: the last)."""
 
 
 def error_label(code: object, status: object) -> str:
@@ -124,10 +149,11 @@ def error_label(code: object, status: object) -> str:
     return code if isinstance(code, str) and code in APP_ERROR_CODES else "other"
 
 
-def _length_class(text_len: float | None) -> str:
+def _length_class(text_len: float | None) -> int:
     if text_len is None:
-        return "unknown"
-    return next((name for bound, name in LENGTH_CLASSES if text_len <= bound), "longer")
+        return -1
+    return next((i for i, bound in enumerate(_LENGTH_BOUNDS) if text_len <= bound),
+                len(_LENGTH_BOUNDS))
 
 
 class InvalidField(ValueError):
@@ -177,12 +203,6 @@ def _label(cap: LabelCap, raw: object) -> str:
             text = str(convert_value(text))
         value = cap.admit(raw, text)
     return value
-
-
-def _extract(fields: dict[str, Any], spec: tuple[tuple[str, int], ...]) -> list[Any]:
-    """The values ``spec`` names (see :data:`NUMBER`), as the classifier extracts them."""
-    return [_number(fields, name) if kind == NUMBER else _flag(fields, name) if kind == FLAG
-            else fields.get(name) for name, kind in spec]
 
 
 def _text_length(text: Any) -> int | None:
@@ -242,22 +262,20 @@ class LogPipeline:
             "cache_health": self._cache_usage,
             "cache_dir_usage": self._cache_usage,
         }
-        # Events whose values the classifier extracts itself, with what counts them
-        self._specs: dict[str, tuple[tuple[str, int], ...]] = {
-            "synthesis_complete": SYNTHESIS_SPEC}
-        self._counters: dict[str, Callable[..., None]] = {
-            "synthesis_complete": self._count_synthesis}
+        self._plans: dict[SynthesisKind, list[Op]] = {}
         tables = self.parser.name_tables(READ_FIELDS, self._handlers)
         self._classifier = (
-            Classifier(*tables, NUMBER_FIELDS, LABEL_FIELDS, LEVEL_ALIASES, self._specs,
-                       _TRUE, MAX_NUMBER)
+            Classifier(*tables, NUMBER_FIELDS, LABEL_FIELDS, LEVEL_ALIASES,
+                       {"synthesis_complete": (SYNTHESIS_SPEC, _TEXT_LEN, _LENGTH_BOUNDS)}, _TRUE,
+                       MAX_NUMBER, _COUNTED_LEVELS, MAX_EXEMPLAR_ID_CHARS)
             if native and Classifier is not None and tables is not None else None)
 
     def process(self, source: str, data: bytes) -> None:
         """Count every complete line in ``data`` (caller holds the metrics lock)."""
-        items: list[str | ClassifiedLine]
+        items: list[str | ClassifiedLine | SynthesisRun]
+        on_records = self.on_records
         if self._classifier is not None:
-            items, continuation = self._classifier.classify(data)
+            items, continuation = self._classifier.classify(data, on_records is not None)
         else:
             text = data.decode("utf-8", "replace")
             if "\r" in text:
@@ -266,16 +284,17 @@ class LogPipeline:
             if items and items[-1] == "":
                 items.pop()
             continuation = 0
+        # What a kind of synthesis does is decided once per batch (label caps and series
+        # budgets only ever fill up, so the decision stays right until the batch ends).
+        self._plans.clear()
         parsed_lines = malformed = 0
         other: dict[str, int] = {}
         fields_of = self.parser.fields
         json_fields = self.parser.json_fields  # most lines: skip fields()' dispatch
         handlers = self._handlers
-        counters = self._counters
-        on_records = self.on_records
         keep: list[KeptLine] = []
         for item in items:
-            if isinstance(item, str):  # a line for the parser
+            if type(item) is str:  # a line for the parser
                 line = item
                 try:
                     parsed = json_fields(line) if line[:1] == "{" else fields_of(line)
@@ -286,9 +305,17 @@ class LogPipeline:
                     continuation += 1
                     continue
                 level, event, fields = parsed
-                values = None
-            else:  # what the classifier read: the same values as the parser's
-                level, event, fields, line, values = item
+            elif type(item) is tuple:  # what the classifier read: the parser's values
+                level, event, fields, line = item
+            else:  # consecutive syntheses the classifier read whole
+                run = cast("SynthesisRun", item)
+                counted, failed = self._count_run(source, run)
+                parsed_lines += counted
+                if failed:
+                    other["error"] = other.get("error", 0) + failed
+                if on_records is not None:
+                    keep.extend(run.kept)
+                continue
             request_id = fields.get("id")
             if request_id and on_records is not None:
                 keep.append((request_id, event, line, fields.get("status")))
@@ -296,9 +323,7 @@ class LogPipeline:
             try:
                 # Checked before the handler changes anything, counted after it succeeded.
                 code = self._level_code(fields) if level in _COUNTED_LEVELS else None
-                if values is not None:  # the event's spec, extracted by the classifier
-                    counters[event](request_id, *values)
-                elif handler is not None:
+                if handler is not None:
                     handler(fields, request_id)
                 if code is not None:
                     self.metrics.log_records.inc((level, _label(self._record_code, code)))
@@ -323,6 +348,44 @@ class LogPipeline:
             if count:
                 inc((outcome,), count)
 
+    def _count_run(self, source: str, run: SynthesisRun) -> tuple[int, int]:
+        """Apply a run's plans with its numbers (in compiled code, in line order, so every
+        sum is added up exactly as line by line); (lines counted, lines that failed)."""
+        targets: list[tuple[bool, Any, tuple[str, ...]]] = []
+        index: dict[tuple[int, tuple[str, ...]], int] = {}
+        plans: list[tuple[tuple[int, int, int], ...] | None] = []
+        for kind in run.kinds:
+            try:
+                ops = self._plan(kind)
+            except Exception:  # a bug costs this kind's lines, not the run
+                log.exception("syntheses from %s could not be counted", source)
+                plans.append(None)
+                continue
+            steps = []
+            for observes, family, key, number, scale in ops:
+                target = index.get((id(family), key))
+                if target is None:
+                    target = index[(id(family), key)] = len(targets)
+                    targets.append((observes, family, key))
+                steps.append((target, number, scale))
+            plans.append(tuple(steps))
+        sums = [family.series[key].sum if observes else family.values[key]
+                for observes, family, key in targets]
+        bounds = [family.bounds if observes else None for observes, family, _ in targets]
+        sums, counts, exemplars, failed = run.apply(plans, sums, bounds)
+        now = time.time()
+        for target, (observes, family, key) in enumerate(targets):
+            if observes:
+                series = family.series[key]
+                series.sum = sums[target]
+                for bucket, count in counts[target]:
+                    series.counts[bucket] += count
+                for bucket, request_id, value in exemplars[target]:
+                    series.exemplars[bucket] = (request_id, value, now)
+            else:
+                family.values[key] = sums[target]
+        return len(run) - failed, failed
+
     @staticmethod
     def _level_code(fields: dict[str, Any]) -> object:
         if fields.get("warning_code"):
@@ -346,48 +409,89 @@ class LogPipeline:
                                     request_id)
 
     def _synthesis_complete(self, fields: dict[str, Any], request_id: object) -> None:
-        self._count_synthesis(request_id, *_extract(fields, SYNTHESIS_SPEC))
+        numbers = [_number(fields, name) for name in SYNTHESIS_NUMBERS]
+        if numbers[_TEXT_LEN] is None:
+            numbers[_TEXT_LEN] = _text_length(fields.get("text"))
+        present = 0
+        for i, number in enumerate(numbers):
+            if number is not None:
+                present |= 1 << i
+        status, error_code, model_version = (fields.get(name) for name in SYNTHESIS_LABELS)
+        kind: SynthesisKind = (
+            status, error_code, model_version, _flag(fields, "cache_hit"),
+            _flag(fields, "cache_saved"), _flag(fields, "fallback_used"), present,
+            _length_class(numbers[_TEXT_LEN]))
+        ops = self._plan(kind)
+        for observes, family, key, number, scale in ops:
+            value: Any = 1.0 if number < 0 else numbers[number]
+            if scale == MILLISECONDS:
+                value = value / 1000.0
+            elif scale == KIB:
+                value = value * 1024
+            if observes:
+                family.observe(key, value, request_id)
+            else:
+                family.inc(key, value)
 
-    def _count_synthesis(self, request_id: object, duration: float | None,
-                         text_len: float | None, audio_ms: float | None,
-                         queue_ms: float | None, batch_size: float | None,
-                         audio_kb: float | None, rms: float | None,
-                         centroid: float | None, text: Any, status: Any, error_code: Any,
-                         model_version: Any, cache_hit: bool, cache_saved: bool,
-                         fallback_used: bool) -> None:
-        """A ``synthesis_complete`` from the values of :data:`SYNTHESIS_SPEC`."""
-        if text_len is None:
-            text_len = _text_length(text)
+    def _plan(self, kind: SynthesisKind) -> list[Op]:
+        """The updates a synthesis of this kind makes (:data:`Op`), after checking its labels
+        (InvalidField), admitting them and making its series exist, in the order line by line
+        counting would; kinds whose label values are all text or absent are decided once per
+        batch."""
+        cached = all(type(raw) is str or raw is None for raw in kind[:3])
+        ops = self._plans.get(kind) if cached else None
+        if ops is None:
+            ops = self._decide(kind)
+            if cached:
+                self._plans[kind] = ops
+        return ops
+
+    def _decide(self, kind: SynthesisKind) -> list[Op]:
+        status, error_code, model_version, cache_hit, cache_saved, fallback_used, present, \
+            length = kind
         status = _raw_label(status, "status", "unknown")
         success = status == "success"
         error_code = "none" if success else _raw_label(error_code or None, "error_code",
                                                        "unknown")
         model_version = _raw_label(model_version or None, "model_version", "unknown")
         m = self.metrics
-        m.syntheses.inc((_label(self._status, status), _label(self._error_code, error_code),
-                         _label(self._model_version, model_version)))
-        m.cache_lookups.inc(())
-        if cache_hit:
-            m.cache_hits.inc(())
-        if cache_saved:
-            m.cache_saves.inc(())
-        if fallback_used:
-            m.synthesis_fallbacks.inc(())
-        if audio_kb is not None:
-            m.audio_bytes.inc((), audio_kb * 1024)
-        if duration is not None:
-            m.synthesis_duration.observe((_length_class(text_len),), duration / 1000.0,
-                                         request_id)
-        if text_len is not None:
-            m.text_length.observe((), text_len, request_id)
-        if queue_ms is not None:
-            m.queue_wait.observe((), queue_ms / 1000.0, request_id)
-        if batch_size is not None and not cache_hit:
-            m.batch_size.observe((), batch_size, request_id)
-        if success and not cache_hit and duration is not None and audio_ms is not None:
-            m.synthesis_seconds.inc((), duration / 1000.0)
-            m.audio_seconds.inc((), audio_ms / 1000.0)
-        self._observe_audio(rms, centroid, request_id)
+        ops: list[Op] = []
+
+        def add(family: Any, labels: tuple[str, ...] = (), number: int = -1,
+                scale: int = AS_IS) -> None:
+            ops.append((ADD, family, family.slot(labels), number, scale))
+
+        def observe(family: Any, number: int, scale: int = AS_IS,
+                    labels: tuple[str, ...] = ()) -> None:
+            if present & (1 << number):
+                ops.append((OBSERVE, family, family.slot(labels), number, scale))
+
+        with m.recording_overflows() as overflows:
+            add(m.syntheses, (_label(self._status, status), _label(self._error_code, error_code),
+                              _label(self._model_version, model_version)))
+            add(m.cache_lookups)
+            if cache_hit:
+                add(m.cache_hits)
+            if cache_saved:
+                add(m.cache_saves)
+            if fallback_used:
+                add(m.synthesis_fallbacks)
+            if present & (1 << _AUDIO_KB):
+                add(m.audio_bytes, (), _AUDIO_KB, KIB)
+            observe(m.synthesis_duration, _DURATION, MILLISECONDS, (_LENGTH_NAMES[length],))
+            observe(m.text_length, _TEXT_LEN)
+            observe(m.queue_wait, _QUEUE, MILLISECONDS)
+            if not cache_hit:
+                observe(m.batch_size, _BATCH)
+            both = (1 << _DURATION) | (1 << _AUDIO_MS)
+            if success and not cache_hit and present & both == both:
+                add(m.synthesis_seconds, (), _DURATION, MILLISECONDS)
+                add(m.audio_seconds, (), _AUDIO_MS, MILLISECONDS)
+            observe(m.audio_rms, _RMS)
+            observe(m.audio_centroid, _CENTROID)
+        for overflow in overflows:  # counted per line, as line by line counting counts them
+            add(m.label_overflow, overflow)
+        return ops
 
     def _synthesis_start(self, fields: dict[str, Any], request_id: object) -> None:
         # A start that carries the text itself and no text_len (IndexTTS) is where its length

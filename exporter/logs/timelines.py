@@ -13,6 +13,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterable
+from operator import add, itemgetter
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from exporter.logs.parsers import Record, RecordParser, convert_value
 from exporter.logs.pipeline import KeptLine
 from exporter.server import OFF_LOOP
 
+_ID, _LINE = itemgetter(0), itemgetter(2)
 _ENVELOPE = frozenset({"time", "level", "logger", "event", "request_id", "id", "traceback"})
 
 
@@ -73,16 +75,11 @@ def timeline_dict(request_id: str, records: list[Record], dropped: int = 0) -> d
 
 
 _ENTRY_BYTES = 120
-"""What one kept line costs besides its strings: the tuple, the ring slot, small values."""
+"""What one kept line costs besides its line and id objects: the tuple, the ring slots."""
 _VALUE_CHARS = 200
 """A string value of a shortened JSON line keeps this many characters."""
 _ID_CHARS = 128
 """Request ids are kept (and matched) up to this many characters."""
-
-
-def _cost(line: str, rid: object) -> int:
-    """Bytes one kept line holds in memory (its text and id objects, plus the entry)."""
-    return sys.getsizeof(line) + (sys.getsizeof(rid) if type(rid) is str else 0) + _ENTRY_BYTES
 
 
 def shorten_line(line: str, max_chars: int) -> str:
@@ -142,7 +139,8 @@ class TimelineStore:
         self.fields = frozenset(fields)
         # Its own parser: the pipeline's caches timestamp state on the tailer's thread.
         self._parser = parser or RecordParser()
-        self._ring: deque[tuple[KeptLine, int]] = deque()
+        self._ring: deque[KeptLine] = deque()
+        self._costs: deque[int] = deque()   # bytes each kept line's line and id hold
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -161,24 +159,41 @@ class TimelineStore:
 
     def add(self, source: str, batch: list[KeptLine]) -> None:
         """The pipeline's ``on_records`` hook: record lines with a request id, in log order."""
-        limit = self.max_line_chars
-        entries = []
-        for kept in batch:
-            rid, event, line, status = kept
-            if len(line) > limit or (type(rid) is str and len(rid) > _ID_CHARS):
-                rid = rid[:_ID_CHARS] if type(rid) is str else rid
-                kept = (rid, event, shorten_line(line, limit), status)
-            entries.append((kept, _cost(kept[2], rid)))
+        if len(batch) > self.max_lines:  # the older ones would leave the ring at once
+            batch = batch[-self.max_lines:]
+        if not batch:
+            return
+        # The whole batch at C speed where nothing needs shortening (the common case).
+        lines, ids = [*map(_LINE, batch)], [*map(_ID, batch)]
+        try:
+            short = max(map(len, lines)) <= self.max_line_chars \
+                and max(map(len, ids)) <= _ID_CHARS
+        except TypeError:  # an id that is a number (JSON)
+            short = False
+        if not short:
+            batch = [self._bounded(kept) for kept in batch]
+            lines, ids = [*map(_LINE, batch)], [*map(_ID, batch)]
+        costs = [*map(add, map(sys.getsizeof, lines), map(sys.getsizeof, ids))]
         with self._lock:
-            ring = self._ring
-            ring.extend(entries)
-            self._bytes += sum(cost for _, cost in entries)
+            self._ring.extend(batch)
+            self._costs.extend(costs)
+            self._bytes += sum(costs) + _ENTRY_BYTES * len(costs)
+            ring, held = self._ring, self._costs
             while ring and (len(ring) > self.max_lines or self._bytes > self.max_bytes):
-                self._bytes -= ring.popleft()[1]
+                ring.popleft()
+                self._bytes -= held.popleft() + _ENTRY_BYTES
+
+    def _bounded(self, kept: KeptLine) -> KeptLine:
+        """``kept`` with its line shortened and its id cut where they are over the bounds."""
+        rid, event, line, status = kept
+        if len(line) > self.max_line_chars or (type(rid) is str and len(rid) > _ID_CHARS):
+            rid = rid[:_ID_CHARS] if type(rid) is str else rid
+            return rid, event, shorten_line(line, self.max_line_chars), status
+        return kept
 
     def _snapshot(self) -> list[KeptLine]:
         with self._lock:
-            return [kept for kept, _ in self._ring]
+            return list(self._ring)
 
     def _records(self, lines: list[str]) -> list[Record]:
         parse = self._parser.fields

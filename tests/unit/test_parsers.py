@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -144,3 +147,20 @@ def test_quoted_and_unquoted_lines_parse_alike() -> None:
     quoted = parse(b"2024-06-12 14:22:38,415 - eng - INFO - stage_time: id=\"a\", stage='x', "
                    b"duration_ms=12.5")
     assert plain.fields == quoted.fields == {"id": "a", "stage": "x", "duration_ms": 12.5}
+
+
+def test_of_two_aliases_of_one_field_the_first_in_the_line_wins_whatever_the_hash_seed() -> None:
+    """Both formats; each order; in processes with different string hash seeds (the choice
+    was once a set's iteration order, so the same line gave different ids run to run)."""
+    script = (
+        "from exporter.logs.parsers import RecordParser\n"
+        "p = RecordParser()\n"
+        "for line in ('2026-11-22 10:00:01,250 - app - INFO - stage_time: task_id=a, "
+        "request_id=b', '2026-11-22 10:00:01,250 - app - INFO - stage_time: request_id=b, "
+        "task_id=a', '{\"event\": \"stage_time\", \"task_id\": \"a\", \"request_id\": \"b\"}', "
+        "'{\"event\": \"stage_time\", \"request_id\": \"b\", \"task_id\": \"a\"}'):\n"
+        "    print(p.fields(line)[2]['id'])\n")
+    for seed in range(8):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONHASHSEED": str(seed)})
+        assert out.stdout.split() == ["a", "b", "a", "b"], seed

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from exporter.analyze._scan import SynthesisRun
 from exporter.config import AliasConfig, LogsConfig, MetricsConfig
 from exporter.logs.parsers import RecordParser
 from exporter.logs.pipeline import READ_FIELDS, Classifier, InvalidField, KeptLine, LogPipeline
@@ -53,6 +54,22 @@ class _Run:
                              [e and e[:2] for e in series.exemplars])
                     for labels, series in family.series.items()}
         return state
+
+
+def _run_lines(items: list[Any]) -> int:
+    """Lines the classifier read whole into runs."""
+    return sum(len(item) for item in items if isinstance(item, SynthesisRun))
+
+
+def _compiled_lines(items: list[Any]) -> int:
+    """Lines the classifier read (whole, or as fields for a handler)."""
+    return _run_lines(items) + sum(type(item) is tuple for item in items)
+
+
+def _classify(data: bytes, keep: bool = True) -> list[Any]:
+    classifier = LogPipeline(SidecarMetrics(), LogsConfig(), MetricsConfig())._classifier
+    assert classifier is not None
+    return classifier.classify(data, keep)[0]
 
 
 def _compare(chunks: list[bytes], cap: int = 50, logs: LogsConfig | None = None
@@ -165,7 +182,8 @@ def test_hostile_lines_of_both_formats_make_identical_metrics(seed: int) -> None
     data = ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
     state = _compare(_chunks(data, rnd), cap=rnd.choice([3, 50]))
     items, _ = _Run(True, 50, LogsConfig()).pipeline._classifier.classify(data)  # type: ignore[union-attr]
-    assert sum(type(item) is tuple for item in items) > 600   # a good share took the C path
+    assert _compiled_lines(items) > 600   # a good share took the C path
+    assert _run_lines(items) > 20         # syntheses read whole among them
     outcomes = {labels[0]: v for labels, v in state["tts_exporter_log_lines"].items()}
     # the lines reached every outcome the parser gives, so the comparison covered them all
     assert {"parsed", "invalid_field", "unknown_event", "free_form", "continuation",
@@ -308,6 +326,104 @@ def test_a_classifier_whose_init_failed_refuses_to_classify() -> None:
     # a spec naming a field the classifier does not read: its index lookup fails
     with pytest.raises(ValueError, match="not in sequence"):
         Classifier.__init__(classifier, {b"x": "x"}, {b"id": "id"}, (), (), {},
-                            {"x": (("nope", 1),)}, frozenset(), 1e15)
+                            {"x": ((("nope", 1),), 0, ())}, frozenset(), 1e15, frozenset(), 64)
     with pytest.raises(RuntimeError):
         classifier.classify(line)
+
+
+def _synthesis(i: int, status: str = "success", level: str = "INFO", **fields: object) -> str:
+    pairs = "".join(f", {key}={value}" for key, value in fields.items())
+    return (f"{STAMP} - app.tts_engine - {level} - synthesis_complete: id=ts_{i}, "
+            f"status={status}{pairs}")
+
+
+def test_syntheses_read_whole_overflow_caps_and_budgets_as_line_by_line() -> None:
+    """Label values past a cap and label sets past the series budget, on lines the
+    classifier reads whole: every such line counts its overflow, as line by line."""
+    rnd = random.Random(7)
+    lines = [_synthesis(i, rnd.choice(["failed", "timeout", "success"]),
+                        error_code=f"E{rnd.randrange(11)}", model_version=f"v{rnd.randrange(9)}",
+                        duration_ms=i) for i in range(600)]
+    data = ("\n".join(lines) + "\n").encode()
+    assert _run_lines(_classify(data)) == len(lines)
+    state = _compare([data], cap=4)
+    overflows = state["tts_exporter_label_overflow"]
+    assert overflows[("tts_syntheses_total", "error_code")] > 100
+    assert overflows[("tts_syntheses_total", "model_version")] > 100
+    assert overflows[("tts_syntheses_total", "*")] > 0     # the series budget (40) too
+
+
+def test_more_kinds_than_a_run_holds_continue_in_the_next_run() -> None:
+    lines = [_synthesis(i, model_version=f"v{i}", duration_ms=i % 50, cache_hit="true")
+             for i in range(300)]
+    data = ("\n".join(lines) + "\n").encode()
+    items = _classify(data)
+    assert len(items) > 1
+    assert all(isinstance(item, SynthesisRun) for item in items)
+    assert _run_lines(items) == 300
+    state = _compare([data], cap=500)
+    assert sum(state["tts_syntheses"].values()) == 300
+
+
+def test_sums_add_up_line_by_line_in_log_order() -> None:
+    """Amounts whose float sum depends on the order of addition, spread over kinds that share
+    a series: the sums are exactly those of adding each line's amount in log order."""
+    rnd = random.Random(4)
+    durations = [rnd.choice(["0.1", "0.2", "0.3", "999999999.7", "3.3", "1"]) for _ in range(3000)]
+    lines = [_synthesis(i, rnd.choice(["success", "failed"]), duration_ms=duration,
+                        audio_size_kb=duration, audio_duration_ms="7.1")
+             for i, duration in enumerate(durations)]
+    data = ("\n".join(lines) + "\n").encode()
+    assert _run_lines(_classify(data)) == len(lines)
+    state = _compare(_chunks(data, rnd))
+    expected_seconds = expected_bytes = 0.0
+    for duration in durations:
+        expected_seconds += float(duration) / 1000.0
+        expected_bytes += float(duration) * 1024
+    counts, seconds, _ = state["tts_synthesis_duration_seconds"][("unknown",)]
+    assert sum(counts) == len(lines)
+    assert seconds == expected_seconds
+    assert state["tts_audio_bytes"][()] == expected_bytes
+    assert (seconds, expected_bytes) != (sum(float(d) / 1000.0 for d in sorted(durations)),
+                                         sum(float(d) * 1024 for d in sorted(durations)))
+
+
+def test_each_bucket_keeps_the_last_request_of_the_run_as_its_exemplar() -> None:
+    lines = [_synthesis(i, duration_ms=d) for i, d in enumerate([10, 30, 11, 12, 31, 5000])]
+    state = _compare([("\n".join(lines) + "\n").encode()])
+    _, _, exemplars = state["tts_synthesis_duration_seconds"][("unknown",)]
+    assert [e for e in exemplars if e] == [("ts_3", 0.012), ("ts_4", 0.031), ("ts_5", 5.0)]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_kind_that_cannot_be_counted_costs_only_its_own_lines(
+        native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _Run(native, 50, LogsConfig())
+    decide = run.pipeline._decide
+
+    def broken(kind: Any) -> Any:
+        if kind[0] == "boom":
+            raise RuntimeError("a bug")
+        return decide(kind)
+
+    monkeypatch.setattr(run.pipeline, "_decide", broken)
+    lines = [_synthesis(i, "boom" if i % 3 == 0 else "success", duration_ms=5)
+             for i in range(30)]
+    run.pipeline.process("app.log", ("\n".join(lines) + "\n").encode())
+    assert run.metrics.log_lines.values == {("error",): 10.0, ("parsed",): 20.0}
+    assert run.metrics.syntheses.values == {("success", "none", "unknown"): 20.0}
+    assert len(run.kept[0][1]) == 30          # its lines still reach the timelines
+
+
+def test_without_timelines_runs_keep_no_lines_and_count_the_same() -> None:
+    data = ("\n".join(_synthesis(i, duration_ms=i) for i in range(50)) + "\n").encode()
+    runs = _classify(data, keep=False)
+    assert _run_lines(runs) == 50
+    assert all(run.kept == [] for run in runs)
+    assert len(_classify(data)[0].kept) == 50
+    quiet = LogPipeline(SidecarMetrics(), LogsConfig(), MetricsConfig())
+    quiet.process("app.log", data)
+    reference = _Run(False, 50, LogsConfig())
+    reference.pipeline.process("app.log", data)
+    assert quiet.metrics.synthesis_duration.series[("unknown",)].counts == \
+        reference.metrics.synthesis_duration.series[("unknown",)].counts
