@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
-from exporter.config import Config, LogsConfig, MetricsConfig
+from exporter.config import LogsConfig, MetricsConfig
 from exporter.logs.parsers import Record
 from exporter.logs.pipeline import APP_ERROR_CODES, LogPipeline
 from exporter.metrics import CounterFamily, HistogramFamily, SidecarMetrics
@@ -192,11 +192,6 @@ def test_on_records_gets_each_chunks_lines_with_a_request_id_once() -> None:
         ("app.log", "r1", "stage_time"), ("app.log", "r1", "synthesis_complete")]
     p.process("app.log", jline(event="service_start", pid=2))
     assert len(seen) == 2
-
-
-def test_config_defaults_build_a_pipeline() -> None:
-    config = Config()
-    LogPipeline(SidecarMetrics(), config.logs, config.metrics).process("a", b"\n")
 
 
 def test_text_lines_with_crlf_count_like_json_lines() -> None:
