@@ -244,9 +244,8 @@ def test_batching_wraps_only_backends_that_batch_and_only_when_enabled() -> None
     assert with_batching(espeak, BatchConfig(max_size=8)) is espeak
     tones = ToneBatchBackend(instances=2)
     assert with_batching(tones, BatchConfig(max_size=1)) is tones
-    wrapped = with_batching(tones, BatchConfig(max_size=8))
-    assert isinstance(wrapped, BatchingBackend)
-    assert wrapped.instances == 16
+    # wrapped: 8 requests share each of the 2 instances, so 16 may run at once
+    assert with_batching(tones, BatchConfig(max_size=8)).instances == 16
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import re
 import subprocess
 import sys
@@ -27,14 +28,23 @@ def test_shipped_config_documents_the_defaults() -> None:
     assert shipped.backend.espeak == {"instances": 2, "rate_wpm": 175}
 
 
-def test_shipped_config_has_the_keys_local_stack_rewrites() -> None:
-    data = yaml.safe_load((REPO / "config" / "app.yaml").read_text())
-    assert data["server"]["listen"] == "127.0.0.1:8080"
-    assert data["log"]["path"]
-    assert data["log"]["format"] in ("json", "text")
-    assert data["cache"]["dir"]
-    assert data["gate"]["file"] == "state/ingress.json"
-    assert data["limits"]["text_max_chars"] == 2000
+def test_the_shipped_configs_meet_where_nginx_and_the_sidecar_look(tmp_path: Path) -> None:
+    """Run from the checkout as shipped: nginx proxies to where the app and the sidecar listen,
+    the sidecar tails the app's log (and its rotated backups) and writes the gate file the app
+    reads."""
+    app = load_config(REPO / "config" / "app.yaml")
+    sidecar = yaml.safe_load((REPO / "config" / "exporter.yaml").read_text())
+    nginx = (REPO / "config" / "nginx" / "tts.conf").read_text()
+    upstreams = dict(re.findall(r"upstream (\w+) \{\s*server ([\d.]+:\d+);", nginx))
+    assert upstreams == {"tts_app": app.server.listen, "tts_sidecar": sidecar["server"]["listen"]}
+    assert app.gate.file == sidecar["gate"]["gate_file"]
+    written = {app.log.path, app.log.path + ".1"}
+    for path in written:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    tailed = {found for pattern in sidecar["logs"]["paths"]
+              for found in glob.glob(pattern, root_dir=tmp_path)}
+    assert written <= tailed
 
 
 def test_shipped_nginx_is_a_trusted_proxy_that_drops_client_identity_claims() -> None:

@@ -16,7 +16,7 @@ from tests.conftest import FakeClock, free_port
 from tts_app.config import StoreConfig
 from tts_app.errors import AppError
 from tts_app.logging import StructuredLog
-from tts_app.store import LocalStore, RedisStore, open_store
+from tts_app.store import RedisStore, open_store
 from tts_app.store.audio import SharedAudio, plausible_audio
 from tts_app.store.jobs import SharedJobs
 
@@ -37,10 +37,14 @@ def events(log: StructuredLog, tmp_path: Path, name: str) -> list[dict[str, obje
     return [r for r in read_log(tmp_path / "app.log") if r["event"] == name]
 
 
-def test_local_is_the_default_and_shares_nothing(log: StructuredLog) -> None:
+async def test_local_is_the_default_and_shares_nothing(log: StructuredLog) -> None:
     store = open_store(StoreConfig(), log)
-    assert isinstance(store, LocalStore)
     assert not store.shared
+    assert await store.put("audio:k", b"RIFF", 60) is False       # nothing kept to share
+    assert await store.get("audio:k") is None
+    # no other replica to wait for: every caller may synthesize at once
+    assert await store.take_lease("lease:k", 60)
+    assert await store.take_lease("lease:k", 60)
     assert store.status() == {"kind": "local", "healthy": True, "fallbacks_total": 0,
                               "bad_values_total": 0}
 

@@ -4,6 +4,7 @@ rule is covered by a promtool test."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -108,10 +109,14 @@ def test_threshold_table_lists_no_alert_that_does_not_exist() -> None:
 
 
 def test_gpu_memory_alert_closes_the_ingress_at_the_gates_threshold() -> None:
-    """The name, label and 0.90 are a contract with the sidecar and the end-to-end test."""
+    """The name and label are a contract with the sidecar and the end-to-end test; the alert
+    fires where the shipped sidecar's own gate closes (``>=``, as the gate compares)."""
     alert = next(a for a in alerts() if a["alert"] == "TTSGpuMemoryHigh")
     assert alert["labels"]["action"] == "close_ingress"
-    assert "0.90" in alert["expr"]
+    threshold = re.fullmatch(r"gpu:tts_gpu_memory_used:ratio >= ([\d.]+)", alert["expr"].strip())
+    assert threshold is not None, alert["expr"]
+    sidecar = yaml.safe_load((REPO / "config" / "exporter.yaml").read_text())
+    assert float(threshold.group(1)) == sidecar["gate"]["close_at"]
     assert [a["alert"] for a in alerts() if a["labels"].get("action")] == ["TTSGpuMemoryHigh"]
 
 

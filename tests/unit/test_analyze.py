@@ -124,12 +124,6 @@ def test_progress_only_when_asked(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().err == ""
 
 
-def test_check_config_still_works(capsys: pytest.CaptureFixture[str]) -> None:
-    path = Path(__file__).resolve().parents[2] / "config" / "exporter.yaml"
-    assert main(["check-config", str(path)]) == 0
-    assert "valid" in capsys.readouterr().out
-
-
 def test_parse_time_forms() -> None:
     assert parse_time("2h", now=10_000.0) == 10_000.0 - 7200
     assert parse_time("30m", now=100.0) == 100.0 - 1800

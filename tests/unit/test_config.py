@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from exporter.config import Config, ConfigError, load_config
-from tests.conftest import busy_port, free_port
+from exporter.gate import Gate
+from tests.conftest import FakeClock, busy_port, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,20 +29,36 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "")) == Config()
 
 
-def test_values_are_converted_to_their_types(tmp_path: Path) -> None:
+def test_values_in_the_file_decide_what_the_sidecar_does(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, """
 server: {listen: "0.0.0.0:9200"}
 logs: {paths: [a.log, "b/*.log"], max_line_bytes: 1024}
 gate: {close_at: 0.95, reopen_below: 0.8, reopen_after_s: 10, mode: auth_request}
 gpu: {source: "file:/tmp/gpus.json"}
 """))
-    assert config.server.host == "0.0.0.0"
-    assert config.server.port == 9200
-    assert config.logs.paths == ["a.log", "b/*.log"]
-    assert config.gate.close_at == 0.95
+    assert (config.server.host, config.server.port) == ("0.0.0.0", 9200)
+    assert config.logs.tailed_paths() == ["a.log", "b/*.log"]
     assert config.gate.mode == "auth_request"
-    assert isinstance(config.gate.reopen_after_s, float)
     assert config.gpu.source == "file:/tmp/gpus.json"
+    # The gate built from this file closes at 0.95, not at 0.94, and reopens only after 0.8
+    # has held for 10 s (not the defaults: 0.90, 0.85, 30 s).
+    clock = FakeClock()
+    gate = Gate.from_config(config.gate, stale_after_s=2.0, clock=clock, wall_clock=clock)
+    gate.observe_gpus([0.94])
+    assert gate.state.open
+    gate.observe_gpus([0.95])
+    assert not gate.state.open
+    gate.observe_gpus([0.81])
+    clock.advance(60)
+    gate.observe_gpus([0.81])
+    assert not gate.state.open
+    gate.observe_gpus([0.8])
+    clock.advance(9.9)
+    gate.observe_gpus([0.8])
+    assert not gate.state.open
+    clock.advance(0.1)
+    gate.observe_gpus([0.8])
+    assert gate.state.open
 
 
 @pytest.mark.parametrize(("text", "key", "expected"), [

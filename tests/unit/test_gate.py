@@ -133,6 +133,7 @@ def test_zero_hold_reopens_on_the_first_low_reading() -> None:
     clock = FakeClock()
     gate, _ = make_gate(clock, reopen_after_s=0.0)
     feed(gate, clock, [0.95])
+    assert not gate.state.open
     feed(gate, clock, [0.85])
     assert gate.state.open
 
@@ -228,6 +229,7 @@ def test_policy_ignore_treats_failures_as_healthy() -> None:
     clock = FakeClock()
     gate, _ = make_gate(clock, on_gpu_failure="ignore", reopen_after_s=1.0)
     feed(gate, clock, [0.95])
+    assert not gate.state.open
     fail_for(gate, clock, 1.5)
     assert gate.state.open
 

@@ -429,13 +429,14 @@ def test_file_source_rejects_what_is_not_a_reading(tmp_path: Path, content: str 
     assert str(path) in str(info.value)
 
 
-def test_make_source_picks_the_configured_source(tmp_path: Path) -> None:
-    assert isinstance(make_source("none"), NoneSource)
-    source = make_source(f"file:{tmp_path / 'g.json'}")
-    assert isinstance(source, FileSource)
-    assert source.path == tmp_path / "g.json"
+def test_make_source_reads_from_the_configured_source(tmp_path: Path) -> None:
+    assert make_source("none").read() == []
+    path = tmp_path / "g.json"
+    write_gpus(path, 0.25, 0.75)
+    readings = make_source(f"file:{path}").read()
+    assert [(r.uuid, r.used_ratio) for r in readings] == [("GPU-f0", 0.25), ("GPU-f1", 0.75)]
+    # reading NVML needs a driver: what "nvml" must pick is the source that asks it
     assert isinstance(make_source("nvml"), NvmlSource)
-    assert NoneSource().read() == []
 
 
 # --- GpuCollector ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from exporter.config import AuthConfig, Config, GateConfig
+from exporter.config import AuthConfig, Config, GateConfig, TimelinesConfig
 from exporter.gate import Gate, GateComponent
 from exporter.logs.parsers import MalformedLine, RecordParser
 from exporter.logs.timelines import TimelineComponent, TimelineStore, shorten_line
@@ -151,11 +151,23 @@ async def test_routes_over_http() -> None:
         await component.stop()
 
 
-def test_from_config_uses_timelines_section() -> None:
-    config = Config()
-    component = TimelineComponent.from_config(config)
-    assert component.store.max_lines == config.timelines.max_lines
-    assert component.store.max_records == config.timelines.max_records_per_request
+def test_the_timelines_section_bounds_what_the_component_keeps_and_shows() -> None:
+    config = Config(timelines=TimelinesConfig(max_lines=4, max_records_per_request=2,
+                                              fields=["stage"]))
+    store = TimelineComponent.from_config(config).store
+    for i in range(3):
+        _add(store, "a", "stage_time", float(i), stage=f"s{i}", duration_ms=i)
+    _add(store, "b", "stage_time", 3.0, stage="t0", duration_ms=1)
+    timeline = store.get("a")
+    assert timeline is not None
+    assert timeline["dropped_records"] == 1         # three kept lines, the newest two shown
+    assert [r["fields"] for r in timeline["records"]] == [{"stage": "s1"}, {"stage": "s2"}]
+    _add(store, "c", "stage_time", 4.0, stage="u0", duration_ms=1)
+    assert len(store) == 4                          # the oldest line of "a" went
+    timeline = store.get("a")
+    assert timeline is not None
+    assert timeline["dropped_records"] == 0
+    assert [r["fields"] for r in timeline["records"]] == [{"stage": "s1"}, {"stage": "s2"}]
 
 
 def test_listing_and_timeline_agree_on_the_newest_status() -> None:

@@ -4,6 +4,7 @@ basic auth's bcrypt checks with their short success cache."""
 from __future__ import annotations
 
 import base64
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ def test_a_full_web_config_loads(tmp_path: Path, tls_files: TlsFiles) -> None:
                               "min_version": "TLS13"},
         "basic_auth_users": {"prometheus": HASH}}))
     assert web.ssl_context is not None
+    assert web.ssl_context.verify_mode == ssl.CERT_REQUIRED
+    assert web.ssl_context.minimum_version == ssl.TLSVersion.TLSv1_3
     assert web.users == {"prometheus": HASH.encode()}
 
 
@@ -115,7 +118,10 @@ def test_the_shipped_example_loads_with_real_certificates(tmp_path: Path,
     example["tls_server_config"].update(cert_file=str(tls_files.server_cert),
                                         key_file=str(tls_files.server_key))
     web = load_web_config(write(tmp_path, example))
+    # TLS 1.2 and up, no client certificate asked for: Prometheus authenticates by password
     assert web.ssl_context is not None
+    assert web.ssl_context.verify_mode == ssl.CERT_NONE
+    assert web.ssl_context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert list(web.users) == ["prometheus"]
 
 
