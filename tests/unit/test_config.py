@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from exporter.config import Config, ConfigError, load_config
-from tests.conftest import busy_port, free_port
+from tests.conftest import busy_port
+from tests.support.local_stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
