@@ -514,7 +514,8 @@ def demo(workdir: Path, options: StackOptions, duration: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tests.support.local_stack",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=REPO / "run" / "demo")
     parser.add_argument("--no-prom", action="store_true", help="app + sidecar only")
