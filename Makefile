@@ -108,7 +108,7 @@ test: deps
 # live traffic; prints where to look and runs until Ctrl-C, SIGTERM or SIGHUP, then stops them
 # all. It installs only what it runs: no torch, ChatTTS or Node.js (`make test` adds those).
 run: $(VENV)/.installed-run demo-debs
-	$(PY) config/local_stack.py
+	$(PY) -m tests.support.local_stack
 
 bench: deps
 	@for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -29,13 +29,6 @@ class FakeClock:
         self.now += seconds
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def busy_port() -> Iterator[int]:
     """A port on 127.0.0.1 that something listens on until the block ends."""

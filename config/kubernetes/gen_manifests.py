@@ -28,9 +28,6 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from local_stack import deep_merge  # config/ holds scripts, not a package
-
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 LABELS = {"app.kubernetes.io/name": "tts", "app.kubernetes.io/part-of": "tts-sentinel"}
@@ -79,6 +76,19 @@ COMPOSE_APP_OVERRIDES: dict[str, Any] = {"store": {"url": "redis://127.0.0.1:637
 NGINX_POD_EDITS = ((r"listen 127\.0\.0\.1:8000;", "listen 8000;"),
                    (r"\n *auth_request /_tts_ingress;", ""),
                    (r"\n *error_page 403 = @tts_closed;", ""))
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` laid over it: nested mappings merge, anything else replaces.
+    The local stack (tests/support/local_stack.py) derives its configs from the shipped ones
+    with this too, so an override means the same to the demo, the tests and the manifests."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 class _BlockDumper(yaml.SafeDumper):

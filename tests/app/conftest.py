@@ -21,17 +21,14 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import free_port
-from tests.e2e.conftest import load_local_stack
+from config.kubernetes.gen_manifests import deep_merge
+from tests.support.local_stack import REPO, Process, free_port, http_get, wait_until
 from tts_app.backends.base import Backend
 from tts_app.backends.espeak import EspeakBackend
 from tts_app.config import AppConfig, config_from_mapping
 from tts_app.errors import ERRORS
 from tts_app.logging import StructuredLog
 from tts_app.server import STATE, AppState, build_app
-
-stack = load_local_stack()
-deep_merge = stack.deep_merge
 
 
 async def expect_error(response: Any, code: str) -> dict[str, Any]:
@@ -169,9 +166,9 @@ class AppProcess:
             "admission": {"rate_limit": {"enabled": False}}}, overrides or {})
         config_path = workdir / "app.yaml"
         config_path.write_text(json.dumps(config))
-        self.process = stack.Process(
+        self.process = Process(
             "tts_app", [sys.executable, "-m", "tts_app", "--config", str(config_path)],
-            self.base + "/readyz", workdir / "app.out", stack.REPO)
+            self.base + "/readyz", workdir / "app.out", REPO)
 
     @property
     def pid(self) -> int:
@@ -180,12 +177,12 @@ class AppProcess:
 
     def start(self) -> AppProcess:
         self.process.start()
-        stack.wait_until(lambda: stack.http_get(self.base + "/readyz")[0] == 200, 60,
-                         what="the app ready")
+        wait_until(lambda: http_get(self.base + "/readyz")[0] == 200, 60,
+                   what="the app ready")
         return self
 
     def get_json(self, path: str) -> Any:
-        return json.loads(stack.http_get(self.base + path)[1])
+        return json.loads(http_get(self.base + path)[1])
 
     def call(self, path: str, payload: Any = None, headers: dict[str, str] | None = None,
              ) -> tuple[int, dict[str, str], bytes]:
@@ -226,7 +223,7 @@ class RedisServer:
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self._workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        stack.wait_until(lambda: self.command("PING") == b"+PONG", 10, what="redis-server up")
+        wait_until(lambda: self.command("PING") == b"+PONG", 10, what="redis-server up")
         return self
 
     def stop(self) -> None:

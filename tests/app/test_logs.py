@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.app.conftest import AppProcess, StartApp, read_log, stack
+from tests.app.conftest import AppProcess, StartApp, read_log
 from tests.integration.test_log_restart import Sidecar
+from tests.support.local_stack import REPO, http_get, wait_until
 from tts_app.logging import LogFile, StructuredLog
 
 REQUIRED = {
@@ -160,7 +161,7 @@ def test_an_exit_without_close_still_writes_what_was_logged(tmp_path: Path) -> N
             "log = StructuredLog(sys.argv[1], flush_interval_s=1.0)\n"
             "log.event('service_start')\nraise SystemExit(3)\n")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "app.log")],
-                          cwd=stack.REPO, timeout=60, check=False)
+                          cwd=REPO, timeout=60, check=False)
     assert done.returncode == 3
     assert [r["event"] for r in read_log(tmp_path / "app.log")] == ["service_start"]
 
@@ -225,7 +226,7 @@ async def test_an_unwritable_log_never_decides_a_request_or_leaks_a_slot(
 
 def _tts_requests_counted(sidecar: Sidecar) -> tuple[float, float]:
     """(http_request records of /v1/tts, synthesis_complete records) the sidecar counted."""
-    _, body = stack.http_get(f"http://127.0.0.1:{sidecar.port}/metrics")
+    _, body = http_get(f"http://127.0.0.1:{sidecar.port}/metrics")
     requests = syntheses = 0.0
     for family in text_string_to_metric_families(body.decode()):
         for sample in family.samples:
@@ -261,10 +262,10 @@ def test_rotation_under_load_loses_and_doubles_nothing(tmp_path: Path,
             statuses += pool.map(lambda text: app.post(text)[0], texts[len(statuses):])
         assert statuses == [200] * len(texts)
         # rotated more than once (the writer thread flushes the last records within ~100 ms)
-        stack.wait_until(lambda: (logs / "tts-app.log.2").exists(), 10,
-                         what="a second rotation")
-        stack.wait_until(lambda: _tts_requests_counted(sidecar)[0] >= len(texts), 30,
-                         what=f"{len(texts)} requests counted")
+        wait_until(lambda: (logs / "tts-app.log.2").exists(), 10,
+                   what="a second rotation")
+        wait_until(lambda: _tts_requests_counted(sidecar)[0] >= len(texts), 30,
+                   what=f"{len(texts)} requests counted")
         time.sleep(1.0)     # anything read twice would be counted by now
         assert _tts_requests_counted(sidecar) == (len(texts), len(texts))
     finally:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.conftest import AppProcess, StartApp, stack, write_gate
+from tests.app.conftest import AppProcess, StartApp, write_gate
 from tests.app.fakes import GatedBackend
+from tests.support.local_stack import wait_until
 from tts_app.backends.espeak import EspeakBackend
 from tts_app.errors import ERRORS, AppError
 from tts_app.server import error_response
@@ -155,7 +156,7 @@ def test_log_disk_full_for_5s_under_load_gives_no_500_and_leaks_no_slot(tmp_path
             answers.append((time.monotonic(), text, status, content_type, body))
 
         def inject() -> None:
-            stack.wait_until(lambda: len(answers) >= 20, 60, what="20 answers")
+            wait_until(lambda: len(answers) >= 20, 60, what="20 answers")
             disk.fill()
             fault.append(time.monotonic())
             while time.monotonic() < fault[0] + 5:
@@ -179,14 +180,14 @@ def test_log_disk_full_for_5s_under_load_gives_no_500_and_leaks_no_slot(tmp_path
                 assert json.loads(body)["error"]["code"] == "QUEUE_FULL"
         assert any(fault[0] <= at <= fault[1] for at, *_ in answers)
         assert "log_write_failed" in readiness
-        stack.wait_until(lambda: app.get_json("/status")["waiting"] == 0
-                         and app.get_json("/status")["running"] == 0, 30, what="queue empty")
+        wait_until(lambda: app.get_json("/status")["waiting"] == 0
+                   and app.get_json("/status")["running"] == 0, 30, what="queue empty")
         during = next(text for at, text, *_ in answers if at >= fault[0])
         status, content_type, body = app.post(during)
         assert (status, content_type, body[:4]) == (200, "audio/wav", b"RIFF")
         assert app.get_json("/status")["log_write_errors"] > 0
-        stack.wait_until(lambda: app.get_json("/readyz")["reason"] == "ready", 10,
-                         what="readiness without log_write_failed")
+        wait_until(lambda: app.get_json("/readyz")["reason"] == "ready", 10,
+                   what="readiness without log_write_failed")
     finally:
         app.process.stop()
         disk.remove()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.support.local_stack import free_port
 from tts_app.__main__ import CLOSE_GRACE_S, SHUTDOWN_MARGIN_S
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.app.conftest import RedisServer, StartApp, read_log
-from tests.conftest import FakeClock, free_port
+from tests.conftest import FakeClock
+from tests.support.local_stack import free_port
 from tts_app.config import StoreConfig
 from tts_app.errors import AppError
 from tts_app.logging import StructuredLog

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.app.conftest import AppProcess, RedisServer, read_log, stack
+from tests.app.conftest import AppProcess, RedisServer, read_log
+from tests.support.local_stack import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -144,8 +145,8 @@ def test_redis_killed_mid_load_gives_no_500_and_sharing_recovers_when_it_returns
     assert set(statuses) == {200}, sorted(set(statuses))
     assert all(s["kind"] == "redis" and s["healthy"] is False for s in during), during
     assert all(s["fallbacks_total"] > 0 for s in during), during
-    stack.wait_until(lambda: all(app.get_json("/status")["store"]["healthy"] for app in fleet),
-                     10, what="every replica back on Redis")
+    wait_until(lambda: all(app.get_json("/status")["store"]["healthy"] for app in fleet),
+               10, what="every replica back on Redis")
     for app, store in zip(fleet, during, strict=True):
         lines = [r for r in read_log(app.log_path)
                  if r["event"] in ("store_unavailable", "store_recovered")]
@@ -164,7 +165,7 @@ def test_a_garbage_or_wrong_type_redis_value_is_a_counted_miss_never_a_500(
         fleet: list[AppProcess], redis_server: RedisServer) -> None:
     a, b, c = fleet
     assert a.call("/v1/tts", {"text": "Someone will scribble over me."})[0] == 200
-    stack.wait_until(lambda: redis_server.command(   # shared just after the answer
+    wait_until(lambda: redis_server.command(   # shared just after the answer
         "EVAL", "return #redis.call('keys', 'tts:audio:*')", "0") == b":1", 10,
         what="the audio shared")
     assert redis_server.command("EVAL", "for _, k in ipairs(redis.call('keys', 'tts:audio:*'))"

@@ -19,7 +19,6 @@ addresses, paths and, with ``--quick``, intervals are changed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import random
 import re
@@ -29,12 +28,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+from tests.support.local_stack import (  # noqa: E402
+    Process,
+    free_port,
+    http_get,
+    wait_until,
+    write_gpu_file,
+)
+
 ALERT = "TTSGpuMemoryHigh"
 FALLBACK_RULE: dict[str, Any] = {
     "alert": ALERT,
@@ -42,21 +49,6 @@ FALLBACK_RULE: dict[str, Any] = {
             " > 0.90",
     "for": "30s", "labels": {"action": "close_ingress"}}
 TOKEN = "bench-token"
-
-
-def load_local_stack() -> ModuleType:
-    """config/local_stack.py: free ports, process handling, the GPU file writer."""
-    spec = importlib.util.spec_from_file_location("tts_local_stack",
-                                                  REPO / "config" / "local_stack.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-stack = load_local_stack()
 
 
 def percentiles(samples: list[float]) -> str:
@@ -75,13 +67,13 @@ class Bench:
 
     def __init__(self, workdir: Path, reopen_after_s: float) -> None:
         self.workdir = workdir
-        self.ports = {n: stack.free_port() for n in ("exporter", "prometheus", "alertmanager")}
+        self.ports = {n: free_port() for n in ("exporter", "prometheus", "alertmanager")}
         self.gpu_file = workdir / "gpu.json"
         self.gate_file = workdir / "state" / "ingress.json"
         self.token_file = workdir / "token"
         self.token_file.write_text(TOKEN + "\n")
         (workdir / "logs").mkdir()
-        stack.write_gpu_file(self.gpu_file, 0.50)
+        write_gpu_file(self.gpu_file, 0.50)
         self.exporter_config = {
             "server": {"listen": f"127.0.0.1:{self.ports['exporter']}"},
             "logs": {"paths": [str(workdir / "logs" / "*.log")],
@@ -92,7 +84,7 @@ class Bench:
         }
         config = workdir / "exporter.yaml"
         config.write_text(yaml.safe_dump(self.exporter_config))
-        self.sidecar = stack.Process(
+        self.sidecar = Process(
             "exporter", [sys.executable, "-m", "exporter", "--config", str(config)],
             self.url("exporter", "/healthz"), workdir / "exporter.out", REPO)
         self.processes: list[Any] = []
@@ -114,7 +106,7 @@ class Bench:
     # --- observing the gate
 
     def ingress(self) -> dict[str, Any]:
-        status, body = stack.http_get(self.url("exporter", "/ingress"))
+        status, body = http_get(self.url("exporter", "/ingress"))
         data: dict[str, Any] = json.loads(body)
         data["status"] = status
         return data
@@ -123,13 +115,13 @@ class Bench:
         return bool(json.loads(self.gate_file.read_text())["open"])
 
     def wait_open(self) -> None:
-        stack.wait_until(lambda: self.ingress()["status"] == 200 and self.file_open(),
-                         timeout=120, interval=0.005, what="the gate to reopen")
+        wait_until(lambda: self.ingress()["status"] == 200 and self.file_open(),
+                   timeout=120, interval=0.005, what="the gate to reopen")
 
     def local_crossing(self) -> float:
         """Cross 90 %; seconds until /ingress says 503 and the gate file says closed."""
         crossed = time.monotonic()
-        stack.write_gpu_file(self.gpu_file, 0.95)
+        write_gpu_file(self.gpu_file, 0.95)
         http_closed = file_closed = None
         while http_closed is None or file_closed is None:
             if file_closed is None and not self.file_open():
@@ -194,12 +186,12 @@ class Bench:
                                               "credentials_file": str(self.token_file)}}}]}]}
         (am_dir / "alertmanager.yml").write_text(yaml.safe_dump(alertmanager, sort_keys=False))
         self.start([
-            stack.Process("prometheus", [
+            Process("prometheus", [
                 "prometheus", f"--config.file={prom_dir / 'prometheus.yml'}",
                 f"--storage.tsdb.path={prom_dir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.ports['prometheus']}", "--log.level=warn"],
                 self.url("prometheus", "/-/ready"), self.workdir / "prometheus.out", REPO),
-            stack.Process("alertmanager", [
+            Process("alertmanager", [
                 "prometheus-alertmanager", f"--config.file={am_dir / 'alertmanager.yml'}",
                 f"--storage.path={am_dir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.ports['alertmanager']}",
@@ -213,8 +205,8 @@ class Bench:
         """Cross 90 %; seconds until the local gate closed, and until the alert reason came."""
         local = self.local_crossing()
         crossed = time.monotonic() - local
-        stack.wait_until(lambda: f"alert:{ALERT}" in self.ingress()["reasons"], timeout=300,
-                         interval=0.05, what="the alert reason")
+        wait_until(lambda: f"alert:{ALERT}" in self.ingress()["reasons"], timeout=300,
+                   interval=0.05, what="the alert reason")
         return local, time.monotonic() - crossed
 
 
@@ -229,7 +221,7 @@ def run(args: argparse.Namespace) -> None:
 
         local: list[float] = []
         for _ in range(args.crossings):
-            stack.write_gpu_file(bench.gpu_file, 0.50)
+            write_gpu_file(bench.gpu_file, 0.50)
             bench.wait_open()
             time.sleep(rng.uniform(0.0, 0.25))  # any phase against the 250 ms poll
             local.append(bench.local_crossing())
@@ -240,7 +232,7 @@ def run(args: argparse.Namespace) -> None:
         if not (shutil.which("prometheus") and shutil.which("prometheus-alertmanager")):
             print("alert path skipped: prometheus / prometheus-alertmanager not installed")
             return
-        stack.write_gpu_file(bench.gpu_file, 0.50)
+        write_gpu_file(bench.gpu_file, 0.50)
         bench.wait_open()
         used = bench.start_alerting(args.scrape, args.rule_for, args.group_wait)
         print("\nalert path configs:")
@@ -251,9 +243,9 @@ def run(args: argparse.Namespace) -> None:
         time.sleep(rng.uniform(0.0, 2.0))
         pairs = []
         for i in range(args.alert_crossings):
-            stack.write_gpu_file(bench.gpu_file, 0.50)
-            stack.wait_until(lambda: not bench.ingress()["reasons"], timeout=600, interval=0.1,
-                             what="the alert to resolve and the gate to reopen")
+            write_gpu_file(bench.gpu_file, 0.50)
+            wait_until(lambda: not bench.ingress()["reasons"], timeout=600, interval=0.1,
+                       what="the alert to resolve and the gate to reopen")
             time.sleep(rng.uniform(0.0, 5.0))
             pair = bench.alert_crossing()
             pairs.append(pair)

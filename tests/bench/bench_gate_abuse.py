@@ -40,8 +40,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from tests.bench.bench_gate import stack  # noqa: E402
 from tests.bench.make_logs import write_log  # noqa: E402
+from tests.support.local_stack import Process, free_port, http_get, write_gpu_file  # noqa: E402
 
 HOSTILE_REQUESTS = [
     "/requests?limit=1000000000",
@@ -138,7 +138,7 @@ def probe(port: int) -> float:
 
 
 def lines_counted(port: int) -> float:
-    _, body = stack.http_get(f"http://127.0.0.1:{port}/metrics", timeout=60)
+    _, body = http_get(f"http://127.0.0.1:{port}/metrics", timeout=60)
     return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
                if line.startswith("tts_exporter_log_lines_total{"))
 
@@ -152,9 +152,9 @@ def summary(samples: list[float]) -> str:
 
 def run(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-gate-abuse-"))
-    port = stack.free_port()
+    port = free_port()
     (workdir / "logs").mkdir()
-    stack.write_gpu_file(workdir / "gpu.json", 0.40)
+    write_gpu_file(workdir / "gpu.json", 0.40)
     config = {"server": {"listen": f"127.0.0.1:{port}"},
               "logs": {"paths": [str(workdir / "logs" / "*.log")],
                        "checkpoint_path": str(workdir / "state" / "offsets.json")},
@@ -165,9 +165,9 @@ def run(args: argparse.Namespace) -> None:
           f"{args.long_lines} lines with 60 KB voices) ...", flush=True)
     staged = workdir / "staged.log"
     total = write_abusive_log(staged, args.lines, args.fanout, args.long_lines)
-    sidecar = stack.Process("exporter", [sys.executable, "-m", "exporter", "--config",
-                                         str(workdir / "exporter.yaml")],
-                            f"http://127.0.0.1:{port}/healthz", workdir / "exporter.out", REPO)
+    sidecar = Process("exporter", [sys.executable, "-m", "exporter", "--config",
+                                   str(workdir / "exporter.yaml")],
+                      f"http://127.0.0.1:{port}/healthz", workdir / "exporter.out", REPO)
     context = multiprocessing.get_context("spawn")
     stop, counts = context.Event(), context.Value("q", 0)
     try:
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> None:
                 counted = lines_counted(port)
                 next_check = time.monotonic() + 2.0
         catch_up_s = time.monotonic() - started
-        metrics_bytes = len(stack.http_get(f"http://127.0.0.1:{port}/metrics", timeout=60)[1])
+        metrics_bytes = len(http_get(f"http://127.0.0.1:{port}/metrics", timeout=60)[1])
         stop.set()
         for worker in workers:
             worker.join(120)

@@ -34,9 +34,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "config"))
-
-from local_stack import free_port, http_get, wait_until  # noqa: E402
 
 from tests.bench.make_logs import (  # noqa: E402
     generate,
@@ -44,6 +41,7 @@ from tests.bench.make_logs import (  # noqa: E402
     write_lines,
     write_log,
 )
+from tests.support.local_stack import free_port, http_get, wait_until  # noqa: E402
 
 # Counts what LogPipeline counts (same families, labels, unit conversions, outcomes), as
 # an mtail user would write it for both formats: the fair comparison.

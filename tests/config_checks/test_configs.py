@@ -1,5 +1,5 @@
 """config/prometheus.yml and config/alertmanager.yml: valid for promtool and amtool as shipped
-and as config/local_stack.py rewrites them, and routed the way the on-call loop needs."""
+and as tests/support/local_stack.py rewrites them, and routed the way the on-call loop needs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.config_checks.artefacts import (
     RULES,
     require_binary,
 )
-from tests.e2e.conftest import load_local_stack
+from tests.support.local_stack import Stack, StackOptions
 
 
 def run(argv: list[str]) -> subprocess.CompletedProcess[str]:
@@ -36,10 +36,9 @@ def receiver_for(config: Path, labels: dict[str, str]) -> str:
 @pytest.fixture
 def written(tmp_path: Path) -> Any:
     """The configs as the demo and the end-to-end tests write them (no process started)."""
-    local_stack = load_local_stack()
-    options = local_stack.StackOptions(scrape_interval="1s", evaluation_interval="1s",
-                                       max_alert_for="2s", group_wait="1s")
-    return local_stack.Stack(tmp_path / "stack", options)
+    options = StackOptions(scrape_interval="1s", evaluation_interval="1s", max_alert_for="2s",
+                           group_wait="1s")
+    return Stack(tmp_path / "stack", options)
 
 
 def test_promtool_accepts_the_shipped_prometheus_config() -> None:

@@ -1,11 +1,12 @@
-"""The demo (config/local_stack.py, what `make run` starts) as a newcomer meets it: every URL it
-prints answers, the curl it prints writes a WAV, its live counter counts the demo's requests,
-and a stop signal stops every process it started."""
+"""The demo (tests/support/local_stack.py, what `make run` starts) as a newcomer meets it: every
+URL it prints answers, the curl it prints writes a WAV, its live counter counts the demo's
+requests, and a stop signal stops every process it started."""
 
 from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +20,7 @@ from typing import Any
 import pytest
 
 from tests.config_checks.artefacts import REPO
-from tests.e2e.conftest import load_local_stack
-
-local_stack = load_local_stack()
+from tests.support import local_stack
 
 # The demo's stop bound plus room for a loaded 2-core CI machine.
 STOP_BOUND_S = local_stack.STOP_TIMEOUT_S + 10
@@ -66,7 +65,8 @@ def wait_gone(processes: dict[int, str], timeout: float) -> list[int]:
 
 @dataclass
 class Demo:
-    """``config/local_stack.py`` running as a subprocess, up to its 'stops everything' line."""
+    """``python -m tests.support.local_stack`` running as a subprocess, up to its 'stops
+    everything' line."""
 
     popen: subprocess.Popen[str]
     lines: list[str]
@@ -88,7 +88,7 @@ class Demo:
 
 def start_demo(workdir: Path, *args: str) -> Demo:
     popen = subprocess.Popen(
-        [sys.executable, str(REPO / "config" / "local_stack.py"), "--workdir", str(workdir),
+        [sys.executable, "-m", "tests.support.local_stack", "--workdir", str(workdir),
          *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     assert popen.stdout is not None
@@ -107,7 +107,7 @@ def start_demo(workdir: Path, *args: str) -> Demo:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
     for binary in ("prometheus", "prometheus-alertmanager"):
-        if not local_stack.shutil.which(binary):
+        if not shutil.which(binary):
             pytest.skip(f"{binary} is not installed (make debs)")
     running = start_demo(tmp_path_factory.mktemp("demo"))
     yield running
@@ -142,7 +142,7 @@ def test_the_printed_curl_command_writes_a_wav(demo: Demo, tmp_path: Path) -> No
 @pytest.mark.external
 def test_the_printed_amtool_command_reaches_alertmanager(demo: Demo) -> None:
     amtool = shlex.split(demo.line("alertmanager").split("(or: ", 1)[1].rstrip(")"))
-    if not local_stack.shutil.which(amtool[0]):
+    if not shutil.which(amtool[0]):
         pytest.skip("amtool is not installed")
     result = subprocess.run(amtool, capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stderr

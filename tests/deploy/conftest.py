@@ -7,18 +7,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-if str(REPO / "config") not in sys.path:
-    sys.path.insert(0, str(REPO / "config"))
-
-from local_stack import http_get, wait_until  # noqa: E402  (found through the path above)
+from tests.support.local_stack import REPO, http_get, wait_until
 
 NGINX_DIR = REPO / "config" / "nginx"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)

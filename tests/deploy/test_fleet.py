@@ -1,7 +1,7 @@
 """Three replicas (app + sidecar each) behind one real Prometheus, on loopback.
 
 A stand-in for a Kubernetes Deployment with three pods: each replica has its own ports, logs,
-cache and gate file (config/local_stack.py's Stack without Prometheus), and one Prometheus
+cache and gate file (tests/support/local_stack.py's Stack without Prometheus), and one Prometheus
 scrapes the three sidecars with the shipped rules, each target labelled with the
 namespace/pod labels the Prometheus Operator would add. One replica's VRAM crosses 90 %: only
 its gate closes, the other two keep serving, the fleet view shows it, and the HPA's queries
@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 import yaml
-from local_stack import Process, Stack, StackOptions, free_port, http_get, wait_until
+
+from tests.support.local_stack import Process, Stack, StackOptions, free_port, http_get, wait_until
 
 from .conftest import REPO
 

@@ -15,8 +15,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from local_stack import Stack, StackOptions, free_port, http_get, wait_until
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.local_stack import Stack, StackOptions, free_port, http_get, wait_until
 
 from .conftest import NGINX, post_tts, run_nginx
 

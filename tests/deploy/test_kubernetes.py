@@ -16,15 +16,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate as kv
 import pytest
 import yaml
+
+from config.kubernetes import gen_manifests
 
 from .conftest import REPO
 
 K8S = REPO / "config" / "kubernetes"
-sys.path.insert(0, str(K8S))
-import gen_manifests  # noqa: E402
-import kubernetes_validate as kv  # noqa: E402
 
 CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor"),
              ("monitoring.coreos.com/v1", "PrometheusRule")}

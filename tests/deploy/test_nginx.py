@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from local_stack import Stack, StackOptions, free_port, http_get, wait_until
+
+from tests.support.local_stack import Stack, StackOptions, free_port, http_get, wait_until
 
 from .conftest import NGINX, post_tts, run_nginx
 

@@ -16,30 +16,29 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import REPO, load_local_stack
+from tests.support.local_stack import REPO, Stack, StackOptions, http_get, wait_until
 
-stack_module = load_local_stack()
 pytestmark = [pytest.mark.slow, pytest.mark.external]
 
 ALERT = "TTSGpuMemoryHigh"
 
 
 def gate_state(stack: Any) -> tuple[int, dict[str, Any]]:
-    status, body = stack_module.http_get(stack.url("exporter", "/ingress"))
+    status, body = http_get(stack.url("exporter", "/ingress"))
     return status, json.loads(body)
 
 
 def firing_alerts(stack: Any) -> set[str]:
-    _, body = stack_module.http_get(stack.url("alertmanager", "/api/v2/alerts?active=true"))
+    _, body = http_get(stack.url("alertmanager", "/api/v2/alerts?active=true"))
     return {a["labels"]["alertname"] for a in json.loads(body) if a["status"]["state"] == "active"}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    options = stack_module.StackOptions(
+    options = StackOptions(
         scrape_interval="1s", evaluation_interval="1s", max_alert_for="2s", group_wait="1s",
         gate_reopen_after_s=1.0)
-    with stack_module.Stack(tmp_path_factory.mktemp("stack"), options) as running:
+    with Stack(tmp_path_factory.mktemp("stack"), options) as running:
         yield running
 
 
@@ -73,10 +72,10 @@ def test_vram_crossing_closes_the_gate_alerts_and_reopens(stack: Any) -> None:
 
     crossed = time.monotonic()
     stack.set_vram(0.95)
-    stack_module.wait_until(lambda: gate_state(stack)[0] == 503, timeout=1.0,
-                            what="the local gate to close within a second")
+    wait_until(lambda: gate_state(stack)[0] == 503, timeout=1.0,
+               what="the local gate to close within a second")
     local_close = time.monotonic() - crossed
-    _, headers, _ = stack_module.wait_until(
+    _, headers, _ = wait_until(
         lambda: (r := stack.synthesize("Gate closed?"))[0] == 503 and r, timeout=2.0,
         what="the app to answer 503")
     assert int(headers["Retry-After"]) > 0
@@ -84,19 +83,19 @@ def test_vram_crossing_closes_the_gate_alerts_and_reopens(stack: Any) -> None:
     def alert_reason_added() -> bool:
         return f"alert:{ALERT}" in gate_state(stack)[1]["reasons"]
 
-    stack_module.wait_until(alert_reason_added, timeout=30, interval=0.2,
-                            what="Alertmanager's webhook to add its reason")
+    wait_until(alert_reason_added, timeout=30, interval=0.2,
+               what="Alertmanager's webhook to add its reason")
     assert ALERT in firing_alerts(stack)
     assert set(gate_state(stack)[1]["reasons"]) >= {"vram", f"alert:{ALERT}"}
     alert_close = time.monotonic() - crossed
     assert local_close < alert_close
 
     stack.set_vram(0.50)
-    stack_module.wait_until(lambda: gate_state(stack)[0] == 200, timeout=40, interval=0.2,
-                            what="the alert to resolve and the gate to reopen")
-    stack_module.wait_until(lambda: stack.synthesize("Open again.")[0] == 200, timeout=3,
-                            what="the app to serve again")
-    closes = stack_module.wait_until(
+    wait_until(lambda: gate_state(stack)[0] == 200, timeout=40, interval=0.2,
+               what="the alert to resolve and the gate to reopen")
+    wait_until(lambda: stack.synthesize("Open again.")[0] == 200, timeout=3,
+               what="the app to serve again")
+    closes = wait_until(
         lambda: stack.query('tts_ingress_transitions_total{to="closed"}'),
         timeout=5, what="Prometheus to scrape the transition")
     assert float(closes[0]["value"][1]) >= 1

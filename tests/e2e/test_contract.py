@@ -13,13 +13,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import load_local_stack
-
-stack_module = load_local_stack()
+from tests.support.local_stack import Stack, StackOptions, http_get, wait_until
 
 
 def scrape(stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    status, body = stack_module.http_get(stack.url("exporter", "/metrics"))
+    status, body = http_get(stack.url("exporter", "/metrics"))
     assert status == 200
     return {(s.name, frozenset(s.labels.items())): s.value
             for family in text_string_to_metric_families(body.decode())
@@ -34,8 +32,8 @@ def total(samples, name: str, **labels: str) -> float:
 @pytest.mark.slow
 @pytest.mark.external
 def test_sidecar_counts_exactly_what_the_app_served(tmp_path: Path) -> None:
-    options = stack_module.StackOptions(prometheus=False, alertmanager=False)
-    with stack_module.Stack(tmp_path, options) as stack:
+    options = StackOptions(prometheus=False, alertmanager=False)
+    with Stack(tmp_path, options) as stack:
         codes: collections.Counter[int] = collections.Counter()
         texts = ["Contract test one.", "Contract test two.", "Contract test one.",
                  "", "x" * 5000, "bad\x00char", "Contract test three."]
@@ -51,7 +49,7 @@ def test_sidecar_counts_exactly_what_the_app_served(tmp_path: Path) -> None:
             got = scrape(stack)
             return total(got, "tts_http_requests_total", route="/v1/tts") == sum(codes.values())
 
-        stack_module.wait_until(counted, timeout=10, what="sidecar to count every request")
+        wait_until(counted, timeout=10, what="sidecar to count every request")
         got = scrape(stack)
         for code, n in codes.items():
             assert total(got, "tts_http_requests_total", route="/v1/tts", code=str(code)) == n

@@ -1,8 +1,8 @@
 """The on-call drill, through real Prometheus: the on-call dashboard's own queries must show an
 incident within 60 s of its start and show the service normal again within 60 s of its end.
 
-The stack is app + sidecar + Prometheus (config/local_stack.py, 1 s scrape and evaluation) with
-a steady trickle of /v1/tts requests. Three incidents, one after the other:
+The stack is app + sidecar + Prometheus (tests/support/local_stack.py, 1 s scrape and
+evaluation) with a steady trickle of /v1/tts requests. Three incidents, one after the other:
 
 - VRAM crosses 90 %: the gate closes; the top row must say /v1/tts is failing its clients and
   why (gate closed, reason vram, closed since), then all green once VRAM is back.
@@ -30,9 +30,8 @@ from typing import Any
 import pytest
 
 from tests.deploy.conftest import NGINX, post_tts, run_nginx
-from tests.e2e.conftest import REPO, load_local_stack
+from tests.support.local_stack import REPO, Stack, StackOptions, free_port, wait_until
 
-stack_module = load_local_stack()
 pytestmark = [pytest.mark.slow, pytest.mark.external]
 
 RATE_INTERVAL = "10s"
@@ -68,8 +67,8 @@ def value(stack: Any, title: str) -> float | None:
 
 def within(what: str, check: Callable[[], bool], started: float) -> float:
     """Seconds from ``started`` until ``check`` holds; fails past WITHIN_S."""
-    stack_module.wait_until(check, timeout=max(1.0, started + WITHIN_S - time.monotonic()),
-                            interval=0.5, what=what)
+    wait_until(check, timeout=max(1.0, started + WITHIN_S - time.monotonic()),
+               interval=0.5, what=what)
     took = time.monotonic() - started
     assert took <= WITHIN_S, f"{what}: {took:.0f} s"
     return took
@@ -102,12 +101,12 @@ class Trickle:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    options = stack_module.StackOptions(
+    options = StackOptions(
         alertmanager=False, scrape_interval="1s", evaluation_interval="1s",
         max_alert_for="2s", gate_reopen_after_s=1.0,
         # A short queue, so a burst of a few dozen requests goes past it.
         app_overrides={"admission": {"queue_size": 2}})
-    with stack_module.Stack(tmp_path_factory.mktemp("drill"), options) as running, \
+    with Stack(tmp_path_factory.mktemp("drill"), options) as running, \
             Trickle(lambda n: running.synthesize(f"Trickle sentence {n % 7}.", timeout=10)):
         healthy = time.monotonic()
         within("the top row to show /v1/tts served", lambda: value(
@@ -174,7 +173,7 @@ GATEWAY_ERRORS = "Gateway 502/504 ratio"
 @pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
 def test_an_app_stop_behind_nginx_shows_gateway_502s_and_clears(
         stack: Any, tmp_path: Path) -> None:
-    gateway = stack_module.free_port()
+    gateway = free_port()
     url = f"http://127.0.0.1:{gateway}/v1/tts"
     with run_nginx(tmp_path / "nginx", gateway, stack.ports["app"], stack.ports["exporter"],
                    stack.workdir / "logs"), \

@@ -32,7 +32,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,7 @@ from tests.gpu.compare import (
     parse_smi_csv,
     percentile,
 )
+from tests.support.local_stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 GATE_P99_LIMIT_S = 0.5
@@ -134,12 +134,6 @@ def _describe(r: GpuReading) -> dict[str, Any]:
 
 
 # --- 2. + 3. The sidecar on NVML: health series and the gate ------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -16,11 +16,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
-from tests.e2e.conftest import REPO, load_local_stack
+from config.kubernetes.gen_manifests import deep_merge
+from tests.support.local_stack import REPO, free_port, wait_until, write_gpu_file
 from tests.unit.conftest import tls_files  # noqa: F401  (the fixture, for these tests too)
-
-stack = load_local_stack()
 
 
 class Sidecar:
@@ -35,8 +33,8 @@ class Sidecar:
         self.log = workdir / "exporter.out"
         self.ssl_context = ssl_context
         (workdir / "logs").mkdir(exist_ok=True)
-        stack.write_gpu_file(workdir / "gpu.json", 0.40)
-        config = stack.deep_merge({
+        write_gpu_file(workdir / "gpu.json", 0.40)
+        config = deep_merge({
             "server": {"listen": f"127.0.0.1:{self.port}"},
             "logs": {"paths": [str(workdir / "logs" / "*.log")],
                      "checkpoint_path": str(workdir / "state" / "offsets.json")},
@@ -54,8 +52,8 @@ class Sidecar:
             self.popen = subprocess.Popen(
                 [sys.executable, "-m", "exporter", "--config", str(path), *args], cwd=REPO,
                 stdout=out, stderr=subprocess.STDOUT, preexec_fn=limit_files)
-        stack.wait_until(lambda: self.request("/healthz")[0] == 200, timeout=20,
-                         what="the sidecar to listen")
+        wait_until(lambda: self.request("/healthz")[0] == 200, timeout=20,
+                   what="the sidecar to listen")
 
     def url(self, path: str) -> str:
         return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}{path}"

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_log_restart import Sidecar, contract_line, stack
+from tests.integration.test_log_restart import Sidecar, contract_line
+from tests.support.local_stack import http_get, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def test_a_malformed_checkpoint_is_moved_aside_and_the_sidecar_counts_from_the_s
     sidecar = Sidecar(tmp_path)
     sidecar.start()
     try:
-        stack.wait_until(lambda: sidecar.totals()[0] >= LINES, timeout=10, what="first read")
+        wait_until(lambda: sidecar.totals()[0] >= LINES, timeout=10, what="first read")
     finally:
         sidecar.process.stop()                   # a clean stop writes the final checkpoint
     checkpoint = tmp_path / "state" / "offsets.json"
@@ -53,8 +54,8 @@ def test_a_malformed_checkpoint_is_moved_aside_and_the_sidecar_counts_from_the_s
 
     sidecar.start()
     try:
-        stack.wait_until(lambda: sidecar.totals()[0] >= LINES, timeout=10, what="re-read")
-        status, _ = stack.http_get(f"http://127.0.0.1:{sidecar.port}/metrics")
+        wait_until(lambda: sidecar.totals()[0] >= LINES, timeout=10, what="re-read")
+        status, _ = http_get(f"http://127.0.0.1:{sidecar.port}/metrics")
         lines, syntheses = sidecar.totals()
     finally:
         sidecar.process.stop()

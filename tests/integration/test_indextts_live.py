@@ -7,10 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import load_local_stack
 from tests.integration.test_log_restart import Sidecar
-
-stack = load_local_stack()
+from tests.support.local_stack import http_get, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +20,12 @@ def test_indextts_fields_reach_metrics_and_the_text_does_not(tmp_path: Path,
     sidecar = Sidecar(tmp_path)
     sidecar.start()
     try:
-        stack.wait_until(lambda: sidecar.counter("tts_exporter_log_lines_total",
-                                                 outcome="parsed") == {"parsed": 5.0},
-                         10, what="the five lines parsed")
+        wait_until(lambda: sidecar.counter("tts_exporter_log_lines_total",
+                                           outcome="parsed") == {"parsed": 5.0},
+                   10, what="the five lines parsed")
         samples = {(name, tuple(sorted(labels.items()))): value
                    for name, labels, value in sidecar.samples()}
-        _, body = stack.http_get(f"http://127.0.0.1:{sidecar.port}/metrics")
+        _, body = http_get(f"http://127.0.0.1:{sidecar.port}/metrics")
     finally:
         sidecar.process.stop()
     assert samples[("tts_audio_rms_count", ())] == 1

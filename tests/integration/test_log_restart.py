@@ -21,10 +21,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
-from tests.e2e.conftest import REPO, load_local_stack
+from tests.support.local_stack import REPO, Process, free_port, http_get, wait_until
 
-stack = load_local_stack()
 pytestmark = pytest.mark.slow
 
 
@@ -74,7 +72,7 @@ class Sidecar:
         }
         config_path = workdir / "exporter.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        self.process = stack.Process(
+        self.process = Process(
             "exporter",
             [*(prefix or []), sys.executable, "-m", "exporter", "--config", str(config_path)],
             f"http://127.0.0.1:{self.port}/healthz", self.output, REPO)
@@ -89,7 +87,7 @@ class Sidecar:
         self.process.popen.wait(5)
 
     def samples(self) -> list[tuple[str, dict[str, str], float]]:
-        _, body = stack.http_get(f"http://127.0.0.1:{self.port}/metrics")
+        _, body = http_get(f"http://127.0.0.1:{self.port}/metrics")
         return [(sample.name, sample.labels, sample.value)
                 for family in text_string_to_metric_families(body.decode())
                 for sample in family.samples]
@@ -150,8 +148,8 @@ class AppLog:
 
 def settle(sidecar: Sidecar, log: AppLog) -> None:
     """Everything written is counted, and in a checkpoint (written every 0.1 s)."""
-    stack.wait_until(lambda: sidecar.totals()[0] >= log.written, timeout=10,
-                     what=f"{log.written} lines counted")
+    wait_until(lambda: sidecar.totals()[0] >= log.written, timeout=10,
+               what=f"{log.written} lines counted")
     time.sleep(0.4)
 
 
@@ -190,8 +188,8 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(
                 written += len(batch)
                 expected.update(labels for _, labels in batch)
             sidecar.start()
-        stack.wait_until(lambda: sidecar.totals()[0] >= written, timeout=10,
-                         what=f"{written} lines counted")
+        wait_until(lambda: sidecar.totals()[0] >= written, timeout=10,
+                   what=f"{written} lines counted")
         time.sleep(0.5)  # anything counted twice would show up by now
         lines, syntheses = sidecar.totals()
     finally:
@@ -273,8 +271,8 @@ def test_a_permission_glitch_on_the_log_dir_is_a_logged_error_not_a_rotation(
         log.path.parent.chmod(0)
         try:
             sidecar.start()
-            stack.wait_until(lambda: len(sidecar.log_lines("cannot list the log directory"))
-                             == 2, timeout=10, what="the start-up error logged")
+            wait_until(lambda: len(sidecar.log_lines("cannot list the log directory"))
+                       == 2, timeout=10, what="the start-up error logged")
             errors = sidecar.counter("tts_exporter_collector_errors_total", collector="tail")
             assert errors["tail"] >= 1
         finally:

@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.integration.conftest import Sidecar, stack
+from tests.integration.conftest import Sidecar
+from tests.support.local_stack import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +89,7 @@ def test_long_voice_names_do_not_grow_the_sidecar(start_sidecar: Callable[..., S
     def counted() -> bool:
         return sum(sidecar.samples("tts_exporter_log_lines_total").values()) >= 1500
 
-    stack.wait_until(counted, timeout=120, interval=0.5, what="every line counted")
+    wait_until(counted, timeout=120, interval=0.5, what="every line counted")
     assert sidecar.rss_mib() - before < 40, (before, sidecar.rss_mib())
     status, body = sidecar.request("/requests/r1499")
     voice = json.loads(body)["records"][0]["fields"]["voice"]

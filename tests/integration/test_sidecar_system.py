@@ -18,10 +18,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
-from tests.e2e.conftest import REPO, load_local_stack
+from tests.support.local_stack import REPO, Process, free_port, http_get, wait_until, write_gpu_file
 
-stack = load_local_stack()
 pytestmark = pytest.mark.slow
 
 TOKEN = "integration-token"
@@ -49,7 +47,7 @@ class SidecarProcess:
         }
         config_path = workdir / "exporter.yaml"
         config_path.write_text(yaml.safe_dump(config))
-        self.process = stack.Process(
+        self.process = Process(
             "exporter", [sys.executable, "-m", "exporter", "--config", str(config_path)],
             self.url("/healthz"), workdir / "exporter.out", REPO)
 
@@ -57,7 +55,7 @@ class SidecarProcess:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def set_vram(self, ratio: float) -> None:
-        stack.write_gpu_file(self.gpu_file, ratio)
+        write_gpu_file(self.gpu_file, ratio)
 
     def ingress(self) -> tuple[int, dict[str, Any], dict[str, str]]:
         try:
@@ -72,7 +70,7 @@ class SidecarProcess:
 
     def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         """Every sample of /metrics, keyed by name and sorted labels."""
-        _, body = stack.http_get(self.url("/metrics"))
+        _, body = http_get(self.url("/metrics"))
         return {(s.name, tuple(sorted(s.labels.items()))): s.value
                 for family in text_string_to_metric_families(body.decode())
                 for s in family.samples}
@@ -114,9 +112,9 @@ def test_vram_crossing_closes_within_a_second_and_reopens(sidecar: SidecarProces
 
     crossed = time.monotonic()
     sidecar.set_vram(0.95)
-    stack.wait_until(lambda: sidecar.ingress()[0] == 503, timeout=1.0,
-                     what="/ingress to answer 503")
-    stack.wait_until(lambda: not sidecar.gate_file_state()["open"], timeout=1.0 - (
+    wait_until(lambda: sidecar.ingress()[0] == 503, timeout=1.0,
+               what="/ingress to answer 503")
+    wait_until(lambda: not sidecar.gate_file_state()["open"], timeout=1.0 - (
         time.monotonic() - crossed), what="the gate file to say closed")
     assert time.monotonic() - crossed < 1.0
 
@@ -135,9 +133,9 @@ def test_vram_crossing_closes_within_a_second_and_reopens(sidecar: SidecarProces
     assert samples[("tts_ingress_transitions_total", (("to", "closed"),))] == 1.0
 
     sidecar.set_vram(0.50)
-    stack.wait_until(lambda: sidecar.ingress()[0] == 200, timeout=3.0, what="the gate to reopen")
-    stack.wait_until(lambda: sidecar.gate_file_state()["open"], timeout=1.0,
-                     what="the gate file to say open")
+    wait_until(lambda: sidecar.ingress()[0] == 200, timeout=3.0, what="the gate to reopen")
+    wait_until(lambda: sidecar.gate_file_state()["open"], timeout=1.0,
+               what="the gate file to say open")
     samples = sidecar.metrics()
     assert samples[("tts_ingress_open", ())] == 1.0
     assert not [k for k in samples if k[0] == "tts_ingress_closed_reason"]
@@ -175,14 +173,14 @@ def test_a_broken_gpu_file_is_gpu_up_0_with_no_stale_readings(sidecar: SidecarPr
     def down() -> bool:
         return sidecar.metrics()[("tts_gpu_up", ())] == 0.0
 
-    stack.wait_until(down, timeout=2.0, what="tts_gpu_up to drop to 0")
+    wait_until(down, timeout=2.0, what="tts_gpu_up to drop to 0")
     samples = sidecar.metrics()
     assert not [k for k in samples if k[0] == "tts_gpu_memory_used_bytes"]
     assert samples[("tts_exporter_collector_errors_total", (("collector", "gpu"),))] >= 1
     assert sidecar.ingress()[0] == 200  # policy "hold": a broken reading does not close
     sidecar.set_vram(0.3)
-    stack.wait_until(lambda: sidecar.metrics()[("tts_gpu_up", ())] == 1.0, timeout=2.0,
-                     what="tts_gpu_up to recover")
+    wait_until(lambda: sidecar.metrics()[("tts_gpu_up", ())] == 1.0, timeout=2.0,
+               what="tts_gpu_up to recover")
     assert "GPU poll failed" in sidecar.process.log_tail(100)
 
 
@@ -193,8 +191,8 @@ def test_a_wedged_gpu_read_goes_stale_and_does_not_block_shutdown(
     fifo = sidecar.workdir / "gpu.fifo"
     os.mkfifo(fifo)
     os.replace(fifo, sidecar.gpu_file)
-    stack.wait_until(lambda: sidecar.metrics()[("tts_gpu_up", ())] == 0.0, timeout=5.0,
-                     what="tts_gpu_up to drop once the read is stale (gpu.stale_after_s 2)")
+    wait_until(lambda: sidecar.metrics()[("tts_gpu_up", ())] == 0.0, timeout=5.0,
+               what="tts_gpu_up to drop once the read is stale (gpu.stale_after_s 2)")
     assert "still running after 2.0s (stale)" in sidecar.process.log_tail(100)
 
 
@@ -222,10 +220,10 @@ def test_an_exemplar_request_id_resolves_to_its_timeline(sidecar: SidecarProcess
                 return line.split('request_id="')[1].split('"')[0]
         return None
 
-    stack.wait_until(lambda: exemplar_id() is not None, 5, what="an exemplar on the histogram")
+    wait_until(lambda: exemplar_id() is not None, 5, what="an exemplar on the histogram")
     rid = exemplar_id()
     assert rid == "req-slow-1"
-    status, body = stack.http_get(sidecar.url(f"/requests/{rid}"))
+    status, body = http_get(sidecar.url(f"/requests/{rid}"))
     timeline = json.loads(body)
     assert status == 200
     assert timeline["status"] == "failed"
@@ -233,5 +231,5 @@ def test_an_exemplar_request_id_resolves_to_its_timeline(sidecar: SidecarProcess
     assert timeline["stages"] == [{"stage": "llm_inference", "duration_ms": 2900,
                                    "offset_ms": 1000.0}]
     assert timeline["errors"][0]["error_code"] == "GPU_OOM"
-    _, listing = stack.http_get(sidecar.url("/requests?status=failed&limit=5"))
+    _, listing = http_get(sidecar.url("/requests?status=failed&limit=5"))
     assert [r["request_id"] for r in json.loads(listing)["requests"]] == ["req-slow-1"]

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.e2e.conftest import load_local_stack
+from tests.support.local_stack import Stack, StackOptions
 
 REPO = Path(__file__).resolve().parents[2]
 LOCUSTFILE = REPO / "tests" / "load" / "locustfile.py"
@@ -42,10 +42,9 @@ def main() -> int:
     parser.add_argument("--spawn-rate", type=float, default=10)
     parser.add_argument("--run-time", default="30s")
     args = parser.parse_args()
-    local_stack = load_local_stack()
     with tempfile.TemporaryDirectory(prefix="tts-load-") as workdir:
-        options = local_stack.StackOptions(prometheus=False, alertmanager=False)
-        with local_stack.Stack(Path(workdir), options) as stack:
+        options = StackOptions(prometheus=False, alertmanager=False)
+        with Stack(Path(workdir), options) as stack:
             command = locust_command(stack.url("app"), args.users, args.spawn_rate,
                                      args.run_time)
             print("$ " + " ".join(command), flush=True)

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.e2e.conftest import load_local_stack
 from tests.load.classify import classify_audio, classify_job_error, classify_rejection
 from tests.load.run_load import locust_command, locust_environment
+from tests.support.local_stack import Stack, StackOptions, wait_until
 
 TEXT = "Hello, and welcome to the service."   # 34 characters: 0.68 s to 12.2 s is plausible
 RATE = 22050
@@ -101,13 +101,12 @@ def run_locust(stack: Any, out: Path, seconds: int) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_locustfile_headless_against_the_local_stack(tmp_path: Path) -> None:
-    local_stack = load_local_stack()
-    options = local_stack.StackOptions(prometheus=False, alertmanager=False)
-    with local_stack.Stack(tmp_path / "stack", options) as stack:
+    options = StackOptions(prometheus=False, alertmanager=False)
+    with Stack(tmp_path / "stack", options) as stack:
         served = run_locust(stack, tmp_path / "open.json", 6)
         stack.set_vram(0.95)               # the sidecar closes the gate: misses are shed
-        local_stack.wait_until(lambda: stack.synthesize("Gate closed?")[0] == 503,
-                               timeout=10, what="the gate to close")
+        wait_until(lambda: stack.synthesize("Gate closed?")[0] == 503,
+                   timeout=10, what="the gate to close")
         gated = run_locust(stack, tmp_path / "closed.json", 4)
     kinds = served["by_kind"]
     assert served["failed"] == 0, served

@@ -10,7 +10,8 @@ import pytest
 
 from exporter.config import Config, ConfigError, load_config
 from exporter.gate import Gate
-from tests.conftest import FakeClock, busy_port, free_port
+from tests.conftest import FakeClock, busy_port
+from tests.support.local_stack import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,8 +3,8 @@
 One place that knows how the shipped configs fit together, used by ``make run`` (the demo) and
 by the end-to-end tests, so what the tests prove is what a person starts:
 
-    .venv/bin/python config/local_stack.py            # demo: start, send traffic, say where to look
-    .venv/bin/python config/local_stack.py --no-prom  # app + sidecar only
+    .venv/bin/python -m tests.support.local_stack            # the demo: traffic, where to look
+    .venv/bin/python -m tests.support.local_stack --no-prom  # app + sidecar only
 
 Every process listens on a free loopback port and writes under one work directory. The shipped
 configs (``config/*.yaml``, ``alerts/tts.rules.yaml``) are loaded and only the environment-
@@ -36,16 +36,19 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[1]
+from config.kubernetes.gen_manifests import deep_merge
+
+REPO = Path(__file__).resolve().parents[2]
 GIB = 1 << 30
 # How long children get after SIGTERM before SIGKILL: the demo app drains in well under this.
 STOP_TIMEOUT_S = 10.0
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -68,16 +71,6 @@ def wait_until(predicate: Any, timeout: float, interval: float = 0.05, what: str
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
         time.sleep(interval)
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def write_gpu_file(path: Path, used_ratio: float, gpus: int = 1, total: int = 24 * GIB) -> None:
@@ -476,9 +469,13 @@ def where_to_look(stack: Stack) -> list[str]:
                      "them in a Grafana (Dashboards > Import) with a Prometheus data source at "
                      f"{stack.url('prometheus')}, or provision them with "
                      f"{_shown(REPO / 'grafana' / 'provisioning')}/")
+    # `-m` finds the module from the repository root, where `make run` starts the demo
+    drill = f"{python} -m tests.support.local_stack --workdir {_shown(stack.workdir)}"
+    if Path.cwd() != REPO:
+        drill = (f"cd {REPO} && {sys.executable} -m tests.support.local_stack "
+                 f"--workdir {stack.workdir}")
     lines += [
-        f"  GPU drill     {python} {_shown(__file__)} --workdir {_shown(stack.workdir)} "
-        "--set-vram 0.95   (0.40 reopens)",
+        f"  GPU drill     {drill} --set-vram 0.95   (0.40 reopens)",
         f"  logs          {_shown(stack.workdir / 'logs')}",
     ]
     return lines
@@ -517,7 +514,8 @@ def demo(workdir: Path, options: StackOptions, duration: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m tests.support.local_stack",
+                                     description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=REPO / "run" / "demo")
     parser.add_argument("--no-prom", action="store_true", help="app + sidecar only")
