@@ -1,0 +1,1 @@
+"""Deployment configs; a package so the manifest generator imports one way (config.kubernetes)."""
