@@ -226,8 +226,9 @@ class RecordParser:
             raise MalformedLine(f"not valid JSON: {exc}") from None
         if type(fields) is not dict:
             raise MalformedLine("JSON line is not an object")
-        if not self._alias_keys.isdisjoint(fields):
-            for key in self._in_line_order(fields):
+        aliased = self._alias_keys.intersection(fields)
+        if aliased:
+            for key in self._in_line_order(aliased, fields):
                 canonical = self._aliased[key]
                 if canonical not in fields:
                     fields[canonical] = fields[key]
@@ -256,17 +257,19 @@ class RecordParser:
         else:
             fields = {key: value.rstrip() for key, value in _PAIR_FAST.findall(rest)} \
                 if " ," in rest or rest.endswith(" ") else dict(_PAIR_FAST.findall(rest))
-        if not self._alias_keys.isdisjoint(fields):
+        aliased = self._alias_keys.intersection(fields)
+        if aliased:
             names = self._aliased
-            for key in self._in_line_order(fields):
+            for key in self._in_line_order(aliased, fields):
                 value = fields.pop(key)
                 fields.setdefault(names[key], value)
         return fields
 
-    def _in_line_order(self, fields: dict[str, Any]) -> list[str]:
-        """The aliases among ``fields``' keys in the order the line gives them: of two aliases
-        of one field the first wins, whatever the process's string hash seed."""
-        return [key for key in fields if key in self._alias_keys]
+    @staticmethod
+    def _in_line_order(aliased: frozenset[str], fields: dict[str, Any]) -> Iterable[str]:
+        """``aliased`` (keys of ``fields``) in the order the line gives them: of two aliases of
+        one field the first wins, whatever the process's string hash seed."""
+        return aliased if len(aliased) == 1 else [key for key in fields if key in aliased]
 
     # --- full records (analysis, timelines) --------------------------------------------------
 

@@ -263,6 +263,11 @@ class LogPipeline:
             "cache_dir_usage": self._cache_usage,
         }
         self._plans: dict[SynthesisKind, list[Op]] = {}
+        # The batch's runs: each kind's steps, and the series (targets) they update.
+        self._kind_steps: dict[SynthesisKind, tuple[tuple[int, int, int], ...] | None] = {}
+        self._targets: list[tuple[bool, Any, tuple[str, ...]]] = []
+        self._target_index: dict[tuple[int, tuple[str, ...]], int] = {}
+        self._target_bounds: list[list[float] | None] = []
         tables = self.parser.name_tables(READ_FIELDS, self._handlers)
         self._classifier = (
             Classifier(*tables, NUMBER_FIELDS, LABEL_FIELDS, LEVEL_ALIASES,
@@ -287,6 +292,10 @@ class LogPipeline:
         # What a kind of synthesis does is decided once per batch (label caps and series
         # budgets only ever fill up, so the decision stays right until the batch ends).
         self._plans.clear()
+        self._kind_steps.clear()
+        self._targets.clear()
+        self._target_index.clear()
+        self._target_bounds.clear()
         parsed_lines = malformed = 0
         other: dict[str, int] = {}
         fields_of = self.parser.fields
@@ -351,28 +360,11 @@ class LogPipeline:
     def _count_run(self, source: str, run: SynthesisRun) -> tuple[int, int]:
         """Apply a run's plans with its numbers (in compiled code, in line order, so every
         sum is added up exactly as line by line); (lines counted, lines that failed)."""
-        targets: list[tuple[bool, Any, tuple[str, ...]]] = []
-        index: dict[tuple[int, tuple[str, ...]], int] = {}
-        plans: list[tuple[tuple[int, int, int], ...] | None] = []
-        for kind in run.kinds:
-            try:
-                ops = self._plan(kind)
-            except Exception:  # a bug costs this kind's lines, not the run
-                log.exception("syntheses from %s could not be counted", source)
-                plans.append(None)
-                continue
-            steps = []
-            for observes, family, key, number, scale in ops:
-                target = index.get((id(family), key))
-                if target is None:
-                    target = index[(id(family), key)] = len(targets)
-                    targets.append((observes, family, key))
-                steps.append((target, number, scale))
-            plans.append(tuple(steps))
+        plans = [self._steps(kind, source) for kind in run.kinds]
+        targets = self._targets
         sums = [family.series[key].sum if observes else family.values[key]
                 for observes, family, key in targets]
-        bounds = [family.bounds if observes else None for observes, family, _ in targets]
-        sums, counts, exemplars, failed = run.apply(plans, sums, bounds)
+        sums, counts, exemplars, failed = run.apply(plans, sums, self._target_bounds)
         now = time.time()
         for target, (observes, family, key) in enumerate(targets):
             if observes:
@@ -385,6 +377,31 @@ class LogPipeline:
             else:
                 family.values[key] = sums[target]
         return len(run) - failed, failed
+
+    def _steps(self, kind: SynthesisKind, source: str) -> tuple[tuple[int, int, int], ...] | None:
+        """A kind's plan as the run applies it: (target, number, scale) steps, targets
+        numbered for the whole batch; None where it cannot be decided (its lines fail)."""
+        if kind in self._kind_steps:
+            return self._kind_steps[kind]
+        try:
+            ops = self._plan(kind)
+        except Exception:  # a bug costs this kind's lines, not the run
+            log.exception("syntheses from %s could not be counted", source)
+            ops = None
+        steps: tuple[tuple[int, int, int], ...] | None = None
+        if ops is not None:
+            index = self._target_index
+            found = []
+            for observes, family, key, number, scale in ops:
+                target = index.get((id(family), key))
+                if target is None:
+                    target = index[(id(family), key)] = len(self._targets)
+                    self._targets.append((observes, family, key))
+                    self._target_bounds.append(family.bounds if observes else None)
+                found.append((target, number, scale))
+            steps = tuple(found)
+        self._kind_steps[kind] = steps
+        return steps
 
     @staticmethod
     def _level_code(fields: dict[str, Any]) -> object:
