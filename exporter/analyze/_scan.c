@@ -1515,7 +1515,7 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     Py_ssize_t n, cap;
-    int n_numbers, n_labels, n_flags;
+    int event, n_numbers, n_labels, n_flags;
     unsigned char *kind;           /* per line: its kind's index */
     double *numbers;               /* per line: n_numbers numbers (0 where absent) */
     PyObject **ids;                /* per line: the request id an exemplar takes, or NULL */
@@ -1527,11 +1527,12 @@ typedef struct {
 
 static PyTypeObject SynthesisRunType;
 
-static SynthesisRun *run_new(const Spec *spec) {
+static SynthesisRun *run_new(int event, const Spec *spec) {
     SynthesisRun *run = PyObject_New(SynthesisRun, &SynthesisRunType);
     if (run == NULL)
         return NULL;
     run->n = run->cap = 0;
+    run->event = event;
     run->n_numbers = spec->n_numbers;
     run->n_labels = spec->n_labels;
     run->n_flags = spec->n_flags;
@@ -1729,9 +1730,11 @@ static int run_line(Classifier *c, const Line *line, const char *p, const char *
         if (kept == NULL)
             goto done;
     }
+    if (*run != NULL && (*run)->event != line->event)
+        *run = NULL;               /* a run holds one event's lines */
     for (int attempt = 0; attempt < 2; attempt++) {
         if (*run == NULL) {
-            *run = run_new(spec);
+            *run = run_new(line->event, spec);
             if (*run == NULL || PyList_Append(items, (PyObject *)*run) < 0)
                 goto done;
             Py_DECREF(*run);       /* items keeps it */
