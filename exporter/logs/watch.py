@@ -49,7 +49,8 @@ class DirectoryWatch:
         those created later). Cheap when it is watched already. Raises :class:`OSError` when it
         cannot be (no inotify, the inotify limits reached, no permission); a later call
         tries again."""
-        if root in self._roots:
+        watched = self._roots.get(root)
+        if watched is not None and (watched[1] or not recursive):
             return
         inotify = self._open()
         wd = self._add(inotify, root, recursive)

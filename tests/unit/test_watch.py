@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from exporter.logs import watch as watch_module
 from exporter.logs.watch import DirectoryWatch
 
 from .conftest import InotifyLimits
@@ -104,11 +105,15 @@ def test_a_recursive_watch_follows_directories_created_later(
     assert waited(watch) < PROMPT
 
 
-def test_a_plain_watch_ignores_subdirectories(tmp_path: Path, watch: DirectoryWatch) -> None:
+def test_a_plain_watch_ignores_subdirectories_until_the_root_is_watched_recursively(
+        tmp_path: Path, watch: DirectoryWatch) -> None:
     (tmp_path / "sub").mkdir()
     watch.watch(str(tmp_path))
     (tmp_path / "sub" / "app.log").write_text("line\n")
     assert waited(watch, QUIET) >= QUIET * 0.9
+    watch.watch(str(tmp_path), recursive=True)  # as for the globs logs/*.log and logs/*/*.log
+    (tmp_path / "sub" / "app.log").write_text("line\n")
+    assert waited(watch) < PROMPT
 
 
 def test_a_deleted_root_is_watched_again_when_it_comes_back(
@@ -158,6 +163,23 @@ def test_a_watch_past_the_limits_raises_and_a_later_watch_succeeds(
         watch.watch(str(tmp_path))
         (tmp_path / "app.log").write_text("line\n")
         assert waited(watch) < PROMPT
+    finally:
+        watch.close()
+
+
+def test_without_inotify_in_libc_a_watch_raises_enosys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def not_linux(*args: object, **kwargs: object) -> None:
+        raise AttributeError("dlsym(RTLD_DEFAULT, inotify_init1): symbol not found")
+
+    monkeypatch.setattr(watch_module, "INotify", not_linux)
+    watch = DirectoryWatch()
+    try:
+        with pytest.raises(OSError, match="inotify is not available") as raised:
+            watch.watch(str(tmp_path))
+        assert raised.value.errno == errno.ENOSYS
+        watch.wake()
+        assert waited(watch) < PROMPT  # waits and wakes without inotify
     finally:
         watch.close()
 
