@@ -11,6 +11,7 @@ at most ``LOCK_BATCH_BYTES`` of lines.
 The checkpoint is written at most every ``logs.checkpoint_interval_s`` (when something
 changed) and at a clean stop, from a snapshot of offsets and counters taken under that lock.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,6 +32,7 @@ from exporter.logs.watch import DirectoryWatch
 from exporter.metrics import SidecarMetrics
 
 log = logging.getLogger("exporter.logs")
+
 
 class LogTailComponent:
     """Tails ``logs.paths`` and ``logs.sources`` into ``sink`` (normally the

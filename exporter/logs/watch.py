@@ -89,6 +89,7 @@ class DirectoryWatch:
     def _open(self) -> INotify:
         if self._inotify is None:
             try:
+                # Non-blocking: a wait() woken for nothing must not then block in read().
                 self._inotify = INotify(nonblocking=True)
             except AttributeError as exc:  # a libc without inotify_init1: not Linux
                 raise OSError(errno.ENOSYS, "inotify is not available here") from exc
