@@ -7,6 +7,7 @@ watch and worker thread with bounded waits (5 s where the poll alone would take 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gzip
 import logging
@@ -14,6 +15,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -561,52 +563,57 @@ def test_watch_root_is_the_directory_before_the_first_wildcard() -> None:
     assert watch_root("/var/log/app.log") == ("/var/log", False)
 
 
-def logs_config(tmp_path: Path, *patterns: str, poll_interval_s: float = 30.0) -> LogsConfig:
-    return LogsConfig(paths=[str(tmp_path / pattern) for pattern in patterns],
-                      checkpoint_path=str(tmp_path / "state" / "offsets.json"),
-                      poll_interval_s=poll_interval_s)
+@contextlib.asynccontextmanager
+async def running(component: LogTailComponent) -> AsyncIterator[LogTailComponent]:
+    await component.start()
+    try:
+        yield component
+    finally:
+        await component.stop()
+
+
+def tail_component(tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, *patterns: str,
+                   poll_interval_s: float = 30.0) -> LogTailComponent:
+    """The component tailing ``patterns`` under ``tmp_path``; its checkpoint in state/."""
+    config = LogsConfig(paths=[str(tmp_path / pattern) for pattern in patterns],
+                        checkpoint_path=str(tmp_path / "state" / "offsets.json"),
+                        poll_interval_s=poll_interval_s)
+    return LogTailComponent(config, metrics, sink)
 
 
 async def test_inotify_wakes_the_reader_long_before_the_poll(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
     (tmp_path / "logs").mkdir()
-    component = LogTailComponent(logs_config(tmp_path, "logs/*.log"), metrics, sink)
-    await component.start()
-    try:
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log")
+    async with running(component):
         await asyncio.sleep(0.1)  # the first pass finds nothing
         append(tmp_path / "logs" / "app.log", ["woken"])
         await async_wait_for(lambda: sink.texts() == ["woken"], timeout=5.0)
         os.rename(tmp_path / "logs" / "app.log", tmp_path / "logs" / "app.log.1")
         append(tmp_path / "logs" / "app.log", ["rotated"])
         await async_wait_for(lambda: sink.texts() == ["woken", "rotated"], timeout=5.0)
-    finally:
-        await component.stop()
     assert (tmp_path / "state" / "offsets.json").exists()
 
 
 async def test_the_reader_waits_on_its_own_thread_with_no_helper_threads(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
     (tmp_path / "logs" / "pod").mkdir(parents=True)
-    component = LogTailComponent(logs_config(tmp_path, "logs/*.log", "logs/**/*.log"), metrics,
-                                 sink)
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log", "logs/**/*.log")
 
     def threads() -> set[str]:  # not asyncio.to_thread's pool
         return {t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")}
 
     before = threads()
-    await component.start()
-    try:
+    async with running(component):
         append(tmp_path / "logs" / "pod" / "app.log", ["line"])
         await async_wait_for(lambda: sink.texts() == ["line"], timeout=5.0)
         assert threads() - before == {"log-tailer"}
-    finally:
-        await component.stop()
 
 
 async def test_a_burst_of_writes_costs_a_few_passes(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
     (tmp_path / "logs").mkdir()
-    component = LogTailComponent(logs_config(tmp_path, "logs/*.log"), metrics, sink)
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log")
     passes = 0
     poll = component.tailer.poll
 
@@ -616,8 +623,7 @@ async def test_a_burst_of_writes_costs_a_few_passes(
         poll()
 
     component.tailer.poll = counted_poll  # type: ignore[method-assign]
-    await component.start()
-    try:
+    async with running(component):
         append(tmp_path / "logs" / "app.log", ["first"])
         await async_wait_for(lambda: sink.texts() == ["first"], timeout=5.0)
         before = passes
@@ -631,14 +637,12 @@ async def test_a_burst_of_writes_costs_a_few_passes(
         await async_wait_for(lambda: len(sink.texts()) == 502, timeout=5.0)
         await asyncio.sleep(0.3)
         assert passes - before <= 4
-    finally:
-        await component.stop()
 
 
 async def test_stop_is_prompt_with_a_long_poll_interval(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
     (tmp_path / "logs").mkdir()
-    component = LogTailComponent(logs_config(tmp_path, "logs/*.log"), metrics, sink)
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log")
     await component.start()
     await asyncio.sleep(0.2)  # the reader is waiting
     started = time.monotonic()
@@ -649,10 +653,8 @@ async def test_stop_is_prompt_with_a_long_poll_interval(
 async def test_a_log_dir_created_after_start_is_watched_from_the_next_pass(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
     (tmp_path / "other").mkdir()
-    component = LogTailComponent(logs_config(tmp_path, "other/*.log", "logs/*.log"), metrics,
-                                 sink)
-    await component.start()
-    try:
+    component = tail_component(tmp_path, metrics, sink, "other/*.log", "logs/*.log")
+    async with running(component):
         await asyncio.sleep(0.1)
         (tmp_path / "logs").mkdir()
         append(tmp_path / "logs" / "app.log", ["first"])
@@ -668,25 +670,20 @@ async def test_a_log_dir_created_after_start_is_watched_from_the_next_pass(
         await async_wait_for(lambda: sink.texts().count("wakes a pass") == 2, timeout=5.0)
         append(tmp_path / "logs" / "app.log", ["third"])
         await async_wait_for(lambda: "third" in sink.texts(), timeout=5.0)
-    finally:
-        await component.stop()
 
 
 async def test_a_recursive_glob_watches_subdirectories_created_later(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
     (tmp_path / "logs" / "pod-a").mkdir(parents=True)
-    component = LogTailComponent(logs_config(tmp_path, "logs/**/*.log"), metrics, sink)
-    await component.start()
-    try:
+    component = tail_component(tmp_path, metrics, sink, "logs/**/*.log")
+    async with running(component):
         await asyncio.sleep(0.1)
         append(tmp_path / "logs" / "pod-a" / "app.log", ["a"])
         await async_wait_for(lambda: sink.texts() == ["a"], timeout=5.0)
         (tmp_path / "logs" / "pod-b" / "c1").mkdir(parents=True)
-        await asyncio.sleep(0.3)  # the new directories are watched
+        await asyncio.sleep(0.3)  # the pass this wakes is over: only a watch on c1 sees "b"
         append(tmp_path / "logs" / "pod-b" / "c1" / "app.log", ["b"])
         await async_wait_for(lambda: sink.texts() == ["a", "b"], timeout=5.0)
-    finally:
-        await component.stop()
 
 
 @pytest.mark.parametrize("limit", ["instances", "watches"])
@@ -695,16 +692,12 @@ async def test_without_inotify_the_logs_are_polled_with_a_warning(
         inotify_limits: InotifyLimits, caplog: pytest.LogCaptureFixture) -> None:
     setattr(inotify_limits, limit, True)
     (tmp_path / "logs").mkdir()
-    component = LogTailComponent(logs_config(tmp_path, "logs/*.log", poll_interval_s=0.2),
-                                 metrics, sink)
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log", poll_interval_s=0.2)
     with caplog.at_level(logging.WARNING, logger="exporter.logs"):
-        await component.start()
-        try:
+        async with running(component):
             for i in range(3):
                 append(tmp_path / "logs" / "app.log", [f"polled {i}"])
                 await async_wait_for(lambda i=i: len(sink.texts()) == i + 1, timeout=5.0)
-        finally:
-            await component.stop()
     code = errno.EMFILE if limit == "instances" else errno.ENOSPC
     warnings = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
     assert warnings == [f"cannot watch {tmp_path / 'logs'} for changes "
@@ -719,7 +712,7 @@ async def test_start_and_stop_leave_no_descriptor_open(
     (tmp_path / "logs" / "sub").mkdir(parents=True)
     before = len(list(fds.iterdir()))
     for run in range(3):
-        component = LogTailComponent(logs_config(tmp_path, "logs/**/*.log"), metrics, sink)
+        component = tail_component(tmp_path, metrics, sink, "logs/**/*.log")
         await component.start()
         append(tmp_path / "logs" / "sub" / "app.log", numbered("run", run, 1))
         await async_wait_for(lambda run=run: sink.texts() == numbered("run", 0, run + 1),
@@ -730,15 +723,10 @@ async def test_start_and_stop_leave_no_descriptor_open(
 
 async def test_a_log_dir_created_after_start_is_found_by_the_poll(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
-    config = LogsConfig(paths=[str(tmp_path / "logs" / "*.log")],
-                        checkpoint_path=str(tmp_path / "offsets.json"), poll_interval_s=0.1)
-    component = LogTailComponent(config, metrics, sink)
-    await component.start()
-    try:
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log", poll_interval_s=0.1)
+    async with running(component):
         (tmp_path / "logs").mkdir()
         append(tmp_path / "logs" / "app.log", ["first"])
         await async_wait_for(lambda: sink.texts() == ["first"], timeout=2.0)
         append(tmp_path / "logs" / "app.log", ["second"])  # now also watched
         await async_wait_for(lambda: len(sink.texts()) == 2, timeout=2.0)
-    finally:
-        await component.stop()

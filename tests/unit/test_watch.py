@@ -39,6 +39,17 @@ def waited(watch: DirectoryWatch, timeout: float = LONG) -> float:
     return time.monotonic() - started
 
 
+def stays_quiet(watch: DirectoryWatch) -> bool:
+    """Whether a wait of QUIET seconds lasts (about) all of it."""
+    return waited(watch, QUIET) >= QUIET * 0.9
+
+
+def settle(watch: DirectoryWatch) -> None:
+    """Consume the events so far."""
+    while not stays_quiet(watch):
+        pass
+
+
 def test_a_write_in_a_watched_directory_ends_the_wait(
         tmp_path: Path, watch: DirectoryWatch) -> None:
     watch.watch(str(tmp_path))
@@ -58,7 +69,7 @@ def test_reading_files_does_not_wake(tmp_path: Path, watch: DirectoryWatch) -> N
     watch.wait(0)  # the write above, if it is still queued
     log.read_bytes()
     os.stat(log)
-    assert waited(watch, QUIET) >= QUIET * 0.9
+    assert stays_quiet(watch)
 
 
 def test_wake_ends_a_wait_from_another_thread_and_one_made_before_it(
@@ -69,7 +80,7 @@ def test_wake_ends_a_wait_from_another_thread_and_one_made_before_it(
     watch.wake()
     watch.wake()
     assert waited(watch) < PROMPT
-    assert waited(watch, QUIET) >= QUIET * 0.9  # two wakes before a wait end one wait
+    assert stays_quiet(watch)  # two wakes before a wait end one wait
 
 
 def test_a_burst_of_writes_ends_one_wait_only(tmp_path: Path, watch: DirectoryWatch) -> None:
@@ -78,7 +89,7 @@ def test_a_burst_of_writes_ends_one_wait_only(tmp_path: Path, watch: DirectoryWa
         with (tmp_path / f"app{i % 3}.log").open("a") as out:
             out.write(f"line {i}\n")
     assert waited(watch) < PROMPT
-    assert waited(watch, QUIET) >= QUIET * 0.9
+    assert stays_quiet(watch)
 
 
 def test_a_recursive_watch_follows_directories_created_later(
@@ -91,16 +102,14 @@ def test_a_recursive_watch_follows_directories_created_later(
     # The inner directory may be created before the watch on its parent is added: the walk of
     # a new directory finds it.
     (tmp_path / "new" / "pod" / "c1").mkdir(parents=True)
-    while waited(watch, QUIET) < QUIET * 0.9:
-        pass
+    settle(watch)
     (tmp_path / "new" / "pod" / "c1" / "app.log").write_text("line\n")
     assert waited(watch) < PROMPT
 
     moved = tmp_path.parent / (tmp_path.name + "-elsewhere")
     (moved / "sub").mkdir(parents=True)
     os.rename(moved, tmp_path / "moved-in")
-    while waited(watch, QUIET) < QUIET * 0.9:
-        pass
+    settle(watch)
     (tmp_path / "moved-in" / "sub" / "app.log").write_text("line\n")
     assert waited(watch) < PROMPT
 
@@ -110,43 +119,32 @@ def test_a_plain_watch_ignores_subdirectories_until_the_root_is_watched_recursiv
     (tmp_path / "sub").mkdir()
     watch.watch(str(tmp_path))
     (tmp_path / "sub" / "app.log").write_text("line\n")
-    assert waited(watch, QUIET) >= QUIET * 0.9
+    assert stays_quiet(watch)
     watch.watch(str(tmp_path), recursive=True)  # as for the globs logs/*.log and logs/*/*.log
     (tmp_path / "sub" / "app.log").write_text("line\n")
     assert waited(watch) < PROMPT
 
 
-def test_a_deleted_root_is_watched_again_when_it_comes_back(
-        tmp_path: Path, watch: DirectoryWatch) -> None:
+@pytest.mark.parametrize("away", ["deleted", "renamed"])
+def test_a_root_deleted_or_renamed_is_watched_again_at_its_path(
+        tmp_path: Path, watch: DirectoryWatch, away: str) -> None:
     root = tmp_path / "logs"
     root.mkdir()
     watch.watch(str(root))
-    shutil.rmtree(root)
+    if away == "deleted":
+        shutil.rmtree(root)
+    else:
+        root.rename(tmp_path / "logs.old")
     assert waited(watch) < PROMPT
-    while waited(watch, QUIET) < QUIET * 0.9:
-        pass
+    settle(watch)
     root.mkdir()
     watch.watch(str(root))
     (root / "app.log").write_text("line\n")
     assert waited(watch) < PROMPT
-
-
-def test_a_renamed_root_is_watched_again_at_its_path(
-        tmp_path: Path, watch: DirectoryWatch) -> None:
-    root = tmp_path / "logs"
-    root.mkdir()
-    watch.watch(str(root))
-    root.rename(tmp_path / "logs.old")
-    while waited(watch, QUIET) < QUIET * 0.9:
-        pass
-    root.mkdir()
-    watch.watch(str(root))
-    while waited(watch, QUIET) < QUIET * 0.9:
-        pass
-    (root / "app.log").write_text("line\n")
-    assert waited(watch) < PROMPT
-    (tmp_path / "logs.old" / "app.log").write_text("not ours any more\n")
-    assert waited(watch, QUIET) >= QUIET * 0.9
+    if away == "renamed":
+        settle(watch)
+        (tmp_path / "logs.old" / "app.log").write_text("not ours any more\n")
+        assert stays_quiet(watch)
 
 
 def test_a_watch_past_the_limits_raises_and_a_later_watch_succeeds(
