@@ -1,11 +1,12 @@
-"""The tailer as a sidecar component: a worker thread woken by watchdog, and the checkpoint.
+"""The tailer as a sidecar component: a worker thread woken by inotify, and the checkpoint.
 
 Reading and parsing run on their own thread, never on the aiohttp event loop: a backlog of
-hundreds of megabytes must not delay ``/metrics`` or ``/ingress``. The thread sleeps until
-watchdog reports a change in a watched directory, or ``logs.poll_interval_s`` passes (the
-safety net for missed events, NFS, and directories that did not exist yet), then runs one
-:meth:`Tailer.poll` pass. The only lock it shares with the event loop is
-``metrics.updating()``, held per batch of at most ``LOCK_BATCH_BYTES`` of lines.
+hundreds of megabytes must not delay ``/metrics`` or ``/ingress``. The thread blocks on a
+:class:`DirectoryWatch` (inotify, read by this thread itself) until a watched directory
+changes, or ``logs.poll_interval_s`` passes (the safety net for missed events, NFS, and
+directories that did not exist yet or cannot be watched), then runs one :meth:`Tailer.poll`
+pass. The only lock it shares with the event loop is ``metrics.updating()``, held per batch of
+at most ``LOCK_BATCH_BYTES`` of lines.
 
 The checkpoint is written at most every ``logs.checkpoint_interval_s`` (when something
 changed) and at a clean stop, from a snapshot of offsets and counters taken under that lock.
@@ -14,39 +15,23 @@ changed) and at a clean stop, from a snapshot of offsets and counters taken unde
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from aiohttp import web
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 
 from exporter.config import Config, LogsConfig
 from exporter.logs.checkpoint import Checkpoint, CheckpointStore
 from exporter.logs.gateway import log_sink
 from exporter.logs.pipeline import RecordCallback
 from exporter.logs.tailer import LineSink, Tailer, watch_root
+from exporter.logs.watch import DirectoryWatch
 from exporter.metrics import SidecarMetrics
 
 log = logging.getLogger("exporter.logs")
-
-# Our own reads open files; waking on "opened"/"closed_no_write" would make every pass
-# schedule the next one.
-WAKING_EVENTS = frozenset({"created", "modified", "moved", "deleted", "closed"})
-
-
-class _Wake(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in WAKING_EVENTS:
-            self.event.set()
 
 
 class LogTailComponent:
@@ -70,11 +55,10 @@ class LogTailComponent:
         self.tailer = Tailer(config.tailed_paths(), metrics, sink, config.max_line_bytes,
                              config.read_chunk_bytes,
                              exclude=[str(self.store.path), str(self.store.temp_path)])
-        self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._observer: Any = None
-        self._watched: set[str] = set()
+        self._watch: DirectoryWatch | None = None
+        self._unwatched: set[str] = set()  # roots warned about, until they can be watched
         self._saved_generation = -1
         self._next_checkpoint = 0.0
 
@@ -134,52 +118,51 @@ class LogTailComponent:
         self._next_checkpoint = self.clock() + self.config.checkpoint_interval_s
         return True
 
-    def _run(self) -> None:
+    def _run(self, watch: DirectoryWatch) -> None:
         while not self._stopping.is_set():
-            self._watch()
+            self._watch_roots(watch)
             self.step()
             timeout = self.config.poll_interval_s
             if self.tailer.generation != self._saved_generation:
                 timeout = min(timeout, max(0.0, self._next_checkpoint - self.clock()))
-            self._wake.wait(timeout)
-            self._wake.clear()
+            watch.wait(timeout)
 
-    def _watch(self) -> None:
-        """(Re)try watches for the glob roots; a root missing now is retried every pass."""
-        if self._observer is None:
-            return
+    def _watch_roots(self, watch: DirectoryWatch) -> None:
+        """(Re)try watches for the glob roots; a root not watched now (missing, deleted, or
+        not watchable) is retried every pass, and warned about once until it is watched."""
         for pattern in self.config.tailed_paths():
             root, recursive = watch_root(pattern)
-            if root in self._watched or not os.path.isdir(root):
+            if not os.path.isdir(root):
                 continue
             try:
-                self._observer.schedule(_Wake(self._wake), root, recursive=recursive)
+                watch.watch(root, recursive)
             except OSError as exc:
-                log.warning("cannot watch %s for changes (%s); polling it every %ss", root,
-                            exc, self.config.poll_interval_s)
+                if root not in self._unwatched:
+                    log.warning("cannot watch %s for changes (%s); polling it every %ss", root,
+                                exc, self.config.poll_interval_s)
+                    self._unwatched.add(root)
                 continue
-            self._watched.add(root)
+            self._unwatched.discard(root)
 
     # --- Component ------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.metrics.count_error("tail", 0.0)
         await asyncio.to_thread(self.restore)
-        self._observer = Observer()
-        self._observer.daemon = True
-        self._observer.start()
-        self._thread = threading.Thread(target=self._run, name="log-tailer", daemon=True)
+        self._watch = DirectoryWatch()
+        self._thread = threading.Thread(target=self._run, args=(self._watch,),
+                                        name="log-tailer", daemon=True)
         self._thread.start()
 
     async def stop(self) -> None:
         self._stopping.set()
         self.tailer.interrupted = True  # a long backlog pass ends at its next chunk
-        self._wake.set()
+        if self._watch is not None:
+            self._watch.wake()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
-        if self._observer is not None:
-            self._observer.stop()
-            with contextlib.suppress(RuntimeError):
-                await asyncio.to_thread(self._observer.join, 5.0)
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
         await asyncio.to_thread(self.checkpoint)
         self.tailer.close()

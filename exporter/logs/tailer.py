@@ -2,7 +2,7 @@
 
 The :class:`Tailer` is synchronous and single-threaded: :meth:`Tailer.poll` does one pass
 (find the files, follow renames and truncations, read what is new), so tests drive it pass by
-pass; :mod:`exporter.logs.component` runs passes on a worker thread woken by watchdog.
+pass; :mod:`exporter.logs.component` runs passes on a worker thread woken by inotify.
 
 What a pass guarantees:
 

@@ -1,9 +1,11 @@
 """Helpers shared by the unit tests (raw HTTP on a real socket, load on the gate, test TLS
-certificates; the integration tests reuse the certificates)."""
+certificates, inotify at its limits; the integration tests reuse the certificates)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import shutil
 import subprocess
 import time
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from exporter.logs import watch as watch_module
 
 
 async def raw_request(port: int, request: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
@@ -115,3 +119,33 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     client_cert, client_key = _signed(directory, "client", "prometheus", ca, ca_key,
                                       "extendedKeyUsage=clientAuth")
     return TlsFiles(ca, server_cert, server_key, client_cert, client_key)
+
+
+@dataclass
+class InotifyLimits:
+    """Which of the kernel's inotify limits :class:`DirectoryWatch` runs into: instances
+    (``fs.inotify.max_user_instances``, EMFILE on opening) or watches
+    (``max_user_watches``, ENOSPC on adding one)."""
+
+    instances: bool = False
+    watches: bool = False
+
+
+@pytest.fixture
+def inotify_limits(monkeypatch: pytest.MonkeyPatch) -> InotifyLimits:
+    """The real inotify, failing as the returned limits say (switch them in the test)."""
+    limits = InotifyLimits()
+
+    class LimitedINotify(watch_module.INotify):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            if limits.instances:
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+            super().__init__(*args, **kwargs)
+
+        def add_watch(self, path: str, mask: int) -> int:
+            if limits.watches:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return int(super().add_watch(path, mask))
+
+    monkeypatch.setattr(watch_module, "INotify", LimitedINotify)
+    return limits

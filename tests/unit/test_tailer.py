@@ -1,16 +1,21 @@
 """The tailer on real files: batches of whole lines, partial and too-long lines, and every
 rotation mode with lines written before, during and after it (none lost, none twice).
 
-Most tests drive :meth:`Tailer.poll` pass by pass; the last ones go through the real watchdog
-observer and worker thread with bounded waits."""
+Most tests drive :meth:`Tailer.poll` pass by pass; the last ones go through the real inotify
+watch and worker thread with bounded waits (5 s where the poll alone would take 30 s)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import gzip
+import logging
 import os
 import shutil
+import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,8 @@ from exporter.config import LogsConfig
 from exporter.logs.component import LogTailComponent, watch_root
 from exporter.logs.tailer import Tailer, drop_long_lines
 from exporter.metrics import SidecarMetrics
+
+from .conftest import InotifyLimits
 
 
 class RecordingSink:
@@ -536,7 +543,7 @@ def test_a_file_moved_out_of_the_globs_and_back_continues_at_its_offset(
     assert sink.texts() == numbered("a", 0, 6)
 
 
-# --- through the watchdog observer and the worker thread -----------------------------------
+# --- through the inotify watch and the worker thread ---------------------------------------
 
 
 def wait_for(predicate: object, timeout: float = 3.0) -> None:
@@ -556,37 +563,170 @@ def test_watch_root_is_the_directory_before_the_first_wildcard() -> None:
     assert watch_root("/var/log/app.log") == ("/var/log", False)
 
 
-async def test_watchdog_wakes_the_reader_long_before_the_poll(
-        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
-    config = LogsConfig(paths=[str(tmp_path / "logs" / "*.log")],
-                        checkpoint_path=str(tmp_path / "state" / "offsets.json"),
-                        poll_interval_s=60.0)
-    (tmp_path / "logs").mkdir()
-    component = LogTailComponent(config, metrics, sink)
+@contextlib.asynccontextmanager
+async def running(component: LogTailComponent) -> AsyncIterator[LogTailComponent]:
     await component.start()
     try:
-        await asyncio.sleep(0.1)  # the first pass finds nothing
-        append(tmp_path / "logs" / "app.log", ["woken"])
-        await async_wait_for(lambda: sink.texts() == ["woken"], timeout=2.0)
-        os.rename(tmp_path / "logs" / "app.log", tmp_path / "logs" / "app.log.1")
-        append(tmp_path / "logs" / "app.log", ["rotated"])
-        await async_wait_for(lambda: sink.texts() == ["woken", "rotated"], timeout=2.0)
+        yield component
     finally:
         await component.stop()
+
+
+def tail_component(tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, *patterns: str,
+                   poll_interval_s: float = 30.0) -> LogTailComponent:
+    """The component tailing ``patterns`` under ``tmp_path``; its checkpoint in state/."""
+    config = LogsConfig(paths=[str(tmp_path / pattern) for pattern in patterns],
+                        checkpoint_path=str(tmp_path / "state" / "offsets.json"),
+                        poll_interval_s=poll_interval_s)
+    return LogTailComponent(config, metrics, sink)
+
+
+async def test_inotify_wakes_the_reader_long_before_the_poll(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    (tmp_path / "logs").mkdir()
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log")
+    async with running(component):
+        await asyncio.sleep(0.1)  # the first pass finds nothing
+        append(tmp_path / "logs" / "app.log", ["woken"])
+        await async_wait_for(lambda: sink.texts() == ["woken"], timeout=5.0)
+        os.rename(tmp_path / "logs" / "app.log", tmp_path / "logs" / "app.log.1")
+        append(tmp_path / "logs" / "app.log", ["rotated"])
+        await async_wait_for(lambda: sink.texts() == ["woken", "rotated"], timeout=5.0)
     assert (tmp_path / "state" / "offsets.json").exists()
+
+
+async def test_the_reader_waits_on_its_own_thread_with_no_helper_threads(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    (tmp_path / "logs" / "pod").mkdir(parents=True)
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log", "logs/**/*.log")
+
+    def threads() -> set[str]:  # not asyncio.to_thread's pool
+        return {t.name for t in threading.enumerate() if not t.name.startswith("asyncio_")}
+
+    before = threads()
+    async with running(component):
+        append(tmp_path / "logs" / "pod" / "app.log", ["line"])
+        await async_wait_for(lambda: sink.texts() == ["line"], timeout=5.0)
+        assert threads() - before == {"log-tailer"}
+
+
+async def test_a_burst_of_writes_costs_a_few_passes(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    (tmp_path / "logs").mkdir()
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log")
+    passes = 0
+    poll = component.tailer.poll
+
+    def counted_poll() -> None:
+        nonlocal passes
+        passes += 1
+        poll()
+
+    component.tailer.poll = counted_poll  # type: ignore[method-assign]
+    async with running(component):
+        append(tmp_path / "logs" / "app.log", ["first"])
+        await async_wait_for(lambda: sink.texts() == ["first"], timeout=5.0)
+        before = passes
+        # The reader is held at the lock in its pass while the burst is written: the burst's
+        # ~1,500 events are then all pending at the next wait, which must drain them at once.
+        with metrics.updating():
+            append(tmp_path / "logs" / "app.log", ["held"])
+            await asyncio.sleep(0.3)
+            for i in range(500):
+                append(tmp_path / "logs" / "app.log", [f"burst {i}"])
+        await async_wait_for(lambda: len(sink.texts()) == 502, timeout=5.0)
+        await asyncio.sleep(0.3)
+        assert passes - before <= 4
+
+
+async def test_stop_is_prompt_with_a_long_poll_interval(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    (tmp_path / "logs").mkdir()
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log")
+    await component.start()
+    await asyncio.sleep(0.2)  # the reader is waiting
+    started = time.monotonic()
+    await component.stop()
+    assert time.monotonic() - started < 5.0
+
+
+async def test_a_log_dir_created_after_start_is_watched_from_the_next_pass(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    (tmp_path / "other").mkdir()
+    component = tail_component(tmp_path, metrics, sink, "other/*.log", "logs/*.log")
+    async with running(component):
+        await asyncio.sleep(0.1)
+        (tmp_path / "logs").mkdir()
+        append(tmp_path / "logs" / "app.log", ["first"])
+        append(tmp_path / "other" / "app.log", ["wakes a pass"])
+        await async_wait_for(lambda: "first" in sink.texts(), timeout=5.0)
+        append(tmp_path / "logs" / "app.log", ["second"])  # wakes it now: watched
+        await async_wait_for(lambda: "second" in sink.texts(), timeout=5.0)
+
+        # Deleted and created again: watched again from the next pass.
+        shutil.rmtree(tmp_path / "logs")
+        (tmp_path / "logs").mkdir()
+        append(tmp_path / "other" / "app.log", ["wakes a pass"])
+        await async_wait_for(lambda: sink.texts().count("wakes a pass") == 2, timeout=5.0)
+        append(tmp_path / "logs" / "app.log", ["third"])
+        await async_wait_for(lambda: "third" in sink.texts(), timeout=5.0)
+
+
+async def test_a_recursive_glob_watches_subdirectories_created_later(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    (tmp_path / "logs" / "pod-a").mkdir(parents=True)
+    component = tail_component(tmp_path, metrics, sink, "logs/**/*.log")
+    async with running(component):
+        await asyncio.sleep(0.1)
+        append(tmp_path / "logs" / "pod-a" / "app.log", ["a"])
+        await async_wait_for(lambda: sink.texts() == ["a"], timeout=5.0)
+        (tmp_path / "logs" / "pod-b" / "c1").mkdir(parents=True)
+        await asyncio.sleep(0.3)  # the pass this wakes is over: only a watch on c1 sees "b"
+        append(tmp_path / "logs" / "pod-b" / "c1" / "app.log", ["b"])
+        await async_wait_for(lambda: sink.texts() == ["a", "b"], timeout=5.0)
+
+
+@pytest.mark.parametrize("limit", ["instances", "watches"])
+async def test_without_inotify_the_logs_are_polled_with_a_warning(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, limit: str,
+        inotify_limits: InotifyLimits, caplog: pytest.LogCaptureFixture) -> None:
+    setattr(inotify_limits, limit, True)
+    (tmp_path / "logs").mkdir()
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log", poll_interval_s=0.2)
+    with caplog.at_level(logging.WARNING, logger="exporter.logs"):
+        async with running(component):
+            for i in range(3):
+                append(tmp_path / "logs" / "app.log", [f"polled {i}"])
+                await async_wait_for(lambda i=i: len(sink.texts()) == i + 1, timeout=5.0)
+    code = errno.EMFILE if limit == "instances" else errno.ENOSPC
+    warnings = [r.getMessage() for r in caplog.records if "cannot watch" in r.getMessage()]
+    assert warnings == [f"cannot watch {tmp_path / 'logs'} for changes "
+                        f"({OSError(code, os.strerror(code))}); polling it every 0.2s"]
+
+
+async def test_start_and_stop_leave_no_descriptor_open(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    fds = Path("/proc/self/fd")
+    if not fds.is_dir():
+        pytest.skip("needs /proc")
+    (tmp_path / "logs" / "sub").mkdir(parents=True)
+    before = len(list(fds.iterdir()))
+    for run in range(3):
+        component = tail_component(tmp_path, metrics, sink, "logs/**/*.log")
+        await component.start()
+        append(tmp_path / "logs" / "sub" / "app.log", numbered("run", run, 1))
+        await async_wait_for(lambda run=run: sink.texts() == numbered("run", 0, run + 1),
+                             timeout=5.0)
+        await component.stop()
+    assert len(list(fds.iterdir())) == before
 
 
 async def test_a_log_dir_created_after_start_is_found_by_the_poll(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
-    config = LogsConfig(paths=[str(tmp_path / "logs" / "*.log")],
-                        checkpoint_path=str(tmp_path / "offsets.json"), poll_interval_s=0.1)
-    component = LogTailComponent(config, metrics, sink)
-    await component.start()
-    try:
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log", poll_interval_s=0.1)
+    async with running(component):
         (tmp_path / "logs").mkdir()
         append(tmp_path / "logs" / "app.log", ["first"])
         await async_wait_for(lambda: sink.texts() == ["first"], timeout=2.0)
         append(tmp_path / "logs" / "app.log", ["second"])  # now also watched
         await async_wait_for(lambda: len(sink.texts()) == 2, timeout=2.0)
-    finally:
-        await component.stop()
