@@ -1527,6 +1527,16 @@ typedef struct {
 
 static PyTypeObject SynthesisRunType;
 
+/* The run lines are joining while classify() walks a chunk: where it sits in the items, and
+ * its first line (a run that ends with that one line is given back as a plain item). */
+typedef struct {
+    SynthesisRun *run;             /* borrowed from the items; NULL: none open */
+    Py_ssize_t at;
+    const char *p, *e;
+} OpenRun;
+
+static int close_run(Classifier *c, PyObject *items, OpenRun *open);
+
 static SynthesisRun *run_new(int event, const Spec *spec) {
     SynthesisRun *run = PyObject_New(SynthesisRun, &SynthesisRunType);
     if (run == NULL)
@@ -1656,7 +1666,7 @@ static int run_room(SynthesisRun *run) {
  * kinds, pushed to items): 1; 0 where the line is the handler's (a number this code does not
  * vouch for, a counted level, a text standing in for its class number); -1 an error. */
 static int run_line(Classifier *c, const Line *line, const char *p, const char *e,
-                    PyObject *items, SynthesisRun **run, int keep) {
+                    PyObject *items, OpenRun *open, int keep) {
     const Spec *spec = &c->specs[line->event];
     double numbers[MAX_NUMBERS];
     unsigned present = 0, flags = 0;
@@ -1730,23 +1740,30 @@ static int run_line(Classifier *c, const Line *line, const char *p, const char *
         if (kept == NULL)
             goto done;
     }
-    if (*run != NULL && (*run)->event != line->event)
-        *run = NULL;               /* a run holds one event's lines */
+    if (open->run != NULL && open->run->event != line->event
+        && close_run(c, items, open) < 0)   /* a run holds one event's lines */
+        goto done;
     for (int attempt = 0; attempt < 2; attempt++) {
-        if (*run == NULL) {
-            *run = run_new(line->event, spec);
-            if (*run == NULL || PyList_Append(items, (PyObject *)*run) < 0)
+        if (open->run == NULL) {
+            SynthesisRun *fresh = run_new(line->event, spec);
+            open->at = PyList_GET_SIZE(items);
+            if (fresh == NULL || PyList_Append(items, (PyObject *)fresh) < 0) {
+                Py_XDECREF(fresh);
                 goto done;
-            Py_DECREF(*run);       /* items keeps it */
+            }
+            Py_DECREF(fresh);      /* items keeps it */
+            open->run = fresh;
+            open->p = p;
+            open->e = e;
         }
-        int k = run_kind(*run, label, flags, present, cls);
+        int k = run_kind(open->run, label, flags, present, cls);
         if (k == -2)
             goto done;
-        if (k == -1) {
-            *run = NULL;
+        if (k == -1) {             /* full of kinds (so of lines too): the next one starts */
+            open->run = NULL;
             continue;
         }
-        SynthesisRun *rn = *run;
+        SynthesisRun *rn = open->run;
         if (run_room(rn) < 0 || (kept != NULL && PyList_Append(rn->kept, kept) < 0))
             goto done;
         rn->kind[rn->n] = (unsigned char)k;
@@ -1982,10 +1999,67 @@ static PyTypeObject SynthesisRunType = {
 
 /* ---- classify ------------------------------------------------------------------------------ */
 
-/* A text record line: read whole into a run (1), or (level, event, fields, line) pushed to
- * items (1); 0: the parser's; -1: an error. */
+/* (level, event, fields, line) of a text record line that parse_text read, or NULL. */
+static PyObject *line_item(Classifier *c, const Line *line, const char *p, const char *e) {
+    PyObject *level = level_str(c, line->level, line->level_len);
+    PyObject *event = line->event_name == NULL ? Py_NewRef(c->empty)
+                      : line->event != EV_OTHER
+                          ? Py_NewRef(PyTuple_GET_ITEM(c->events, line->event))
+                          : cached_str(c, line->event_name, line->event_len);
+    PyObject *fields = PyDict_New();
+    PyObject *text = ascii_str(p, e - p);
+    PyObject *item = NULL;
+    if (level == NULL || event == NULL || fields == NULL || text == NULL)
+        goto done;
+    for (int code = 1; code < c->n_fields; code++) {
+        const Value *v = &line->field[code];
+        if (v->kind == V_NONE)
+            continue;
+        PyObject *value = field_value(c, code, v);
+        if (value == NULL
+            || PyDict_SetItem(fields, PyTuple_GET_ITEM(c->fields, code), value) < 0) {
+            Py_XDECREF(value);
+            goto done;
+        }
+        Py_DECREF(value);
+    }
+    item = PyTuple_Pack(4, level, event, fields, text);
+    /* A batch makes thousands of these; the collector need not visit them, as CPython
+     * would decide itself on its next pass: strings and a dict that stays untracked while
+     * it holds only strings and floats. */
+    if (item != NULL && !PyObject_GC_IsTracked(fields))
+        PyObject_GC_UnTrack(item);
+done:
+    Py_XDECREF(level);
+    Py_XDECREF(event);
+    Py_XDECREF(fields);
+    Py_XDECREF(text);
+    if (item == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    return item;
+}
+
+/* Stop joining lines to the open run. A run of one line becomes that line's plain item: for
+ * a lone synthesis among other lines, the handler costs less than deciding a run. */
+static int close_run(Classifier *c, PyObject *items, OpenRun *open) {
+    SynthesisRun *run = open->run;
+    open->run = NULL;
+    if (run == NULL || run->n != 1)
+        return 0;
+    Line line;
+    memset(line.field, 0, sizeof line.field[0] * (size_t)c->n_fields);
+    if (!parse_text(&c->names, open->p, open->e, &line)) {
+        PyErr_SetString(PyExc_RuntimeError, "a line read whole no longer parses");
+        return -1;
+    }
+    PyObject *item = line_item(c, &line, open->p, open->e);
+    return item == NULL ? -1 : PyList_SetItem(items, open->at, item);
+}
+
+/* A text record line: read whole into the open run (1), or (level, event, fields, line)
+ * pushed to items (1); 0: the parser's; -1: an error. */
 static int classify_text(Classifier *c, const char *p, const char *e, PyObject *items,
-                         SynthesisRun **run, int keep) {
+                         OpenRun *open, int keep) {
     for (const char *q = p; q < e; q++)
         if ((unsigned char)*q < 0x20 || (unsigned char)*q >= 0x7f)
             return 0;              /* Unicode rules, control characters: the parser's */
@@ -1994,54 +2068,13 @@ static int classify_text(Classifier *c, const char *p, const char *e, PyObject *
     if (!parse_text(&c->names, p, e, &line))
         return 0;
     if (line.event != EV_OTHER && c->specs[line.event].n > 0) {
-        int r = run_line(c, &line, p, e, items, run, keep);
+        int r = run_line(c, &line, p, e, items, open, keep);
         if (r != 0)
             return r;
     }
-    *run = NULL;
-    PyObject *level = level_str(c, line.level, line.level_len);
-    PyObject *event = line.event_name == NULL ? Py_NewRef(c->empty)
-                      : line.event != EV_OTHER
-                          ? Py_NewRef(PyTuple_GET_ITEM(c->events, line.event))
-                          : cached_str(c, line.event_name, line.event_len);
-    PyObject *fields = PyDict_New();
-    PyObject *text = ascii_str(p, e - p);
-    PyObject *item = NULL;
-    if (level == NULL || event == NULL || fields == NULL || text == NULL)
-        goto fail;
-    for (int code = 1; code < c->n_fields; code++) {
-        const Value *v = &line.field[code];
-        if (v->kind == V_NONE)
-            continue;
-        PyObject *value = field_value(c, code, v);
-        if (value == NULL
-            || PyDict_SetItem(fields, PyTuple_GET_ITEM(c->fields, code), value) < 0) {
-            Py_XDECREF(value);
-            goto fail;
-        }
-        Py_DECREF(value);
-    }
-    item = PyTuple_Pack(4, level, event, fields, text);
-    if (item == NULL)
-        goto fail;
-    /* A batch makes thousands of these; the collector need not visit them, as CPython
-     * would decide itself on its next pass: strings and a dict that stays untracked while
-     * it holds only strings and floats. */
-    if (!PyObject_GC_IsTracked(fields))
-        PyObject_GC_UnTrack(item);
-    Py_DECREF(level);
-    Py_DECREF(event);
-    Py_DECREF(fields);
-    Py_DECREF(text);
-    return push(items, item) < 0 ? -1 : 1;
-fail:
-    Py_XDECREF(level);
-    Py_XDECREF(event);
-    Py_XDECREF(fields);
-    Py_XDECREF(text);
-    if (!PyErr_Occurred())
-        PyErr_NoMemory();
-    return -1;
+    if (close_run(c, items, open) < 0)
+        return -1;
+    return push(items, line_item(c, &line, p, e)) < 0 ? -1 : 1;
 }
 
 /* classify(data, keep=True) -> (items, continuation): see Classifier_methods. */
@@ -2056,7 +2089,7 @@ static PyObject *Classifier_classify(Classifier *c, PyObject *args, PyObject *kw
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "y*|p", kwlist, &chunk, &keep))
         return NULL;
     PyObject *items = PyList_New(0), *result = NULL;
-    SynthesisRun *run = NULL;      /* borrowed from items: the run lines join */
+    OpenRun open = {NULL, 0, NULL, NULL};
     Py_ssize_t continuation = 0;
     const char *p = chunk.buf, *end = p + chunk.len;
     if (items == NULL)
@@ -2071,17 +2104,16 @@ static PyObject *Classifier_classify(Classifier *c, PyObject *args, PyObject *kw
             p = next;
             continue;
         }
-        int r = is_digit(*p) ? classify_text(c, p, e, items, &run, keep) : 0;
+        int r = is_digit(*p) ? classify_text(c, p, e, items, &open, keep) : 0;
         if (r < 0)
             goto done;
-        if (r == 0) {
-            run = NULL;
-            if (push(items, PyUnicode_DecodeUTF8(p, e - p, "replace")) < 0)
-                goto done;
-        }
+        if (r == 0 && (close_run(c, items, &open) < 0
+                       || push(items, PyUnicode_DecodeUTF8(p, e - p, "replace")) < 0))
+            goto done;
         p = next;
     }
-    result = Py_BuildValue("(On)", items, continuation);
+    if (close_run(c, items, &open) == 0)
+        result = Py_BuildValue("(On)", items, continuation);
 done:
     Py_XDECREF(items);
     PyBuffer_Release(&chunk);

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -83,6 +84,9 @@ SYNTHESIS_NUMBERS = ("duration_ms", "text_len", "audio_duration_ms", "queue_ms",
 SYNTHESIS_LABELS = ("status", "error_code", "model_version")
 SYNTHESIS_FLAGS = ("cache_hit", "cache_saved", "fallback_used")
 _DURATION, _TEXT_LEN, _AUDIO_MS, _QUEUE, _BATCH, _AUDIO_KB, _RMS, _CENTROID = range(8)
+_BITS = tuple(1 << i for i in range(len(SYNTHESIS_NUMBERS)))
+_KEY_TYPES = (str, type(None))
+"""Types of raw label values whose kinds are decided once per batch (others: per line)."""
 
 NUMBER, LABEL, FLAG, TEXT = 1, 2, 3, 4
 """What a spec entry is to the classifier: a number it converts (:func:`_number`), a label
@@ -150,10 +154,8 @@ def error_label(code: object, status: object) -> str:
 
 
 def _length_class(text_len: float | None) -> int:
-    if text_len is None:
-        return -1
-    return next((i for i, bound in enumerate(_LENGTH_BOUNDS) if text_len <= bound),
-                len(_LENGTH_BOUNDS))
+    # bisect_left: the first bound the length does not exceed (past them all: their count)
+    return -1 if text_len is None else bisect_left(_LENGTH_BOUNDS, text_len)
 
 
 class InvalidField(ValueError):
@@ -430,12 +432,12 @@ class LogPipeline:
         if numbers[_TEXT_LEN] is None:
             numbers[_TEXT_LEN] = _text_length(fields.get("text"))
         present = 0
-        for i, number in enumerate(numbers):
+        for bit, number in zip(_BITS, numbers, strict=True):
             if number is not None:
-                present |= 1 << i
-        status, error_code, model_version = (fields.get(name) for name in SYNTHESIS_LABELS)
+                present |= bit
+        get = fields.get
         kind: SynthesisKind = (
-            status, error_code, model_version, _flag(fields, "cache_hit"),
+            get("status"), get("error_code"), get("model_version"), _flag(fields, "cache_hit"),
             _flag(fields, "cache_saved"), _flag(fields, "fallback_used"), present,
             _length_class(numbers[_TEXT_LEN]))
         ops = self._plan(kind)
@@ -455,7 +457,8 @@ class LogPipeline:
         (InvalidField), admitting them and making its series exist, in the order line by line
         counting would; kinds whose label values are all text or absent are decided once per
         batch."""
-        cached = all(type(raw) is str or raw is None for raw in kind[:3])
+        cached = (type(kind[0]) in _KEY_TYPES and type(kind[1]) in _KEY_TYPES
+                  and type(kind[2]) in _KEY_TYPES)
         ops = self._plans.get(kind) if cached else None
         if ops is None:
             ops = self._decide(kind)

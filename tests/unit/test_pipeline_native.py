@@ -18,7 +18,14 @@ from hypothesis import strategies as st
 from exporter.analyze._scan import SynthesisRun
 from exporter.config import AliasConfig, LogsConfig, MetricsConfig
 from exporter.logs.parsers import RecordParser
-from exporter.logs.pipeline import READ_FIELDS, Classifier, InvalidField, KeptLine, LogPipeline
+from exporter.logs.pipeline import (
+    NUMBER_FIELDS,
+    READ_FIELDS,
+    Classifier,
+    InvalidField,
+    KeptLine,
+    LogPipeline,
+)
 from exporter.metrics import CounterFamily, GaugeFamily, HistogramFamily, SidecarMetrics
 from tests.bench.make_logs import generate
 
@@ -103,6 +110,9 @@ TEXT_KEYS = ["id", "request_id", "task_id", "status", "result", "duration_ms", "
              "spectral_centroid", "model_version", "cache_hit", "cache_saved",
              "fallback_used", "method", "route", "endpoint", "stage", "path", "used_percent",
              "model_stage", "lang", "msg_event", "x.y", "_"]
+SYNTHESIS_KEYS = ["status", "duration_ms", "error_code", "text_len", "text", "audio_duration_ms",
+                  "queue_ms", "batch_size", "audio_size_kb", "rms", "spectral_centroid",
+                  "model_version", "cache_hit", "cache_saved", "fallback_used"]
 EVENTS = ["synthesis_complete", "synthesis_start", "stage_time", "http_request", "first_audio",
           "audio_metrics", "service_start", "cache_health", "cache_dir_usage", "infer_done",
           "request", "something_new", "Synthesis_complete", "a.b"]
@@ -130,6 +140,16 @@ def _text_line(rnd: random.Random) -> str:
                                       "2026-13-40 25:00:00", "2026-11-22 10:00:01,"])
     sep = rnd.choice([" - "] * 40 + ["  -  ", " -", "- "])
     return f"{stamp}{sep}app.tts{sep}{rnd.choice(LEVELS)}{sep}{body}"
+
+
+def _synthesis_line(rnd: random.Random) -> str:
+    """A text synthesis_complete, most of whose values the classifier reads itself."""
+    keys = rnd.sample(SYNTHESIS_KEYS, rnd.randrange(0, len(SYNTHESIS_KEYS)))
+    numbers = ["0", "12", "523", "86 chars", "0.25", "1.5", "2001", "999999999999999.9"]
+    pairs = "".join(f", {k}={rnd.choice(numbers)}" if k in NUMBER_FIELDS and rnd.random() < 0.9
+                    else f", {k}={_value(rnd)}" for k in keys)
+    level = rnd.choice(["INFO"] * 8 + LEVELS)
+    return f"{STAMP} - app.tts - {level} - synthesis_complete: id=ts_{rnd.randrange(99)}{pairs}"
 
 
 def _json_line(rnd: random.Random) -> str:
@@ -179,11 +199,14 @@ def test_hostile_lines_of_both_formats_make_identical_metrics(seed: int) -> None
     rnd = random.Random(seed)
     lines = _hostile_lines(seed, 2500) + list(generate(300, seed=seed))
     rnd.shuffle(lines)
+    for _ in range(120):  # stretches of syntheses, which the classifier reads whole
+        at = rnd.randrange(len(lines))
+        lines[at:at] = [_synthesis_line(rnd) for _ in range(rnd.randrange(2, 8))]
     data = ("\n".join(lines) + "\n").encode("utf-8", "surrogatepass")
     state = _compare(_chunks(data, rnd), cap=rnd.choice([3, 50]))
     items, _ = _Run(True, 50, LogsConfig()).pipeline._classifier.classify(data)  # type: ignore[union-attr]
     assert _compiled_lines(items) > 600   # a good share took the C path
-    assert _run_lines(items) > 20         # syntheses read whole among them
+    assert _run_lines(items) > 60         # syntheses read whole among them
     outcomes = {labels[0]: v for labels, v in state["tts_exporter_log_lines"].items()}
     # the lines reached every outcome the parser gives, so the comparison covered them all
     assert {"parsed", "invalid_field", "unknown_event", "free_form", "continuation",
