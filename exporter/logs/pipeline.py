@@ -320,7 +320,11 @@ class LogPipeline:
                 level, event, fields, line = item
             else:  # consecutive syntheses the classifier read whole
                 run = cast("SynthesisRun", item)
-                counted, failed = self._count_run(source, run)
+                try:
+                    counted, failed = self._count_run(source, run)
+                except Exception:  # a bug costs the run's lines, not the batch
+                    log.exception("syntheses from %s could not be counted", source)
+                    counted, failed = 0, len(run)
                 parsed_lines += counted
                 if failed:
                     other["error"] = other.get("error", 0) + failed

@@ -450,3 +450,18 @@ def test_without_timelines_runs_keep_no_lines_and_count_the_same() -> None:
     reference.pipeline.process("app.log", data)
     assert quiet.metrics.synthesis_duration.series[("unknown",)].counts == \
         reference.metrics.synthesis_duration.series[("unknown",)].counts
+
+
+def test_a_run_that_cannot_be_applied_costs_only_its_own_lines(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _Run(True, 50, LogsConfig())
+
+    def broken(source: str, synthesis_run: Any) -> Any:
+        raise MemoryError("a bug")
+
+    monkeypatch.setattr(run.pipeline, "_count_run", broken)
+    stage = f"{STAMP} - app - INFO - stage_time: id=a, stage=llm, duration_ms=5"
+    lines = [stage, *(_synthesis(i, duration_ms=5) for i in range(4)), stage]
+    run.pipeline.process("app.log", ("\n".join(lines) + "\n").encode())
+    assert run.metrics.log_lines.values == {("error",): 4.0, ("parsed",): 2.0}
+    assert run.metrics.stage_duration.count(("llm",)) == 2
