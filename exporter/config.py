@@ -113,6 +113,7 @@ class LogsConfig(Schema, frozen=True):
     checkpoint_path: Text = "state/exporter-offsets.json"
     checkpoint_interval_s: Seconds = 1.0
     poll_interval_s: Seconds = 2.0
+    min_pass_interval_s: Annotated[float, Meta(ge=0, le=60)] = 0.25
     max_line_bytes: Annotated[int, Meta(gt=0, le=64 << 20)] = 65536
     read_chunk_bytes: Annotated[int, Meta(gt=0, le=256 << 20)] = 1 << 20
     aliases: AliasConfig = field(default_factory=AliasConfig)

@@ -573,12 +573,27 @@ async def running(component: LogTailComponent) -> AsyncIterator[LogTailComponent
 
 
 def tail_component(tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, *patterns: str,
-                   poll_interval_s: float = 30.0) -> LogTailComponent:
+                   poll_interval_s: float = 30.0, min_pass_interval_s: float = 0.0,
+                   ) -> LogTailComponent:
     """The component tailing ``patterns`` under ``tmp_path``; its checkpoint in state/."""
     config = LogsConfig(paths=[str(tmp_path / pattern) for pattern in patterns],
                         checkpoint_path=str(tmp_path / "state" / "offsets.json"),
-                        poll_interval_s=poll_interval_s)
+                        poll_interval_s=poll_interval_s,
+                        min_pass_interval_s=min_pass_interval_s)
     return LogTailComponent(config, metrics, sink)
+
+
+def counting_passes(component: LogTailComponent) -> list[float]:
+    """The start time of each of the component's read passes, from now on."""
+    starts: list[float] = []
+    poll = component.tailer.poll
+
+    def counted_poll() -> None:
+        starts.append(time.monotonic())
+        poll()
+
+    component.tailer.poll = counted_poll  # type: ignore[method-assign]
+    return starts
 
 
 async def test_inotify_wakes_the_reader_long_before_the_poll(
@@ -614,19 +629,11 @@ async def test_a_burst_of_writes_costs_a_few_passes(
         tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
     (tmp_path / "logs").mkdir()
     component = tail_component(tmp_path, metrics, sink, "logs/*.log")
-    passes = 0
-    poll = component.tailer.poll
-
-    def counted_poll() -> None:
-        nonlocal passes
-        passes += 1
-        poll()
-
-    component.tailer.poll = counted_poll  # type: ignore[method-assign]
+    starts = counting_passes(component)
     async with running(component):
         append(tmp_path / "logs" / "app.log", ["first"])
         await async_wait_for(lambda: sink.texts() == ["first"], timeout=5.0)
-        before = passes
+        before = len(starts)
         # The reader is held at the lock in its pass while the burst is written: the burst's
         # ~1,500 events are then all pending at the next wait, which must drain them at once.
         with metrics.updating():
@@ -636,7 +643,45 @@ async def test_a_burst_of_writes_costs_a_few_passes(
                 append(tmp_path / "logs" / "app.log", [f"burst {i}"])
         await async_wait_for(lambda: len(sink.texts()) == 502, timeout=5.0)
         await asyncio.sleep(0.3)
-        assert passes - before <= 4
+        assert len(starts) - before <= 4
+
+
+@pytest.mark.parametrize("spacing", [0.0, 0.5])
+async def test_a_steady_writer_is_read_in_passes_at_least_min_pass_interval_apart(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink, spacing: float) -> None:
+    """20 writes a second for 2 s: with a spacing every write may get its pass; with 0.5 s the
+    passes start at least that far apart and every line is still read."""
+    (tmp_path / "logs").mkdir()
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log",
+                               min_pass_interval_s=spacing)
+    starts = counting_passes(component)
+    async with running(component):
+        await asyncio.sleep(0.2)
+        del starts[:]
+        for i in range(40):
+            append(tmp_path / "logs" / "app.log", [f"line {i}"])
+            await asyncio.sleep(0.05)
+        await async_wait_for(lambda: len(sink.texts()) == 40, timeout=5.0)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    if spacing:
+        assert len(starts) <= 2.0 / spacing + 3
+        assert min(gaps) >= spacing * 0.95
+    else:
+        assert len(starts) >= 15   # a pass per write or so, on a loaded machine fewer
+
+
+async def test_stop_is_prompt_while_passes_are_spaced(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    (tmp_path / "logs").mkdir()
+    component = tail_component(tmp_path, metrics, sink, "logs/*.log", min_pass_interval_s=30.0)
+    starts = counting_passes(component)
+    async with running(component):
+        await async_wait_for(lambda: len(starts) == 1, timeout=5.0)
+        append(tmp_path / "logs" / "app.log", ["wakes it into the 30 s spacing"])
+        await asyncio.sleep(0.5)
+        assert len(starts) == 1
+        started = time.monotonic()
+    assert time.monotonic() - started < 5.0
 
 
 async def test_stop_is_prompt_with_a_long_poll_interval(
