@@ -5,7 +5,8 @@ hundreds of megabytes must not delay ``/metrics`` or ``/ingress``. The thread bl
 :class:`DirectoryWatch` (inotify, read by this thread itself) until a watched directory
 changes, or ``logs.poll_interval_s`` passes (the safety net for missed events, NFS, and
 directories that did not exist yet or cannot be watched), then runs one :meth:`Tailer.poll`
-pass; passes start at least ``logs.min_pass_interval_s`` apart. The only lock it shares with the event loop is ``metrics.updating()``, held per batch of
+pass; while a writer trickles, passes start at least ``logs.min_pass_interval_s`` apart. The
+only lock it shares with the event loop is ``metrics.updating()``, held per batch of
 at most ``LOCK_BATCH_BYTES`` of lines.
 
 The checkpoint is written at most every ``logs.checkpoint_interval_s`` (when something
@@ -90,15 +91,17 @@ class LogTailComponent:
         log.info("resuming %d log file(s) from checkpoint %s", len(checkpoint.files),
                  self.store.path)
 
-    def step(self) -> None:
-        """One read pass, then a checkpoint if one is due. Never raises."""
+    def step(self) -> int:
+        """One read pass, then a checkpoint if one is due; the bytes read. Never raises."""
+        read = 0
         try:
-            self.tailer.poll()
+            read = self.tailer.poll()
         except Exception:
             log.exception("log tail pass failed; retrying at the next one")
             self.metrics.count_error("tail")
         if self.clock() >= self._next_checkpoint:
             self.checkpoint()
+        return read
 
     def checkpoint(self) -> bool:
         """Write the checkpoint if anything changed since the last one; True when written."""
@@ -123,16 +126,18 @@ class LogTailComponent:
         while not self._stopping.is_set():
             began = time.monotonic()
             self._watch_roots(watch)
-            self.step()
+            read = self.step()
             timeout = self.config.poll_interval_s
             if self.tailer.generation != self._saved_generation:
                 timeout = min(timeout, max(0.0, self._next_checkpoint - self.clock()))
             watch.wait(timeout)
-            # Changes sooner than that are read together by the next pass: a steady writer
-            # costs a few full passes a second, not one per write (each pass pays its own
-            # fixed and cold-cache cost), at the price of that much more lag.
+            # While a writer trickles, changes sooner than that are read together by the next
+            # pass: a steady writer costs a few full passes a second, not one per write (each
+            # pass pays its own fixed and cold-cache cost), at the price of that much more lag.
+            # After an idle pass the first change is read at once; after a whole read chunk
+            # the reader is behind a fast writer: no wait either.
             rest = spacing - (time.monotonic() - began)
-            if rest > 0:
+            if rest > 0 and 0 < read < self.config.read_chunk_bytes:
                 self._stopping.wait(rest)
 
     def _watch_roots(self, watch: DirectoryWatch) -> None:

@@ -222,8 +222,9 @@ class Tailer:
 
     # --- one pass --------------------------------------------------------------------------
 
-    def poll(self) -> None:
-        """Find files, follow rotations, read everything new, refresh the lag gauge."""
+    def poll(self) -> int:
+        """Find files, follow rotations, read everything new, refresh the lag gauge; the
+        number of bytes read."""
         found, unsure = self._expand()
         self._follow(found, unsure)
         for f in list(self.files.values()):
@@ -234,13 +235,16 @@ class Tailer:
         new.sort(key=lambda path: not self._known_key(found[path]))
         for path in new:
             self._add(path, found)
+        total = 0
         for f in list(self.files.values()):
             got = self._drain(f)
+            total += got
             if self.interrupted:
-                return
+                return total
             if f.away and got == 0:
                 self._close(f)
         self._update_lag()
+        return total
 
     def close(self) -> None:
         for f in self.files.values():

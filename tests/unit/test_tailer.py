@@ -16,6 +16,7 @@ import shutil
 import threading
 import time
 from collections.abc import AsyncIterator
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -588,9 +589,9 @@ def counting_passes(component: LogTailComponent) -> list[float]:
     starts: list[float] = []
     poll = component.tailer.poll
 
-    def counted_poll() -> None:
+    def counted_poll() -> int:
         starts.append(time.monotonic())
-        poll()
+        return poll()
 
     component.tailer.poll = counted_poll  # type: ignore[method-assign]
     return starts
@@ -662,12 +663,34 @@ async def test_a_steady_writer_is_read_in_passes_at_least_min_pass_interval_apar
             append(tmp_path / "logs" / "app.log", [f"line {i}"])
             await asyncio.sleep(0.05)
         await async_wait_for(lambda: len(sink.texts()) == 40, timeout=5.0)
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in pairwise(starts)]
     if spacing:
         assert len(starts) <= 2.0 / spacing + 3
         assert min(gaps) >= spacing * 0.95
     else:
         assert len(starts) >= 15   # a pass per write or so, on a loaded machine fewer
+
+
+async def test_spacing_never_delays_the_first_change_after_quiet_nor_a_backlog(
+        tmp_path: Path, metrics: SidecarMetrics, sink: RecordingSink) -> None:
+    (tmp_path / "logs").mkdir()
+    config = LogsConfig(paths=[str(tmp_path / "logs" / "*.log")],
+                        checkpoint_path=str(tmp_path / "state" / "offsets.json"),
+                        poll_interval_s=30.0, min_pass_interval_s=30.0, read_chunk_bytes=4096)
+    log = tmp_path / "logs" / "app.log"
+    async with running(LogTailComponent(config, metrics, sink)):
+        await asyncio.sleep(0.2)                    # an idle pass
+        append(log, ["after quiet"])
+        await async_wait_for(lambda: len(sink.texts()) == 1, timeout=5.0)
+        append(log, ["trickle"])                    # the pass before read a little: spaced
+        await asyncio.sleep(1.0)
+        assert len(sink.texts()) == 1
+    big = [f"backlog {i:04d} " + "x" * 100 for i in range(200)]   # ~23 KB: several chunks
+    append(log, big)
+    async with running(LogTailComponent(config, metrics, sink)):
+        await async_wait_for(lambda: len(sink.texts()) == 202, timeout=5.0)
+        append(log, ["right behind the backlog"])   # the pass before read whole chunks
+        await async_wait_for(lambda: len(sink.texts()) == 203, timeout=5.0)
 
 
 async def test_stop_is_prompt_while_passes_are_spaced(
@@ -676,10 +699,13 @@ async def test_stop_is_prompt_while_passes_are_spaced(
     component = tail_component(tmp_path, metrics, sink, "logs/*.log", min_pass_interval_s=30.0)
     starts = counting_passes(component)
     async with running(component):
-        await async_wait_for(lambda: len(starts) == 1, timeout=5.0)
+        await asyncio.sleep(0.2)
+        append(tmp_path / "logs" / "app.log", ["read at once after quiet"])
+        await async_wait_for(lambda: len(sink.texts()) == 1, timeout=5.0)
+        passes = len(starts)
         append(tmp_path / "logs" / "app.log", ["wakes it into the 30 s spacing"])
         await asyncio.sleep(0.5)
-        assert len(starts) == 1
+        assert len(starts) == passes
         started = time.monotonic()
     assert time.monotonic() - started < 5.0
 
