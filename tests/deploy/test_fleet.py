@@ -168,8 +168,8 @@ def test_hpa_queries_return_a_value_per_replica(fleet: Fleet) -> None:
     # rate() sees no increase in a series' first sample: a second round once the first is
     # scraped gives every pod one.
     requests()
-    p99 = queries["tts_http_request_p99_seconds"]
-    wait_until(lambda: set(by_pod(fleet.query(p99))) == pods, 20, what="a series per pod")
+    latency = queries["tts_http_request_p99_seconds"]
+    wait_until(lambda: set(by_pod(fleet.query(latency))) == pods, 20, what="a series per pod")
     requests()
     for name, promql in queries.items():
         # A pod's p99 is NaN until a scrape has seen its request counted (rate 0 over [2m]):
