@@ -269,7 +269,6 @@ class LogPipeline:
         self._kind_steps: dict[SynthesisKind, tuple[tuple[int, int, int], ...] | None] = {}
         self._targets: list[tuple[bool, Any, tuple[str, ...]]] = []
         self._target_index: dict[tuple[int, tuple[str, ...]], int] = {}
-        self._target_bounds: list[list[float] | None] = []
         tables = self.parser.name_tables(READ_FIELDS, self._handlers)
         self._classifier = (
             Classifier(*tables, NUMBER_FIELDS, LABEL_FIELDS, LEVEL_ALIASES,
@@ -297,7 +296,6 @@ class LogPipeline:
         self._kind_steps.clear()
         self._targets.clear()
         self._target_index.clear()
-        self._target_bounds.clear()
         parsed_lines = malformed = 0
         other: dict[str, int] = {}
         fields_of = self.parser.fields
@@ -370,7 +368,8 @@ class LogPipeline:
         targets = self._targets
         sums = [family.series[key].sum if observes else family.values[key]
                 for observes, family, key in targets]
-        sums, counts, exemplars, failed = run.apply(plans, sums, self._target_bounds)
+        bounds = [family.bounds if observes else None for observes, family, _ in targets]
+        sums, counts, exemplars, failed = run.apply(plans, sums, bounds)
         now = time.time()
         for target, (observes, family, key) in enumerate(targets):
             if observes:
@@ -403,7 +402,6 @@ class LogPipeline:
                 if target is None:
                     target = index[(id(family), key)] = len(self._targets)
                     self._targets.append((observes, family, key))
-                    self._target_bounds.append(family.bounds if observes else None)
                 found.append((target, number, scale))
             steps = tuple(found)
         self._kind_steps[kind] = steps
