@@ -286,3 +286,24 @@ def test_a_timeline_shows_the_length_of_the_text_never_the_text() -> None:
     assert "secret words" not in shown
     assert [r["fields"]["text_len"] for r in timeline["records"]] == [6, 12]
     assert timeline["errors"][0]["error_code"] == "BAD_TEXT"
+
+
+def test_a_batch_of_ids_of_any_json_type_and_size_is_kept_within_its_bounds() -> None:
+    """Number, list and boolean ids (a JSON log may write any) in one batch with an over-long
+    id and an over-long line: each kept, the long ones cut, the bytes still counted."""
+    store = TimelineStore(max_line_chars=300, max_bytes=1 << 20)
+    line = '{"event": "stage_time", "id": %s, "stage": "llm"}'
+    batch = [(7, "stage_time", line % 7, None),
+             ([1, 2], "stage_time", line % "[1, 2]", None),
+             (True, "stage_time", line % "true", None),
+             ("r" * 500, "stage_time", line % ('"' + "r" * 500 + '"'), None),
+             ("ok", "stage_time", line % '"ok"' + " " * 400, None)]
+    store.add("f", batch)
+    assert len(store) == 5
+    assert store.get("7") is not None
+    assert store.get("r" * 128) is not None           # ids are cut to 128 characters
+    kept = store._snapshot()
+    assert all(len(kept_line) <= 300 for _, _, kept_line, _ in kept)
+    assert 5 * 120 < store.bytes < 1 << 20
+    store.add("f", [("ok", "stage_time", line % '"ok"', None)])  # the fast path after it
+    assert len(store) == 6
