@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from exporter.config import AuthConfig, Config, GateConfig, TimelinesConfig
 from exporter.gate import Gate, GateComponent
 from exporter.logs.parsers import MalformedLine, RecordParser
+from exporter.logs.pipeline import KeptLine
 from exporter.logs.timelines import TimelineComponent, TimelineStore, shorten_line
 from exporter.metrics import SidecarMetrics
 from exporter.server import build_app
@@ -293,7 +294,7 @@ def test_a_batch_of_ids_of_any_json_type_and_size_is_kept_within_its_bounds() ->
     id and an over-long line: each kept, the long ones cut, the bytes still counted."""
     store = TimelineStore(max_line_chars=300, max_bytes=1 << 20)
     line = '{"event": "stage_time", "id": %s, "stage": "llm"}'
-    batch = [(7, "stage_time", line % 7, None),
+    batch: list[KeptLine] = [(7, "stage_time", line % 7, None),
              ([1, 2], "stage_time", line % "[1, 2]", None),
              (True, "stage_time", line % "true", None),
              ("r" * 500, "stage_time", line % ('"' + "r" * 500 + '"'), None),
